@@ -1,0 +1,102 @@
+"""Recording events and their per-session SHA-256 hash chain.
+
+An event's hash covers every field but itself, including the previous event's
+hash, so removing, reordering or editing any stored event breaks the chain at
+that point. The encoding hashed is msgpack of a fixed-order list: msgpack is
+deterministic for these types, and any language can recompute it.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Iterable
+
+import msgpack
+
+GENESIS = bytes(32)
+
+# Kinds every producer and reader agree on; producers may add more.
+SESSION_START = "session_start"
+COMMAND = "command"
+DECISION = "decision"
+APPROVAL = "approval"
+OUTPUT = "output"
+DATA = "data"
+SESSION_END = "session_end"
+KINDS = (SESSION_START, COMMAND, DECISION, APPROVAL, OUTPUT, DATA, SESSION_END)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    session_id: str
+    seq: int
+    wall_time_ns: int
+    mono_ns: int
+    kind: str
+    payload: bytes  # msgpack map
+    prev_hash: bytes
+    hash: bytes
+
+    def as_tuple(self) -> tuple:
+        return (self.session_id, self.seq, self.wall_time_ns, self.mono_ns,
+                self.kind, self.payload, self.prev_hash, self.hash)
+
+    def fields(self) -> dict:
+        """The payload decoded (bytes inside it stay bytes)."""
+        return unpack_payload(self.payload)
+
+
+def chain_hash(session_id: str, seq: int, wall_time_ns: int, mono_ns: int,
+               kind: str, payload: bytes, prev_hash: bytes) -> bytes:
+    body = msgpack.packb([session_id, seq, wall_time_ns, mono_ns, kind, payload, prev_hash],
+                         use_bin_type=True)
+    return hashlib.sha256(body).digest()
+
+
+def make_event(session_id: str, seq: int, wall_time_ns: int, mono_ns: int, kind: str,
+               payload: bytes, prev_hash: bytes) -> Event:
+    return Event(session_id, seq, wall_time_ns, mono_ns, kind, payload, prev_hash,
+                 chain_hash(session_id, seq, wall_time_ns, mono_ns, kind, payload, prev_hash))
+
+
+def pack_payload(fields: dict) -> bytes:
+    return msgpack.packb(fields, use_bin_type=True)
+
+
+def unpack_payload(payload: bytes) -> dict:
+    if not payload:
+        return {}
+    value = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+    return value if isinstance(value, dict) else {"value": value}
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    ok: bool
+    count: int
+    head: bytes          # hash of the last event that verified
+    broken_seq: int = 0  # first seq at which verification failed
+    problem: str = ""
+
+
+def verify_chain(events: Iterable[Event]) -> ChainReport:
+    """Check seq runs 1..n without gaps, each hash is right and links to the previous one."""
+    prev = GENESIS
+    count = 0
+    for ev in events:
+        expected_seq = count + 1
+        if ev.seq != expected_seq:
+            what = "missing" if ev.seq > expected_seq else "duplicate or out of order"
+            return ChainReport(False, count, prev, expected_seq,
+                               f"seq {expected_seq} {what} (found seq {ev.seq})")
+        if ev.prev_hash != prev:
+            return ChainReport(False, count, prev, ev.seq,
+                               f"seq {ev.seq} does not link to seq {ev.seq - 1} (previous hash differs)")
+        actual = chain_hash(ev.session_id, ev.seq, ev.wall_time_ns, ev.mono_ns, ev.kind,
+                            ev.payload, ev.prev_hash)
+        if actual != ev.hash:
+            return ChainReport(False, count, prev, ev.seq,
+                               f"seq {ev.seq} was altered (its content does not match its hash)")
+        prev = ev.hash
+        count += 1
+    return ChainReport(True, count, prev)

@@ -1,0 +1,1 @@
+"""The agentgate collector: central gRPC service for recordings, approvals and host agents."""

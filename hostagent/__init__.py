@@ -1,0 +1,1 @@
+"""The agentgate host agent: interception, inline proxy, local recording spool."""

@@ -1,0 +1,47 @@
+"""Per-session recorder: numbers events 1..n, chains their hashes, spools them."""
+from __future__ import annotations
+
+import time
+import uuid
+
+from agentgate.events import GENESIS, SESSION_END, Event, make_event, pack_payload
+from hostagent.recording.spool import Spool
+
+
+class SessionRecorder:
+    """Not thread-safe: one session is driven by one task at a time.
+
+    `record()` returns only once the event is in the spool (crash-safe; fsynced too
+    in strict mode); it raises SpoolError if it can't be, so the caller can refuse
+    the action it was about to forward: record before execute.
+    """
+
+    def __init__(self, spool: Spool, session_id: str | None = None, *, seq: int = 0,
+                 prev_hash: bytes = GENESIS, start_mono_ns: int | None = None):
+        self.spool = spool
+        self.session_id = session_id or str(uuid.uuid4())
+        self.seq = seq
+        self.prev_hash = prev_hash
+        self._start = time.monotonic_ns() if start_mono_ns is None else start_mono_ns
+        self.ended = False
+
+    @classmethod
+    def resume(cls, spool: Spool, session_id: str) -> "SessionRecorder":
+        """Continue a session found in the spool after a restart (its chain goes on)."""
+        seq, prev = spool.tails[session_id]
+        return cls(spool, session_id, seq=seq, prev_hash=prev)
+
+    def record(self, kind: str, fields: dict | None = None) -> Event:
+        return self.record_raw(kind, pack_payload(fields or {}))
+
+    def record_raw(self, kind: str, payload: bytes) -> Event:
+        if self.ended:
+            raise RuntimeError(f"session {self.session_id} has ended")
+        ev = make_event(self.session_id, self.seq + 1, time.time_ns(),
+                        time.monotonic_ns() - self._start, kind, payload, self.prev_hash)
+        self.spool.append(ev)
+        self.seq = ev.seq
+        self.prev_hash = ev.hash
+        if kind == SESSION_END:
+            self.ended = True
+        return ev

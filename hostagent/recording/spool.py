@@ -1,0 +1,378 @@
+"""The local spool: append-only segment files of recording events.
+
+Guarantees (see README "Durability"):
+- `append()` returns once the event is written to the spool file (one write(2) into
+  the page cache): it survives a crash or SIGKILL of the host agent.
+- Disk durability is group-committed: a syncer thread fdatasyncs at most every
+  `fsync_interval` seconds, one fsync covering every session's appends. In strict
+  mode `append()` also waits for the fsync that covers its event.
+- Files are deleted only when the collector has acked every event in them.
+- At `max_bytes` `append()` raises SpoolFull; nothing is dropped silently.
+
+Frame: u32 length | u32 crc32(body) | body = msgpack [session_id, seq, wall_ns,
+mono_ns, kind, payload, prev_hash, hash]. A torn frame at the tail of a segment
+(crash mid-write) is cut off on recovery.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import msgpack
+
+from agentgate.events import Event
+
+log = logging.getLogger("agentgate.spool")
+
+HEADER = struct.Struct("<II")
+MAX_FRAME = 256 << 20
+SEGMENT_RE = re.compile(r"^seg-(\d{12})\.log$")
+
+
+class SpoolError(Exception):
+    """The spool could not persist an event; the caller must fail closed."""
+
+
+class SpoolFull(SpoolError):
+    pass
+
+
+@dataclass
+class Segment:
+    number: int
+    path: Path
+    size: int = 0                                            # bytes of complete frames
+    max_seq: dict[str, int] = field(default_factory=dict)    # session -> highest seq here
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    segment: int
+    offset: int
+
+
+def encode_frame(ev: Event) -> bytes:
+    body = msgpack.packb(ev.as_tuple(), use_bin_type=True)
+    return HEADER.pack(len(body), zlib.crc32(body)) + body
+
+
+def decode_body(body: bytes) -> Event:
+    return Event(*msgpack.unpackb(body, raw=False))
+
+
+def iter_frames(data: bytes, start: int = 0):
+    """Yields (end_offset, Event) for each complete, intact frame; stops at the first bad one."""
+    pos, end = start, len(data)
+    while pos + HEADER.size <= end:
+        length, crc = HEADER.unpack_from(data, pos)
+        stop = pos + HEADER.size + length
+        if length > MAX_FRAME or stop > end:
+            return
+        body = data[pos + HEADER.size:stop]
+        if zlib.crc32(body) != crc:
+            return
+        try:
+            ev = decode_body(body)
+        except (ValueError, TypeError, msgpack.UnpackException):
+            return
+        pos = stop
+        yield pos, ev
+
+
+class Spool:
+    def __init__(self, directory: str | os.PathLike, *, max_bytes: int = 1 << 30,
+                 segment_bytes: int = 16 << 20, fsync_interval: float = 0.005,
+                 strict: bool = False):
+        self.dir = Path(directory)
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self.fsync_interval = fsync_interval
+        self.strict = strict
+        self._lock = threading.Lock()          # append / rotate / release
+        self._sync_cond = threading.Condition(threading.Lock())
+        self._segments: dict[int, Segment] = {}
+        self._bytes = 0                        # sum of segment sizes
+        self._active: Segment | None = None
+        self._fd = -1
+        self._written = 0                      # appends so far (a generation counter)
+        self._synced = 0                       # appends covered by a completed fsync
+        self._sync_error: OSError | None = None
+        self._acked: dict[str, int] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._closed = False
+        self.tails: dict[str, tuple[int, bytes]] = {}  # session -> (seq, hash) found on recovery
+        self._open()
+        self._syncer = threading.Thread(target=self._sync_loop, name="spool-fsync", daemon=True)
+        self._syncer.start()
+
+    # ------------------------------------------------------------------ recovery
+
+    def _open(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise SpoolError(f"cannot create spool directory {self.dir}: {exc.strerror}") from None
+        for name in sorted(os.listdir(self.dir)):
+            m = SEGMENT_RE.match(name)
+            if m:
+                self._recover(Segment(int(m.group(1)), self.dir / name))
+        self._rotate()
+
+    def _recover(self, seg: Segment) -> None:
+        data = seg.path.read_bytes()
+        good = 0
+        for end, ev in iter_frames(data):
+            good = end
+            if ev.seq > seg.max_seq.get(ev.session_id, 0):
+                seg.max_seq[ev.session_id] = ev.seq
+            self.tails[ev.session_id] = (ev.seq, ev.hash)
+        if good < len(data):
+            log.warning("spool %s: cut %d bytes of a torn or damaged frame at offset %d",
+                        seg.path.name, len(data) - good, good)
+            with open(seg.path, "r+b") as fh:
+                fh.truncate(good)
+                os.fsync(fh.fileno())
+        seg.size = good
+        self._bytes += good
+        if good == 0:
+            seg.path.unlink()
+            return
+        self._segments[seg.number] = seg
+
+    # ------------------------------------------------------------------ writing
+
+    def _rotate(self) -> None:
+        """Start a new active segment (lock held, or during open)."""
+        if self._fd >= 0:
+            os.fdatasync(self._fd)   # the old segment is complete: make it durable now
+            os.close(self._fd)
+        number = max(self._segments, default=0) + 1
+        seg = Segment(number, self.dir / f"seg-{number:012d}.log")
+        try:
+            self._fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+                               | os.O_CLOEXEC, 0o600)
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)        # the new file's name is durable too
+            finally:
+                os.close(dfd)
+        except OSError as exc:
+            self._fd = -1
+            raise SpoolError(f"cannot create spool segment {seg.path}: {exc.strerror}") from None
+        self._segments[number] = seg
+        self._active = seg
+
+    def append(self, ev: Event) -> None:
+        """Persist one event; raises SpoolError/SpoolFull if it can't (fail closed)."""
+        frame = encode_frame(ev)
+        with self._lock:
+            if self._closed:
+                raise SpoolError("spool is closed")
+            if self._sync_error is not None:
+                raise SpoolError(f"spool fsync failed: {self._sync_error.strerror}")
+            used = self._bytes
+            if used + len(frame) > self.max_bytes:
+                raise SpoolFull(f"spool full: {used} of {self.max_bytes} bytes used in {self.dir} "
+                                "(is the collector reachable?)")
+            seg = self._active
+            if seg.size and seg.size + len(frame) > self.segment_bytes:
+                self._rotate()
+                seg = self._active
+            try:
+                n = os.write(self._fd, frame)
+            except OSError as exc:
+                n, err = -1, exc
+            if n != len(frame):
+                # Partial or failed write (ENOSPC, EIO): cut it so the file stays parseable.
+                try:
+                    os.ftruncate(self._fd, seg.size)
+                except OSError:
+                    pass
+                why = err.strerror if n < 0 else "short write"
+                raise SpoolError(f"cannot write to spool {seg.path}: {why}")
+            seg.size += n
+            self._bytes += n
+            if ev.seq > seg.max_seq.get(ev.session_id, 0):
+                seg.max_seq[ev.session_id] = ev.seq
+            listeners = self._listeners
+            if listeners:
+                self._listeners = []
+        with self._sync_cond:
+            self._written += 1
+            gen = self._written
+            self._sync_cond.notify_all()
+        for notify in listeners:
+            notify()
+        if self.strict:
+            self.wait_durable(gen)
+
+    def wait_durable(self, gen: int | None = None, timeout: float | None = None) -> bool:
+        """Block until appends up to `gen` (default: all so far) are fsynced."""
+        with self._sync_cond:
+            gen = self._written if gen is None else gen
+            ok = self._sync_cond.wait_for(
+                lambda: self._synced >= gen or self._sync_error is not None or self._closed,
+                timeout)
+            if self._sync_error is not None:
+                raise SpoolError(f"spool fsync failed: {self._sync_error.strerror}")
+            return ok and self._synced >= gen
+
+    def _sync_loop(self) -> None:
+        last = 0.0
+        while True:
+            with self._sync_cond:
+                self._sync_cond.wait_for(lambda: self._written > self._synced or self._closed)
+                if self._closed and self._written == self._synced:
+                    return
+            # Strict callers are waiting right now: sync at once (they batch up behind us).
+            delay = 0.0 if self.strict else last + self.fsync_interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            with self._sync_cond:
+                target = self._written
+            # Sync a duplicate so appends never wait for the disk: a rotation may close
+            # the original meanwhile, and it fdatasyncs the old segment itself.
+            with self._lock:
+                fd = os.dup(self._fd)
+            try:
+                os.fdatasync(fd)
+                err = None
+            except OSError as exc:
+                err = exc
+            finally:
+                os.close(fd)
+            last = time.monotonic()
+            with self._sync_cond:
+                if err is not None:
+                    log.error("spool fsync failed: %s", err)
+                    self._sync_error = err
+                else:
+                    self._synced = max(self._synced, target)
+                self._sync_cond.notify_all()
+                if err is not None:
+                    return
+
+    # ------------------------------------------------------------------ reading (shipper)
+
+    def add_listener(self, notify: Callable[[], None]) -> None:
+        """Call `notify()` once, after the next append (from the appending thread)."""
+        with self._lock:
+            self._listeners.append(notify)
+
+    def start(self) -> Position:
+        with self._lock:
+            return Position(min(self._segments), 0)
+
+    def read(self, pos: Position, max_events: int = 1000,
+             max_bytes: int = 4 << 20) -> tuple[list[Event], Position]:
+        """Events from `pos` on (complete frames only), and the position after them."""
+        with self._lock:
+            numbers = sorted(n for n in self._segments if n >= pos.segment)
+            sizes = {n: self._segments[n].size for n in numbers}
+            paths = {n: self._segments[n].path for n in numbers}
+        if pos.segment not in sizes:   # deleted under us: continue at the next one
+            if not numbers:
+                return [], pos
+            pos = Position(numbers[0], 0)
+        events: list[Event] = []
+        budget = max_bytes
+        for n in numbers:
+            if n < pos.segment:
+                continue
+            offset = pos.offset if n == pos.segment else 0
+            want = min(sizes[n] - offset, budget)
+            if want > 0:
+                with open(paths[n], "rb") as fh:
+                    fh.seek(offset)
+                    data = fh.read(want)
+                for end, ev in iter_frames(data):
+                    events.append(ev)
+                    pos = Position(n, offset + end)
+                    if len(events) >= max_events:
+                        return events, pos
+                budget -= want
+                if pos.segment == n and pos.offset < sizes[n]:
+                    if not events:   # one frame bigger than the budget: read it whole
+                        budget = sizes[n] - offset
+                        return self.read(pos, max_events, budget)
+                    return events, pos
+            if n != numbers[-1]:
+                pos = Position(numbers[numbers.index(n) + 1], 0)
+        return events, pos
+
+    def acked(self, session_id: str) -> int:
+        return self._acked.get(session_id, 0)
+
+    def ack(self, session_id: str, seq: int) -> None:
+        if seq > self._acked.get(session_id, 0):
+            self._acked[session_id] = seq
+
+    def release(self) -> int:
+        """Delete segments whose every event is acked. Returns how many were deleted."""
+        removed = []
+        with self._lock:
+            for number, seg in sorted(self._segments.items()):
+                if seg is self._active:
+                    break
+                if all(self._acked.get(s, 0) >= m for s, m in seg.max_seq.items()):
+                    removed.append(seg)
+                    del self._segments[number]
+                    self._bytes -= seg.size
+            if removed:
+                live = set()
+                for seg in self._segments.values():
+                    live.update(seg.max_seq)
+                self._acked = {s: q for s, q in self._acked.items() if s in live}
+        for seg in removed:
+            try:
+                seg.path.unlink()
+            except OSError as exc:
+                log.error("cannot delete acked spool segment %s: %s", seg.path, exc)
+        return len(removed)
+
+    def rotate_if_acked(self) -> None:
+        """Retire a fully acked active segment so release() can delete it."""
+        with self._lock:
+            seg = self._active
+            if seg.size and all(self._acked.get(s, 0) >= m for s, m in seg.max_seq.items()):
+                self._rotate()
+
+    # ------------------------------------------------------------------ status
+
+    def bytes_used(self) -> int:
+        return self._bytes
+
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    def unacked_events_estimate(self) -> int:
+        with self._lock:
+            top: dict[str, int] = {}
+            for seg in self._segments.values():
+                for s, m in seg.max_seq.items():
+                    top[s] = max(top.get(s, 0), m)
+        return sum(max(0, m - self._acked.get(s, 0)) for s, m in top.items())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        with self._sync_cond:
+            self._sync_cond.notify_all()
+        self._syncer.join()
+        with self._lock:
+            if self._fd >= 0:
+                try:
+                    os.fdatasync(self._fd)
+                finally:
+                    os.close(self._fd)
+                    self._fd = -1
