@@ -1,0 +1,1 @@
+"""The `agentgate` admin CLI."""

@@ -1,0 +1,82 @@
+"""Host agent configuration (TOML): how to reach the collector, where to spool."""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agentgate.client import DEFAULT_COLLECTOR, CollectorAddress
+from agentgate.tomlconfig import ConfigError, Section, default_state_dir, read_toml
+
+
+@dataclass
+class SpoolConfig:
+    dir: str = field(default_factory=lambda: str(default_state_dir() / "spool"))
+    max_bytes: int = 1 << 30
+    segment_bytes: int = 16 << 20
+    fsync_interval_ms: float = 5.0
+    strict: bool = False
+
+
+@dataclass
+class HostAgentConfig:
+    collector: CollectorAddress = field(default_factory=CollectorAddress)
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    host: str = field(default_factory=socket.gethostname)
+    state_dir: str = field(default_factory=lambda: str(default_state_dir()))
+
+
+def load_config(path: str | None) -> HostAgentConfig:
+    cfg = HostAgentConfig()
+    if not path:
+        return cfg
+    root = Section(read_toml(path), str(path), Path(path).parent)
+    cfg.host = root.get("host", str, cfg.host)
+    cfg.state_dir = root.path("state_dir", cfg.state_dir)
+    c = root.table("collector")
+    token = c.get("token", str)
+    token_file = c.path("token_file")
+    if token and token_file:
+        raise ConfigError(f"{c.where}: give 'token' or 'token_file', not both")
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"{c.where}: cannot read token_file {token_file}: {exc.strerror}") from None
+    cfg.collector = CollectorAddress(
+        target=c.get("address", str, DEFAULT_COLLECTOR), token=token or None,
+        ca=c.path("ca"), cert=c.path("cert"), key=c.path("key"),
+        server_name=c.get("server_name", str))
+    c.done()
+    if bool(cfg.collector.cert) != bool(cfg.collector.key):
+        raise ConfigError(f"{c.where}: give both 'cert' and 'key' for mTLS")
+    s = root.table("spool")
+    cfg.spool = SpoolConfig(
+        dir=s.path("dir", str(Path(cfg.state_dir) / "spool")),
+        max_bytes=s.get("max_bytes", int, cfg.spool.max_bytes),
+        segment_bytes=s.get("segment_bytes", int, cfg.spool.segment_bytes),
+        fsync_interval_ms=s.get("fsync_interval_ms", float, cfg.spool.fsync_interval_ms),
+        strict=s.get("strict", bool, cfg.spool.strict))
+    s.done()
+    root.done()
+    if cfg.spool.max_bytes < cfg.spool.segment_bytes:
+        raise ConfigError(f"{path}: spool max_bytes must be at least segment_bytes")
+    if cfg.spool.fsync_interval_ms < 0:
+        raise ConfigError(f"{path}: spool fsync_interval_ms must not be negative")
+    return cfg
+
+
+def read_agent_id(state_dir: str) -> str:
+    try:
+        return (Path(state_dir) / "agent-id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def write_agent_id(state_dir: str, agent_id: str) -> None:
+    p = Path(state_dir) / "agent-id"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(agent_id + "\n")
+    os.replace(tmp, p)
