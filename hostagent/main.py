@@ -19,6 +19,7 @@ from agentgate.cli.output import fmt_bytes
 from agentgate.client import ClientConfigError
 from agentgate.tomlconfig import ConfigError
 from hostagent.config import load_config
+from hostagent.recording.recorder import close_orphans
 from hostagent.recording.shipper import Shipper
 from hostagent.recording.spool import SEGMENT_RE, Spool, SpoolError
 from hostagent.registration import heartbeat_loop
@@ -39,6 +40,9 @@ async def _serve(cfg) -> None:
     spool = await asyncio.to_thread(open_spool, cfg)
     log.info("spool %s: %s in %d segment(s) to ship", cfg.spool.dir,
              fmt_bytes(spool.bytes_used()), spool.segment_count())
+    orphans = close_orphans(spool)
+    if orphans:
+        log.warning("closed %d session(s) left open by the previous run", len(orphans))
     shipper = Shipper(spool, cfg.collector)
     tasks = [asyncio.create_task(shipper.run()),
              asyncio.create_task(heartbeat_loop(cfg.collector, cfg.host, cfg.state_dir, spool))]

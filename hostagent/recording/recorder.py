@@ -28,7 +28,7 @@ class SessionRecorder:
     @classmethod
     def resume(cls, spool: Spool, session_id: str) -> "SessionRecorder":
         """Continue a session found in the spool after a restart (its chain goes on)."""
-        seq, prev = spool.tails[session_id]
+        seq, prev, _kind = spool.tails[session_id]
         return cls(spool, session_id, seq=seq, prev_hash=prev)
 
     def record(self, kind: str, fields: dict | None = None) -> Event:
@@ -45,3 +45,14 @@ class SessionRecorder:
         if kind == SESSION_END:
             self.ended = True
         return ev
+
+
+def close_orphans(spool: Spool, reason: str = "hostagent_restart") -> list[str]:
+    """End the sessions a previous run left open in the spool (it died mid-session), so
+    their recordings say how they ended. Returns their ids."""
+    closed = []
+    for session_id, (_seq, _hash, kind) in sorted(spool.tails.items()):
+        if kind != SESSION_END:
+            SessionRecorder.resume(spool, session_id).record(SESSION_END, {"reason": reason})
+            closed.append(session_id)
+    return closed

@@ -108,7 +108,8 @@ class Spool:
         self._acked: dict[str, int] = {}
         self._listeners: list[Callable[[], None]] = []
         self._closed = False
-        self.tails: dict[str, tuple[int, bytes]] = {}  # session -> (seq, hash) found on recovery
+        # session -> (seq, hash, kind) of its last event found on recovery
+        self.tails: dict[str, tuple[int, bytes, str]] = {}
         self._open()
         self._syncer = threading.Thread(target=self._sync_loop, name="spool-fsync", daemon=True)
         self._syncer.start()
@@ -133,7 +134,7 @@ class Spool:
             good = end
             if ev.seq > seg.max_seq.get(ev.session_id, 0):
                 seg.max_seq[ev.session_id] = ev.seq
-            self.tails[ev.session_id] = (ev.seq, ev.hash)
+            self.tails[ev.session_id] = (ev.seq, ev.hash, ev.kind)
         if good < len(data):
             log.warning("spool %s: cut %d bytes of a torn or damaged frame at offset %d",
                         seg.path.name, len(data) - good, good)
@@ -186,18 +187,17 @@ class Spool:
             if seg.size and seg.size + len(frame) > self.segment_bytes:
                 self._rotate()
                 seg = self._active
+            n = 0
             try:
-                n = os.write(self._fd, frame)
+                while n < len(frame):   # a short write is retried to learn its errno
+                    n += os.write(self._fd, frame[n:] if n else frame)
             except OSError as exc:
-                n, err = -1, exc
-            if n != len(frame):
-                # Partial or failed write (ENOSPC, EIO): cut it so the file stays parseable.
+                # ENOSPC, EIO...: cut the partial frame so the file stays parseable.
                 try:
                     os.ftruncate(self._fd, seg.size)
                 except OSError:
                     pass
-                why = err.strerror if n < 0 else "short write"
-                raise SpoolError(f"cannot write to spool {seg.path}: {why}")
+                raise SpoolError(f"cannot write to spool {seg.path}: {exc.strerror}") from None
             seg.size += n
             self._bytes += n
             if ev.seq > seg.max_seq.get(ev.session_id, 0):

@@ -1,0 +1,46 @@
+from dataclasses import replace
+
+from agentgate.events import GENESIS, make_event, pack_payload, verify_chain
+
+
+def chain(n=5, sid="s"):
+    prev, out = GENESIS, []
+    for i in range(1, n + 1):
+        ev = make_event(sid, i, 1000 + i, i, "command", pack_payload({"text": f"q{i}"}), prev)
+        out.append(ev)
+        prev = ev.hash
+    return out
+
+
+def test_intact_chain_verifies():
+    evs = chain()
+    r = verify_chain(evs)
+    assert r.ok and r.count == 5 and r.head == evs[-1].hash
+
+
+def test_edited_payload_is_detected():
+    evs = chain()
+    evs[2] = replace(evs[2], payload=pack_payload({"text": "q3 edited"}))
+    r = verify_chain(evs)
+    assert not r.ok and r.broken_seq == 3 and "altered" in r.problem
+
+
+def test_rehashed_edit_breaks_the_next_link():
+    evs = chain()
+    e = evs[2]
+    evs[2] = make_event(e.session_id, e.seq, e.wall_time_ns, e.mono_ns, e.kind,
+                        pack_payload({"text": "forged"}), e.prev_hash)
+    r = verify_chain(evs)
+    assert not r.ok and r.broken_seq == 4 and "link" in r.problem
+
+
+def test_missing_and_reordered_events_are_detected():
+    evs = chain()
+    assert verify_chain(evs[:2] + evs[3:]).broken_seq == 3
+    r = verify_chain([evs[1], evs[0]] + evs[2:])
+    assert not r.ok and r.broken_seq == 1
+
+
+def test_first_event_must_start_at_genesis():
+    evs = chain()
+    assert not verify_chain(evs[1:]).ok
