@@ -1,0 +1,80 @@
+"""The SQLite storage on its own: idempotent ingest, contiguous acks, approval rules."""
+import pytest
+
+from agentgate.events import GENESIS, make_event, pack_payload
+from collector.storage import ApprovalRow, Conflict, Forbidden, NotFound, SessionFilter
+from collector.storage.sqlite import SqliteStorage
+
+
+def events(sid, n, kinds=None):
+    prev, out = GENESIS, []
+    for i in range(1, n + 1):
+        kind = (kinds or {}).get(i, "command")
+        ev = make_event(sid, i, i * 1000, i, kind, pack_payload({"text": f"q{i}", "host": "h"}), prev)
+        out.append(ev)
+        prev = ev.hash
+    return out
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SqliteStorage(tmp_path / "db.sqlite")
+    yield s
+    s.close()
+
+
+def test_resent_events_are_stored_once(store):
+    evs = events("s", 10, {1: "session_start"})
+    acks, fresh = store.ingest(evs)
+    assert acks == {"s": 10} and len(fresh) == 10
+    acks, fresh = store.ingest(evs[3:])
+    assert acks == {"s": 10} and fresh == []
+    assert [e.seq for e in store.events("s")] == list(range(1, 11))
+    assert store.get_session("s").command_count == 9
+
+
+def test_ack_is_the_contiguous_watermark(store):
+    evs = events("s", 6)
+    acks, _ = store.ingest(evs[:2] + evs[4:])       # 3 and 4 missing
+    assert acks == {"s": 2}
+    acks, fresh = store.ingest(evs[2:4])            # the gap fills: 5, 6 connect
+    assert acks == {"s": 6} and [e.seq for e in fresh] == [3, 4]
+    assert store.get_session("s").command_count == 6
+
+
+def test_session_summary_and_text_search(store):
+    start = make_event("a", 1, 5, 0, "session_start", pack_payload(
+        {"host": "h1", "target": "db", "protocol": "postgres",
+         "process": {"user": "alice", "exe": "/usr/bin/psql", "pid": 7}}), GENESIS)
+    cmd = make_event("a", 2, 6, 1, "command", pack_payload({"text": "DELETE FROM users"}), start.hash)
+    store.ingest([start, cmd])
+    row = store.get_session("a")
+    assert (row.host, row.target, row.protocol, row.agent) == ("h1", "db", "postgres",
+                                                               "alice /usr/bin/psql (pid 7)")
+    assert [s.id for s in store.list_sessions(SessionFilter(text="FROM users"))] == ["a"]
+    assert store.list_sessions(SessionFilter(text="DROP")) == []
+    with pytest.raises(NotFound):
+        store.get_session("b")
+
+
+def test_approval_transitions(store):
+    row = store.create_approval(ApprovalRow(id="", state="pending", command="DROP", requested_by="al",
+                                            created_by="host-1", created_ns=1, expires_ns=100))
+    with pytest.raises(Forbidden):
+        store.decide_approval(row.id, True, "", "al", 50)
+    with pytest.raises(Forbidden):
+        store.decide_approval(row.id, True, "", "host-1", 50)
+    done = store.decide_approval(row.id, False, "no", "bob", 50)
+    assert (done.state, done.decided_by, done.decision_reason) == ("denied", "bob", "no")
+    with pytest.raises(Conflict, match="already denied"):
+        store.decide_approval(row.id, True, "", "carol", 60)
+    late = store.create_approval(ApprovalRow(id="", state="pending", command="X", created_ns=1,
+                                             expires_ns=100))
+    with pytest.raises(Conflict, match="expired"):
+        store.decide_approval(late.id, True, "", "bob", 100)
+    assert store.get_approval(late.id).state == "expired"
+    soon = store.create_approval(ApprovalRow(id="", state="pending", command="Y", created_ns=1,
+                                             expires_ns=200))
+    assert store.next_expiry_ns() == 200
+    assert [r.id for r in store.expire_approvals(200)] == [soon.id]
+    assert store.next_expiry_ns() is None
