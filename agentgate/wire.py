@@ -10,13 +10,18 @@ except ImportError as exc:  # pragma: no cover - only on a tree where `make setu
 
 from agentgate.events import Event
 
-__all__ = ["pb", "rpc", "event_to_pb", "event_from_pb", "APPROVAL_STATES", "state_name"]
+__all__ = ["pb", "rpc", "as_pb", "event_to_pb", "event_from_pb", "APPROVAL_STATES", "state_name"]
 
 
 def event_to_pb(ev: Event) -> "pb.Event":
     return pb.Event(session_id=ev.session_id, seq=ev.seq, wall_time_ns=ev.wall_time_ns,
                     mono_ns=ev.mono_ns, kind=ev.kind, payload=ev.payload,
                     prev_hash=ev.prev_hash, hash=ev.hash)
+
+
+def as_pb(ev) -> "pb.Event":
+    """An Event, or a wire message already, as a wire message."""
+    return ev if isinstance(ev, pb.Event) else event_to_pb(ev)
 
 
 def event_from_pb(m: "pb.Event") -> Event:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import grpc
 
 from agentgate.events import SESSION_END
-from agentgate.wire import event_to_pb, pb, rpc
+from agentgate.wire import as_pb, event_to_pb, pb, rpc
 from collector.hub import Hub, Overflow
 from collector.services import run, session_pb
 from collector.storage import SessionFilter, Storage
@@ -60,7 +60,7 @@ class SessionsServicer(rpc.SessionsServicer):
                     for missing in await run(context, self.store.events, request.session_id,
                                              last, ev.seq - last - 1):
                         yield event_to_pb(missing)
-                yield event_to_pb(ev)
+                yield as_pb(ev)
                 last = ev.seq
                 if ev.kind == SESSION_END:
                     return
@@ -77,5 +77,5 @@ class SessionsServicer(rpc.SessionsServicer):
                         or (request.target and meta.target != request.target)
                         or (request.protocol and meta.protocol != request.protocol)):
                     continue
-                yield pb.TailEvent(event=event_to_pb(ev), host=meta.host, target=meta.target,
+                yield pb.TailEvent(event=as_pb(ev), host=meta.host, target=meta.target,
                                    protocol=meta.protocol)

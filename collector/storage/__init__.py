@@ -96,7 +96,8 @@ class Storage(Protocol):
     # recordings
     def ingest(self, events: Sequence[Event]) -> tuple[dict[str, int], list[Event]]:
         """Store events durably, once each. Returns (session id -> highest seq such that
-        1..seq are all stored, the events that were new)."""
+        1..seq are all stored, the events that were new). Any object with Event's field
+        names will do (the servicer passes the wire messages as they are)."""
     def list_sessions(self, flt: SessionFilter) -> list[SessionRow]: ...
     def get_session(self, session_id: str) -> SessionRow: ...
     def events(self, session_id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]: ...

@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     started_ns INTEGER NOT NULL DEFAULT 0,
     ended_ns INTEGER NOT NULL DEFAULT 0,
     end_reason TEXT NOT NULL DEFAULT '',
-    committed_seq INTEGER NOT NULL DEFAULT 0,
+    committed_seq INTEGER NOT NULL DEFAULT 0,  -- 1..committed_seq all stored
+    stored_seq INTEGER NOT NULL DEFAULT 0,     -- highest seq stored (> committed: a gap)
     command_count INTEGER NOT NULL DEFAULT 0,
     start_payload BLOB NOT NULL DEFAULT x''
 );
@@ -119,6 +120,8 @@ class SqliteStorage:
             except OSError as exc:
                 raise StorageError(f"cannot create database directory {parent}: {exc.strerror}") from None
         self._wlock = threading.Lock()
+        # session id -> (pk, committed, stored) as committed; the writer is the only one
+        self._sessions: dict[str, tuple[int, int, int]] = {}
         self._local = threading.local()
         try:
             self._w = self._connect()
@@ -151,75 +154,97 @@ class SqliteStorage:
         by_session: dict[str, list[Event]] = {}
         for ev in events:
             by_session.setdefault(ev.session_id, []).append(ev)
-        acks: dict[str, int] = {}
-        fresh_all: list[Event] = []
         with self._wlock:
             c = self._w
             c.execute("BEGIN IMMEDIATE")
             try:
-                for sid, evs in by_session.items():
-                    acks[sid] = self._ingest_session(c, sid, evs, fresh_all)
+                acks, fresh, states = self._ingest(c, by_session)
                 c.execute("COMMIT")
             except BaseException:
                 c.execute("ROLLBACK")
                 raise
-        return acks, fresh_all
+            self._sessions.update(states)   # only what committed
+            if len(self._sessions) > 100_000:
+                self._sessions.clear()
+        return acks, fresh
 
-    def _ingest_session(self, c: sqlite3.Connection, sid: str, evs: list[Event],
-                        fresh_all: list[Event]) -> int:
-        row = c.execute("SELECT pk, committed_seq FROM sessions WHERE id = ?", (sid,)).fetchone()
-        if row is None:
-            pk = c.execute("INSERT INTO sessions (id) VALUES (?)", (sid,)).lastrowid
-            committed = 0
-        else:
-            pk, committed = row
-        fresh = [e for e in evs if e.seq > committed]
-        if not fresh:
-            return committed
-        # Events past an earlier gap may be stored already; count and publish them once.
-        stored = {seq for (seq,) in c.execute(
-            "SELECT seq FROM events WHERE session_pk = ? AND seq > ?", (pk, committed))}
-        if stored:
-            fresh = [e for e in fresh if e.seq not in stored]
+    def _session_state(self, c: sqlite3.Connection, sid: str) -> tuple[int, int, int]:
+        """(pk, committed seq, highest stored seq), from the cache or the database."""
+        state = self._sessions.get(sid)
+        if state is None:
+            row = c.execute("SELECT pk, committed_seq, stored_seq FROM sessions WHERE id = ?",
+                            (sid,)).fetchone()
+            state = row or (c.execute("INSERT INTO sessions (id) VALUES (?)", (sid,)).lastrowid, 0, 0)
+        return state
+
+    def _ingest(self, c: sqlite3.Connection, by_session: dict[str, list[Event]]):
+        acks: dict[str, int] = {}
+        states: dict[str, tuple[int, int, int]] = {}
+        rows: list[tuple] = []
+        fresh_all: list[Event] = []
+        gapped: list[tuple[str, int]] = []
+        touched: list[tuple[str, list[Event]]] = []
+        for sid, evs in by_session.items():
+            pk, committed, stored_max = self._session_state(c, sid)
+            fresh = [e for e in evs if e.seq > committed]
+            if stored_max > committed and fresh:
+                # Events past an earlier gap are stored already: count and publish them once.
+                stored = {seq for (seq,) in c.execute(
+                    "SELECT seq FROM events WHERE session_pk = ? AND seq > ?", (pk, committed))}
+                fresh = [e for e in fresh if e.seq not in stored]
             if not fresh:
-                return committed
-        fresh.sort(key=lambda e: e.seq)
-        c.executemany(INSERT_EVENT, [
-            (pk, e.seq, e.wall_time_ns, e.mono_ns, e.kind, e.payload, e.prev_hash, e.hash,
-             _command_text(e.payload) if e.kind == COMMAND else None)
-            for e in fresh])
-        mark = committed
-        for e in fresh:
-            if e.seq == mark + 1:
+                acks[sid] = committed
+                states[sid] = (pk, committed, stored_max)
+                continue
+            fresh.sort(key=lambda e: e.seq)
+            rows.extend((pk, e.seq, e.wall_time_ns, e.mono_ns, e.kind, e.payload, e.prev_hash,
+                         e.hash, _command_text(e.payload) if e.kind == COMMAND else None)
+                        for e in fresh)
+            mark = committed
+            for e in fresh:
+                if e.seq != mark + 1:
+                    break
                 mark = e.seq
-            elif e.seq > mark + 1:
-                break
-        if stored or fresh[-1].seq > mark:
-            # A gap: events stored past it (earlier or now) may connect up.
+            stored_max = max(stored_max, fresh[-1].seq)
+            if stored_max > mark:
+                gapped.append((sid, pk))
+            acks[sid] = mark
+            states[sid] = (pk, mark, stored_max)
+            touched.append((sid, fresh))
+            fresh_all.extend(fresh)
+        c.executemany(INSERT_EVENT, rows)
+        for sid, pk in gapped:
+            # Events stored past a gap (earlier or now) may connect up now.
+            mark = acks[sid]
             for (seq,) in c.execute("SELECT seq FROM events WHERE session_pk = ? AND seq > ? "
                                     "ORDER BY seq", (pk, mark)):
                 if seq != mark + 1:
                     break
                 mark = seq
-        commands = 0
-        for e in fresh:
-            if e.kind == COMMAND:
-                commands += 1
-            elif e.kind == SESSION_START:
-                start = unpack_payload(e.payload)
-                c.execute("UPDATE sessions SET host = ?, agent = ?, target = ?, protocol = ?, "
-                          "started_ns = ?, start_payload = ? WHERE pk = ?",
-                          (str(start.get("host", "")), _agent_summary(start),
-                           str(start.get("target", "")), str(start.get("protocol", "")),
-                           e.wall_time_ns, e.payload, pk))
-            elif e.kind == SESSION_END:
-                end = unpack_payload(e.payload)
-                c.execute("UPDATE sessions SET ended_ns = ?, end_reason = ? WHERE pk = ?",
-                          (e.wall_time_ns, str(end.get("reason", "")), pk))
-        c.execute("UPDATE sessions SET committed_seq = ?, command_count = command_count + ? "
-                  "WHERE pk = ?", (mark, commands, pk))
-        fresh_all.extend(fresh)
-        return mark
+            acks[sid] = mark
+            states[sid] = (pk, mark, states[sid][2])
+        updates = []
+        for sid, fresh in touched:
+            pk = states[sid][0]
+            commands = 0
+            for e in fresh:
+                if e.kind == COMMAND:
+                    commands += 1
+                elif e.kind == SESSION_START:
+                    start = unpack_payload(e.payload)
+                    c.execute("UPDATE sessions SET host = ?, agent = ?, target = ?, protocol = ?, "
+                              "started_ns = ?, start_payload = ? WHERE pk = ?",
+                              (str(start.get("host", "")), _agent_summary(start),
+                               str(start.get("target", "")), str(start.get("protocol", "")),
+                               e.wall_time_ns, e.payload, pk))
+                elif e.kind == SESSION_END:
+                    end = unpack_payload(e.payload)
+                    c.execute("UPDATE sessions SET ended_ns = ?, end_reason = ? WHERE pk = ?",
+                              (e.wall_time_ns, str(end.get("reason", "")), pk))
+            updates.append((states[sid][1], states[sid][2], commands, pk))
+        c.executemany("UPDATE sessions SET committed_seq = ?, stored_seq = ?, "
+                      "command_count = command_count + ? WHERE pk = ?", updates)
+        return acks, fresh_all, states
 
     @staticmethod
     def _session_row(r) -> SessionRow:
