@@ -100,7 +100,7 @@ def show(ctx: Ctx, session_id, as_json):
     if as_json:
         emit_json({"session": session_json(s), "events": [event_json(e) for e in events]})
         return
-    info = session_json(s)
+    info = {**session_json(s), "started": fmt_time(s.started_ns), "ended": fmt_time(s.ended_ns)}
     for key in ("id", "host", "agent", "target", "protocol", "started", "ended", "end_reason",
                 "events", "commands"):
         click.echo(f"{key + ':':<12}{info[key] if info[key] is not None else '-'}")

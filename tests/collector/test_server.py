@@ -55,3 +55,14 @@ def test_health_service_answers_without_a_token(collector_factory):
         raise AssertionError("unknown service reported healthy")
     except grpc.RpcError as exc:
         assert exc.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_example_configs_load():
+    from collector.config import load_config as collector_config
+    from hostagent.config import load_config as hostagent_config
+    from tests.support import ROOT
+    cfg = collector_config(str(ROOT / "examples" / "collector.toml"))
+    cfg.validate()
+    assert cfg.listen == "127.0.0.1:7421" and cfg.approval_ttl_s == 300
+    h = hostagent_config(str(ROOT / "examples" / "hostagent.toml"))
+    assert h.spool.fsync_interval_ms == 5 and not h.spool.strict
