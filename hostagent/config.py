@@ -19,10 +19,34 @@ class SpoolConfig:
     strict: bool = False
 
 
+def system_resolvers() -> list[str]:
+    try:
+        lines = Path("/etc/resolv.conf").read_text().splitlines()
+    except OSError:
+        return []
+    return [ln.split()[1] for ln in lines if ln.startswith("nameserver") and len(ln.split()) > 1]
+
+
+@dataclass
+class InterceptConfig:
+    mode: str = "deny"                 # TCP to non-targets: deny | record | allow
+    proxy_port: int = 15001            # the daemon's proxy (agentgate run alone picks one)
+    dns: list[str] = field(default_factory=system_resolvers)   # UDP allowed only to these
+
+
+@dataclass
+class TargetConfig:
+    name: str
+    protocol: str
+    addresses: list[str]
+
+
 @dataclass
 class HostAgentConfig:
     collector: CollectorAddress = field(default_factory=CollectorAddress)
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    intercept: InterceptConfig = field(default_factory=InterceptConfig)
+    targets: list[TargetConfig] = field(default_factory=list)
     host: str = field(default_factory=socket.gethostname)
     state_dir: str = field(default_factory=lambda: str(default_state_dir()))
 
@@ -59,6 +83,21 @@ def load_config(path: str | None) -> HostAgentConfig:
         fsync_interval_ms=s.get("fsync_interval_ms", float, cfg.spool.fsync_interval_ms),
         strict=s.get("strict", bool, cfg.spool.strict))
     s.done()
+    i = root.table("intercept")
+    cfg.intercept = InterceptConfig(
+        mode=i.get("mode", str, "deny"), proxy_port=i.get("proxy_port", int, 15001),
+        dns=list(i.get("dns", list, cfg.intercept.dns)))
+    i.done()
+    if cfg.intercept.mode not in ("deny", "record", "allow"):
+        raise ConfigError(f"{i.where}: 'mode' must be deny, record or allow")
+    for t in root.tables("targets"):
+        addrs = t.get("address", (str, list))
+        target = TargetConfig(name=t.get("name", str, ""), protocol=t.get("protocol", str, "tcp"),
+                              addresses=[addrs] if isinstance(addrs, str) else list(addrs or []))
+        t.done()
+        if not target.name or not target.addresses:
+            raise ConfigError(f"{t.where}: a target needs 'name' and 'address'")
+        cfg.targets.append(target)
     root.done()
     if cfg.spool.max_bytes < cfg.spool.segment_bytes:
         raise ConfigError(f"{path}: spool max_bytes must be at least segment_bytes")

@@ -2,6 +2,7 @@
 refused), 2 usage, 3 collector unreachable, 4 not authenticated / not allowed, 130 Ctrl-C."""
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 
@@ -49,13 +50,36 @@ def rpc_failure(exc: grpc.RpcError, target: str) -> Failure:
 @dataclass
 class Ctx:
     address: CollectorAddress
+    explicit: bool = True    # --collector or AGENTGATE_COLLECTOR given
     _channel: grpc.Channel | None = None
 
     @property
     def channel(self) -> grpc.Channel:
         if self._channel is None:
             self._channel = open_channel(self.address)
+            if not self.explicit:
+                self._fall_back_to_local_store()
         return self._channel
+
+    def _fall_back_to_local_store(self) -> None:
+        """No collector configured and none answering at the default address: serve the
+        local store (where `agentgate run` records without a collector), if there is one."""
+        from agentgate.tomlconfig import default_state_dir
+        db = default_state_dir() / "collector.db"
+        if not db.exists():
+            return
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=0.3)
+            return
+        except grpc.FutureTimeoutError:
+            pass
+        from agentgate.cli.local import LocalCollector
+        local = LocalCollector(db)
+        click.echo(f"(no collector at {self.address.target}: reading the local store {db})",
+                   err=True)
+        self._channel.close()
+        self.address = CollectorAddress(target=local.address, token=self.address.token)
+        self._channel = open_channel(self.address)
 
     def stub(self, cls):
         return cls(self.channel)
@@ -89,6 +113,14 @@ class Group(click.Group):
         except BrokenPipeError:
             sys.stderr.close()  # e.g. `| head`: not an error worth a word
             raise SystemExit(0)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit,
+                KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if os.environ.get("AGENTGATE_DEBUG"):
+                raise
+            raise Failure(f"internal error: {type(exc).__name__}: {exc} "
+                          "(AGENTGATE_DEBUG=1 shows a traceback)", EXIT_FAILED) from None
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"],
@@ -112,12 +144,13 @@ def cli(ctx, collector, token, ca, tls_server_name):
     Exit codes: 0 ok, 1 failed (broken chain, not found, refused), 2 usage or
     configuration error, 3 collector unreachable, 4 not authenticated or not allowed.
     """
+    explicit = ctx.get_parameter_source("collector") != click.core.ParameterSource.DEFAULT
     ctx.obj = Ctx(CollectorAddress(target=collector, token=token or None, ca=ca,
-                                   server_name=tls_server_name))
+                                   server_name=tls_server_name), explicit=explicit)
 
 
 def main() -> None:
-    from agentgate.cli import admin, approvals, sessions  # noqa: F401  (registers commands)
+    from agentgate.cli import admin, approvals, run, sessions  # noqa: F401  (registers commands)
     try:
         cli.main(prog_name="agentgate")
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ mono_ns, kind, payload, prev_hash, hash]. A torn frame at the tail of a segment
 """
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import re
@@ -121,6 +122,14 @@ class Spool:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise SpoolError(f"cannot create spool directory {self.dir}: {exc.strerror}") from None
+        # One process per spool: two writers would race for segment numbers.
+        self._lock_fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise SpoolError(f"spool {self.dir} is in use by another process "
+                             "(a running host agent or agentgate run)") from None
         for name in sorted(os.listdir(self.dir)):
             m = SEGMENT_RE.match(name)
             if m:
@@ -376,3 +385,4 @@ class Spool:
                 finally:
                     os.close(self._fd)
                     self._fd = -1
+            os.close(self._lock_fd)

@@ -1,0 +1,344 @@
+// agentgate interception: cgroup programs attached to the agentgate cgroup tree.
+//
+// connect4/6   TCP connects of enrolled processes are rewritten to the local proxy; the
+//              original destination and the connecting process are remembered by socket
+//              cookie. Destinations that are not configured targets follow AG_MODE.
+// sockops      once the connect has a local port, the record is also keyed by the
+//              client's local addr:port: what the proxy sees as its peer after accept().
+// sendmsg4/6   UDP only to configured DNS resolvers (connect4/6 cover connected UDP).
+// sock_create  raw and ICMP sockets refused (AF_PACKET needs CAP_NET_RAW, which enrolled
+//              processes do not keep).
+// exec/exit    tracepoints for processes in the tree, through a ring buffer; reservation
+//              failures are counted in `lost`, never silent.
+//
+// Only UAPI context structs and helpers, so headers of a nearby kernel compile it.
+// Options come as -D cflags from hostagent/intercept/loader.py:
+//   AG_PROXY_IP4 (network order u32), AG_PROXY_PORT (network order u16),
+//   AG_MODE (0 deny, 1 record, 2 allow), AG_PIN (string: pin directory of shared maps).
+
+#include <uapi/linux/bpf.h>
+
+#ifndef AG_PROXY_IP4
+#error "AG_PROXY_IP4 must be given"
+#endif
+#ifndef AG_PROXY_PORT
+#error "AG_PROXY_PORT must be given"
+#endif
+#ifndef AG_MODE
+#define AG_MODE 0
+#endif
+
+#define AG_AF_INET 2
+#define AG_AF_INET6 10
+#define AG_SOCK_STREAM 1
+#define AG_SOCK_DGRAM 2
+#define AG_SOCK_RAW 3
+#define AG_IPPROTO_ICMP 1
+#define AG_IPPROTO_TCP 6
+#define AG_IPPROTO_UDP 17
+#define AG_IPPROTO_ICMPV6 58
+
+// actions recorded per connection
+#define ACT_TARGET 1   // a configured target: proxied with its protocol
+#define ACT_RECORD 2   // not a target, mode record: proxied as raw TCP
+// event types
+#define EV_EXEC 1
+#define EV_EXIT 2
+#define EV_DENY_CONNECT 3
+#define EV_ALLOW_DIRECT 4
+#define EV_DENY_UDP 5
+#define EV_DENY_SOCKET 6
+
+// An address as 16 bytes: IPv4 as v4-mapped IPv6, so one key type serves both.
+struct addr_key {
+    __u32 addr[4];
+    __u16 port;        // network order
+    __u16 pad;
+};
+
+struct conn_info {
+    __u64 cookie;
+    __u64 cgroup_id;
+    __u64 ktime_ns;
+    __u32 tgid;
+    __u32 tid;
+    __u32 uid;
+    __u32 gid;
+    struct addr_key orig;   // original destination
+    __u32 action;
+    __u32 family;           // the socket's family (AF_INET or AF_INET6)
+    char comm[16];
+};
+
+struct event {
+    __u32 type;
+    __u32 tgid;
+    __u32 ppid_unused;
+    __u32 uid;
+    __u64 cgroup_id;
+    __u64 ktime_ns;
+    struct addr_key addr;
+    char comm[16];
+    char filename[128];
+};
+
+BPF_TABLE_PINNED("hash", struct addr_key, __u32, targets, 4096, AG_PIN "/targets");
+BPF_TABLE_PINNED("hash", struct addr_key, __u32, resolvers, 64, AG_PIN "/resolvers");
+BPF_TABLE_PINNED("lru_hash", __u64, struct conn_info, conns, 65536, AG_PIN "/conns");
+BPF_TABLE_PINNED("lru_hash", struct addr_key, struct conn_info, peers, 65536, AG_PIN "/peers");
+BPF_TABLE_PINNED("hash", __u64, __u32, enrolled, 65536, AG_PIN "/enrolled");
+BPF_RINGBUF_OUTPUT(events, 64);
+BPF_PERCPU_ARRAY(lost, __u64, 1);
+
+static __always_inline void emit(__u32 type, struct addr_key *addr)
+{
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        int zero = 0;
+        __u64 *n = lost.lookup(&zero);
+        if (n)
+            (*n)++;
+        return;
+    }
+    __u64 id = bpf_get_current_pid_tgid();
+    e->type = type;
+    e->tgid = id >> 32;
+    e->ppid_unused = 0;
+    e->uid = (__u32)bpf_get_current_uid_gid();
+    e->cgroup_id = bpf_get_current_cgroup_id();
+    e->ktime_ns = bpf_ktime_get_ns();
+    if (addr)
+        __builtin_memcpy(&e->addr, addr, sizeof(*addr));
+    else
+        __builtin_memset(&e->addr, 0, sizeof(e->addr));
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    e->filename[0] = 0;
+    events.ringbuf_submit(e, 0);
+}
+
+static __always_inline int is_proxy(struct addr_key *k)
+{
+    if (k->port != AG_PROXY_PORT)
+        return 0;
+    if (k->addr[0] == 0 && k->addr[1] == 0 && k->addr[2] == bpf_htonl(0xffff)
+        && k->addr[3] == AG_PROXY_IP4)
+        return 1;
+    return k->addr[0] == 0 && k->addr[1] == 0 && k->addr[2] == 0 && k->addr[3] == bpf_htonl(1);
+}
+
+static __always_inline int is_v4mapped(__u32 *a)
+{
+    return a[0] == 0 && a[1] == 0 && a[2] == bpf_htonl(0xffff);
+}
+
+// 1: allow the connect as it is; 0: refuse (EPERM); 2: rewritten to the proxy.
+static __always_inline int decide_tcp(struct bpf_sock_addr *ctx, struct addr_key *dst)
+{
+    if (is_proxy(dst))
+        return 1;      // straight to the proxy: it refuses peers it has no record of
+    __u32 action = ACT_TARGET;
+    if (!targets.lookup(dst)) {
+        struct addr_key any = *dst;
+        any.port = 0;  // a target may name an address with every port
+        if (!targets.lookup(&any)) {
+            if (AG_MODE == 0) {
+                emit(EV_DENY_CONNECT, dst);
+                return 0;
+            }
+            if (AG_MODE == 2) {
+                emit(EV_ALLOW_DIRECT, dst);
+                return 1;
+            }
+            action = ACT_RECORD;
+        }
+    }
+    struct conn_info ci = {};
+    __u64 id = bpf_get_current_pid_tgid();
+    __u64 ug = bpf_get_current_uid_gid();
+    ci.cookie = bpf_get_socket_cookie(ctx);
+    ci.cgroup_id = bpf_get_current_cgroup_id();
+    ci.ktime_ns = bpf_ktime_get_ns();
+    ci.tgid = id >> 32;
+    ci.tid = (__u32)id;
+    ci.uid = (__u32)ug;
+    ci.gid = ug >> 32;
+    ci.orig = *dst;
+    ci.action = action;
+    ci.family = ctx->family;
+    bpf_get_current_comm(&ci.comm, sizeof(ci.comm));
+    conns.update(&ci.cookie, &ci);
+    return 2;
+}
+
+static __always_inline int dns_allowed(struct addr_key *dst)
+{
+    return resolvers.lookup(dst) != 0;
+}
+
+int ag_connect4(struct bpf_sock_addr *ctx)
+{
+    struct addr_key dst = {};
+    dst.addr[2] = bpf_htonl(0xffff);
+    dst.addr[3] = ctx->user_ip4;
+    dst.port = (__u16)ctx->user_port;
+    if (ctx->type == AG_SOCK_DGRAM) {
+        if (dns_allowed(&dst))
+            return 1;
+        emit(EV_DENY_UDP, &dst);
+        return 0;
+    }
+    if (ctx->type != AG_SOCK_STREAM)
+        return 0;
+    int verdict = decide_tcp(ctx, &dst);
+    if (verdict == 2) {
+        ctx->user_ip4 = AG_PROXY_IP4;
+        ctx->user_port = AG_PROXY_PORT;
+        return 1;
+    }
+    return verdict;
+}
+
+int ag_connect6(struct bpf_sock_addr *ctx)
+{
+    struct addr_key dst = {};
+    dst.addr[0] = ctx->user_ip6[0];
+    dst.addr[1] = ctx->user_ip6[1];
+    dst.addr[2] = ctx->user_ip6[2];
+    dst.addr[3] = ctx->user_ip6[3];
+    dst.port = (__u16)ctx->user_port;
+    if (ctx->type == AG_SOCK_DGRAM) {
+        if (dns_allowed(&dst))
+            return 1;
+        emit(EV_DENY_UDP, &dst);
+        return 0;
+    }
+    if (ctx->type != AG_SOCK_STREAM)
+        return 0;
+    int verdict = decide_tcp(ctx, &dst);
+    if (verdict == 2) {
+        if (is_v4mapped(dst.addr)) {     // dual-stack socket to an IPv4 address
+            ctx->user_ip6[0] = 0;
+            ctx->user_ip6[1] = 0;
+            ctx->user_ip6[2] = bpf_htonl(0xffff);
+            ctx->user_ip6[3] = AG_PROXY_IP4;
+        } else {
+            ctx->user_ip6[0] = 0;
+            ctx->user_ip6[1] = 0;
+            ctx->user_ip6[2] = 0;
+            ctx->user_ip6[3] = bpf_htonl(1);
+        }
+        ctx->user_port = AG_PROXY_PORT;
+        return 1;
+    }
+    return verdict;
+}
+
+int ag_sendmsg4(struct bpf_sock_addr *ctx)
+{
+    struct addr_key dst = {};
+    dst.addr[2] = bpf_htonl(0xffff);
+    dst.addr[3] = ctx->user_ip4;
+    dst.port = (__u16)ctx->user_port;
+    if (dns_allowed(&dst))
+        return 1;
+    emit(EV_DENY_UDP, &dst);
+    return 0;
+}
+
+int ag_sendmsg6(struct bpf_sock_addr *ctx)
+{
+    struct addr_key dst = {};
+    dst.addr[0] = ctx->user_ip6[0];
+    dst.addr[1] = ctx->user_ip6[1];
+    dst.addr[2] = ctx->user_ip6[2];
+    dst.addr[3] = ctx->user_ip6[3];
+    dst.port = (__u16)ctx->user_port;
+    if (dns_allowed(&dst))
+        return 1;
+    emit(EV_DENY_UDP, &dst);
+    return 0;
+}
+
+int ag_sock_create(struct bpf_sock *sk)
+{
+    if (sk->type == AG_SOCK_RAW || sk->protocol == AG_IPPROTO_ICMP
+        || sk->protocol == AG_IPPROTO_ICMPV6) {
+        emit(EV_DENY_SOCKET, 0);
+        return 0;
+    }
+    return 1;
+}
+
+int ag_sockops(struct bpf_sock_ops *skops)
+{
+    if (skops->op != BPF_SOCK_OPS_TCP_CONNECT_CB && skops->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB)
+        return 1;
+    __u64 cookie = bpf_get_socket_cookie(skops);
+    struct conn_info *ci = conns.lookup(&cookie);
+    if (!ci)
+        return 1;
+    // Every ctx field is read unconditionally: the verifier refuses ctx loads that the
+    // compiler merges behind a branch into a modified pointer.
+    __u32 family = skops->family;
+    __u32 ip4 = skops->local_ip4;
+    __u32 ip6_0 = skops->local_ip6[0], ip6_1 = skops->local_ip6[1];
+    __u32 ip6_2 = skops->local_ip6[2], ip6_3 = skops->local_ip6[3];
+    __u32 port = skops->local_port;                       // host order in sock_ops
+    struct addr_key local = {};
+    if (family == AG_AF_INET) {
+        local.addr[2] = bpf_htonl(0xffff);
+        local.addr[3] = ip4;
+    } else {
+        local.addr[0] = ip6_0;
+        local.addr[1] = ip6_1;
+        local.addr[2] = ip6_2;
+        local.addr[3] = ip6_3;
+    }
+    local.port = bpf_htons((__u16)port);
+    peers.update(&local, ci);
+    return 1;
+}
+
+static __always_inline int in_tree(void)
+{
+    __u64 cg = bpf_get_current_cgroup_id();
+    return enrolled.lookup(&cg) != 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    if (!in_tree())
+        return 0;
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        int zero = 0;
+        __u64 *n = lost.lookup(&zero);
+        if (n)
+            (*n)++;
+        return 0;
+    }
+    __u64 id = bpf_get_current_pid_tgid();
+    e->type = EV_EXEC;
+    e->tgid = id >> 32;
+    e->ppid_unused = 0;
+    e->uid = (__u32)bpf_get_current_uid_gid();
+    e->cgroup_id = bpf_get_current_cgroup_id();
+    e->ktime_ns = bpf_ktime_get_ns();
+    __builtin_memset(&e->addr, 0, sizeof(e->addr));
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+    unsigned short off = args->data_loc_filename & 0xFFFF;
+    bpf_probe_read_kernel_str(&e->filename, sizeof(e->filename), (char *)args + off);
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    if (!in_tree())
+        return 0;
+    __u64 id = bpf_get_current_pid_tgid();
+    if ((__u32)id != (id >> 32))
+        return 0;   // a thread, not the process
+    emit(EV_EXIT, 0);
+    return 0;
+}

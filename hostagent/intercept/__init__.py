@@ -1,0 +1,1 @@
+"""eBPF interception: the agentgate cgroup tree, the BPF programs on it, identities."""

@@ -1,0 +1,119 @@
+"""The agentgate cgroup v2 tree: where it is, making session cgroups, moving processes.
+
+cgroup v2 is found from /proc/self/mountinfo (e.g. /sys/fs/cgroup on unified hosts,
+/sys/fs/cgroup/unified on hybrid ones), never assumed.
+"""
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+TREE = "agentgate"
+
+
+class CgroupError(Exception):
+    pass
+
+
+def cgroup2_mount() -> Path:
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError as exc:
+        raise CgroupError(f"cannot read /proc/self/mountinfo: {exc.strerror}") from None
+    for line in lines:
+        pre, _, post = line.partition(" - ")
+        if post.split(" ", 1)[0] == "cgroup2":
+            return Path(pre.split()[4])
+    raise CgroupError("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup)")
+
+
+def tree_root() -> Path:
+    return cgroup2_mount() / TREE
+
+
+def ensure_tree() -> Path:
+    root = tree_root()
+    try:
+        root.mkdir(exist_ok=True)
+    except OSError as exc:
+        raise CgroupError(f"cannot create the agentgate cgroup {root}: {exc.strerror}") from None
+    return root
+
+
+def cgroup_id(path: Path) -> int:
+    """The kernel's cgroup id is the cgroup directory's inode number (cgroup v2)."""
+    return os.stat(path).st_ino
+
+
+def make_cgroup(parent: Path, name: str) -> Path:
+    path = parent / name
+    try:
+        path.mkdir()
+    except OSError as exc:
+        raise CgroupError(f"cannot create cgroup {path}: {exc.strerror}") from None
+    return path
+
+
+def move(pid: int, cgroup: Path) -> None:
+    try:
+        (cgroup / "cgroup.procs").write_text(f"{pid}\n")
+    except OSError as exc:
+        raise CgroupError(f"cannot move pid {pid} into {cgroup}: {exc.strerror}") from None
+
+
+def pids(cgroup: Path) -> list[int]:
+    try:
+        return [int(x) for x in (cgroup / "cgroup.procs").read_text().split()]
+    except OSError:
+        return []
+
+
+def remove(cgroup: Path, timeout: float = 5.0) -> None:
+    """Kill what is left in a session cgroup and remove it."""
+    kill = cgroup / "cgroup.kill"
+    deadline = time.monotonic() + timeout
+    while cgroup.exists():
+        if pids(cgroup) and kill.exists():
+            try:
+                kill.write_text("1\n")
+            except OSError:
+                pass
+        try:
+            cgroup.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise CgroupError(f"cannot remove cgroup {cgroup}: processes remain") from None
+            time.sleep(0.02)
+
+
+def cgroup_of(pid: int) -> str | None:
+    """The cgroup v2 path of a process, relative to the cgroup2 mount ('/agentgate/x')."""
+    try:
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+            if line.startswith("0::"):
+                return line[3:]
+    except OSError:
+        return None
+    return None
+
+
+_UNIT = re.compile(r"([^/]+\.(?:service|scope))$")
+_CONTAINER = re.compile(r"([0-9a-f]{64})")
+
+
+def unit_of(cgroup_path: str) -> str | None:
+    for part in reversed(cgroup_path.split("/")):
+        m = _UNIT.match(part)
+        if m:
+            return m.group(1)
+    return None
+
+
+def container_of(cgroup_path: str) -> str | None:
+    m = _CONTAINER.search(cgroup_path or "")
+    return m.group(1) if m else None

@@ -1,0 +1,100 @@
+"""Who opened a connection: the kernel's record, completed from /proc and cross-checked.
+
+The BPF record (pid, uid, gid, comm, cgroup id at connect time) is the authority. /proc
+adds exe, argv, cwd, parents, unit and container, but only if that pid is still the
+same process: same cgroup, same uid, and started before the connect. Otherwise the
+identity carries just the kernel's fields and says why (`mismatch` / `exited`).
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import grp
+import time
+from pathlib import Path
+
+import psutil
+
+from hostagent.intercept import cgroups
+from hostagent.intercept.loader import ConnRecord
+
+MAX_PARENTS = 16
+
+
+def _name(fn, ident: int) -> str:
+    try:
+        return fn(ident)[0]
+    except KeyError:
+        return str(ident)
+
+
+def _boot_offset() -> float:
+    # bpf_ktime_get_ns is CLOCK_MONOTONIC: wall = monotonic + offset
+    return time.time() - time.monotonic()
+
+
+def identify(rec: ConnRecord, mount: Path) -> dict:
+    ident = {
+        "pid": rec.pid, "tid": rec.tid, "uid": rec.uid, "gid": rec.gid,
+        "user": _name(pwd.getpwuid, rec.uid), "group": _name(grp.getgrgid, rec.gid),
+        "comm": rec.comm, "cgroup_id": rec.cgroup_id, "verified": False,
+    }
+    try:
+        proc = psutil.Process(rec.pid)
+        with proc.oneshot():
+            cg = cgroups.cgroup_of(rec.pid) or ""
+            try:
+                same_cgroup = cgroups.cgroup_id(mount / cg.lstrip("/")) == rec.cgroup_id
+            except OSError:
+                same_cgroup = False
+            started = proc.create_time()
+            connected = rec.ktime_ns / 1e9 + _boot_offset()
+            uids = proc.uids()
+            if not same_cgroup:
+                ident["mismatch"] = "the pid is in another cgroup now (reused or moved)"
+            elif started > connected + 1.0:
+                ident["mismatch"] = "the pid was reused after the connect"
+            elif rec.uid not in (uids.real, uids.effective):
+                ident["mismatch"] = "the pid's uid differs from the connecting one"
+            else:
+                ident.update(verified=True, exe=_safe(proc.exe), argv=_safe(proc.cmdline),
+                             cwd=_safe(proc.cwd), cgroup=cg, unit=cgroups.unit_of(cg),
+                             container=cgroups.container_of(cg), ppid=proc.ppid(),
+                             parents=_parents(proc))
+    except psutil.NoSuchProcess:
+        ident["exited"] = True
+    except psutil.AccessDenied as exc:
+        ident["mismatch"] = f"cannot read /proc/{rec.pid}: {exc}"
+    return ident
+
+
+def _safe(fn):
+    try:
+        return fn()
+    except (psutil.Error, OSError):
+        return None
+
+
+def _parents(proc: psutil.Process) -> list[dict]:
+    """The ppid chain up to the process that enrolled the session (the first one
+    outside the agentgate tree is included: it is who ran `agentgate run`)."""
+    chain = []
+    p = proc
+    for _ in range(MAX_PARENTS):
+        try:
+            p = p.parent()
+        except psutil.Error:
+            break
+        if p is None:
+            break
+        cg = cgroups.cgroup_of(p.pid) or ""
+        chain.append({"pid": p.pid, "exe": _safe(p.exe), "comm": _safe(p.name)})
+        if not cg.startswith(f"/{cgroups.TREE}/") or p.pid == 1:
+            break
+    return chain
+
+
+def summary(ident: dict) -> str:
+    who = ident.get("user") or str(ident.get("uid"))
+    what = ident.get("exe") or ident.get("comm") or "?"
+    return f"{who} {what} (pid {ident.get('pid')})"

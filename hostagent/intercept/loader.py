@@ -1,0 +1,306 @@
+"""Loads bpf/intercept.c with bcc, attaches it to cgroups, and reads its maps and events.
+
+bcc exists only for the system interpreter (Debian's python3-bpfcc), which is why the
+project venv is made with --system-site-packages. Every failure here is a refusal to
+start with one message saying what is missing: interception never runs half-loaded.
+"""
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import json
+import logging
+import os
+import platform
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger("agentgate.intercept")
+
+BPF_SRC = Path(__file__).resolve().parents[2] / "bpf" / "intercept.c"
+PIN_DIR = Path("/sys/fs/bpf/agentgate")
+PREFIX = "ag_"
+MODES = {"deny": 0, "record": 1, "allow": 2}
+ACT_TARGET, ACT_RECORD = 1, 2
+EV_EXEC, EV_EXIT, EV_DENY_CONNECT, EV_ALLOW_DIRECT, EV_DENY_UDP, EV_DENY_SOCKET = range(1, 7)
+EVENT_NAMES = {EV_EXEC: "exec", EV_EXIT: "exit", EV_DENY_CONNECT: "connect_denied",
+               EV_ALLOW_DIRECT: "connect_direct", EV_DENY_UDP: "udp_denied",
+               EV_DENY_SOCKET: "socket_denied"}
+BPF_F_ALLOW_MULTI = 2
+
+# (function, bcc program type name, attach type name, bpftool's attach type name)
+PROGRAMS = [
+    ("ag_connect4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_CONNECT", "connect4"),
+    ("ag_connect6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_CONNECT", "connect6"),
+    ("ag_sendmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG", "sendmsg4"),
+    ("ag_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG", "sendmsg6"),
+    ("ag_sock_create", "CGROUP_SOCK", "CGROUP_INET_SOCK_CREATE", "sock_create"),
+    ("ag_sockops", "SOCK_OPS", "CGROUP_SOCK_OPS", "sock_ops"),
+]
+
+
+class InterceptError(Exception):
+    """Interception can't run; the message says what is missing and how to fix it."""
+
+
+class AddrKey(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint32 * 4), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class RawEvent(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("tgid", ctypes.c_uint32), ("ppid", ctypes.c_uint32),
+                ("uid", ctypes.c_uint32), ("cgroup_id", ctypes.c_uint64),
+                ("ktime_ns", ctypes.c_uint64), ("addr", AddrKey), ("comm", ctypes.c_char * 16),
+                ("filename", ctypes.c_char * 128)]
+
+
+@dataclass(frozen=True)
+class ConnRecord:
+    """What the kernel saw at connect(): who, and where they were going."""
+    cookie: int
+    cgroup_id: int
+    ktime_ns: int
+    pid: int
+    tid: int
+    uid: int
+    gid: int
+    dst_host: str
+    dst_port: int
+    action: int
+    family: int
+    comm: str
+
+
+@dataclass(frozen=True)
+class KernelEvent:
+    kind: str
+    pid: int
+    uid: int
+    cgroup_id: int
+    comm: str
+    filename: str = ""
+    addr: str = ""
+
+
+def addr_key(host: str, port: int) -> AddrKey:
+    ip = ipaddress.ip_address(host)
+    if ip.version == 4:
+        ip = ipaddress.IPv6Address(f"::ffff:{ip}")
+    k = AddrKey()
+    for i, word in enumerate(struct.unpack("=4I", ip.packed)):
+        k.addr[i] = word
+    k.port = struct.unpack("=H", struct.pack("!H", port))[0]
+    return k
+
+
+def key_to_addr(k) -> tuple[str, int]:
+    ip = ipaddress.IPv6Address(struct.pack("=4I", *k.addr))
+    host = str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ip)
+    return host, struct.unpack("!H", struct.pack("=H", k.port))[0]
+
+
+def preflight() -> None:
+    """Raise InterceptError naming the first missing piece."""
+    if os.geteuid() != 0:
+        raise InterceptError("interception needs root (to load BPF programs and manage cgroups)")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        raise InterceptError("bcc is not importable: install python3-bpfcc and use a venv made "
+                             "from /usr/bin/python3 with --system-site-packages (make setup)") from None
+    build = Path(f"/lib/modules/{platform.release()}/build")
+    if not (build / "include").exists() and not (build / "Makefile").exists():
+        raise InterceptError(f"no kernel headers at {build}: install linux-headers for this kernel "
+                             "or link a nearby version there (scripts/setup-host.sh does)")
+    if not Path("/sys/kernel/tracing/events").exists() and not Path("/sys/kernel/debug/tracing/events").exists():
+        raise InterceptError("tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing")
+    if not os.path.ismount("/sys/fs/bpf"):
+        raise InterceptError("bpffs is not mounted: mount -t bpf bpf /sys/fs/bpf")
+    if not BPF_SRC.exists():
+        raise InterceptError(f"BPF source missing: {BPF_SRC}")
+
+
+def attached(cgroup: Path) -> list[dict]:
+    """Programs attached to a cgroup itself, as bpftool reports them."""
+    if not shutil.which("bpftool"):
+        raise InterceptError("bpftool is not installed (apt-get install bpftool)")
+    r = subprocess.run(["bpftool", "-j", "cgroup", "show", str(cgroup)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        raise InterceptError(f"bpftool cgroup show {cgroup}: {r.stderr.strip()}")
+    return json.loads(r.stdout.strip() or "[]")
+
+
+def detach_ours(cgroup: Path, ids: set[int] | None = None) -> int:
+    """Detach programs named with our prefix from `cgroup` (only `ids`, if given)."""
+    n = 0
+    for prog in attached(cgroup):
+        if prog.get("name", "").startswith(PREFIX) and (ids is None or prog["id"] in ids):
+            r = subprocess.run(["bpftool", "cgroup", "detach", str(cgroup), prog["attach_type"],
+                                "id", str(prog["id"])], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise InterceptError(f"cannot detach program {prog['id']} from {cgroup}: "
+                                     f"{r.stderr.strip()}")
+            n += 1
+    return n
+
+
+class Interceptor:
+    """One loaded copy of the programs, attached to one or more cgroups."""
+
+    def __init__(self, proxy_port: int, *, proxy_ip4: str = "127.0.0.1", mode: str = "deny",
+                 pin_dir: Path = PIN_DIR):
+        if mode not in MODES:
+            raise InterceptError(f"unknown mode {mode!r}: use deny, record or allow")
+        preflight()
+        from bcc import BPF
+        self._BPF = BPF
+        pin_dir.mkdir(parents=True, exist_ok=True)
+        ip = struct.unpack("=I", socket.inet_aton(proxy_ip4))[0]
+        port = struct.unpack("=H", struct.pack("!H", proxy_port))[0]
+        cflags = [f"-DAG_PROXY_IP4={ip}u", f"-DAG_PROXY_PORT={port}", f"-DAG_MODE={MODES[mode]}",
+                  f'-DAG_PIN="{pin_dir}"']
+        try:
+            self.bpf = BPF(src_file=str(BPF_SRC).encode(), cflags=cflags)
+        except Exception as exc:
+            raise InterceptError(f"cannot compile or load {BPF_SRC.name}: {exc}") from None
+        from bcc import BPFAttachType
+        self.funcs = []
+        for name, ptype, atype, tool_name in PROGRAMS:
+            try:
+                fn = self.bpf.load_func(name.encode(), getattr(BPF, ptype),
+                                        attach_type=getattr(BPFAttachType, atype))
+            except Exception as exc:
+                raise InterceptError(f"the kernel refused BPF program {name} ({ptype}): {exc}") from None
+            self.funcs.append((fn, getattr(BPFAttachType, atype), tool_name))
+        self.mode = mode
+        self.proxy_port = proxy_port
+        self.cgroups: list[Path] = []
+        self._peers = self.bpf["peers"]
+        self._conns = self.bpf["conns"]
+        self._stop = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ attach
+
+    def attach(self, cgroup: Path) -> None:
+        """Attach every program to `cgroup` (descendants inherit them). Programs of an
+        earlier run are detached only after ours are in place: no unguarded moment."""
+        old = [p for p in attached(cgroup) if p.get("name", "").startswith(PREFIX)]
+        fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for fn, atype, _ in self.funcs:
+                try:
+                    self._BPF.attach_func(fn, fd, atype, BPF_F_ALLOW_MULTI)
+                except Exception as exc:
+                    raise InterceptError(f"cannot attach {fn.name.decode()} to {cgroup}: {exc}") from None
+        finally:
+            os.close(fd)
+        self.cgroups.append(cgroup)
+        if old:
+            ids = {p["id"] for p in old}
+            detach_ours(cgroup, ids)
+            log.info("replaced %d program(s) of an earlier run on %s", len(ids), cgroup)
+
+    def detach(self, cgroup: Path) -> None:
+        if cgroup in self.cgroups:
+            self.cgroups.remove(cgroup)
+        try:
+            fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return   # a removed cgroup takes its programs with it
+        try:
+            for fn, atype, _ in self.funcs:
+                try:
+                    self._BPF.detach_func(fn, fd, atype)
+                except Exception as exc:
+                    log.warning("detach %s from %s: %s", fn.name.decode(), cgroup, exc)
+        finally:
+            os.close(fd)
+
+    # ------------------------------------------------------------------ maps
+
+    def set_targets(self, addrs: list[tuple[str, int]]) -> None:
+        table = self.bpf["targets"]
+        table.clear()
+        for host, port in addrs:
+            table[addr_key(host, port)] = ctypes.c_uint32(1)
+
+    def set_resolvers(self, addrs: list[tuple[str, int]]) -> None:
+        table = self.bpf["resolvers"]
+        table.clear()
+        for host, port in addrs:
+            table[addr_key(host, port)] = ctypes.c_uint32(1)
+
+    def enroll(self, cgroup_id: int) -> None:
+        self.bpf["enrolled"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(1)
+
+    def unenroll(self, cgroup_id: int) -> None:
+        try:
+            del self.bpf["enrolled"][ctypes.c_uint64(cgroup_id)]
+        except KeyError:
+            pass
+
+    def take_peer(self, host: str, port: int) -> ConnRecord | None:
+        """The connect record of the client whose local address is host:port, removed
+        from the maps (each record is used once)."""
+        key = addr_key(host, port)
+        try:
+            ci = self._peers[key]
+        except KeyError:
+            return None
+        try:
+            del self._peers[key]
+            del self._conns[ctypes.c_uint64(ci.cookie)]
+        except KeyError:
+            pass
+        dst_host, dst_port = key_to_addr(ci.orig)
+        return ConnRecord(cookie=ci.cookie, cgroup_id=ci.cgroup_id, ktime_ns=ci.ktime_ns,
+                          pid=ci.tgid, tid=ci.tid, uid=ci.uid, gid=ci.gid, dst_host=dst_host,
+                          dst_port=dst_port, action=ci.action, family=ci.family,
+                          comm=bytes(ci.comm).split(b"\0", 1)[0].decode(errors="replace"))
+
+    def lost_events(self) -> int:
+        return sum(self.bpf["lost"][ctypes.c_int(0)])
+
+    # ------------------------------------------------------------------ events
+
+    def start_events(self, callback: Callable[[KernelEvent], None]) -> None:
+        def on_event(_ctx, data, _size):
+            raw = ctypes.cast(data, ctypes.POINTER(RawEvent)).contents
+            kind = EVENT_NAMES.get(raw.type, str(raw.type))
+            addr = ""
+            if raw.type in (EV_DENY_CONNECT, EV_ALLOW_DIRECT, EV_DENY_UDP):
+                host, port = key_to_addr(raw.addr)
+                addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            try:
+                callback(KernelEvent(kind, raw.tgid, raw.uid, raw.cgroup_id,
+                                     raw.comm.decode(errors="replace"),
+                                     raw.filename.decode(errors="replace"), addr))
+            except Exception:  # a bad consumer must not kill the poller
+                log.exception("kernel event consumer failed")
+
+        self.bpf["events"].open_ring_buffer(on_event)
+
+        def poll():
+            while not self._stop.is_set():
+                self.bpf.ring_buffer_poll(100)
+
+        self._poller = threading.Thread(target=poll, name="bpf-events", daemon=True)
+        self._poller.start()
+
+    def close(self, detach: bool = False) -> None:
+        self._stop.set()
+        if self._poller:
+            self._poller.join(2)
+        if detach:
+            for cg in list(self.cgroups):
+                self.detach(cg)
+        self.bpf.cleanup()
+

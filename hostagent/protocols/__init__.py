@@ -1,0 +1,42 @@
+"""Sans-IO protocol layers: bytes in -> actions out. They never touch sockets, clocks or
+asyncio; hostagent/proxy/driver.py performs their actions in order."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class ProtocolError(Exception):
+    """The only exception a layer lets escape on bad input; the driver closes that session."""
+
+
+@dataclass(frozen=True, slots=True)
+class ToUpstream:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ToClient:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """Spool this event before any later action runs (record before execute)."""
+    kind: str
+    fields: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    reason: str
+
+
+Action = ToUpstream | ToClient | Record | Close
+
+
+class Layer(Protocol):
+    def client_data(self, data: bytes) -> list[Action]: ...
+    def upstream_data(self, data: bytes) -> list[Action]: ...
+    def client_eof(self) -> list[Action]: ...
+    def upstream_eof(self) -> list[Action]: ...

@@ -1,0 +1,1 @@
+"""The proxy: one asyncio I/O driver that protocol layers plug into."""

@@ -1,0 +1,237 @@
+"""The one I/O driver: accept a redirected connection, learn from the kernel where it was
+going and who opened it, connect upstream, and run the bytes through a sans-IO layer.
+
+All awaits live here. A layer's actions are performed in order, so a Record is in the
+spool before the ToUpstream after it is written: record before execute. Anything that
+can't be attributed, recorded or connected is closed: fail closed.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from dataclasses import dataclass
+from typing import Callable
+
+from agentgate.events import SESSION_END, SESSION_START
+from hostagent.intercept.identity import summary
+from hostagent.intercept.loader import ACT_TARGET, ConnRecord
+from hostagent.protocols import Close, ProtocolError, Record, ToClient, ToUpstream
+from hostagent.protocols.tcp import RawTcp
+from hostagent.recording.recorder import SessionRecorder
+from hostagent.recording.spool import Spool, SpoolError
+
+log = logging.getLogger("agentgate.proxy")
+READ_SIZE = 64 << 10
+CONNECT_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    protocol: str
+    addresses: tuple[tuple[str, int], ...]
+
+
+class Targets:
+    def __init__(self, targets: list[Target]):
+        self.targets = targets
+        self._by_addr = {a: t for t in targets for a in t.addresses}
+
+    def match(self, host: str, port: int) -> Target | None:
+        return self._by_addr.get((host, port)) or self._by_addr.get((host, 0))
+
+    def addresses(self) -> list[tuple[str, int]]:
+        return list(self._by_addr)
+
+
+class _Closed(Exception):
+    pass
+
+
+class Proxy:
+    def __init__(self, *, lookup: Callable[[str, int], ConnRecord | None],
+                 identify: Callable[[ConnRecord], dict], spool: Spool, host: str,
+                 targets: Targets, session_group: str = "",
+                 on_session: Callable[[str], None] | None = None):
+        self.lookup = lookup
+        self.identify = identify
+        self.spool = spool
+        self.host = host
+        self.targets = targets
+        self.session_group = session_group
+        self.on_session = on_session
+        self.servers: list[asyncio.AbstractServer] = []
+        self.active: set[asyncio.Task] = set()
+        self.refused = 0
+
+    async def listen(self, socks: list[socket.socket]) -> None:
+        for s in socks:
+            self.servers.append(await asyncio.start_server(self._accept, sock=s,
+                                                           limit=READ_SIZE))
+
+    async def close(self, grace: float = 5.0) -> None:
+        for s in self.servers:
+            s.close()
+        if self.active:
+            await asyncio.wait(self.active, timeout=grace)
+        for t in self.active:
+            t.cancel()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self.active.add(task)
+        try:
+            await self._session(reader, writer)
+        except Exception:
+            log.exception("proxy session failed")
+        finally:
+            self.active.discard(task)
+            writer.close()
+
+    async def _session(self, reader, writer) -> None:
+        peer = writer.get_extra_info("peername")
+        rec = self.lookup(peer[0], peer[1])
+        if rec is None:
+            await asyncio.sleep(0)   # the client's sock_ops update may trail by a hair
+            rec = self.lookup(peer[0], peer[1])
+        if rec is None:
+            self.refused += 1
+            log.warning("refused a connection from %s:%s with no interception record",
+                        peer[0], peer[1])
+            return
+        target = self.targets.match(rec.dst_host, rec.dst_port) if rec.action == ACT_TARGET else None
+        dst = f"[{rec.dst_host}]:{rec.dst_port}" if ":" in rec.dst_host else f"{rec.dst_host}:{rec.dst_port}"
+        layer = RawTcp()   # protocol layers plug in here by target.protocol
+        ident = self.identify(rec)
+        recorder = SessionRecorder(self.spool)
+        start = {"host": self.host, "target": target.name if target else dst,
+                 "protocol": target.protocol if target else "tcp", "destination": dst,
+                 "process": ident, "session_group": self.session_group,
+                 "mode": "target" if target else "record", "layer": layer.name}
+        start["agent"] = summary(ident)
+        try:
+            recorder.record(SESSION_START, start)
+        except SpoolError as exc:
+            log.error("refusing %s -> %s: cannot record: %s", start["agent"], dst, exc)
+            return
+        if self.on_session:
+            self.on_session(recorder.session_id)
+        counts = {"bytes_in": 0, "bytes_out": 0}
+        reason = "client closed"
+        up_writer = None
+        try:
+            try:
+                up_reader, up_writer = await asyncio.wait_for(
+                    asyncio.open_connection(rec.dst_host, rec.dst_port, limit=READ_SIZE),
+                    CONNECT_TIMEOUT)
+            except (OSError, asyncio.TimeoutError) as exc:
+                reason = f"upstream unreachable: {exc or 'timeout'}"
+                return
+            reason = await self._pump(layer, recorder, reader, writer, up_reader, up_writer, counts)
+        except SpoolError as exc:
+            reason = f"recording failed, session closed: {exc}"
+            log.error("%s", reason)
+        finally:
+            if up_writer is not None:
+                up_writer.close()
+            try:
+                recorder.record(SESSION_END, {"reason": reason, **counts})
+            except SpoolError as exc:
+                log.error("cannot record the end of session %s: %s", recorder.session_id, exc)
+
+    async def _pump(self, layer, recorder, reader, writer, up_reader, up_writer, counts) -> str:
+        async def perform(actions) -> None:
+            for act in actions:
+                if isinstance(act, Record):
+                    recorder.record(act.kind, act.fields)
+                elif isinstance(act, ToUpstream):
+                    up_writer.write(act.data)
+                    await up_writer.drain()
+                elif isinstance(act, ToClient):
+                    writer.write(act.data)
+                    await writer.drain()
+                elif isinstance(act, Close):
+                    raise _Closed(act.reason)
+
+        async def client_to_upstream():
+            while data := await reader.read(READ_SIZE):
+                counts["bytes_in"] += len(data)
+                await perform(layer.client_data(data))
+            await perform(layer.client_eof())
+            if up_writer.can_write_eof():
+                up_writer.write_eof()
+            return "client closed"
+
+        async def upstream_to_client():
+            while data := await up_reader.read(READ_SIZE):
+                counts["bytes_out"] += len(data)
+                await perform(layer.upstream_data(data))
+            await perform(layer.upstream_eof())
+            if writer.can_write_eof():
+                writer.write_eof()
+            return "upstream closed"
+
+        tasks = [asyncio.create_task(client_to_upstream()), asyncio.create_task(upstream_to_client())]
+        reason = None   # whoever closed first
+        try:
+            pending = set(tasks)
+            # a half-close in one direction keeps the other flowing until both end
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    exc = t.exception()
+                    if isinstance(exc, _Closed):
+                        return str(exc)
+                    if isinstance(exc, ProtocolError):
+                        return f"protocol error: {exc}"
+                    if isinstance(exc, (ConnectionError, OSError)):
+                        return f"connection reset: {exc}"
+                    if exc is not None:
+                        raise exc
+                    reason = reason or t.result()
+            return reason
+        finally:
+            for t in tasks:
+                t.cancel()
+
+
+def bind_pair(port: int = 0, host4: str = "127.0.0.1", host6: str = "::1",
+              attempts: int = 20) -> list[socket.socket]:
+    """Listening sockets on host4 and host6 with one port number (picked if 0)."""
+    for _ in range(attempts):
+        s4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s4.bind((host4, port))
+        chosen = s4.getsockname()[1]
+        s6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s6.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            s6.bind((host6, chosen))
+        except OSError:
+            s4.close()
+            s6.close()
+            if port:
+                raise
+            continue
+        for s in (s4, s6):
+            s.listen(1024)
+            s.setblocking(False)
+        return [s4, s6]
+    raise OSError("could not find a port free on both IPv4 and IPv6 loopback")
+
+
+def parse_hostport(text: str, default_port: int = 0) -> tuple[str, int]:
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest.lstrip(":")
+    else:
+        host, _, port = text.rpartition(":") if text.count(":") == 1 else (text, "", "")
+    return host, int(port) if port else default_port
+
+
+def resolve(host: str, port: int) -> list[tuple[str, int]]:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return sorted({(i[4][0], port) for i in infos})
+
