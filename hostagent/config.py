@@ -29,9 +29,15 @@ def system_resolvers() -> list[str]:
 
 @dataclass
 class InterceptConfig:
+    enabled: bool = True               # the daemon intercepts (false: spool + ship only)
     mode: str = "deny"                 # TCP to non-targets: deny | record | allow
     proxy_port: int = 15001            # the daemon's proxy (agentgate run alone picks one)
     dns: list[str] = field(default_factory=system_resolvers)   # UDP allowed only to these
+    tree: str = "agentgate"            # cgroup tree (under the cgroup2 mount) and bpffs dir
+    socket: str = "/run/agentgate/hostagent.sock"   # where `agentgate run` asks the daemon
+    socket_group: str = ""             # group allowed to use the socket (default: root only)
+    units: list[str] = field(default_factory=list)     # systemd units to enroll
+    cgroups: list[str] = field(default_factory=list)   # cgroup paths to enroll
 
 
 @dataclass
@@ -84,9 +90,13 @@ def load_config(path: str | None) -> HostAgentConfig:
         strict=s.get("strict", bool, cfg.spool.strict))
     s.done()
     i = root.table("intercept")
+    d = InterceptConfig()
     cfg.intercept = InterceptConfig(
-        mode=i.get("mode", str, "deny"), proxy_port=i.get("proxy_port", int, 15001),
-        dns=list(i.get("dns", list, cfg.intercept.dns)))
+        enabled=i.get("enabled", bool, d.enabled), mode=i.get("mode", str, d.mode),
+        proxy_port=i.get("proxy_port", int, d.proxy_port), dns=list(i.get("dns", list, d.dns)),
+        tree=i.get("tree", str, d.tree), socket=i.path("socket", d.socket),
+        socket_group=i.get("socket_group", str, d.socket_group),
+        units=list(i.get("units", list, [])), cgroups=list(i.get("cgroups", list, [])))
     i.done()
     if cfg.intercept.mode not in ("deny", "record", "allow"):
         raise ConfigError(f"{i.where}: 'mode' must be deny, record or allow")

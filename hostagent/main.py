@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import sys
 from pathlib import Path
 
@@ -19,10 +17,10 @@ from agentgate.cli.output import fmt_bytes
 from agentgate.client import ClientConfigError
 from agentgate.tomlconfig import ConfigError
 from hostagent.config import load_config
-from hostagent.recording.recorder import close_orphans
-from hostagent.recording.shipper import Shipper
-from hostagent.recording.spool import SEGMENT_RE, Spool, SpoolError
-from hostagent.registration import heartbeat_loop
+from hostagent.daemon import serve as run_daemon
+from hostagent.intercept.cgroups import CgroupError
+from hostagent.intercept.loader import InterceptError
+from hostagent.recording.spool import SEGMENT_RE, SpoolError
 
 log = logging.getLogger("agentgate.hostagent")
 config_option = click.option(
@@ -30,33 +28,9 @@ config_option = click.option(
     help="TOML config file [env AGENTGATE_HOSTAGENT_CONFIG].")
 
 
-def open_spool(cfg) -> Spool:
-    return Spool(cfg.spool.dir, max_bytes=cfg.spool.max_bytes,
-                 segment_bytes=cfg.spool.segment_bytes,
-                 fsync_interval=cfg.spool.fsync_interval_ms / 1000, strict=cfg.spool.strict)
-
-
-async def _serve(cfg) -> None:
-    spool = await asyncio.to_thread(open_spool, cfg)
-    log.info("spool %s: %s in %d segment(s) to ship", cfg.spool.dir,
-             fmt_bytes(spool.bytes_used()), spool.segment_count())
-    orphans = close_orphans(spool)
-    if orphans:
-        log.warning("closed %d session(s) left open by the previous run", len(orphans))
-    shipper = Shipper(spool, cfg.collector)
-    tasks = [asyncio.create_task(shipper.run()),
-             asyncio.create_task(heartbeat_loop(cfg.collector, cfg.host, cfg.state_dir, spool))]
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-    await stopping.wait()
-    log.info("stopping: flushing what the collector takes within 5s")
-    await shipper.drain(5.0)
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    spool.close()
+def fail(message: str, code: int) -> None:
+    click.echo(f"agentgate-hostagent: error: {message}", err=True)
+    sys.exit(code)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -75,10 +49,11 @@ def serve(config_path, log_level):
                         format="agentgate-hostagent: %(levelname)s %(message)s")
     try:
         cfg = load_config(config_path)
-        asyncio.run(_serve(cfg))
-    except (ConfigError, ClientConfigError, SpoolError) as exc:
-        click.echo(f"agentgate-hostagent: error: {exc}", err=True)
-        sys.exit(2 if isinstance(exc, (ConfigError, ClientConfigError)) else 1)
+        asyncio.run(run_daemon(cfg))
+    except (ConfigError, ClientConfigError) as exc:
+        fail(str(exc), 2)
+    except (SpoolError, InterceptError, CgroupError) as exc:
+        fail(f"refusing to start: {exc}", 1)
 
 
 @main.command()

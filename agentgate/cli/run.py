@@ -1,7 +1,6 @@
 """`agentgate run -- CMD`: run a command as an enrolled agent."""
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
@@ -36,13 +35,13 @@ def run(config_path, user, mode, verbose, argv):
     from hostagent.intercept.cgroups import CgroupError
     from hostagent.intercept.loader import InterceptError
     from hostagent.recording.spool import SpoolError
-    from hostagent.run import run_enrolled
+    from hostagent.run import run_command
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="agentgate run: %(message)s")
     try:
         cfg = load_config(config_path)
-        rc = asyncio.run(run_enrolled(list(argv), cfg, user=user, mode=mode))
+        rc = run_command(list(argv), cfg, user=user, mode=mode)
     except ConfigError as exc:
         raise Failure(str(exc), EXIT_USAGE) from None
     except (InterceptError, CgroupError, SpoolError) as exc:

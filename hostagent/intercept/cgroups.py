@@ -29,12 +29,12 @@ def cgroup2_mount() -> Path:
     raise CgroupError("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup)")
 
 
-def tree_root() -> Path:
-    return cgroup2_mount() / TREE
+def tree_root(tree: str = TREE) -> Path:
+    return cgroup2_mount() / tree
 
 
-def ensure_tree() -> Path:
-    root = tree_root()
+def ensure_tree(tree: str = TREE) -> Path:
+    root = tree_root(tree)
     try:
         root.mkdir(exist_ok=True)
     except OSError as exc:
@@ -117,3 +117,16 @@ def unit_of(cgroup_path: str) -> str | None:
 def container_of(cgroup_path: str) -> str | None:
     m = _CONTAINER.search(cgroup_path or "")
     return m.group(1) if m else None
+
+
+def unit_cgroup(unit: str) -> Path:
+    """A systemd unit's own cgroup (it exists while the unit is loaded)."""
+    mount = cgroup2_mount()
+    for slice_ in ("system.slice", "user.slice", ""):
+        path = mount / slice_ / unit if slice_ else mount / unit
+        if path.is_dir():
+            return path
+    hits = list(mount.glob(f"**/{unit}"))
+    if hits:
+        return hits[0]
+    raise CgroupError(f"no cgroup for unit {unit} (is it loaded?)")

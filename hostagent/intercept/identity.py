@@ -33,7 +33,7 @@ def _boot_offset() -> float:
     return time.time() - time.monotonic()
 
 
-def identify(rec: ConnRecord, mount: Path) -> dict:
+def identify(rec: ConnRecord, mount: Path, tree: str = cgroups.TREE) -> dict:
     ident = {
         "pid": rec.pid, "tid": rec.tid, "uid": rec.uid, "gid": rec.gid,
         "user": _name(pwd.getpwuid, rec.uid), "group": _name(grp.getgrgid, rec.gid),
@@ -60,7 +60,7 @@ def identify(rec: ConnRecord, mount: Path) -> dict:
                 ident.update(verified=True, exe=_safe(proc.exe), argv=_safe(proc.cmdline),
                              cwd=_safe(proc.cwd), cgroup=cg, unit=cgroups.unit_of(cg),
                              container=cgroups.container_of(cg), ppid=proc.ppid(),
-                             parents=_parents(proc))
+                             parents=_parents(proc, tree))
     except psutil.NoSuchProcess:
         ident["exited"] = True
     except psutil.AccessDenied as exc:
@@ -75,7 +75,7 @@ def _safe(fn):
         return None
 
 
-def _parents(proc: psutil.Process) -> list[dict]:
+def _parents(proc: psutil.Process, tree: str) -> list[dict]:
     """The ppid chain up to the process that enrolled the session (the first one
     outside the agentgate tree is included: it is who ran `agentgate run`)."""
     chain = []
@@ -89,7 +89,7 @@ def _parents(proc: psutil.Process) -> list[dict]:
             break
         cg = cgroups.cgroup_of(p.pid) or ""
         chain.append({"pid": p.pid, "exe": _safe(p.exe), "comm": _safe(p.name)})
-        if not cg.startswith(f"/{cgroups.TREE}/") or p.pid == 1:
+        if not cg.startswith(f"/{tree}/") or p.pid == 1:
             break
     return chain
 

@@ -54,7 +54,7 @@ def test_tail_filters_by_target(collector, tmp_path):
 def test_agents_list_shows_a_running_host_agent(collector, tmp_path):
     cfg = tmp_path / "hostagent.toml"
     cfg.write_text(f'host = "web-7"\nstate_dir = "{tmp_path}/state"\n'
-                   f'[collector]\naddress = "{collector.address}"\n')
+                   f'[collector]\naddress = "{collector.address}"\n[intercept]\nenabled = false\n')
     r = run_cli("agents", "list", collector=collector)
     assert r.returncode == 0 and "no host agents" in r.stderr
     p = subprocess.Popen([str(BIN / "agentgate-hostagent"), "serve", "--config", str(cfg)],

@@ -1,0 +1,153 @@
+"""The host agent daemon: spool + shipper + heartbeat, and (as root, unless disabled)
+interception on the agentgate cgroup tree with the proxy and the control socket."""
+from __future__ import annotations
+
+import asyncio
+import grp
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+from agentgate.cli.output import fmt_bytes
+from hostagent.config import HostAgentConfig
+from hostagent.control import ControlError, peer_uid, uid_of
+from hostagent.intercept import cgroups
+from hostagent.recording.recorder import close_orphans
+from hostagent.registration import heartbeat_loop
+from hostagent.runs import RunSession, Runs, new_group
+from hostagent.stack import Stack, open_spool
+
+log = logging.getLogger("agentgate.hostagent")
+BPFFS = Path("/sys/fs/bpf")
+
+
+class Daemon:
+    def __init__(self, cfg: HostAgentConfig):
+        self.cfg = cfg
+        self.runs = Runs()
+        self.stack: Stack | None = None
+        self.root: Path | None = None
+        self.control: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        spool = await asyncio.to_thread(open_spool, cfg)
+        log.info("spool %s: %s in %d segment(s) to ship", cfg.spool.dir,
+                 fmt_bytes(spool.bytes_used()), spool.segment_count())
+        orphans = close_orphans(spool)
+        if orphans:
+            log.warning("closed %d session(s) left open by the previous run", len(orphans))
+        self.stack = Stack(cfg, spool)
+        self.stack.ship_to(cfg.collector)
+        caps = ["recording"]
+        if cfg.intercept.enabled:
+            await self._intercept()
+            caps.append("intercept")
+        self.stack._tasks.append(asyncio.create_task(
+            heartbeat_loop(cfg.collector, cfg.host, cfg.state_dir, spool, capabilities=caps)))
+
+    async def _intercept(self) -> None:
+        cfg = self.cfg.intercept
+        self.root = cgroups.ensure_tree(cfg.tree)
+        await self.stack.intercept(port=cfg.proxy_port, mode=cfg.mode, pin_dir=BPFFS / cfg.tree,
+                                   on_event=self.runs.on_event)
+        icpt = self.stack.icpt
+        # Attaching replaces programs an earlier run left: never a moment unguarded.
+        icpt.attach(self.root)
+        for path in [cgroups.unit_cgroup(u) for u in cfg.units] + \
+                    [cgroups.cgroup2_mount() / c.lstrip("/") for c in cfg.cgroups]:
+            if not path.is_dir():
+                raise cgroups.CgroupError(f"enrolled cgroup {path} does not exist")
+            icpt.attach(path)
+            icpt.enroll(cgroups.cgroup_id(path))
+            log.info("enrolled cgroup %s", path)
+        for existing in self.root.iterdir():
+            if existing.is_dir():   # sessions of a previous run that are still going
+                icpt.enroll(cgroups.cgroup_id(existing))
+        sock = Path(cfg.socket)
+        sock.parent.mkdir(parents=True, exist_ok=True)
+        sock.unlink(missing_ok=True)
+        self.control = await asyncio.start_unix_server(self._client, path=str(sock))
+        os.chmod(sock, 0o660 if cfg.socket_group else 0o600)
+        if cfg.socket_group:
+            os.chown(sock, 0, grp.getgrnam(cfg.socket_group).gr_gid)
+        log.info("intercepting cgroup tree %s (mode %s); proxy on port %d; control socket %s",
+                 self.root, cfg.mode, icpt.proxy_port, sock)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        uid = peer_uid(writer.get_extra_info("socket"))
+        try:
+            while line := await reader.readline():
+                try:
+                    req = json.loads(line)
+                    reply = {"ok": True, **await self._handle(uid, req)}
+                except (ControlError, cgroups.CgroupError, ValueError, KeyError, OSError) as exc:
+                    reply = {"ok": False, "error": str(exc)}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    async def _handle(self, uid: int, req: dict) -> dict:
+        op = req.get("op")
+        icpt = self.stack.icpt
+        if op == "hello":
+            return {"proxy_port": icpt.proxy_port, "tree": str(self.root), "mode": icpt.mode}
+        if op == "enroll":
+            pid = int(req["pid"])
+            if uid != 0 and uid_of(pid) != uid:
+                raise ControlError(f"uid {uid} may only enroll its own processes")
+            if uid != 0 and req.get("user"):
+                raise ControlError("only root may run an agent as another user")
+            group = new_group()
+            cg = cgroups.make_cgroup(self.root, f"run-{group}")
+            cgid = cgroups.cgroup_id(cg)
+            icpt.enroll(cgid)
+            try:
+                cgroups.move(pid, cg)
+            except cgroups.CgroupError:
+                cgroups.remove(cg)
+                raise
+            self.runs.add(cgid, RunSession(
+                self.stack.spool, host=self.cfg.host, argv=list(req.get("argv", [])),
+                user=req.get("user"), cgroup=cg, group=group, mode=icpt.mode,
+                requested_by=f"uid {uid}"))
+            return {"group": group, "cgroup": str(cg)}
+        if op == "finish":
+            cg = self.root / f"run-{req['group']}"
+            cgid = cgroups.cgroup_id(cg)
+            await asyncio.to_thread(cgroups.remove, cg)
+            icpt.unenroll(cgid)
+            run = self.runs.pop(cgid)
+            if run:
+                await asyncio.sleep(0.1)   # let the ring buffer hand over the last events
+                run.end(req.get("exit_code"), lost=icpt.lost_events(), refused=self.stack.proxy.refused)
+            return {}
+        raise ControlError(f"unknown op {op!r}")
+
+    async def stop(self) -> None:
+        if self.control:
+            self.control.close()
+        if self.stack and self.stack.shipper:
+            await self.stack.shipper.drain(5.0)
+        if self.stack:
+            # Programs stay attached: with the daemon gone, enrolled connects fail (fail
+            # closed) until it is back. `agentgate-hostagent cleanup` removes them.
+            await self.stack.close(detach=False)
+            self.stack.spool.close()
+
+
+async def serve(cfg: HostAgentConfig) -> None:
+    daemon = Daemon(cfg)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await daemon.start()
+        await stopping.wait()
+        log.info("stopping")
+    finally:
+        await daemon.stop()

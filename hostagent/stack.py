@@ -1,0 +1,100 @@
+"""The interception stack both the daemon and a lone `agentgate run` assemble:
+spool -> shipper, BPF programs on a cgroup, the proxy they redirect to, kernel events."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import socket
+from pathlib import Path
+
+from agentgate.client import CollectorAddress
+from hostagent.config import HostAgentConfig
+from hostagent.intercept import cgroups
+from hostagent.intercept.identity import identify
+from hostagent.intercept.loader import Interceptor, InterceptError, KernelEvent
+from hostagent.proxy.driver import Proxy, Target, Targets, bind_pair, parse_hostport, resolve
+from hostagent.recording.shipper import Shipper
+from hostagent.recording.spool import Spool
+
+log = logging.getLogger("agentgate.hostagent")
+
+
+def build_targets(cfg: HostAgentConfig) -> Targets:
+    out = []
+    for t in cfg.targets:
+        addrs: list[tuple[str, int]] = []
+        for a in t.addresses:
+            host, port = parse_hostport(a)
+            try:
+                addrs += resolve(host, port)
+            except socket.gaierror as exc:
+                raise InterceptError(f"target {t.name}: cannot resolve {host}: {exc.strerror}") from None
+        out.append(Target(t.name, t.protocol, tuple(addrs)))
+    return Targets(out)
+
+
+def resolvers(cfg: HostAgentConfig) -> list[tuple[str, int]]:
+    out = []
+    for d in cfg.intercept.dns:
+        host, port = parse_hostport(d, 53)
+        out.append((host, port or 53))
+    return out
+
+
+def open_spool(cfg: HostAgentConfig) -> Spool:
+    return Spool(cfg.spool.dir, max_bytes=cfg.spool.max_bytes,
+                 segment_bytes=cfg.spool.segment_bytes,
+                 fsync_interval=cfg.spool.fsync_interval_ms / 1000, strict=cfg.spool.strict)
+
+
+class Stack:
+    def __init__(self, cfg: HostAgentConfig, spool: Spool):
+        self.cfg = cfg
+        self.spool = spool
+        self.shipper: Shipper | None = None
+        self.icpt: Interceptor | None = None
+        self.proxy: Proxy | None = None
+        self.pin_dir: Path | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    def ship_to(self, address: CollectorAddress) -> Shipper:
+        self.shipper = Shipper(self.spool, address)
+        self._tasks.append(asyncio.create_task(self.shipper.run()))
+        return self.shipper
+
+    async def intercept(self, *, port: int, mode: str, pin_dir: Path, session_group: str = "",
+                        on_event=None) -> None:
+        """Bind the proxy, load the programs (they redirect to its port), start serving.
+        Attaching to cgroups is the caller's next step."""
+        cfg = self.cfg
+        targets = build_targets(cfg)
+        socks = bind_pair(port)
+        port = socks[0].getsockname()[1]
+        self.pin_dir = pin_dir
+        self.icpt = await asyncio.to_thread(Interceptor, port, mode=mode, pin_dir=pin_dir)
+        self.icpt.set_targets(targets.addresses())
+        self.icpt.set_resolvers(resolvers(cfg))
+        if on_event:
+            loop = asyncio.get_running_loop()
+            self.icpt.start_events(lambda ev: loop.call_soon_threadsafe(on_event, ev))
+        mount = cgroups.cgroup2_mount()
+        tree = cfg.intercept.tree
+        self.proxy = Proxy(lookup=self.icpt.take_peer,
+                           identify=lambda r: identify(r, mount, tree), spool=self.spool,
+                           host=cfg.host, targets=targets, session_group=session_group)
+        await self.proxy.listen(socks)
+
+    async def close(self, *, detach: bool, unpin: bool = False, grace: float = 5.0) -> None:
+        if self.proxy:
+            await self.proxy.close(grace)
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.icpt:
+            self.icpt.close(detach=detach)
+        if unpin and self.pin_dir:
+            shutil.rmtree(self.pin_dir, ignore_errors=True)
+
+
+__all__ = ["Stack", "KernelEvent", "build_targets", "resolvers", "open_spool"]
