@@ -15,6 +15,7 @@ from typing import Awaitable, Callable
 import grpc
 
 from collector.config import Token
+from collector.storage import LOCAL_PRINCIPAL
 
 READERS = frozenset({"admin", "approver", "auditor"})
 HOSTAGENT = frozenset({"admin", "hostagent"})
@@ -46,7 +47,7 @@ class Principal:
     via: str  # "token", "mtls" or "local"
 
 
-LOCAL_ADMIN = Principal("local", "admin", "local")
+LOCAL_ADMIN = Principal(LOCAL_PRINCIPAL, "admin", "local")
 _current: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
 
 

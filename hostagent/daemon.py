@@ -36,11 +36,11 @@ class Daemon:
         spool = await asyncio.to_thread(open_spool, cfg)
         log.info("spool %s: %s in %d segment(s) to ship", cfg.spool.dir,
                  fmt_bytes(spool.bytes_used()), spool.segment_count())
+        self.stack = Stack(cfg, spool)
+        self.stack.ship_to(cfg.collector)   # first: a full spool must drain whatever else fails
         orphans = close_orphans(spool)
         if orphans:
             log.warning("closed %d session(s) left open by the previous run", len(orphans))
-        self.stack = Stack(cfg, spool)
-        self.stack.ship_to(cfg.collector)
         caps = ["recording"]
         if cfg.intercept.enabled:
             await self._intercept()

@@ -113,8 +113,10 @@ class Group(click.Group):
         except BrokenPipeError:
             sys.stderr.close()  # e.g. `| head`: not an error worth a word
             raise SystemExit(0)
-        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit,
-                KeyboardInterrupt):
+        except KeyboardInterrupt:
+            click.echo("", err=True)
+            raise click.exceptions.Exit(130) from None
+        except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit):
             raise
         except Exception as exc:
             if os.environ.get("AGENTGATE_DEBUG"):

@@ -12,7 +12,7 @@ import click
 from agentgate.cli.main import EXIT_FAILED, Ctx, Failure, cli
 from agentgate.cli.output import (clip, emit_json, event_json, fmt_time, iso_time, jsonable,
                                   summarize, table)
-from agentgate.events import DATA, unpack_payload, verify_chain
+from agentgate.events import DATA, SESSION_END, unpack_payload, verify_chain
 from agentgate.wire import event_from_pb, pb, rpc
 
 pass_ctx = click.make_pass_decorator(Ctx)
@@ -26,12 +26,11 @@ def parse_when(value: str | None) -> int:
     m = _DURATION.match(value.strip())
     if m:
         secs = int(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
-        return time.time_ns() - secs * 1_000_000_000
+        return max(1, time.time_ns() - secs * 1_000_000_000)
     try:
-        when = dt.datetime.fromisoformat(value)
-    except ValueError:
+        return int(dt.datetime.fromisoformat(value).timestamp() * 1e9)
+    except (ValueError, OverflowError, OSError):
         raise click.BadParameter(f"{value!r}: use a duration like 15m, 2h, 7d or an ISO time")
-    return int(when.timestamp() * 1e9)
 
 
 def session_json(s: "pb.Session") -> dict:
@@ -128,7 +127,10 @@ def replay(ctx: Ctx, session_id, speed, follow):
             time.sleep((ev.mono_ns - last) / 1e9 / speed)
         last = ev.mono_ns
         if ev.kind == DATA:
-            f = unpack_payload(ev.payload)
+            try:
+                f = unpack_payload(ev.payload)
+            except Exception:
+                f = {}
             if f.get("dir", "out") == "out" and isinstance(f.get("data"), bytes):
                 out.write(f["data"])
                 out.flush()
@@ -167,10 +169,18 @@ def verify(ctx: Ctx, session_id):
     the chain is broken.
     """
     s = ctx.call(ctx.stub(rpc.SessionsStub).Get, pb.GetSessionRequest(id=session_id))
-    report = verify_chain(_events(ctx, session_id))
+    events = list(_events(ctx, session_id))
+    report = verify_chain(events)
     if not report.ok:
         raise Failure(f"session {session_id}: chain BROKEN at seq {report.broken_seq}: "
                       f"{report.problem}", EXIT_FAILED)
+    if report.count < s.event_count:
+        raise Failure(f"session {session_id}: chain BROKEN: the collector committed "
+                      f"{s.event_count} events, {report.count} remain (the tail was removed)",
+                      EXIT_FAILED)
+    if s.ended_ns and events[-1].kind != SESSION_END:
+        raise Failure(f"session {session_id}: chain BROKEN: the session ended but its "
+                      f"session_end event is missing (the tail was removed)", EXIT_FAILED)
     state = "complete" if s.ended_ns else "still open (or its end not yet received)"
     click.echo(f"ok: session {session_id}: {report.count} events, chain intact, {state}; "
                f"head {report.head.hex()}")

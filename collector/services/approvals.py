@@ -95,6 +95,7 @@ class ApprovalsServicer(rpc.ApprovalsServicer):
 async def expire_loop(store: Storage, hub: Hub) -> None:
     """Mark pending requests expired the moment their time is up, and tell watchers."""
     while True:
+        hub.expiry_changed.clear()   # before looking: a request created meanwhile wakes us
         try:
             for row in await asyncio.to_thread(store.expire_approvals, time.time_ns()):
                 hub.approvals.publish(row)
@@ -103,7 +104,6 @@ async def expire_loop(store: Storage, hub: Hub) -> None:
             log.error("approval expiry: %s", exc)
             nxt = None
         delay = 5.0 if nxt is None else max(0.0, min(5.0, (nxt - time.time_ns()) / 1e9))
-        hub.expiry_changed.clear()
         try:
             await asyncio.wait_for(hub.expiry_changed.wait(), timeout=delay)
         except asyncio.TimeoutError:

@@ -25,6 +25,13 @@ class IngestServicer(rpc.IngestServicer):
         writes: asyncio.Queue = asyncio.Queue(maxsize=2)
 
         async def receive():
+            try:
+                await receive_batches()
+            except BaseException as exc:   # a broken request stream ends the response too
+                await writes.put(exc)
+                raise
+
+        async def receive_batches():
             previous = None
             async for batch in request_iterator:
                 # The storage takes the wire messages as they are (same field names as
@@ -44,6 +51,8 @@ class IngestServicer(rpc.IngestServicer):
             while (item := await writes.get()) is not None:
                 if isinstance(item, ValueError):
                     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(item))
+                if isinstance(item, BaseException):
+                    raise item
                 batch_id, write = item
                 acks, fresh = await write
                 if fresh and self.hub.events.watched:
@@ -64,7 +73,7 @@ class IngestServicer(rpc.IngestServicer):
             self._meta.clear()
         for ev in fresh:
             meta = self._meta.get(ev.session_id)
-            if meta is None:
+            if meta is None or (not meta.host and ev.kind == SESSION_START):
                 meta = await self._lookup(ev)
             self.hub.events.publish((ev, meta))
 
@@ -78,6 +87,7 @@ class IngestServicer(rpc.IngestServicer):
                 row = await asyncio.to_thread(self.store.get_session, ev.session_id)
                 meta = SessionMeta(row.host, row.target, row.protocol)
             except NotFound:
-                meta = SessionMeta()
-        self._meta[ev.session_id] = meta
+                return SessionMeta()
+        if meta.host or meta.target:   # don't remember "unknown": the start may come later
+            self._meta[ev.session_id] = meta
         return meta

@@ -3,7 +3,7 @@ from __future__ import annotations
 import grpc
 
 from agentgate.events import SESSION_END
-from agentgate.wire import as_pb, event_to_pb, pb, rpc
+from agentgate.wire import as_pb, pb, rpc
 from collector.hub import Hub, Overflow
 from collector.services import run, session_pb
 from collector.storage import SessionFilter, Storage
@@ -29,41 +29,39 @@ class SessionsServicer(rpc.SessionsServicer):
 
     async def StreamEvents(self, request, context):
         await run(context, self.store.get_session, request.session_id)  # NOT_FOUND early
-        # Subscribe before reading so nothing committed meanwhile falls between the two.
-        with self.hub.events.subscribe() as sub:
-            last = request.after_seq
-            ended = False
-            while True:
-                page = await run(context, self.store.events, request.session_id, last, PAGE)
-                for ev in page:
-                    yield event_to_pb(ev)
-                    last = ev.seq
-                    ended = ended or ev.kind == SESSION_END
-                if len(page) < PAGE:
+        last = request.after_seq
+        while True:
+            # Subscribe before reading so nothing committed meanwhile falls in between.
+            with self.hub.events.subscribe() as sub:
+                ended = False
+                while True:
+                    page = await run(context, self.store.events, request.session_id, last, PAGE)
+                    for ev in page:
+                        if request.follow and ev.seq != last + 1:
+                            break   # past a gap: those come again once it is filled
+                        yield as_pb(ev)
+                        last = ev.seq
+                        ended = ended or ev.kind == SESSION_END
+                    else:
+                        if len(page) == PAGE:
+                            continue
                     break
-            if not request.follow or ended:
-                return
-            while True:
+                if not request.follow or ended:
+                    return
                 try:
-                    ev, _meta = await sub.get()
+                    while True:
+                        ev, _meta = await sub.get()
+                        if ev.session_id != request.session_id or ev.seq <= last:
+                            continue
+                        if ev.seq != last + 1:
+                            break   # missed some (cannot happen: new events are contiguous)
+                        yield as_pb(ev)
+                        last = ev.seq
+                        if ev.kind == SESSION_END:
+                            return
                 except Overflow:
-                    # Fell behind the live stream: catch up from storage instead.
-                    sub.close()
-                    async for item in self.StreamEvents(
-                            pb.StreamEventsRequest(session_id=request.session_id,
-                                                   after_seq=last, follow=True), context):
-                        yield item
-                    return
-                if ev.session_id != request.session_id or ev.seq <= last:
-                    continue
-                if ev.seq != last + 1:  # a gap was filled later: read it from storage
-                    for missing in await run(context, self.store.events, request.session_id,
-                                             last, ev.seq - last - 1):
-                        yield event_to_pb(missing)
-                yield as_pb(ev)
-                last = ev.seq
-                if ev.kind == SESSION_END:
-                    return
+                    pass
+            # fell behind the live stream: catch up from storage and subscribe again
 
     async def Tail(self, request, context):
         with self.hub.events.subscribe() as sub:

@@ -14,6 +14,7 @@ from agentgate.events import Event
 # Approval states, as stored (the names are the wire enum's, lower-case).
 PENDING, APPROVED, DENIED, EXPIRED, CANCELLED = "pending", "approved", "denied", "expired", "cancelled"
 FINAL_STATES = frozenset({APPROVED, DENIED, EXPIRED, CANCELLED})
+LOCAL_PRINCIPAL = "local"   # every caller in open mode (no tokens, loopback only)
 
 
 class StorageError(Exception):

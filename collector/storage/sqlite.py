@@ -14,10 +14,9 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-import msgpack
 
 from agentgate.events import COMMAND, SESSION_END, SESSION_START, Event, unpack_payload
-from collector.storage import (APPROVED, CANCELLED, DENIED, EXPIRED, PENDING, AgentRow,
+from collector.storage import (APPROVED, CANCELLED, DENIED, EXPIRED, LOCAL_PRINCIPAL, PENDING, AgentRow,
                                ApprovalRow, Conflict, Forbidden, NotFound, SessionFilter,
                                SessionRow, StorageError)
 
@@ -90,11 +89,17 @@ SESSION_COLS = ("id, host, agent, target, protocol, started_ns, ended_ns, end_re
 APPROVAL_COLS = ", ".join(ApprovalRow.__slots__)
 
 
-def _command_text(payload: bytes) -> str | None:
+def _fields(payload: bytes) -> dict:
+    """A payload's fields, or {} if it does not decode: a bad payload is stored as it
+    is (verify and export show it), it never blocks a host agent's ingest."""
     try:
-        text = unpack_payload(payload).get("text")
-    except (ValueError, msgpack.UnpackException):
-        return None
+        return unpack_payload(payload)
+    except Exception:
+        return {}
+
+
+def _command_text(payload: bytes) -> str | None:
+    text = _fields(payload).get("text")
     return text if isinstance(text, str) else None
 
 
@@ -161,7 +166,8 @@ class SqliteStorage:
                 acks, fresh, states = self._ingest(c, by_session)
                 c.execute("COMMIT")
             except BaseException:
-                c.execute("ROLLBACK")
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
                 raise
             self._sessions.update(states)   # only what committed
             if len(self._sessions) > 100_000:
@@ -183,10 +189,10 @@ class SqliteStorage:
         rows: list[tuple] = []
         fresh_all: list[Event] = []
         gapped: list[tuple[str, int]] = []
-        touched: list[tuple[str, list[Event]]] = []
+        touched: dict[str, list[Event]] = {}
         for sid, evs in by_session.items():
             pk, committed, stored_max = self._session_state(c, sid)
-            fresh = [e for e in evs if e.seq > committed]
+            fresh = list({e.seq: e for e in evs if e.seq > committed}.values())
             if stored_max > committed and fresh:
                 # Events past an earlier gap are stored already: count and publish them once.
                 stored = {seq for (seq,) in c.execute(
@@ -210,12 +216,15 @@ class SqliteStorage:
                 gapped.append((sid, pk))
             acks[sid] = mark
             states[sid] = (pk, mark, stored_max)
-            touched.append((sid, fresh))
-            fresh_all.extend(fresh)
+            touched[sid] = fresh
+            if stored_max == mark:
+                fresh_all.extend(fresh)
         c.executemany(INSERT_EVENT, rows)
         for sid, pk in gapped:
-            # Events stored past a gap (earlier or now) may connect up now.
-            mark = acks[sid]
+            # Events stored past a gap (earlier or now) may connect up now. Only events
+            # that are contiguous are reported as new: a live follower never sees a hole.
+            before = acks[sid]
+            mark = before
             for (seq,) in c.execute("SELECT seq FROM events WHERE session_pk = ? AND seq > ? "
                                     "ORDER BY seq", (pk, mark)):
                 if seq != mark + 1:
@@ -223,28 +232,38 @@ class SqliteStorage:
                 mark = seq
             acks[sid] = mark
             states[sid] = (pk, mark, states[sid][2])
+            fresh_all.extend(e for e in touched[sid] if e.seq <= before)
+            if mark > before:
+                fresh_all.extend(self._events_by_pk(c, sid, pk, before, mark))
         updates = []
-        for sid, fresh in touched:
+        for sid, fresh in touched.items():
             pk = states[sid][0]
             commands = 0
             for e in fresh:
                 if e.kind == COMMAND:
                     commands += 1
                 elif e.kind == SESSION_START:
-                    start = unpack_payload(e.payload)
+                    start = _fields(e.payload)
                     c.execute("UPDATE sessions SET host = ?, agent = ?, target = ?, protocol = ?, "
                               "started_ns = ?, start_payload = ? WHERE pk = ?",
                               (str(start.get("host", "")), _agent_summary(start),
                                str(start.get("target", "")), str(start.get("protocol", "")),
                                e.wall_time_ns, e.payload, pk))
                 elif e.kind == SESSION_END:
-                    end = unpack_payload(e.payload)
+                    end = _fields(e.payload)
                     c.execute("UPDATE sessions SET ended_ns = ?, end_reason = ? WHERE pk = ?",
                               (e.wall_time_ns, str(end.get("reason", "")), pk))
             updates.append((states[sid][1], states[sid][2], commands, pk))
         c.executemany("UPDATE sessions SET committed_seq = ?, stored_seq = ?, "
                       "command_count = command_count + ? WHERE pk = ?", updates)
         return acks, fresh_all, states
+
+    @staticmethod
+    def _events_by_pk(c: sqlite3.Connection, sid: str, pk: int, after: int, upto: int) -> list[Event]:
+        return [Event(sid, r[0], r[1], r[2], r[3], bytes(r[4]), bytes(r[5]), bytes(r[6]))
+                for r in c.execute("SELECT seq, wall_ns, mono_ns, kind, payload, prev_hash, hash "
+                                   "FROM events WHERE session_pk = ? AND seq > ? AND seq <= ? "
+                                   "ORDER BY seq", (pk, after, upto))]
 
     @staticmethod
     def _session_row(r) -> SessionRow:
@@ -336,9 +355,7 @@ class SqliteStorage:
             try:
                 cur = self._approval(c, approval_id)
                 if cur.state == PENDING and cur.expires_ns <= now_ns:
-                    c.execute("UPDATE approvals SET state = ?, decided_ns = ? WHERE id = ?",
-                              (EXPIRED, cur.expires_ns, approval_id))
-                    c.execute("COMMIT")
+                    # expire_approvals() marks it and tells the watchers
                     raise Conflict(f"approval request {approval_id} has expired")
                 if cur.state != PENDING:
                     raise Conflict(f"approval request {approval_id} is already {cur.state}")
@@ -357,7 +374,10 @@ class SqliteStorage:
     def decide_approval(self, approval_id: str, approve: bool, reason: str, decider: str,
                         now_ns: int) -> ApprovalRow:
         def check(cur: ApprovalRow) -> None:
-            if decider in (cur.requested_by, cur.created_by):
+            # The open mode's single local principal files requests (as the host agent)
+            # and decides them (as the admin): only the agent's own identity counts there.
+            own = {cur.requested_by} | ({cur.created_by} - {LOCAL_PRINCIPAL})
+            if decider in own:
                 raise Forbidden(f"{decider} may not decide their own request {approval_id}")
         return self._transition(approval_id, now_ns, check, APPROVED if approve else DENIED,
                                 decider, reason)

@@ -1,11 +1,14 @@
 """Per-session recorder: numbers events 1..n, chains their hashes, spools them."""
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 
 from agentgate.events import GENESIS, SESSION_END, Event, make_event, pack_payload
-from hostagent.recording.spool import Spool
+from hostagent.recording.spool import Spool, SpoolError
+
+log = logging.getLogger("agentgate.recorder")
 
 
 class SessionRecorder:
@@ -53,6 +56,10 @@ def close_orphans(spool: Spool, reason: str = "hostagent_restart") -> list[str]:
     closed = []
     for session_id, (_seq, _hash, kind) in sorted(spool.tails.items()):
         if kind != SESSION_END:
-            SessionRecorder.resume(spool, session_id).record(SESSION_END, {"reason": reason})
+            try:
+                SessionRecorder.resume(spool, session_id).record(SESSION_END, {"reason": reason})
+            except SpoolError as exc:   # e.g. full: shipping must start all the same
+                log.error("cannot end session %s left open: %s", session_id, exc)
+                continue
             closed.append(session_id)
     return closed

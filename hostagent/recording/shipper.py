@@ -104,12 +104,14 @@ class Shipper:
             wake.clear()
             self.spool.add_listener(notify)   # before reading: no append goes unnoticed
             events, pos = self.spool.read(pos, self.batch_events, self.batch_bytes)
-            events = [e for e in events if e.seq > self.spool.acked(e.session_id)]
             if not events:
                 if not await self._until(wake.wait(), receiver, self.housekeeping):
                     self.spool.rotate_if_acked()
                     self.spool.release()
                 continue
+            events = [e for e in events if e.seq > self.spool.acked(e.session_id)]
+            if not events:
+                continue   # all acked before a reconnect: read on at once
             await self._until(window.acquire(), receiver)
             batch_id += 1
             await call.write(pb.IngestBatch(batch_id=batch_id,

@@ -29,12 +29,12 @@ from typing import Callable
 
 import msgpack
 
-from agentgate.events import Event
+from agentgate.events import SESSION_END, Event
 
 log = logging.getLogger("agentgate.spool")
 
 HEADER = struct.Struct("<II")
-MAX_FRAME = 256 << 20
+MAX_FRAME = 32 << 20   # below the 64 MiB gRPC message cap, so any frame can ship
 SEGMENT_RE = re.compile(r"^seg-(\d{12})\.log$")
 
 
@@ -51,6 +51,7 @@ class Segment:
     number: int
     path: Path
     size: int = 0                                            # bytes of complete frames
+    base: int = 0                                            # of which the checkpoint
     max_seq: dict[str, int] = field(default_factory=dict)    # session -> highest seq here
 
 
@@ -65,12 +66,23 @@ def encode_frame(ev: Event) -> bytes:
     return HEADER.pack(len(body), zlib.crc32(body)) + body
 
 
-def decode_body(body: bytes) -> Event:
-    return Event(*msgpack.unpackb(body, raw=False))
+def decode_body(body: bytes) -> "Event | dict":
+    """An Event, or a checkpoint: {session id: [seq, hash, kind]} of the sessions open
+    when the segment began (so a restart knows them even after older files are gone)."""
+    value = msgpack.unpackb(body, raw=False)
+    if isinstance(value, dict):
+        return {k: tuple(v) for k, v in value.items()}
+    return Event(*value)
+
+
+def encode_checkpoint(open_tails: dict) -> bytes:
+    body = msgpack.packb({k: list(v) for k, v in open_tails.items()}, use_bin_type=True)
+    return HEADER.pack(len(body), zlib.crc32(body)) + body
 
 
 def iter_frames(data: bytes, start: int = 0):
-    """Yields (end_offset, Event) for each complete, intact frame; stops at the first bad one."""
+    """Yields (end_offset, Event or checkpoint) for each complete, intact frame; stops at
+    the first bad one."""
     pos, end = start, len(data)
     while pos + HEADER.size <= end:
         length, crc = HEADER.unpack_from(data, pos)
@@ -109,6 +121,10 @@ class Spool:
         self._acked: dict[str, int] = {}
         self._listeners: list[Callable[[], None]] = []
         self._closed = False
+        self._broken = ""                      # why the spool takes no more appends
+        # session -> (seq, hash, kind) of its latest event, while it has not ended;
+        # written as a checkpoint at the start of each segment
+        self._open_tails: dict[str, tuple[int, bytes, str]] = {}
         # session -> (seq, hash, kind) of its last event found on recovery
         self.tails: dict[str, tuple[int, bytes, str]] = {}
         self._open()
@@ -134,13 +150,22 @@ class Spool:
             m = SEGMENT_RE.match(name)
             if m:
                 self._recover(Segment(int(m.group(1)), self.dir / name))
-        self._rotate()
+        self._open_tails = {k: v for k, v in self.tails.items() if v[2] != SESSION_END}
+        try:
+            self._rotate()
+        except SpoolError as exc:
+            # e.g. the disk is full: what is spooled can still be read and shipped;
+            # appends retry starting a segment (and fail closed until they can).
+            log.error("%s", exc)
 
     def _recover(self, seg: Segment) -> None:
         data = seg.path.read_bytes()
         good = 0
         for end, ev in iter_frames(data):
             good = end
+            if isinstance(ev, dict):   # checkpoint: exactly these were open then
+                self.tails = dict(ev)
+                continue
             if ev.seq > seg.max_seq.get(ev.session_id, 0):
                 seg.max_seq[ev.session_id] = ev.seq
             self.tails[ev.session_id] = (ev.seq, ev.hash, ev.kind)
@@ -160,40 +185,64 @@ class Spool:
     # ------------------------------------------------------------------ writing
 
     def _rotate(self) -> None:
-        """Start a new active segment (lock held, or during open)."""
-        if self._fd >= 0:
-            os.fdatasync(self._fd)   # the old segment is complete: make it durable now
-            os.close(self._fd)
+        """Start a new active segment (lock held, or during open). The old one stays
+        active until the new one exists, so a failure leaves the spool as it was."""
         number = max(self._segments, default=0) + 1
         seg = Segment(number, self.dir / f"seg-{number:012d}.log")
         try:
-            self._fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
-                               | os.O_CLOEXEC, 0o600)
+            if self._fd >= 0:
+                os.fdatasync(self._fd)   # the old segment is complete: make it durable now
+            fd = os.open(seg.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND
+                         | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise SpoolError(f"cannot start spool segment {seg.path}: {exc.strerror}") from None
+        try:
             dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                os.fsync(dfd)        # the new file's name is durable too
+                os.fsync(dfd)            # the new file's name is durable too
             finally:
                 os.close(dfd)
         except OSError as exc:
-            self._fd = -1
-            raise SpoolError(f"cannot create spool segment {seg.path}: {exc.strerror}") from None
+            os.close(fd)
+            seg.path.unlink(missing_ok=True)
+            raise SpoolError(f"cannot start spool segment {seg.path}: {exc.strerror}") from None
+        if self._open_tails:
+            checkpoint = encode_checkpoint(self._open_tails)
+            try:
+                os.write(fd, checkpoint)
+            except OSError as exc:
+                os.close(fd)
+                seg.path.unlink(missing_ok=True)
+                raise SpoolError(f"cannot start spool segment {seg.path}: {exc.strerror}") from None
+            seg.size = seg.base = len(checkpoint)
+            self._bytes += seg.size
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
         self._segments[number] = seg
         self._active = seg
 
     def append(self, ev: Event) -> None:
         """Persist one event; raises SpoolError/SpoolFull if it can't (fail closed)."""
         frame = encode_frame(ev)
+        if len(frame) > MAX_FRAME:
+            raise SpoolError(f"event of {len(frame)} bytes is larger than the {MAX_FRAME}-byte "
+                             "limit of a spool frame")
         with self._lock:
             if self._closed:
                 raise SpoolError("spool is closed")
+            if self._broken:
+                raise SpoolError(self._broken)
             if self._sync_error is not None:
                 raise SpoolError(f"spool fsync failed: {self._sync_error.strerror}")
             used = self._bytes
             if used + len(frame) > self.max_bytes:
                 raise SpoolFull(f"spool full: {used} of {self.max_bytes} bytes used in {self.dir} "
                                 "(is the collector reachable?)")
+            if self._active is None:
+                self._rotate()
             seg = self._active
-            if seg.size and seg.size + len(frame) > self.segment_bytes:
+            if seg.size > seg.base and seg.size + len(frame) > self.segment_bytes:
                 self._rotate()
                 seg = self._active
             n = 0
@@ -204,13 +253,19 @@ class Spool:
                 # ENOSPC, EIO...: cut the partial frame so the file stays parseable.
                 try:
                     os.ftruncate(self._fd, seg.size)
-                except OSError:
-                    pass
+                except OSError as cut:
+                    # Garbage would sit in front of the next frame: take no more.
+                    self._broken = (f"spool segment {seg.path} is damaged (a failed write "
+                                    f"could not be cut: {cut.strerror}); restart the host agent")
                 raise SpoolError(f"cannot write to spool {seg.path}: {exc.strerror}") from None
             seg.size += n
             self._bytes += n
             if ev.seq > seg.max_seq.get(ev.session_id, 0):
                 seg.max_seq[ev.session_id] = ev.seq
+            if ev.kind == SESSION_END:
+                self._open_tails.pop(ev.session_id, None)
+            else:
+                self._open_tails[ev.session_id] = (ev.seq, ev.hash, ev.kind)
             listeners = self._listeners
             if listeners:
                 self._listeners = []
@@ -219,7 +274,10 @@ class Spool:
             gen = self._written
             self._sync_cond.notify_all()
         for notify in listeners:
-            notify()
+            try:
+                notify()
+            except Exception:   # the event is written: a dead listener must not undo that
+                log.exception("spool listener failed")
         if self.strict:
             self.wait_durable(gen)
 
@@ -249,15 +307,16 @@ class Spool:
                 target = self._written
             # Sync a duplicate so appends never wait for the disk: a rotation may close
             # the original meanwhile, and it fdatasyncs the old segment itself.
-            with self._lock:
-                fd = os.dup(self._fd)
+            err = None
             try:
-                os.fdatasync(fd)
-                err = None
+                with self._lock:
+                    fd = os.dup(self._fd)
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
             except OSError as exc:
                 err = exc
-            finally:
-                os.close(fd)
             last = time.monotonic()
             with self._sync_cond:
                 if err is not None:
@@ -278,11 +337,18 @@ class Spool:
 
     def start(self) -> Position:
         with self._lock:
-            return Position(min(self._segments), 0)
+            return Position(min(self._segments, default=1), 0)
 
     def read(self, pos: Position, max_events: int = 1000,
              max_bytes: int = 4 << 20) -> tuple[list[Event], Position]:
         """Events from `pos` on (complete frames only), and the position after them."""
+        while True:   # a read may pass only a checkpoint: go on until events or the end
+            events, new = self._read(pos, max_events, max_bytes)
+            if events or new == pos:
+                return events, new
+            pos = new
+
+    def _read(self, pos: Position, max_events: int, max_bytes: int):
         with self._lock:
             numbers = sorted(n for n in self._segments if n >= pos.segment)
             sizes = {n: self._segments[n].size for n in numbers}
@@ -297,24 +363,35 @@ class Spool:
             if n < pos.segment:
                 continue
             offset = pos.offset if n == pos.segment else 0
-            want = min(sizes[n] - offset, budget)
-            if want > 0:
+            remaining = sizes[n] - offset
+            if remaining <= 0:
+                continue
+            if budget <= 0:
+                return events, pos
+            want = min(remaining, budget)
+            while True:
                 with open(paths[n], "rb") as fh:
                     fh.seek(offset)
                     data = fh.read(want)
+                done = offset
                 for end, ev in iter_frames(data):
+                    done = offset + end
+                    if isinstance(ev, dict):
+                        continue
                     events.append(ev)
-                    pos = Position(n, offset + end)
                     if len(events) >= max_events:
-                        return events, pos
-                budget -= want
-                if pos.segment == n and pos.offset < sizes[n]:
-                    if not events:   # one frame bigger than the budget: read it whole
-                        budget = sizes[n] - offset
-                        return self.read(pos, max_events, budget)
-                    return events, pos
-            if n != numbers[-1]:
-                pos = Position(numbers[numbers.index(n) + 1], 0)
+                        return events, Position(n, done)
+                if done > offset or want == remaining:
+                    break
+                if events:            # the next frame is bigger than what is left of
+                    return events, pos  # the budget: it starts the next read
+                want = remaining      # a frame bigger than the whole budget: read it alone
+            pos = Position(n, done)
+            if done == offset:
+                raise SpoolError(f"damaged frame in spool segment {paths[n]} at offset {offset}")
+            if done < sizes[n]:
+                return events, pos    # the budget ended inside this segment
+            budget -= want
         return events, pos
 
     def acked(self, session_id: str) -> int:
@@ -351,7 +428,8 @@ class Spool:
         """Retire a fully acked active segment so release() can delete it."""
         with self._lock:
             seg = self._active
-            if seg.size and all(self._acked.get(s, 0) >= m for s, m in seg.max_seq.items()):
+            if seg is not None and (seg.size > seg.base
+                    and all(self._acked.get(s, 0) >= m for s, m in seg.max_seq.items())):
                 self._rotate()
 
     # ------------------------------------------------------------------ status
@@ -379,10 +457,13 @@ class Spool:
             self._sync_cond.notify_all()
         self._syncer.join()
         with self._lock:
-            if self._fd >= 0:
-                try:
+            try:
+                if self._fd >= 0:
                     os.fdatasync(self._fd)
-                finally:
+            except OSError as exc:
+                log.error("spool fsync at close failed: %s", exc)
+            finally:
+                if self._fd >= 0:
                     os.close(self._fd)
                     self._fd = -1
-            os.close(self._lock_fd)
+                os.close(self._lock_fd)

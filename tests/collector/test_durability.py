@@ -92,3 +92,36 @@ def test_host_agent_sigkill_mid_run_loses_nothing(collector, tmp_path):
     sessions = check_complete(collector, set(range(1, done + 1)) | set(range(1000001, 1000001 + rest)))
     reasons = {evs[-1].fields()["reason"] for evs in sessions.values()}
     assert reasons == {"done", "hostagent_restart"}
+
+
+def test_reconnect_skips_acked_events_without_stalling(collector, tmp_path):
+    """After a reconnect the shipper reads past what was acked at once, not once per
+    housekeeping period."""
+    import asyncio
+    from hostagent.recording.recorder import SessionRecorder
+    from hostagent.recording.shipper import Shipper
+    from hostagent.recording.spool import Spool
+
+    spool = Spool(tmp_path / "spool", segment_bytes=4096)
+
+    async def go():
+        shipper = Shipper(spool, collector.addr(), batch_events=20, housekeeping=3600,
+                          backoff_min=0.05, backoff_max=0.1)
+        task = asyncio.create_task(shipper.run())
+        rec = SessionRecorder(spool)
+        for i in range(500):
+            rec.record("command", {"text": f"cmd {i}"})
+        assert await shipper.drain(30)
+        collector.kill()
+        collector.restart()               # the stream breaks; everything so far is acked
+        rec.record("command", {"text": "after the reconnect"})
+        ok = await shipper.drain(20)      # would take an hour per acked chunk if it stalled
+        task.cancel()
+        return ok
+
+    try:
+        assert asyncio.run(go())
+    finally:
+        spool.close()
+    with collector.db() as c:
+        assert c.execute("SELECT count(*) FROM events").fetchone() == (501,)

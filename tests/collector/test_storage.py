@@ -35,10 +35,11 @@ def test_resent_events_are_stored_once(store):
 
 def test_ack_is_the_contiguous_watermark(store):
     evs = events("s", 6)
-    acks, _ = store.ingest(evs[:2] + evs[4:])       # 3 and 4 missing
+    acks, fresh = store.ingest(evs[:2] + evs[4:])   # 3 and 4 missing
     assert acks == {"s": 2}
+    assert [e.seq for e in fresh] == [1, 2]         # only what is contiguous is "new"
     acks, fresh = store.ingest(evs[2:4])            # the gap fills: 5, 6 connect
-    assert acks == {"s": 6} and [e.seq for e in fresh] == [3, 4]
+    assert acks == {"s": 6} and [e.seq for e in fresh] == [3, 4, 5, 6]
     assert store.get_session("s").command_count == 6
 
 
@@ -72,9 +73,37 @@ def test_approval_transitions(store):
                                              expires_ns=100))
     with pytest.raises(Conflict, match="expired"):
         store.decide_approval(late.id, True, "", "bob", 100)
-    assert store.get_approval(late.id).state == "expired"
+    # left for expire_approvals(), which reports it so watchers hear of it
     soon = store.create_approval(ApprovalRow(id="", state="pending", command="Y", created_ns=1,
                                              expires_ns=200))
-    assert store.next_expiry_ns() == 200
+    assert store.next_expiry_ns() == 100
+    assert [r.id for r in store.expire_approvals(100)] == [late.id]
+    assert store.get_approval(late.id).state == "expired"
     assert [r.id for r in store.expire_approvals(200)] == [soon.id]
     assert store.next_expiry_ns() is None
+
+
+def test_open_mode_local_admin_may_decide_what_the_local_host_agent_filed(store):
+    row = store.create_approval(ApprovalRow(id="", state="pending", command="DROP",
+                                            requested_by="ci-bot", created_by="local",
+                                            created_ns=1, expires_ns=100))
+    assert store.decide_approval(row.id, True, "", "local", 50).state == "approved"
+    own = store.create_approval(ApprovalRow(id="", state="pending", command="DROP",
+                                            requested_by="local", created_by="local",
+                                            created_ns=1, expires_ns=100))
+    with pytest.raises(Forbidden):
+        store.decide_approval(own.id, True, "", "local", 50)
+
+
+def test_undecodable_payloads_are_stored_not_fatal(store):
+    bad = make_event("s", 1, 1, 0, "session_start", b"\xc1\xc1garbage", GENESIS)
+    worse = make_event("s", 2, 2, 1, "command", b"\x81\x91\x01\x01", bad.hash)  # {[1]: 1}
+    acks, fresh = store.ingest([bad, worse])
+    assert acks == {"s": 2} and len(fresh) == 2
+
+
+def test_duplicates_inside_one_batch_count_once(store):
+    evs = events("s", 3)
+    acks, fresh = store.ingest(evs + evs[1:])
+    assert acks == {"s": 3} and len(fresh) == 3
+    assert store.get_session("s").command_count == 3

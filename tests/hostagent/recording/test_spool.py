@@ -97,12 +97,68 @@ def test_release_deletes_only_fully_acked_segments(tmp_path):
     spool.release()
     remaining = read_all(spool)
     assert {e.seq for e in remaining if e.session_id == "b"} >= set(range(6, b.seq + 1))
+    a.record(SESSION_END, {"reason": "done"})
+    b.record(SESSION_END, {"reason": "done"})
+    spool.ack("a", a.seq)
     spool.ack("b", b.seq)
     spool.release()
     assert spool.segment_count() == 1     # only the active segment is left
     spool.rotate_if_acked()
     spool.release()
     assert spool.bytes_used() == 0
+    spool.close()
+
+
+def test_open_sessions_survive_the_release_of_their_segments(tmp_path):
+    """So a host agent that dies mid-session can still end it after a restart."""
+    spool = Spool(tmp_path, segment_bytes=1024)
+    live, done = SessionRecorder(spool, "live"), SessionRecorder(spool, "done")
+    live.record("command", {"text": "SELECT 1"})
+    for i in range(40):
+        done.record("command", {"text": f"{i:040d}"})
+    done.record(SESSION_END, {"reason": "done"})
+    spool.ack("live", live.seq)
+    spool.ack("done", done.seq)
+    spool.release()
+    spool.rotate_if_acked()
+    spool.release()
+    assert spool.segment_count() == 1     # all acked: only the new active one is left...
+    spool.close()
+    spool = Spool(tmp_path)               # ...and its checkpoint still knows "live" is open
+    assert close_orphans(spool) == ["live"]
+    evs = read_all(spool)
+    assert [(e.session_id, e.seq, e.kind) for e in evs] == [("live", 2, SESSION_END)]
+    assert evs[0].prev_hash == live.prev_hash
+    spool.close()
+
+
+@pytest.mark.parametrize("budget", [1, 100, 333, 1024, 5000, 1 << 20])
+def test_reads_never_skip_whatever_the_byte_budget(tmp_path, budget):
+    spool = Spool(tmp_path, segment_bytes=1024)
+    rec = SessionRecorder(spool)
+    for _ in range(200):
+        rec.record("command", {"text": "x" * 50})
+    pos, got = spool.start(), []
+    while True:
+        evs, pos = spool.read(pos, 7, budget)
+        if not evs:
+            break
+        got += [e.seq for e in evs]
+    assert got == list(range(1, 201))
+    spool.close()
+
+
+def test_an_event_too_big_to_ship_is_refused(tmp_path):
+    spool = Spool(tmp_path)
+    with pytest.raises(SpoolError, match="larger than"):
+        SessionRecorder(spool).record("data", {"data": b"x" * (33 << 20)})
+    spool.close()
+
+
+def test_one_process_per_spool(tmp_path):
+    spool = Spool(tmp_path)
+    with pytest.raises(SpoolError, match="in use by another process"):
+        Spool(tmp_path)
     spool.close()
 
 
