@@ -49,6 +49,9 @@ class DaemonClient:
             return cls(path)
         except (ConnectionRefusedError, FileNotFoundError):
             return None  # a stale socket file: no daemon
+        except PermissionError:
+            raise ControlError(f"no permission to use the host agent's socket {path} (it is "
+                               "root's, or the group's named by intercept.socket_group)") from None
 
     def call(self, op: str, **args) -> dict:
         self.file.write(json.dumps({"op": op, **args}).encode() + b"\n")

@@ -14,6 +14,7 @@ from agentgate.cli.output import fmt_bytes
 from hostagent.config import HostAgentConfig
 from hostagent.control import ControlError, peer_uid, uid_of
 from hostagent.intercept import cgroups
+from hostagent.intercept.loader import preflight
 from hostagent.recording.recorder import close_orphans
 from hostagent.registration import heartbeat_loop
 from hostagent.runs import RunSession, Runs, new_group
@@ -33,6 +34,8 @@ class Daemon:
 
     async def start(self) -> None:
         cfg = self.cfg
+        if cfg.intercept.enabled:
+            preflight()   # refuse before anything starts: never half up, never unmonitored
         spool = await asyncio.to_thread(open_spool, cfg)
         log.info("spool %s: %s in %d segment(s) to ship", cfg.spool.dir,
                  fmt_bytes(spool.bytes_used()), spool.segment_count())

@@ -76,5 +76,62 @@ def status(config_path):
     click.echo(f"collector: {cfg.collector.target}")
 
 
+@main.command()
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="The checks as a JSON array.")
+def doctor(config_path, as_json):
+    """Check that interception can work on this machine, then prove it with a canary
+    connection from a test cgroup. Exit 1 if any check fails."""
+    import json as _json
+    from hostagent.doctor import run_doctor
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    checks = run_doctor(cfg.intercept.tree)
+    if as_json:
+        click.echo(_json.dumps([c.__dict__ for c in checks]))
+    else:
+        width = max(len(c.name) for c in checks)
+        for c in checks:
+            click.echo(f"{c.name:<{width}}  {'ok  ' if c.ok else 'FAIL'}  {c.detail}")
+    sys.exit(0 if all(c.ok for c in checks) else 1)
+
+
+@main.command()
+@config_option
+def cleanup(config_path):
+    """Remove every trace of interception (for uninstall): detach agentgate's programs,
+    unpin its maps, remove empty session cgroups. Enrolled processes still running are
+    left alone (and from then on unmonitored)."""
+    from hostagent.intercept import cgroups
+    from hostagent.intercept.loader import detach_ours
+    try:
+        cfg = load_config(config_path)
+        tree = cfg.intercept.tree
+        root = cgroups.tree_root(tree)
+        paths = [root] + ([p for p in root.rglob("*") if p.is_dir()] if root.exists() else [])
+        paths += [cgroups.cgroup2_mount() / c.lstrip("/") for c in cfg.intercept.cgroups]
+        detached = sum(detach_ours(p) for p in paths if p.is_dir())
+        pins = [p for p in Path("/sys/fs/bpf").glob(f"{tree}*")]
+        for p in pins:
+            for f in sorted(p.rglob("*"), reverse=True):
+                f.rmdir() if f.is_dir() else f.unlink()
+            p.rmdir()
+        left = []
+        for p in sorted(paths[1:], key=lambda x: len(x.parts), reverse=True) + [root]:
+            try:
+                p.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                left.append(p)
+    except (ConfigError, InterceptError, CgroupError, OSError) as exc:
+        fail(str(exc), 1)
+    click.echo(f"detached {detached} program(s), removed {len(pins)} pin folder(s)")
+    for p in left:
+        click.echo(f"still in use (processes inside): {p}")
+
+
 if __name__ == "__main__":
     main()

@@ -69,7 +69,10 @@ def _child_setup(user, cgroup: Path | None = None, gate: int | None = None):
 def run_command(argv: list[str], cfg: HostAgentConfig, user: str | None = None,
                 mode: str | None = None) -> int:
     pw = _lookup_user(user)
-    client = DaemonClient.connect(cfg.intercept.socket)
+    try:
+        client = DaemonClient.connect(cfg.intercept.socket)
+    except ControlError as exc:
+        raise InterceptError(str(exc)) from None
     if client is not None:
         if mode:
             raise InterceptError("--mode is the daemon's to set when a host agent is running")

@@ -1,0 +1,135 @@
+"""`agentgate-hostagent doctor`: can interception work here, and does it?
+
+Each check is a row; the canary at the end is the real test: a process in a fresh cgroup
+connects to a local listener, and the connection must arrive at a stand-in proxy with
+that process's pid and the original destination.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from hostagent.intercept import cgroups
+from hostagent.intercept.loader import (PREFIX, PROGRAMS, InterceptError, Interceptor, attached,
+                                        preflight)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+def _check(name: str, fn) -> Check:
+    try:
+        detail = fn()
+        return Check(name, True, detail or "ok")
+    except Exception as exc:
+        return Check(name, False, str(exc) or type(exc).__name__)
+
+
+def _bcc() -> str:
+    import bcc
+    return f"bcc {getattr(bcc, '__version__', '?')} ({Path(bcc.__file__).parent})"
+
+
+def _headers() -> str:
+    build = Path(f"/lib/modules/{platform.release()}/build")
+    if not build.exists():
+        raise InterceptError(f"{build} missing")
+    return f"{build} -> {os.path.realpath(build)}"
+
+
+def _mounted(path: str, what: str):
+    def check() -> str:
+        if not os.path.ismount(path):
+            raise InterceptError(f"{what} not mounted at {path}")
+        return path
+    return check
+
+
+def run_doctor(tree: str = cgroups.TREE) -> list[Check]:
+    checks = [
+        _check("running as root", lambda: "yes" if os.geteuid() == 0 else
+               (_ for _ in ()).throw(InterceptError("not root"))),
+        _check("bcc importable", _bcc),
+        _check("kernel headers", _headers),
+        _check("tracefs", _mounted("/sys/kernel/tracing", "tracefs")),
+        _check("bpffs", _mounted("/sys/fs/bpf", "bpffs")),
+        _check("cgroup v2", lambda: str(cgroups.cgroup2_mount())),
+    ]
+    if not all(c.ok for c in checks):
+        return checks
+    root = cgroups.ensure_tree(tree)
+    ours = [p for p in attached(root) if p.get("name", "").startswith(PREFIX)]
+    checks.append(Check("host agent programs", True,
+                        f"{len(ours)} attached to {root}" if ours else f"none attached to {root}"))
+    pins = sorted(p.name for p in (Path("/sys/fs/bpf") / tree).glob("*"))
+    checks.append(Check("pinned maps", True, ", ".join(pins) if pins else "none"))
+    checks += _canary(root)
+    return checks
+
+
+def _canary(root: Path) -> list[Check]:
+    out: list[Check] = []
+    name = f"doctor-{uuid.uuid4().hex[:8]}"
+    pin = Path("/sys/fs/bpf") / name
+    target = socket.create_server(("127.0.0.1", 0))
+    proxy = socket.create_server(("127.0.0.1", 0))
+    proxy.settimeout(10)
+    tport, pport = target.getsockname()[1], proxy.getsockname()[1]
+    icpt = None
+    cg = None
+    try:
+        try:
+            preflight()
+            icpt = Interceptor(pport, pin_dir=pin)
+        except InterceptError as exc:
+            out.append(Check("BPF programs load", False, str(exc)))
+            return out
+        for fn_name, ptype, atype, _ in PROGRAMS:
+            out.append(Check(f"program {fn_name}", True, f"{ptype} / {atype}"))
+        out.append(Check("tracepoints + ring buffer", True, "sched_process_exec, sched_process_exit"))
+        cg = cgroups.make_cgroup(root, name)
+        icpt.attach(cg)
+        icpt.set_targets([("127.0.0.1", tport)])
+        code = ("import socket,os,sys;s=socket.create_connection(('127.0.0.1',%d),5);"
+                "s.sendall(str(os.getpid()).encode());s.close()" % tport)
+        child = subprocess.Popen([sys.executable, "-c", code],
+                                 preexec_fn=lambda: (cg / "cgroup.procs").write_text(str(os.getpid())))
+        try:
+            conn, peer = proxy.accept()
+        except socket.timeout:
+            out.append(Check("canary", False, "the enrolled connect never reached the proxy"))
+            return out
+        with conn:
+            rec = None
+            deadline = time.monotonic() + 2
+            while rec is None and time.monotonic() < deadline:
+                rec = icpt.take_peer(peer[0], peer[1])
+            child.wait(10)
+            if rec is None:
+                out.append(Check("canary", False, "redirected, but no interception record"))
+            elif rec.pid != child.pid or (rec.dst_host, rec.dst_port) != ("127.0.0.1", tport):
+                out.append(Check("canary", False, f"wrong attribution: pid {rec.pid} "
+                                 f"(expected {child.pid}), {rec.dst_host}:{rec.dst_port}"))
+            else:
+                out.append(Check("canary", True, f"pid {rec.pid} uid {rec.uid} -> "
+                                 f"127.0.0.1:{tport} redirected and attributed"))
+        return out
+    finally:
+        target.close()
+        proxy.close()
+        if icpt:
+            icpt.close(detach=True)
+        if cg is not None:
+            cgroups.remove(cg)
+        subprocess.run(["rm", "-rf", str(pin)], check=False)

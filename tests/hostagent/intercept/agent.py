@@ -1,0 +1,103 @@
+"""A stand-in agent, run enrolled by the tests (stdlib only: it runs as other users).
+
+Prints one JSON line per action with what happened, e.g.
+  agent.py connect 127.0.0.1 5000      {"op": "connect", "pid": .., "reply": "..."}
+  agent.py grandchild connect ::1 5000 the same, done by a grandchild
+"""
+import errno
+import json
+import os
+import socket
+import sys
+
+
+def report(**kw):
+    kw.update(pid=os.getpid(), ppid=os.getppid(), uid=os.getuid())
+    print(json.dumps(kw), flush=True)
+
+
+def err(exc):
+    return errno.errorcode.get(exc.errno, str(exc.errno)) if isinstance(exc, OSError) else str(exc)
+
+
+def connect(host, port, payload="hello"):
+    try:
+        s = socket.create_connection((host, int(port)), timeout=5)
+    except OSError as exc:
+        return report(op="connect", ok=False, error=err(exc))
+    try:
+        s.sendall(f"{payload} from {os.getpid()}\n".encode())
+        reply = s.recv(4096).decode()
+        report(op="connect", ok=bool(reply), reply=reply)
+    except OSError as exc:
+        report(op="connect", ok=False, error=err(exc))
+    finally:
+        s.close()
+
+
+def udp(host, port, connect_first=False):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if connect_first == "connect":
+            s.connect((host, int(port)))
+            s.send(b"x")
+        else:
+            s.sendto(b"x", (host, int(port)))
+        report(op="udp", ok=True)
+    except OSError as exc:
+        report(op="udp", ok=False, error=err(exc))
+
+
+def open_socket(kind):
+    args = {"raw": (socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP),
+            "packet": (socket.AF_PACKET, socket.SOCK_RAW, 0),
+            "ping": (socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)}[kind]
+    try:
+        socket.socket(*args).close()
+        report(op=kind, ok=True)
+    except OSError as exc:
+        report(op=kind, ok=False, error=err(exc))
+
+
+def escape(cgroup_procs):
+    try:
+        with open(cgroup_procs, "w") as fh:
+            fh.write(str(os.getpid()))
+        report(op="escape", ok=True)
+    except OSError as exc:
+        report(op="escape", ok=False, error=err(exc))
+
+
+def main(argv):
+    if argv[0] in ("child", "grandchild"):
+        depth = 1 if argv[0] == "child" else 2
+        pid = os.fork()
+        if pid == 0:
+            if depth == 2:
+                main(["child"] + argv[1:])
+            else:
+                main(argv[1:])
+            os._exit(0)
+        os.waitpid(pid, 0)
+        return
+    op, args = argv[0], argv[1:]
+    if op == "connect":
+        connect(*args)
+    elif op == "udp":
+        udp(*args)
+    elif op in ("raw", "packet", "ping"):
+        open_socket(op)
+    elif op == "escape":
+        escape(*args)
+    elif op == "sleep":
+        import time
+        report(op="sleep")
+        time.sleep(float(args[0]))
+    elif op == "exit":
+        sys.exit(int(args[0]))
+
+
+if __name__ == "__main__":
+    for cmd in " ".join(sys.argv[1:]).split(" ; "):
+        main(cmd.split())

@@ -1,0 +1,148 @@
+"""The host agent daemon: enrollment over its socket, fail closed when it dies, adoption
+of its programs when it comes back."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from hostagent.intercept import cgroups
+from hostagent.intercept.loader import attached
+from tests.hostagent.intercept.conftest import AGENT, PYTHON
+from tests.support import BIN, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Daemon:
+    def __init__(self, host):
+        self.host = host
+        self.port = free_port()
+        self.config = host.write("daemon")
+        text = self.config.read_text().replace("proxy_port = 0", f"proxy_port = {self.port}")
+        self.config.write_text(text)
+        self.sock = host.public / "hostagent.sock"
+        self.proc = None
+
+    def start(self):
+        self.log = open(self.host.tmp / "daemon.log", "ab")
+        self.proc = subprocess.Popen([str(BIN / "agentgate-hostagent"), "serve", "--config",
+                                      str(self.config)], stderr=self.log)
+
+        def ready():
+            assert self.proc.poll() is None, (self.host.tmp / "daemon.log").read_text()
+            if not self.sock.exists():
+                return False
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(str(self.sock))
+                return True
+            except OSError:
+                return False
+        wait_for(ready, timeout=60, what="host agent daemon")
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def daemon(host):
+    d = Daemon(host)
+    d.start()
+    yield d
+    d.stop()
+
+
+def in_tree_connect(host, port):
+    """A process put straight into a cgroup of the tree (as a unit or container would be)."""
+    cg = cgroups.tree_root(host.tree) / "manual"
+    cg.mkdir(exist_ok=True)
+    p = subprocess.run([PYTHON, str(AGENT), f"connect 127.0.0.1 {port}"],
+                       preexec_fn=lambda: (cg / "cgroup.procs").write_text(str(os.getpid())),
+                       capture_output=True, text=True, timeout=30)
+    return json.loads(p.stdout)
+
+
+def ours(host):
+    return [p for p in attached(cgroups.tree_root(host.tree)) if p["name"].startswith("ag_")]
+
+
+def test_run_through_the_daemon(host, daemon):
+    rc, out, err = host.run("connect", "127.0.0.1", str(host.echo.port), ";", "exit", "5",
+                            user="nobody", config=daemon.config)
+    assert rc == 5, err
+    assert out[0]["ok"]
+    (s,) = host.sessions("tcp")
+    assert s["start"]["process"]["pid"] == out[0]["pid"]
+    assert s["start"]["process"]["user"] == "nobody"
+    run = [x for x in host.sessions("run")][0]
+    assert run["events"][-1][1]["exit_code"] == 5
+    assert run["start"]["process"]["requested_by"] == "uid 0"
+
+
+def test_the_proxy_refuses_connections_the_kernel_did_not_redirect(host, daemon):
+    rc, out, err = host.run("connect", "127.0.0.1", str(daemon.port), user="nobody",
+                            config=daemon.config)
+    assert rc == 0 and not out[0]["ok"], (out, err)
+    run = host.sessions("run")[0]
+    assert run["events"][-1][1]["refused_connections"] >= 1
+
+
+def test_fail_closed_when_killed_and_adopted_on_restart(host, daemon):
+    port = host.echo.port
+    assert in_tree_connect(host, port)["ok"]
+    assert len(ours(host)) == 6
+    daemon.kill()
+    # the programs stay: enrolled connects now fail instead of going out unwatched
+    res = in_tree_connect(host, port)
+    assert not res["ok"] and res["error"] == "ECONNREFUSED"
+    rc, _, err = host.run("connect", "127.0.0.1", str(port), config=daemon.config)
+    assert rc == 1 and "no host agent answers" in err
+    daemon.start()
+    assert in_tree_connect(host, port)["ok"]
+    assert len(ours(host)) == 6            # replaced, not attached twice
+
+
+def test_a_user_without_access_to_the_socket_is_refused(host, daemon):
+    p = subprocess.run(["runuser", "-u", "nobody", "--", str(BIN / "agentgate"), "run",
+                        "--config", str(host.public_copy(daemon.config)), "--", "true"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "no permission to use the host agent's socket" in p.stderr
+
+
+def test_startup_refuses_with_one_message_when_bpf_cannot_load(host):
+    cfg = host.public_copy(host.write("nonroot"))
+    state = host.public / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)
+    cfg.write_text(cfg.read_text().replace(f"{host.tmp}/state-nonroot", str(state)))
+    p = subprocess.run(["runuser", "-u", "nobody", "--", str(BIN / "agentgate-hostagent"),
+                        "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1
+    last = p.stderr.strip().splitlines()[-1]
+    assert last == ("agentgate-hostagent: error: refusing to start: interception needs root "
+                    "(to load BPF programs and manage cgroups)"), p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_doctor(host):
+    p = subprocess.run([str(BIN / "agentgate-hostagent"), "doctor", "--json", "--config",
+                        str(host.config)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    checks = {c["name"]: c for c in json.loads(p.stdout)}
+    assert all(c["ok"] for c in checks.values()), checks
+    assert "redirected and attributed" in checks["canary"]["detail"]
+    assert "program ag_sockops" in checks
