@@ -48,6 +48,7 @@
 #define EV_ALLOW_DIRECT 4
 #define EV_DENY_UDP 5
 #define EV_DENY_SOCKET 6
+#define EV_EXEC_OUTSIDE 7   // exec outside the tree, reported for uid/exe enrollment
 
 // An address as 16 bytes: IPv4 as v4-mapped IPv6, so one key type serves both.
 struct addr_key {
@@ -88,6 +89,7 @@ BPF_TABLE_PINNED("lru_hash", __u64, struct conn_info, conns, 65536, AG_PIN "/con
 BPF_TABLE_PINNED("lru_hash", struct addr_key, struct conn_info, peers, 65536, AG_PIN "/peers");
 BPF_TABLE_PINNED("hash", __u64, __u32, enrolled, 65536, AG_PIN "/enrolled");
 BPF_RINGBUF_OUTPUT(events, 64);
+BPF_ARRAY(settings, __u32, 1);   // [0] = 1: report every exec (uid/exe enrollment)
 BPF_PERCPU_ARRAY(lost, __u64, 1);
 
 static __always_inline void emit(__u32 type, struct addr_key *addr)
@@ -307,8 +309,14 @@ static __always_inline int in_tree(void)
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
-    if (!in_tree())
-        return 0;
+    __u32 type = EV_EXEC;
+    if (!in_tree()) {
+        int zero = 0;
+        __u32 *all = settings.lookup(&zero);
+        if (!all || !*all)
+            return 0;
+        type = EV_EXEC_OUTSIDE;
+    }
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         int zero = 0;
@@ -318,7 +326,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
         return 0;
     }
     __u64 id = bpf_get_current_pid_tgid();
-    e->type = EV_EXEC;
+    e->type = type;
     e->tgid = id >> 32;
     e->ppid_unused = 0;
     e->uid = (__u32)bpf_get_current_uid_gid();

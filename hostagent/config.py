@@ -38,6 +38,8 @@ class InterceptConfig:
     socket_group: str = ""             # group allowed to use the socket (default: root only)
     units: list[str] = field(default_factory=list)     # systemd units to enroll
     cgroups: list[str] = field(default_factory=list)   # cgroup paths to enroll
+    uids: list[int] = field(default_factory=list)      # processes of these users, on exec
+    exes: list[str] = field(default_factory=list)      # processes running these, on exec
 
 
 @dataclass
@@ -96,7 +98,8 @@ def load_config(path: str | None) -> HostAgentConfig:
         proxy_port=i.get("proxy_port", int, d.proxy_port), dns=list(i.get("dns", list, d.dns)),
         tree=i.get("tree", str, d.tree), socket=i.path("socket", d.socket),
         socket_group=i.get("socket_group", str, d.socket_group),
-        units=list(i.get("units", list, [])), cgroups=list(i.get("cgroups", list, [])))
+        units=list(i.get("units", list, [])), cgroups=list(i.get("cgroups", list, [])),
+        uids=list(i.get("uids", list, [])), exes=list(i.get("exes", list, [])))
     i.done()
     if cfg.intercept.mode not in ("deny", "record", "allow"):
         raise ConfigError(f"{i.where}: 'mode' must be deny, record or allow")

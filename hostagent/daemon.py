@@ -31,6 +31,7 @@ class Daemon:
         self.stack: Stack | None = None
         self.root: Path | None = None
         self.control: asyncio.AbstractServer | None = None
+        self.matched: Path | None = None
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -55,8 +56,13 @@ class Daemon:
         cfg = self.cfg.intercept
         self.root = cgroups.ensure_tree(cfg.tree)
         await self.stack.intercept(port=cfg.proxy_port, mode=cfg.mode, pin_dir=BPFFS / cfg.tree,
-                                   on_event=self.runs.on_event)
+                                   on_event=self._kernel_event)
         icpt = self.stack.icpt
+        if cfg.uids or cfg.exes:
+            self.matched = cgroups.tree_root(cfg.tree) / "matched"
+            self.matched.mkdir(exist_ok=True)
+            icpt.enroll(cgroups.cgroup_id(self.matched))
+            icpt.watch_all_execs()
         # Attaching replaces programs an earlier run left: never a moment unguarded.
         icpt.attach(self.root)
         for path in [cgroups.unit_cgroup(u) for u in cfg.units] + \
@@ -78,6 +84,21 @@ class Daemon:
             os.chown(sock, 0, grp.getgrnam(cfg.socket_group).gr_gid)
         log.info("intercepting cgroup tree %s (mode %s); proxy on port %d; control socket %s",
                  self.root, cfg.mode, icpt.proxy_port, sock)
+
+    def _kernel_event(self, ev) -> None:
+        if ev.kind != "exec_outside":
+            self.runs.on_event(ev)
+            return
+        # Enrollment by uid or executable happens after the exec, from user space: what the
+        # process does before it is moved (microseconds to a poll period) is not intercepted.
+        cfg = self.cfg.intercept
+        exe = ev.filename
+        if ev.uid in cfg.uids or exe in cfg.exes or os.path.realpath(exe) in cfg.exes:
+            try:
+                cgroups.move(ev.pid, self.matched)
+                log.info("enrolled pid %d (%s, uid %d) on exec", ev.pid, exe, ev.uid)
+            except cgroups.CgroupError as exc:
+                log.warning("could not enroll pid %d on exec: %s", ev.pid, exc)
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         uid = peer_uid(writer.get_extra_info("socket"))

@@ -28,10 +28,11 @@ PIN_DIR = Path("/sys/fs/bpf/agentgate")
 PREFIX = "ag_"
 MODES = {"deny": 0, "record": 1, "allow": 2}
 ACT_TARGET, ACT_RECORD = 1, 2
-EV_EXEC, EV_EXIT, EV_DENY_CONNECT, EV_ALLOW_DIRECT, EV_DENY_UDP, EV_DENY_SOCKET = range(1, 7)
+(EV_EXEC, EV_EXIT, EV_DENY_CONNECT, EV_ALLOW_DIRECT, EV_DENY_UDP, EV_DENY_SOCKET,
+ EV_EXEC_OUTSIDE) = range(1, 8)
 EVENT_NAMES = {EV_EXEC: "exec", EV_EXIT: "exit", EV_DENY_CONNECT: "connect_denied",
                EV_ALLOW_DIRECT: "connect_direct", EV_DENY_UDP: "udp_denied",
-               EV_DENY_SOCKET: "socket_denied"}
+               EV_DENY_SOCKET: "socket_denied", EV_EXEC_OUTSIDE: "exec_outside"}
 BPF_F_ALLOW_MULTI = 2
 
 # (function, bcc program type name, attach type name, bpftool's attach type name)
@@ -265,6 +266,10 @@ class Interceptor:
                           pid=ci.tgid, tid=ci.tid, uid=ci.uid, gid=ci.gid, dst_host=dst_host,
                           dst_port=dst_port, action=ci.action, family=ci.family,
                           comm=bytes(ci.comm).split(b"\0", 1)[0].decode(errors="replace"))
+
+    def watch_all_execs(self, on: bool = True) -> None:
+        """Report execs outside the tree too (for enrollment by uid or executable)."""
+        self.bpf["settings"][ctypes.c_int(0)] = ctypes.c_uint32(1 if on else 0)
 
     def lost_events(self) -> int:
         return sum(self.bpf["lost"][ctypes.c_int(0)])

@@ -94,6 +94,9 @@ def main(argv):
         import time
         report(op="sleep")
         time.sleep(float(args[0]))
+    elif op == "wait":
+        report(op="wait")
+        sys.stdin.readline()
     elif op == "exit":
         sys.exit(int(args[0]))
 

@@ -146,3 +146,60 @@ def test_doctor(host):
     assert all(c["ok"] for c in checks.values()), checks
     assert "redirected and attributed" in checks["canary"]["detail"]
     assert "program ag_sockops" in checks
+
+
+def with_intercept(d: "Daemon", line: str) -> "Daemon":
+    d.config.write_text(d.config.read_text().replace("[intercept]\n", f"[intercept]\n{line}\n"))
+    return d
+
+
+def wait_line(proc):
+    return json.loads(proc.stdout.readline())
+
+
+def test_enroll_an_existing_cgroup(host):
+    outside = cgroups.cgroup2_mount() / f"{host.tree}-external"
+    outside.mkdir()
+    d = with_intercept(Daemon(host), f'cgroups = ["/{outside.name}"]')
+    d.start()
+    try:
+        p = subprocess.run([PYTHON, str(AGENT), f"connect 127.0.0.1 {host.echo.port}"],
+                           preexec_fn=lambda: (outside / "cgroup.procs").write_text(str(os.getpid())),
+                           capture_output=True, text=True, timeout=30)
+        res = json.loads(p.stdout)
+        assert res["ok"]
+        wait_for(lambda: host.sessions("tcp"), what="the session at the collector")
+        (s,) = host.sessions("tcp")
+        assert s["start"]["process"]["pid"] == res["pid"]
+        assert s["start"]["process"]["cgroup"] == f"/{outside.name}"
+    finally:
+        d.stop()
+        subprocess.run([str(BIN / "agentgate-hostagent"), "cleanup", "--config", str(d.config)],
+                       capture_output=True, timeout=60)
+        cgroups.remove(outside)
+
+
+def test_enroll_by_executable_on_exec(host):
+    exe = host.public / "agent-python"
+    exe.write_bytes(open(os.path.realpath(PYTHON), "rb").read())
+    exe.chmod(0o755)
+    d = with_intercept(Daemon(host), f'exes = ["{exe}"]')
+    d.start()
+    try:
+        # started outside the tree, by nobody's hand in no cgroup of ours
+        p = subprocess.Popen([str(exe), str(AGENT), f"wait ; connect 127.0.0.1 {host.echo.port}"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert wait_line(p)["op"] == "wait"
+        matched = cgroups.tree_root(host.tree) / "matched"
+        wait_for(lambda: p.pid in cgroups.pids(matched), what="enrollment on exec")
+        p.stdin.write("go\n")
+        p.stdin.flush()
+        res = wait_line(p)
+        p.wait(30)
+        assert res["ok"]
+        wait_for(lambda: host.sessions("tcp"), what="the session at the collector")
+        (s,) = host.sessions("tcp")
+        assert s["start"]["process"]["pid"] == p.pid
+        assert s["start"]["process"]["exe"] == str(exe)
+    finally:
+        d.stop()
