@@ -32,6 +32,7 @@ class Daemon:
         self.root: Path | None = None
         self.control: asyncio.AbstractServer | None = None
         self.matched: Path | None = None
+        self._lost_logged = 0
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -50,7 +51,8 @@ class Daemon:
             await self._intercept()
             caps.append("intercept")
         self.stack._tasks.append(asyncio.create_task(
-            heartbeat_loop(cfg.collector, cfg.host, cfg.state_dir, spool, capabilities=caps)))
+            heartbeat_loop(cfg.collector, cfg.host, cfg.state_dir, spool, capabilities=caps,
+                           lost_events=self._lost_events)))
 
     async def _intercept(self) -> None:
         cfg = self.cfg.intercept
@@ -84,6 +86,14 @@ class Daemon:
             os.chown(sock, 0, grp.getgrnam(cfg.socket_group).gr_gid)
         log.info("intercepting cgroup tree %s (mode %s); proxy on port %d; control socket %s",
                  self.root, cfg.mode, icpt.proxy_port, sock)
+
+    def _lost_events(self) -> int:
+        lost = self.stack.icpt.lost_events() if self.stack and self.stack.icpt else 0
+        if lost > self._lost_logged:
+            log.warning("%d kernel events lost so far (ring buffer full): recordings of the "
+                        "affected runs are flagged incomplete", lost)
+            self._lost_logged = lost
+        return lost
 
     def _kernel_event(self, ev) -> None:
         if ev.kind != "exec_outside":

@@ -5,7 +5,6 @@ the inline proxy plug into the same process.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from agentgate.client import ClientConfigError
 from agentgate.tomlconfig import ConfigError
 from hostagent.config import load_config
 from hostagent.daemon import serve as run_daemon
+from hostagent.stack import run_loop
 from hostagent.intercept.cgroups import CgroupError
 from hostagent.intercept.loader import InterceptError
 from hostagent.recording.spool import SEGMENT_RE, SpoolError
@@ -49,7 +49,7 @@ def serve(config_path, log_level):
                         format="agentgate-hostagent: %(levelname)s %(message)s")
     try:
         cfg = load_config(config_path)
-        asyncio.run(run_daemon(cfg))
+        run_loop(run_daemon(cfg))
     except (ConfigError, ClientConfigError) as exc:
         fail(str(exc), 2)
     except (SpoolError, InterceptError, CgroupError) as exc:

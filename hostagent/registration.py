@@ -17,7 +17,8 @@ CAPABILITIES = ("recording",)
 
 
 async def heartbeat_loop(address: CollectorAddress, host: str, state_dir: str, spool: Spool,
-                         capabilities=CAPABILITIES, retry: float = 5.0) -> None:
+                         capabilities=CAPABILITIES, retry: float = 5.0,
+                         lost_events=lambda: 0) -> None:
     agent_id = read_agent_id(state_dir)
     md = address.metadata()
     while True:
@@ -35,7 +36,8 @@ async def heartbeat_loop(address: CollectorAddress, host: str, state_dir: str, s
                 await asyncio.sleep(resp.heartbeat_seconds or 15)
                 await stub.Heartbeat(pb.HeartbeatRequest(
                     agent_id=agent_id, spool_bytes=spool.bytes_used(),
-                    unacked_events=spool.unacked_events_estimate()), metadata=md, timeout=10)
+                    unacked_events=spool.unacked_events_estimate(),
+                    lost_kernel_events=lost_events()), metadata=md, timeout=10)
         except grpc.aio.AioRpcError as exc:
             log.debug("registration/heartbeat: %s: %s", exc.code().name, exc.details())
         finally:

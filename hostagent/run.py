@@ -22,7 +22,7 @@ from hostagent.control import ControlError, DaemonClient
 from hostagent.intercept import cgroups
 from hostagent.intercept.loader import InterceptError, attached
 from hostagent.runs import RunSession, new_group
-from hostagent.stack import Stack, open_spool
+from hostagent.stack import Stack, open_spool, run_loop
 
 log = logging.getLogger("agentgate.run")
 
@@ -79,7 +79,7 @@ def run_command(argv: list[str], cfg: HostAgentConfig, user: str | None = None,
         return _run_via_daemon(client, argv, pw)
     if os.geteuid() != 0:
         raise InterceptError("no host agent is running, and running one in-process needs root")
-    return asyncio.run(_run_in_process(argv, cfg, pw, mode))
+    return run_loop(_run_in_process(argv, cfg, pw, mode))
 
 
 def _run_via_daemon(client: DaemonClient, argv: list[str], pw) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 from agentgate.client import CollectorAddress
 from hostagent.config import HostAgentConfig
 from hostagent.intercept import cgroups
-from hostagent.intercept.identity import identify
+from hostagent.intercept.identity import IdentityCache
 from hostagent.intercept.loader import Interceptor, InterceptError, KernelEvent
 from hostagent.proxy.driver import Proxy, Target, Targets, bind_pair, parse_hostport, resolve
 from hostagent.recording.shipper import Shipper
@@ -78,10 +78,9 @@ class Stack:
         if on_event:
             loop = asyncio.get_running_loop()
             self.icpt.start_events(lambda ev: loop.call_soon_threadsafe(on_event, ev))
-        mount = cgroups.cgroup2_mount()
-        tree = cfg.intercept.tree
         self.proxy = Proxy(lookup=self.icpt.take_peer,
-                           identify=lambda r: identify(r, mount, tree), spool=self.spool,
+                           identify=IdentityCache(cgroups.cgroup2_mount(), cfg.intercept.tree),
+                           spool=self.spool,
                            host=cfg.host, targets=targets, session_group=session_group)
         await self.proxy.listen(socks)
 
@@ -97,4 +96,13 @@ class Stack:
             shutil.rmtree(self.pin_dir, ignore_errors=True)
 
 
-__all__ = ["Stack", "KernelEvent", "build_targets", "resolvers", "open_spool"]
+def run_loop(coro):
+    """asyncio.run, on uvloop when it is installed (the proxy's hot path is the loop)."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+__all__ = ["Stack", "run_loop", "KernelEvent", "build_targets", "resolvers", "open_spool"]

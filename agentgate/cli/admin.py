@@ -55,6 +55,7 @@ def agents_list(ctx: Ctx, as_json):
                     "capabilities": list(a.capabilities), "registered": iso_time(a.registered_ns),
                     "last_seen": iso_time(a.last_seen_ns), "online": online(a),
                     "spool_bytes": a.spool_bytes, "unacked_events": a.unacked_events,
+                    "lost_kernel_events": a.lost_kernel_events,
                     "principal": a.principal} for a in resp.agents])
         return
     if not resp.agents:

@@ -27,7 +27,7 @@ class AgentsServicer(rpc.AgentsServicer):
 
     async def Heartbeat(self, request, context):
         await run(context, self.store.heartbeat_agent, request.agent_id, request.spool_bytes,
-                  request.unacked_events, time.time_ns())
+                  request.unacked_events, time.time_ns(), request.lost_kernel_events)
         return pb.HeartbeatResponse()
 
     async def List(self, request, context):
@@ -36,5 +36,6 @@ class AgentsServicer(rpc.AgentsServicer):
             pb.Agent(agent_id=r.agent_id, host=r.host, version=r.version,
                      capabilities=list(r.capabilities), registered_ns=r.registered_ns,
                      last_seen_ns=r.last_seen_ns, spool_bytes=r.spool_bytes,
-                     unacked_events=r.unacked_events, principal=r.principal)
+                     unacked_events=r.unacked_events, principal=r.principal,
+                     lost_kernel_events=r.lost_kernel_events)
             for r in rows])

@@ -91,6 +91,7 @@ class AgentRow:
     spool_bytes: int = 0
     unacked_events: int = 0
     principal: str = ""
+    lost_kernel_events: int = 0
 
 
 class Storage(Protocol):
@@ -116,7 +117,7 @@ class Storage(Protocol):
     # host agents
     def register_agent(self, row: AgentRow) -> AgentRow: ...
     def heartbeat_agent(self, agent_id: str, spool_bytes: int, unacked_events: int,
-                        now_ns: int) -> None: ...
+                        now_ns: int, lost_kernel_events: int = 0) -> None: ...
     def list_agents(self) -> list[AgentRow]: ...
 
     def close(self) -> None: ...

@@ -79,7 +79,8 @@ CREATE TABLE IF NOT EXISTS agents (
     last_seen_ns INTEGER NOT NULL,
     spool_bytes INTEGER NOT NULL DEFAULT 0,
     unacked_events INTEGER NOT NULL DEFAULT 0,
-    principal TEXT NOT NULL DEFAULT ''
+    principal TEXT NOT NULL DEFAULT '',
+    lost_kernel_events INTEGER NOT NULL DEFAULT 0
 );
 """
 
@@ -405,7 +406,8 @@ class SqliteStorage:
     def _agent_row(r) -> AgentRow:
         return AgentRow(agent_id=r[0], host=r[1], version=r[2],
                         capabilities=tuple(json.loads(r[3])), registered_ns=r[4],
-                        last_seen_ns=r[5], spool_bytes=r[6], unacked_events=r[7], principal=r[8])
+                        last_seen_ns=r[5], spool_bytes=r[6], unacked_events=r[7], principal=r[8],
+                        lost_kernel_events=r[9])
 
     def register_agent(self, row: AgentRow) -> AgentRow:
         row = _replace(row, agent_id=row.agent_id or secrets.token_hex(8))
@@ -421,18 +423,20 @@ class SqliteStorage:
         return row
 
     def heartbeat_agent(self, agent_id: str, spool_bytes: int, unacked_events: int,
-                        now_ns: int) -> None:
+                        now_ns: int, lost_kernel_events: int = 0) -> None:
         with self._wlock:
             n = self._w.execute("UPDATE agents SET last_seen_ns = ?, spool_bytes = ?, "
-                                "unacked_events = ? WHERE agent_id = ?",
-                                (now_ns, spool_bytes, unacked_events, agent_id)).rowcount
+                                "unacked_events = ?, lost_kernel_events = ? WHERE agent_id = ?",
+                                (now_ns, spool_bytes, unacked_events, lost_kernel_events,
+                                 agent_id)).rowcount
         if n == 0:
             raise NotFound(f"no host agent {agent_id}: register first")
 
     def list_agents(self) -> list[AgentRow]:
         return [self._agent_row(r) for r in self._r().execute(
             "SELECT agent_id, host, version, capabilities, registered_ns, last_seen_ns, "
-            "spool_bytes, unacked_events, principal FROM agents ORDER BY host, agent_id")]
+            "spool_bytes, unacked_events, principal, lost_kernel_events FROM agents "
+            "ORDER BY host, agent_id")]
 
 
 def _replace(row, **changes):

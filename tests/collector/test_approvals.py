@@ -9,7 +9,7 @@ import pytest
 
 from agentgate.client import open_channel
 from agentgate.wire import pb, rpc
-from tests.support import BIN, run_cli, wait_for
+from tests.support import BIN, run_cli
 
 TOKENS = {
     "root-admin": ("admin", "admin-token-0123456789"),
