@@ -98,6 +98,8 @@ address = ["127.0.0.1:{eport}", "127.0.0.1:{kport}"]
         finally:
             coll.terminate()
             coll.wait()
+            subprocess.run([str(BIN / "agentgate-hostagent"), "cleanup", "--config", str(cfg)],
+                           capture_output=True)
     print()
     print(f"{'':<34}{'direct':>12}{'enrolled':>12}{'ratio':>8}")
     print(f"{'connect + 64 B round trip (us)':<34}{direct['connect_rtt_us']:>12.1f}"
