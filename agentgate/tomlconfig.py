@@ -69,6 +69,14 @@ class Section:
             raise ConfigError(f"{self.where}: unknown key '{unknown[0]}'")
 
 
+def read_secret(section: "Section", path: str) -> str:
+    """A token kept in a file of its own (so it stays out of the config and `ps`)."""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{section.where}: cannot read token_file {path}: {exc.strerror}") from None
+
+
 def default_state_dir() -> Path:
     """/var/lib/agentgate as root, else the user's XDG data dir."""
     if os.geteuid() == 0:

@@ -177,18 +177,37 @@ static __always_inline int dns_allowed(struct addr_key *dst)
     return resolvers.lookup(dst) != 0;
 }
 
+static __always_inline void key4(struct bpf_sock_addr *ctx, struct addr_key *k)
+{
+    k->addr[2] = bpf_htonl(0xffff);
+    k->addr[3] = ctx->user_ip4;
+    k->port = (__u16)ctx->user_port;
+}
+
+static __always_inline void key6(struct bpf_sock_addr *ctx, struct addr_key *k)
+{
+    k->addr[0] = ctx->user_ip6[0];
+    k->addr[1] = ctx->user_ip6[1];
+    k->addr[2] = ctx->user_ip6[2];
+    k->addr[3] = ctx->user_ip6[3];
+    k->port = (__u16)ctx->user_port;
+}
+
+// UDP (sendmsg, or connect on a datagram socket): only to the DNS resolvers.
+static __always_inline int udp_verdict(struct addr_key *dst)
+{
+    if (dns_allowed(dst))
+        return 1;
+    emit(EV_DENY_UDP, dst);
+    return 0;
+}
+
 int ag_connect4(struct bpf_sock_addr *ctx)
 {
     struct addr_key dst = {};
-    dst.addr[2] = bpf_htonl(0xffff);
-    dst.addr[3] = ctx->user_ip4;
-    dst.port = (__u16)ctx->user_port;
-    if (ctx->type == AG_SOCK_DGRAM) {
-        if (dns_allowed(&dst))
-            return 1;
-        emit(EV_DENY_UDP, &dst);
-        return 0;
-    }
+    key4(ctx, &dst);
+    if (ctx->type == AG_SOCK_DGRAM)
+        return udp_verdict(&dst);
     if (ctx->type != AG_SOCK_STREAM)
         return 0;
     int verdict = decide_tcp(ctx, &dst);
@@ -203,29 +222,19 @@ int ag_connect4(struct bpf_sock_addr *ctx)
 int ag_connect6(struct bpf_sock_addr *ctx)
 {
     struct addr_key dst = {};
-    dst.addr[0] = ctx->user_ip6[0];
-    dst.addr[1] = ctx->user_ip6[1];
-    dst.addr[2] = ctx->user_ip6[2];
-    dst.addr[3] = ctx->user_ip6[3];
-    dst.port = (__u16)ctx->user_port;
-    if (ctx->type == AG_SOCK_DGRAM) {
-        if (dns_allowed(&dst))
-            return 1;
-        emit(EV_DENY_UDP, &dst);
-        return 0;
-    }
+    key6(ctx, &dst);
+    if (ctx->type == AG_SOCK_DGRAM)
+        return udp_verdict(&dst);
     if (ctx->type != AG_SOCK_STREAM)
         return 0;
     int verdict = decide_tcp(ctx, &dst);
     if (verdict == 2) {
+        ctx->user_ip6[0] = 0;
+        ctx->user_ip6[1] = 0;
         if (is_v4mapped(dst.addr)) {     // dual-stack socket to an IPv4 address
-            ctx->user_ip6[0] = 0;
-            ctx->user_ip6[1] = 0;
             ctx->user_ip6[2] = bpf_htonl(0xffff);
             ctx->user_ip6[3] = AG_PROXY_IP4;
         } else {
-            ctx->user_ip6[0] = 0;
-            ctx->user_ip6[1] = 0;
             ctx->user_ip6[2] = 0;
             ctx->user_ip6[3] = bpf_htonl(1);
         }
@@ -238,27 +247,15 @@ int ag_connect6(struct bpf_sock_addr *ctx)
 int ag_sendmsg4(struct bpf_sock_addr *ctx)
 {
     struct addr_key dst = {};
-    dst.addr[2] = bpf_htonl(0xffff);
-    dst.addr[3] = ctx->user_ip4;
-    dst.port = (__u16)ctx->user_port;
-    if (dns_allowed(&dst))
-        return 1;
-    emit(EV_DENY_UDP, &dst);
-    return 0;
+    key4(ctx, &dst);
+    return udp_verdict(&dst);
 }
 
 int ag_sendmsg6(struct bpf_sock_addr *ctx)
 {
     struct addr_key dst = {};
-    dst.addr[0] = ctx->user_ip6[0];
-    dst.addr[1] = ctx->user_ip6[1];
-    dst.addr[2] = ctx->user_ip6[2];
-    dst.addr[3] = ctx->user_ip6[3];
-    dst.port = (__u16)ctx->user_port;
-    if (dns_allowed(&dst))
-        return 1;
-    emit(EV_DENY_UDP, &dst);
-    return 0;
+    key6(ctx, &dst);
+    return udp_verdict(&dst);
 }
 
 int ag_sock_create(struct bpf_sock *sk)

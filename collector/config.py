@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agentgate.client import is_loopback_target
-from agentgate.tomlconfig import ConfigError, Section, default_state_dir, read_toml
+from agentgate.tomlconfig import ConfigError, Section, default_state_dir, read_secret, read_toml
 
 ROLES = ("admin", "approver", "auditor", "hostagent")
 DEFAULT_LISTEN = "127.0.0.1:7421"
@@ -70,11 +70,7 @@ def _token(sec: Section) -> Token:
     if len(given) != 1:
         raise ConfigError(f"{sec.where}: give exactly one of 'token', 'token_sha256', 'token_file'")
     if token_file:
-        try:
-            secret = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{sec.where}: cannot read token_file {token_file}: "
-                              f"{exc.strerror}") from None
+        secret = read_secret(sec, token_file)
     if secret:
         if len(secret) < 16:
             raise ConfigError(f"{sec.where}: token is too short (at least 16 characters)")

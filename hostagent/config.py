@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agentgate.client import DEFAULT_COLLECTOR, CollectorAddress
-from agentgate.tomlconfig import ConfigError, Section, default_state_dir, read_toml
+from agentgate.tomlconfig import ConfigError, Section, default_state_dir, read_secret, read_toml
 
 
 @dataclass
@@ -72,10 +72,7 @@ def load_config(path: str | None) -> HostAgentConfig:
     if token and token_file:
         raise ConfigError(f"{c.where}: give 'token' or 'token_file', not both")
     if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as exc:
-            raise ConfigError(f"{c.where}: cannot read token_file {token_file}: {exc.strerror}") from None
+        token = read_secret(c, token_file)
     cfg.collector = CollectorAddress(
         target=c.get("address", str, DEFAULT_COLLECTOR), token=token or None,
         ca=c.path("ca"), cert=c.path("cert"), key=c.path("key"),

@@ -6,6 +6,7 @@ import grpc
 
 from agentgate.events import SESSION_START, unpack_payload
 from agentgate.wire import pb, rpc
+from collector.auth import current_principal
 from collector.hub import Hub, SessionMeta
 from collector.services import run
 from collector.storage import NotFound, Storage
@@ -23,6 +24,7 @@ class IngestServicer(rpc.IngestServicer):
         # Batch N+1 is received and decoded while batch N commits (sqlite releases the
         # GIL); commits stay in order, and each batch is acked as soon as it is durable.
         writes: asyncio.Queue = asyncio.Queue(maxsize=2)
+        owner = current_principal().name
 
         async def receive():
             try:
@@ -42,7 +44,7 @@ class IngestServicer(rpc.IngestServicer):
                 if bad is not None:
                     await writes.put(ValueError(f"malformed event {bad.session_id!r} seq {bad.seq}"))
                     return
-                previous = asyncio.ensure_future(self._write(context, previous, events))
+                previous = asyncio.ensure_future(self._write(context, previous, events, owner))
                 await writes.put((batch.batch_id, previous))
             await writes.put(None)
 
@@ -63,10 +65,10 @@ class IngestServicer(rpc.IngestServicer):
         finally:
             receiver.cancel()
 
-    async def _write(self, context, previous: asyncio.Future | None, events):
+    async def _write(self, context, previous: asyncio.Future | None, events, owner: str):
         if previous is not None:
             await asyncio.shield(previous)
-        return await run(context, self.store.ingest, events)
+        return await run(context, self.store.ingest, events, owner)
 
     async def _publish(self, fresh) -> None:
         if len(self._meta) > 50_000:

@@ -96,10 +96,11 @@ class AgentRow:
 
 class Storage(Protocol):
     # recordings
-    def ingest(self, events: Sequence[Event]) -> tuple[dict[str, int], list[Event]]:
+    def ingest(self, events: Sequence[Event], owner: str = "") -> tuple[dict[str, int], list[Event]]:
         """Store events durably, once each. Returns (session id -> highest seq such that
-        1..seq are all stored, the events that were new). Any object with Event's field
-        names will do (the servicer passes the wire messages as they are)."""
+        1..seq are all stored, the events that were now contiguous). Any object with
+        Event's field names will do (the servicer passes the wire messages as they are).
+        A session belongs to the `owner` that sent its first event; Forbidden for others."""
     def list_sessions(self, flt: SessionFilter) -> list[SessionRow]: ...
     def get_session(self, session_id: str) -> SessionRow: ...
     def events(self, session_id: str, after_seq: int = 0, limit: int = 1000) -> list[Event]: ...

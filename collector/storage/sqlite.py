@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS sessions (
     committed_seq INTEGER NOT NULL DEFAULT 0,  -- 1..committed_seq all stored
     stored_seq INTEGER NOT NULL DEFAULT 0,     -- highest seq stored (> committed: a gap)
     command_count INTEGER NOT NULL DEFAULT 0,
-    start_payload BLOB NOT NULL DEFAULT x''
+    start_payload BLOB NOT NULL DEFAULT x'',
+    owner TEXT NOT NULL DEFAULT ''             -- the host agent that records it
 );
 CREATE INDEX IF NOT EXISTS sessions_started ON sessions(started_ns);
 CREATE TABLE IF NOT EXISTS events (
@@ -127,7 +128,7 @@ class SqliteStorage:
                 raise StorageError(f"cannot create database directory {parent}: {exc.strerror}") from None
         self._wlock = threading.Lock()
         # session id -> (pk, committed, stored) as committed; the writer is the only one
-        self._sessions: dict[str, tuple[int, int, int]] = {}
+        self._sessions: dict[str, tuple[int, int, int, str]] = {}
         self._local = threading.local()
         try:
             self._w = self._connect()
@@ -156,7 +157,7 @@ class SqliteStorage:
 
     # ------------------------------------------------------------------ recordings
 
-    def ingest(self, events: Sequence[Event]) -> tuple[dict[str, int], list[Event]]:
+    def ingest(self, events: Sequence[Event], owner: str = "") -> tuple[dict[str, int], list[Event]]:
         by_session: dict[str, list[Event]] = {}
         for ev in events:
             by_session.setdefault(ev.session_id, []).append(ev)
@@ -164,7 +165,7 @@ class SqliteStorage:
             c = self._w
             c.execute("BEGIN IMMEDIATE")
             try:
-                acks, fresh, states = self._ingest(c, by_session)
+                acks, fresh, states = self._ingest(c, by_session, owner)
                 c.execute("COMMIT")
             except BaseException:
                 if c.in_transaction:
@@ -175,24 +176,31 @@ class SqliteStorage:
                 self._sessions.clear()
         return acks, fresh
 
-    def _session_state(self, c: sqlite3.Connection, sid: str) -> tuple[int, int, int]:
-        """(pk, committed seq, highest stored seq), from the cache or the database."""
+    def _session_state(self, c: sqlite3.Connection, sid: str,
+                       owner: str) -> tuple[int, int, int, str]:
+        """(pk, committed seq, highest stored seq, owner), from the cache or the database.
+        A session belongs to the host agent that sent its first event: no other may add
+        to it (or claim sequence numbers ahead of it)."""
         state = self._sessions.get(sid)
         if state is None:
-            row = c.execute("SELECT pk, committed_seq, stored_seq FROM sessions WHERE id = ?",
-                            (sid,)).fetchone()
-            state = row or (c.execute("INSERT INTO sessions (id) VALUES (?)", (sid,)).lastrowid, 0, 0)
+            row = c.execute("SELECT pk, committed_seq, stored_seq, owner FROM sessions "
+                            "WHERE id = ?", (sid,)).fetchone()
+            state = row or (c.execute("INSERT INTO sessions (id, owner) VALUES (?, ?)",
+                                      (sid, owner)).lastrowid, 0, 0, owner)
+        if state[3] != owner:
+            raise Forbidden(f"session {sid} belongs to {state[3] or 'another host agent'}, "
+                            f"not {owner or 'this caller'}")
         return state
 
-    def _ingest(self, c: sqlite3.Connection, by_session: dict[str, list[Event]]):
+    def _ingest(self, c: sqlite3.Connection, by_session: dict[str, list[Event]], owner: str):
         acks: dict[str, int] = {}
-        states: dict[str, tuple[int, int, int]] = {}
+        states: dict[str, tuple[int, int, int, str]] = {}
         rows: list[tuple] = []
         fresh_all: list[Event] = []
         gapped: list[tuple[str, int]] = []
         touched: dict[str, list[Event]] = {}
         for sid, evs in by_session.items():
-            pk, committed, stored_max = self._session_state(c, sid)
+            pk, committed, stored_max, _ = self._session_state(c, sid, owner)
             fresh = list({e.seq: e for e in evs if e.seq > committed}.values())
             if stored_max > committed and fresh:
                 # Events past an earlier gap are stored already: count and publish them once.
@@ -201,7 +209,7 @@ class SqliteStorage:
                 fresh = [e for e in fresh if e.seq not in stored]
             if not fresh:
                 acks[sid] = committed
-                states[sid] = (pk, committed, stored_max)
+                states[sid] = (pk, committed, stored_max, owner)
                 continue
             fresh.sort(key=lambda e: e.seq)
             rows.extend((pk, e.seq, e.wall_time_ns, e.mono_ns, e.kind, e.payload, e.prev_hash,
@@ -216,7 +224,7 @@ class SqliteStorage:
             if stored_max > mark:
                 gapped.append((sid, pk))
             acks[sid] = mark
-            states[sid] = (pk, mark, stored_max)
+            states[sid] = (pk, mark, stored_max, owner)
             touched[sid] = fresh
             if stored_max == mark:
                 fresh_all.extend(fresh)
@@ -232,7 +240,7 @@ class SqliteStorage:
                     break
                 mark = seq
             acks[sid] = mark
-            states[sid] = (pk, mark, states[sid][2])
+            states[sid] = (pk, mark, states[sid][2], owner)
             fresh_all.extend(e for e in touched[sid] if e.seq <= before)
             if mark > before:
                 fresh_all.extend(self._events_by_pk(c, sid, pk, before, mark))

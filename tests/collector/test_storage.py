@@ -107,3 +107,11 @@ def test_duplicates_inside_one_batch_count_once(store):
     acks, fresh = store.ingest(evs + evs[1:])
     assert acks == {"s": 3} and len(fresh) == 3
     assert store.get_session("s").command_count == 3
+
+
+def test_a_session_belongs_to_the_host_agent_that_started_it(store):
+    evs = events("s", 4)
+    assert store.ingest(evs[:2], owner="host-1")[0] == {"s": 2}
+    with pytest.raises(Forbidden, match="belongs to host-1"):
+        store.ingest(evs[2:], owner="host-2")     # e.g. claiming seqs ahead of host-1
+    assert store.ingest(evs[2:], owner="host-1")[0] == {"s": 4}
