@@ -49,6 +49,9 @@
 #define EV_DENY_UDP 5
 #define EV_DENY_SOCKET 6
 #define EV_EXEC_OUTSIDE 7   // exec outside the tree, reported for uid/exe enrollment
+#define EV_DENY_BIND 8
+#define AG_SIGSTOP 19
+#define FLAG_STOPPED 1      // the process was stopped at exec, for the daemon to enroll
 
 // An address as 16 bytes: IPv4 as v4-mapped IPv6, so one key type serves both.
 struct addr_key {
@@ -74,7 +77,7 @@ struct conn_info {
 struct event {
     __u32 type;
     __u32 tgid;
-    __u32 ppid_unused;
+    __u32 flags;
     __u32 uid;
     __u64 cgroup_id;
     __u64 ktime_ns;
@@ -90,6 +93,15 @@ BPF_TABLE_PINNED("lru_hash", struct addr_key, struct conn_info, peers, 65536, AG
 BPF_TABLE_PINNED("hash", __u64, __u32, enrolled, 65536, AG_PIN "/enrolled");
 BPF_RINGBUF_OUTPUT(events, 64);
 BPF_ARRAY(settings, __u32, 1);   // [0] = 1: report every exec (uid/exe enrollment)
+
+// Enrollment on exec: a process exec'ing as one of these users, or one of these paths,
+// is stopped (SIGSTOP) before its first instruction; the daemon moves it into the tree
+// and continues it. With the daemon gone it stays stopped: fail closed.
+struct path_key {
+    char path[128];
+};
+BPF_HASH(stop_uids, __u32, __u32, 1024);
+BPF_HASH(stop_exes, struct path_key, __u32, 1024);
 BPF_PERCPU_ARRAY(lost, __u64, 1);
 
 static __always_inline void emit(__u32 type, struct addr_key *addr)
@@ -105,7 +117,7 @@ static __always_inline void emit(__u32 type, struct addr_key *addr)
     __u64 id = bpf_get_current_pid_tgid();
     e->type = type;
     e->tgid = id >> 32;
-    e->ppid_unused = 0;
+    e->flags = 0;
     e->uid = (__u32)bpf_get_current_uid_gid();
     e->cgroup_id = bpf_get_current_cgroup_id();
     e->ktime_ns = bpf_ktime_get_ns();
@@ -258,14 +270,41 @@ int ag_sendmsg6(struct bpf_sock_addr *ctx)
     return udp_verdict(&dst);
 }
 
+// An allowlist: TCP streams and UDP datagrams only (no raw, ICMP, SCTP, MPTCP, ...).
 int ag_sock_create(struct bpf_sock *sk)
 {
-    if (sk->type == AG_SOCK_RAW || sk->protocol == AG_IPPROTO_ICMP
-        || sk->protocol == AG_IPPROTO_ICMPV6) {
-        emit(EV_DENY_SOCKET, 0);
-        return 0;
-    }
-    return 1;
+    __u32 type = sk->type, protocol = sk->protocol;
+    if ((type == AG_SOCK_STREAM && (protocol == 0 || protocol == AG_IPPROTO_TCP))
+        || (type == AG_SOCK_DGRAM && (protocol == 0 || protocol == AG_IPPROTO_UDP)))
+        return 1;
+    emit(EV_DENY_SOCKET, 0);
+    return 0;
+}
+
+// No listening for the outside world: binds with a port are allowed on loopback only.
+// (Port 0 is a source-address choice for an outgoing connect, which is judged there.)
+int ag_bind4(struct bpf_sock_addr *ctx)
+{
+    struct addr_key k = {};
+    key4(ctx, &k);
+    if (k.port == 0 || (bpf_ntohl(k.addr[3]) >> 24) == 127)
+        return 1;
+    emit(EV_DENY_BIND, &k);
+    return 0;
+}
+
+int ag_bind6(struct bpf_sock_addr *ctx)
+{
+    struct addr_key k = {};
+    key6(ctx, &k);
+    if (k.port == 0)
+        return 1;
+    if (k.addr[0] == 0 && k.addr[1] == 0 && k.addr[2] == 0 && k.addr[3] == bpf_htonl(1))
+        return 1;   // ::1
+    if (is_v4mapped(k.addr) && (bpf_ntohl(k.addr[3]) >> 24) == 127)
+        return 1;
+    emit(EV_DENY_BIND, &k);
+    return 0;
 }
 
 int ag_sockops(struct bpf_sock_ops *skops)
@@ -325,7 +364,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     __u64 id = bpf_get_current_pid_tgid();
     e->type = type;
     e->tgid = id >> 32;
-    e->ppid_unused = 0;
+    e->flags = 0;
     e->uid = (__u32)bpf_get_current_uid_gid();
     e->cgroup_id = bpf_get_current_cgroup_id();
     e->ktime_ns = bpf_ktime_get_ns();
@@ -333,6 +372,15 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     unsigned short off = args->data_loc_filename & 0xFFFF;
     bpf_probe_read_kernel_str(&e->filename, sizeof(e->filename), (char *)args + off);
+    if (type == EV_EXEC_OUTSIDE) {
+        struct path_key pk = {};
+        bpf_probe_read_kernel_str(&pk.path, sizeof(pk.path), (char *)args + off);
+        __u32 uid = e->uid;
+        if (stop_uids.lookup(&uid) || stop_exes.lookup(&pk)) {
+            bpf_send_signal(AG_SIGSTOP);
+            e->flags = FLAG_STOPPED;
+        }
+    }
     events.ringbuf_submit(e, 0);
     return 0;
 }

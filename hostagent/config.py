@@ -31,7 +31,7 @@ def system_resolvers() -> list[str]:
 class InterceptConfig:
     enabled: bool = True               # the daemon intercepts (false: spool + ship only)
     mode: str = "deny"                 # TCP to non-targets: deny | record | allow
-    proxy_port: int = 15001            # the daemon's proxy (agentgate run alone picks one)
+    proxy_port: int = 641              # privileged (< 1024); `agentgate run` alone picks one
     dns: list[str] = field(default_factory=system_resolvers)   # UDP allowed only to these
     tree: str = "agentgate"            # cgroup tree (under the cgroup2 mount) and bpffs dir
     socket: str = "/run/agentgate/hostagent.sock"   # where `agentgate run` asks the daemon

@@ -7,6 +7,7 @@ import grp
 import json
 import logging
 import os
+import resource
 import signal
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from hostagent.control import ControlError, peer_uid, uid_of
 from hostagent.intercept import cgroups
 from hostagent.intercept.loader import preflight
 from hostagent.recording.recorder import close_orphans
+from hostagent.recording.spool import SpoolError
 from hostagent.registration import heartbeat_loop
 from hostagent.runs import RunSession, Runs, new_group
 from hostagent.stack import Stack, open_spool
@@ -32,10 +34,14 @@ class Daemon:
         self.root: Path | None = None
         self.control: asyncio.AbstractServer | None = None
         self.matched: Path | None = None
+        self.groups: dict[str, tuple[int, Path, int]] = {}   # run -> (uid, cgroup, id)
         self._lost_logged = 0
 
     async def start(self) -> None:
         cfg = self.cfg
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:   # every proxied connection is two fds: don't run out at 1024
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         if cfg.intercept.enabled:
             preflight()   # refuse before anything starts: never half up, never unmonitored
         spool = await asyncio.to_thread(open_spool, cfg)
@@ -64,9 +70,10 @@ class Daemon:
             self.matched = cgroups.tree_root(cfg.tree) / "matched"
             self.matched.mkdir(exist_ok=True)
             icpt.enroll(cgroups.cgroup_id(self.matched))
-            icpt.watch_all_execs()
+            icpt.watch_all_execs(cfg.uids, cfg.exes)
         # Attaching replaces programs an earlier run left: never a moment unguarded.
         icpt.attach(self.root)
+        icpt.clear_records()
         for path in [cgroups.unit_cgroup(u) for u in cfg.units] + \
                     [cgroups.cgroup2_mount() / c.lstrip("/") for c in cfg.cgroups]:
             if not path.is_dir():
@@ -80,7 +87,11 @@ class Daemon:
         sock = Path(cfg.socket)
         sock.parent.mkdir(parents=True, exist_ok=True)
         sock.unlink(missing_ok=True)
-        self.control = await asyncio.start_unix_server(self._client, path=str(sock))
+        umask = os.umask(0o177)   # born root-only: no moment where others may connect
+        try:
+            self.control = await asyncio.start_unix_server(self._client, path=str(sock))
+        finally:
+            os.umask(umask)
         os.chmod(sock, 0o660 if cfg.socket_group else 0o600)
         if cfg.socket_group:
             os.chown(sock, 0, grp.getgrnam(cfg.socket_group).gr_gid)
@@ -99,32 +110,51 @@ class Daemon:
         if ev.kind != "exec_outside":
             self.runs.on_event(ev)
             return
-        # Enrollment by uid or executable happens after the exec, from user space: what the
-        # process does before it is moved (microseconds to a poll period) is not intercepted.
         cfg = self.cfg.intercept
-        exe = ev.filename
-        if ev.uid in cfg.uids or exe in cfg.exes or os.path.realpath(exe) in cfg.exes:
+        if not ev.stopped:
+            # Not stopped by the kernel (e.g. a relative path): matched here, after the
+            # exec; what it does before it is moved is not intercepted (README).
             try:
-                cgroups.move(ev.pid, self.matched)
-                log.info("enrolled pid %d (%s, uid %d) on exec", ev.pid, exe, ev.uid)
-            except cgroups.CgroupError as exc:
-                log.warning("could not enroll pid %d on exec: %s", ev.pid, exc)
+                exe = os.path.realpath(f"/proc/{ev.pid}/exe")
+            except OSError:
+                return
+            if ev.uid not in cfg.uids and exe not in cfg.exes:
+                return
+        try:
+            cgroups.move(ev.pid, self.matched)
+            log.info("enrolled pid %d (%s, uid %d) on exec", ev.pid, ev.filename, ev.uid)
+        except cgroups.CgroupError as exc:
+            log.warning("could not enroll pid %d on exec (left stopped): %s", ev.pid, exc)
+            return
+        if ev.stopped:
+            try:
+                os.kill(ev.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         uid = peer_uid(writer.get_extra_info("socket"))
+        mine: set[str] = set()     # runs this connection enrolled and has not finished
         try:
             while line := await reader.readline():
                 try:
                     req = json.loads(line)
-                    reply = {"ok": True, **await self._handle(uid, req)}
-                except (ControlError, cgroups.CgroupError, ValueError, KeyError, OSError) as exc:
+                    reply = {"ok": True, **await self._handle(uid, req, mine)}
+                except (ControlError, cgroups.CgroupError, SpoolError, ValueError, KeyError,
+                        TypeError, OSError) as exc:
                     reply = {"ok": False, "error": str(exc)}
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
         finally:
             writer.close()
+            # `agentgate run` went away without finishing (killed, Ctrl-C): its agent
+            # must not outlive it unwatched, nor its session stay open.
+            for group in list(mine):
+                await self._finish(group, None, "agentgate run went away")
 
-    async def _handle(self, uid: int, req: dict) -> dict:
+    async def _handle(self, uid: int, req: dict, mine: set[str]) -> dict:
         op = req.get("op")
         icpt = self.stack.icpt
         if op == "hello":
@@ -140,26 +170,40 @@ class Daemon:
             cgid = cgroups.cgroup_id(cg)
             icpt.enroll(cgid)
             try:
+                run = RunSession(self.stack.spool, host=self.cfg.host,
+                                 argv=[str(a) for a in req.get("argv", [])],
+                                 user=req.get("user"), cgroup=cg, group=group, mode=icpt.mode,
+                                 requested_by=f"uid {uid}")
                 cgroups.move(pid, cg)
-            except cgroups.CgroupError:
-                cgroups.remove(cg)
+            except (cgroups.CgroupError, SpoolError):
+                icpt.unenroll(cgid)
+                await asyncio.to_thread(cgroups.remove, cg)
                 raise
-            self.runs.add(cgid, RunSession(
-                self.stack.spool, host=self.cfg.host, argv=list(req.get("argv", [])),
-                user=req.get("user"), cgroup=cg, group=group, mode=icpt.mode,
-                requested_by=f"uid {uid}"))
+            self.runs.add(cgid, run)
+            self.groups[group] = (uid, cg, cgid)
+            mine.add(group)
             return {"group": group, "cgroup": str(cg)}
         if op == "finish":
-            cg = self.root / f"run-{req['group']}"
-            cgid = cgroups.cgroup_id(cg)
-            await asyncio.to_thread(cgroups.remove, cg)
-            icpt.unenroll(cgid)
-            run = self.runs.pop(cgid)
-            if run:
-                await asyncio.sleep(0.1)   # let the ring buffer hand over the last events
-                run.end(req.get("exit_code"), lost=icpt.lost_events(), refused=self.stack.proxy.refused)
+            group = str(req.get("group", ""))
+            if group not in mine:   # only the connection that enrolled it
+                raise ControlError(f"no run {group!r} of this connection")
+            exit_code = req.get("exit_code")
+            await self._finish(group, exit_code if isinstance(exit_code, int) else None, "exited")
             return {}
         raise ControlError(f"unknown op {op!r}")
+
+    async def _finish(self, group: str, exit_code: int | None, reason: str) -> None:
+        _uid, cg, cgid = self.groups.pop(group)
+        await asyncio.to_thread(cgroups.remove, cg)
+        self.stack.icpt.unenroll(cgid)
+        run = self.runs.pop(cgid)
+        if run:
+            await asyncio.sleep(0.1)   # let the ring buffer hand over the last events
+            try:
+                run.end(exit_code, reason=reason, lost=self.stack.icpt.lost_events(),
+                        refused=self.stack.proxy.refused)
+            except SpoolError as exc:
+                log.error("cannot record the end of run %s: %s", group, exc)
 
     async def stop(self) -> None:
         if self.control:

@@ -98,7 +98,8 @@ def _canary(root: Path) -> list[Check]:
         for fn_name, ptype, atype, _ in PROGRAMS:
             out.append(Check(f"program {fn_name}", True, f"{ptype} / {atype}"))
         out.append(Check("tracepoints + ring buffer", True, "sched_process_exec, sched_process_exit"))
-        cg = cgroups.make_cgroup(root, name)
+        # outside the tree: a running host agent's programs would judge it too
+        cg = cgroups.make_cgroup(cgroups.cgroup2_mount(), name)
         icpt.attach(cg)
         icpt.set_targets([("127.0.0.1", tport)])
         code = ("import socket,os,sys;s=socket.create_connection(('127.0.0.1',%d),5);"

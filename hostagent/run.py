@@ -12,6 +12,8 @@ import ctypes
 import logging
 import os
 import pwd
+import signal
+import subprocess
 from pathlib import Path
 
 import grpc
@@ -26,9 +28,14 @@ from hostagent.stack import Stack, open_spool, run_loop
 
 log = logging.getLogger("agentgate.run")
 
-# Capabilities an agent run as root loses: raw/packet sockets, network admin, BPF, tracing.
+# Capabilities an agent run as root loses: raw/packet sockets, network admin, BPF,
+# tracing, modules, ptrace, raw I/O. No new privileges for anyone: a setuid binary or
+# sudo must not turn an agent into root (root may leave the tree).
 PR_CAPBSET_DROP = 24
-DROPPED_CAPS = (12, 13, 21, 38, 39)   # NET_ADMIN, NET_RAW, SYS_ADMIN, PERFMON, BPF
+PR_SET_NO_NEW_PRIVS = 38
+DROPPED_CAPS = (12, 13, 16, 17, 19, 21, 38, 39)  # NET_ADMIN NET_RAW SYS_MODULE SYS_RAWIO
+                                                 # SYS_PTRACE SYS_ADMIN PERFMON BPF
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
 def exit_code(returncode: int) -> int:
@@ -58,7 +65,10 @@ def _child_setup(user, cgroup: Path | None = None, gate: int | None = None):
             os.close(gate)
         if os.geteuid() == 0:
             for cap in DROPPED_CAPS:
-                libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+                if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+                    os._exit(126)
+        if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            os._exit(126)
         if user is not None:
             os.setgroups(os.getgrouplist(user.pw_name, user.pw_gid))
             os.setgid(user.pw_gid)
@@ -106,6 +116,9 @@ def _run_via_daemon(client: DaemonClient, argv: list[str], pw) -> int:
         raise InterceptError(f"the host agent refused to enroll: {exc}") from None
     os.write(w, b"1")
     os.close(w)
+    # Signals meant for the run go to CMD; we wait for it to exit and report that.
+    for sig in FORWARDED:
+        signal.signal(sig, lambda n, _f: os.kill(pid, n))
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -163,9 +176,13 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
                          cgroup=cg, group=group, mode=mode)
         try:
             proc = await asyncio.create_subprocess_exec(*argv, preexec_fn=_child_setup(pw, cg))
-        except OSError as exc:
-            run.end(None, reason=f"could not start: {exc.strerror}")
-            raise InterceptError(f"cannot run {argv[0]}: {exc.strerror}") from None
+        except (OSError, subprocess.SubprocessError) as exc:
+            why = getattr(exc, "strerror", None) or str(exc)
+            run.end(None, reason=f"could not start: {why}")
+            raise InterceptError(f"cannot run {argv[0]}: {why}") from None
+        loop = asyncio.get_running_loop()
+        for sig in FORWARDED:   # for CMD; we wait for it to exit and report that
+            loop.add_signal_handler(sig, proc.send_signal, sig)
         rc = exit_code(await proc.wait())
         await asyncio.to_thread(cgroups.remove, cg)   # what CMD left behind ends with it
         await stack.proxy.close()
@@ -176,9 +193,15 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
                         cfg.spool.dir)
         return rc
     finally:
-        await stack.close(detach=True, unpin=True, grace=0)
+        # Whatever happened: nothing of CMD may outlive the programs watching it.
+        stuck = False
         if cg is not None and cg.exists():
-            await asyncio.to_thread(cgroups.remove, cg)
+            try:
+                await asyncio.to_thread(cgroups.remove, cg)
+            except cgroups.CgroupError as exc:
+                log.error("%s: leaving the programs attached (fail closed)", exc)
+                stuck = True
+        await stack.close(detach=not stuck, unpin=not stuck, grace=0)
         spool.close()
         if embedded:
             await embedded.stop(0.5)

@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,11 +30,14 @@ PREFIX = "ag_"
 MODES = {"deny": 0, "record": 1, "allow": 2}
 ACT_TARGET, ACT_RECORD = 1, 2
 (EV_EXEC, EV_EXIT, EV_DENY_CONNECT, EV_ALLOW_DIRECT, EV_DENY_UDP, EV_DENY_SOCKET,
- EV_EXEC_OUTSIDE) = range(1, 8)
+ EV_EXEC_OUTSIDE, EV_DENY_BIND) = range(1, 9)
 EVENT_NAMES = {EV_EXEC: "exec", EV_EXIT: "exit", EV_DENY_CONNECT: "connect_denied",
                EV_ALLOW_DIRECT: "connect_direct", EV_DENY_UDP: "udp_denied",
-               EV_DENY_SOCKET: "socket_denied", EV_EXEC_OUTSIDE: "exec_outside"}
+               EV_DENY_SOCKET: "socket_denied", EV_EXEC_OUTSIDE: "exec_outside",
+               EV_DENY_BIND: "bind_denied"}
+FLAG_STOPPED = 1
 BPF_F_ALLOW_MULTI = 2
+RECORD_TTL_NS = 10_000_000_000   # a redirected connect reaches accept() within this
 
 # (function, bcc program type name, attach type name, bpftool's attach type name)
 PROGRAMS = [
@@ -42,6 +46,8 @@ PROGRAMS = [
     ("ag_sendmsg4", "CGROUP_SOCK_ADDR", "CGROUP_UDP4_SENDMSG", "sendmsg4"),
     ("ag_sendmsg6", "CGROUP_SOCK_ADDR", "CGROUP_UDP6_SENDMSG", "sendmsg6"),
     ("ag_sock_create", "CGROUP_SOCK", "CGROUP_INET_SOCK_CREATE", "sock_create"),
+    ("ag_bind4", "CGROUP_SOCK_ADDR", "CGROUP_INET4_BIND", "bind4"),
+    ("ag_bind6", "CGROUP_SOCK_ADDR", "CGROUP_INET6_BIND", "bind6"),
     ("ag_sockops", "SOCK_OPS", "CGROUP_SOCK_OPS", "sock_ops"),
 ]
 
@@ -55,7 +61,7 @@ class AddrKey(ctypes.Structure):
 
 
 class RawEvent(ctypes.Structure):
-    _fields_ = [("type", ctypes.c_uint32), ("tgid", ctypes.c_uint32), ("ppid", ctypes.c_uint32),
+    _fields_ = [("type", ctypes.c_uint32), ("tgid", ctypes.c_uint32), ("flags", ctypes.c_uint32),
                 ("uid", ctypes.c_uint32), ("cgroup_id", ctypes.c_uint64),
                 ("ktime_ns", ctypes.c_uint64), ("addr", AddrKey), ("comm", ctypes.c_char * 16),
                 ("filename", ctypes.c_char * 128)]
@@ -87,6 +93,7 @@ class KernelEvent:
     comm: str
     filename: str = ""
     addr: str = ""
+    stopped: bool = False    # stopped at exec for enrollment: must be continued
 
 
 def addr_key(host: str, port: int) -> AddrKey:
@@ -227,17 +234,22 @@ class Interceptor:
 
     # ------------------------------------------------------------------ maps
 
+    def _replace(self, name: str, addrs: list[tuple[str, int]]) -> None:
+        """New keys in first, stale ones out after: the programs still running see
+        either set, never an empty one."""
+        table = self.bpf[name]
+        wanted = {bytes(addr_key(h, p)): addr_key(h, p) for h, p in addrs}
+        for key in wanted.values():
+            table[key] = ctypes.c_uint32(1)
+        for key in list(table.keys()):
+            if bytes(key) not in wanted:
+                del table[key]
+
     def set_targets(self, addrs: list[tuple[str, int]]) -> None:
-        table = self.bpf["targets"]
-        table.clear()
-        for host, port in addrs:
-            table[addr_key(host, port)] = ctypes.c_uint32(1)
+        self._replace("targets", addrs)
 
     def set_resolvers(self, addrs: list[tuple[str, int]]) -> None:
-        table = self.bpf["resolvers"]
-        table.clear()
-        for host, port in addrs:
-            table[addr_key(host, port)] = ctypes.c_uint32(1)
+        self._replace("resolvers", addrs)
 
     def enroll(self, cgroup_id: int) -> None:
         self.bpf["enrolled"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(1)
@@ -248,9 +260,15 @@ class Interceptor:
         except KeyError:
             pass
 
+    def clear_records(self) -> None:
+        """Forget every connect record (at start: a record left from before, whose
+        client is gone, must not lend its identity to whoever reuses that port)."""
+        self._peers.clear()
+        self._conns.clear()
+
     def take_peer(self, host: str, port: int) -> ConnRecord | None:
         """The connect record of the client whose local address is host:port, removed
-        from the maps (each record is used once)."""
+        from the maps (each record is used once, and only while fresh)."""
         key = addr_key(host, port)
         try:
             ci = self._peers[key]
@@ -261,15 +279,27 @@ class Interceptor:
             del self._conns[ctypes.c_uint64(ci.cookie)]
         except KeyError:
             pass
+        if time.monotonic_ns() - ci.ktime_ns > RECORD_TTL_NS:
+            log.warning("ignored a stale connect record for %s:%d", host, port)
+            return None
         dst_host, dst_port = key_to_addr(ci.orig)
         return ConnRecord(cookie=ci.cookie, cgroup_id=ci.cgroup_id, ktime_ns=ci.ktime_ns,
                           pid=ci.tgid, tid=ci.tid, uid=ci.uid, gid=ci.gid, dst_host=dst_host,
                           dst_port=dst_port, action=ci.action, family=ci.family,
                           comm=bytes(ci.comm).split(b"\0", 1)[0].decode(errors="replace"))
 
-    def watch_all_execs(self, on: bool = True) -> None:
-        """Report execs outside the tree too (for enrollment by uid or executable)."""
-        self.bpf["settings"][ctypes.c_int(0)] = ctypes.c_uint32(1 if on else 0)
+    def watch_all_execs(self, uids: list[int], exes: list[str]) -> None:
+        """Report execs outside the tree too, and stop those of these users or paths
+        at exec until they are enrolled (enrollment by uid or executable)."""
+        for uid in uids:
+            self.bpf["stop_uids"][ctypes.c_uint32(uid)] = ctypes.c_uint32(1)
+        table = self.bpf["stop_exes"]
+        for exe in exes:
+            key = table.Key()
+            raw = exe.encode()[:127]
+            ctypes.memmove(ctypes.addressof(key), raw, len(raw))
+            table[key] = ctypes.c_uint32(1)
+        self.bpf["settings"][ctypes.c_int(0)] = ctypes.c_uint32(1)
 
     def lost_events(self) -> int:
         return sum(self.bpf["lost"][ctypes.c_int(0)])
@@ -281,13 +311,14 @@ class Interceptor:
             raw = ctypes.cast(data, ctypes.POINTER(RawEvent)).contents
             kind = EVENT_NAMES.get(raw.type, str(raw.type))
             addr = ""
-            if raw.type in (EV_DENY_CONNECT, EV_ALLOW_DIRECT, EV_DENY_UDP):
+            if raw.type in (EV_DENY_CONNECT, EV_ALLOW_DIRECT, EV_DENY_UDP, EV_DENY_BIND):
                 host, port = key_to_addr(raw.addr)
                 addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             try:
                 callback(KernelEvent(kind, raw.tgid, raw.uid, raw.cgroup_id,
                                      raw.comm.decode(errors="replace"),
-                                     raw.filename.decode(errors="replace"), addr))
+                                     raw.filename.decode(errors="replace"), addr,
+                                     bool(raw.flags & FLAG_STOPPED)))
             except Exception:  # a bad consumer must not kill the poller
                 log.exception("kernel event consumer failed")
 

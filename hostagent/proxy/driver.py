@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 from dataclasses import dataclass
 from typing import Callable
@@ -196,30 +197,58 @@ class Proxy:
                 t.cancel()
 
 
-def bind_pair(port: int = 0, host4: str = "127.0.0.1", host6: str = "::1",
-              attempts: int = 20) -> list[socket.socket]:
-    """Listening sockets on host4 and host6 with one port number (picked if 0)."""
-    for _ in range(attempts):
-        s4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s4.bind((host4, port))
-        chosen = s4.getsockname()[1]
-        s6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-        s6.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            s6.bind((host6, chosen))
-        except OSError:
-            s4.close()
-            s6.close()
-            if port:
-                raise
-            continue
+def unprivileged_port_start() -> int:
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_unprivileged_port_start").read())
+    except (OSError, ValueError):
+        return 1024
+
+
+def _bind_both(port: int, host4: str, host6: str) -> list[socket.socket]:
+    s4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    try:
         for s in (s4, s6):
-            s.listen(1024)
-            s.setblocking(False)
-        return [s4, s6]
-    raise OSError("could not find a port free on both IPv4 and IPv6 loopback")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        s4.bind((host4, port))
+        s6.bind((host6, s4.getsockname()[1]))
+    except OSError:
+        s4.close()
+        s6.close()
+        raise
+    for s in (s4, s6):
+        s.listen(1024)
+        s.setblocking(False)
+    return [s4, s6]
+
+
+def bind_pair(port: int = 0, host4: str = "127.0.0.1", host6: str = "::1", *,
+              privileged: bool = True) -> list[socket.socket]:
+    """Listening sockets on host4 and host6 with one port number. The proxy's port is a
+    privileged one: while the host agent is down nobody else may take it and receive
+    what the programs still redirect there. Port 0 picks a free one."""
+    limit = unprivileged_port_start()
+    if port:
+        if privileged and port >= limit:
+            raise OSError(f"proxy port {port} is not privileged (< {limit}): any user could "
+                          "take it while the host agent is down")
+        return _bind_both(port, host4, host6)
+    if not privileged:
+        for _ in range(20):
+            try:
+                return _bind_both(0, host4, host6)
+            except OSError:
+                continue
+        raise OSError("no port free on both IPv4 and IPv6 loopback")
+    candidates = list(range(max(limit - 512, 1), limit))
+    random.shuffle(candidates)
+    for candidate in candidates:
+        try:
+            return _bind_both(candidate, host4, host6)
+        except OSError:
+            continue
+    raise OSError(f"no privileged port (< {limit}) free on both IPv4 and IPv6 loopback")
 
 
 def parse_hostport(text: str, default_port: int = 0) -> tuple[str, int]:

@@ -60,6 +60,19 @@ def open_socket(kind):
         report(op=kind, ok=False, error=err(exc))
 
 
+def bind(host, port):
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        s.bind((host, int(port)))
+        s.listen(1)
+        report(op="bind", ok=True)
+    except OSError as exc:
+        report(op="bind", ok=False, error=err(exc))
+    finally:
+        s.close()
+
+
 def escape(cgroup_procs):
     try:
         with open(cgroup_procs, "w") as fh:
@@ -90,6 +103,8 @@ def main(argv):
         open_socket(op)
     elif op == "escape":
         escape(*args)
+    elif op == "bind":
+        bind(*args)
     elif op == "sleep":
         import time
         report(op="sleep")

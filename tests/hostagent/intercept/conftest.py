@@ -25,7 +25,7 @@ class EchoServer:
 
     def __init__(self):
         from hostagent.proxy.driver import bind_pair
-        self.socks = bind_pair(0)
+        self.socks = bind_pair(0, privileged=False)
         self.port = self.socks[0].getsockname()[1]
         self.peers = []
         for s in self.socks:

@@ -15,9 +15,12 @@ from tests.support import BIN, wait_for
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from hostagent.proxy.driver import bind_pair
+    socks = bind_pair(0)          # a free privileged port, as the daemon requires
+    port = socks[0].getsockname()[1]
+    for s in socks:
+        s.close()
+    return port
 
 
 class Daemon:
@@ -103,7 +106,7 @@ def test_the_proxy_refuses_connections_the_kernel_did_not_redirect(host, daemon)
 def test_fail_closed_when_killed_and_adopted_on_restart(host, daemon):
     port = host.echo.port
     assert in_tree_connect(host, port)["ok"]
-    assert len(ours(host)) == 6
+    assert len(ours(host)) == 8
     daemon.kill()
     # the programs stay: enrolled connects now fail instead of going out unwatched
     res = in_tree_connect(host, port)
@@ -112,7 +115,7 @@ def test_fail_closed_when_killed_and_adopted_on_restart(host, daemon):
     assert rc == 1 and "no host agent answers" in err
     daemon.start()
     assert in_tree_connect(host, port)["ok"]
-    assert len(ours(host)) == 6            # replaced, not attached twice
+    assert len(ours(host)) == 8            # replaced, not attached twice
 
 
 def test_a_user_without_access_to_the_socket_is_refused(host, daemon):
@@ -200,5 +203,52 @@ def test_enroll_by_executable_on_exec(host):
         (s,) = host.sessions("tcp")
         assert s["start"]["process"]["pid"] == p.pid
         assert s["start"]["process"]["exe"] == str(exe)
+    finally:
+        d.stop()
+
+
+def test_the_control_socket_finishes_only_its_own_runs(host, daemon):
+    """A caller may end the runs its own connection enrolled, nothing else: not another
+    run, not a path of its choosing."""
+    from hostagent.control import ControlError, DaemonClient
+    victim = subprocess.Popen(["sleep", "60"])
+    mine = subprocess.Popen(["sleep", "60"])
+    a, b = DaemonClient(str(daemon.sock)), DaemonClient(str(daemon.sock))
+    try:
+        group = a.call("enroll", pid=victim.pid, argv=["sleep"])["group"]
+        b.call("enroll", pid=mine.pid, argv=["sleep"])
+        for attempt in (group, f"{group}/../../{host.tree}", "../x"):
+            with pytest.raises(ControlError, match="no run"):
+                b.call("finish", group=attempt, exit_code=0)
+        assert victim.poll() is None
+        a.call("finish", group=group, exit_code=0)
+        assert victim.wait(10) == -9           # its cgroup was ended with it
+    finally:
+        a.close()
+        b.close()                              # closing ends b's run too: nothing leaks
+        for p in (victim, mine):
+            p.kill()
+            p.wait()
+    wait_for(lambda: not [d for d in cgroups.tree_root(host.tree).iterdir()
+                          if d.is_dir() and d.name.startswith("run-")], what="runs cleaned up")
+    wait_for(lambda: sorted(s["end_reason"] for s in host.sessions("run"))
+             == ["agentgate run went away", "exited"], what="both runs ended at the collector")
+
+
+def test_enrolled_on_exec_before_its_first_instruction(host):
+    """Stopped by the kernel at exec: even a child forked at once starts in the tree."""
+    exe = host.public / "agent-python2"
+    exe.write_bytes(open(os.path.realpath(PYTHON), "rb").read())
+    exe.chmod(0o755)
+    d = with_intercept(Daemon(host), f'exes = ["{exe}"]')
+    d.start()
+    try:
+        p = subprocess.run([str(exe), str(AGENT), f"child connect 127.0.0.1 {host.echo.port}"],
+                           capture_output=True, text=True, timeout=60)
+        res = json.loads(p.stdout)
+        assert res["ok"], res
+        wait_for(lambda: host.sessions("tcp"), what="the session at the collector")
+        (s,) = host.sessions("tcp")
+        assert s["start"]["process"]["pid"] == res["pid"]
     finally:
         d.stop()

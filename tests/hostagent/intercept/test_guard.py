@@ -81,3 +81,13 @@ def test_allow_mode_lets_unlisted_destinations_through_and_logs_them(tmp_path, c
     finally:
         other.close()
         h.cleanup()
+
+
+def test_agents_cannot_listen_beyond_loopback(host):
+    rc, out, err = host.run("bind 0.0.0.0 17555 ; bind :: 17556 ; bind 127.0.0.1 17557 ; "
+                            "bind ::1 17558", user="nobody")
+    assert rc == 0, err
+    assert [(r["ok"], r.get("error")) for r in out] == [
+        (False, "EPERM"), (False, "EPERM"), (True, None), (True, None)]
+    run = host.sessions("run")[0]
+    assert any(k == "bind_denied" and f["address"] == "0.0.0.0:17555" for k, f in run["events"])
