@@ -32,6 +32,8 @@ class CollectorAddress:
 
 
 def is_loopback_target(target: str) -> bool:
+    if target.startswith("unix:"):
+        return True   # as private as its directory
     host = target.rsplit(":", 1)[0].strip("[]")
     if host in ("localhost", ""):
         return True

@@ -77,6 +77,22 @@ def read_secret(section: "Section", path: str) -> str:
         raise ConfigError(f"{section.where}: cannot read token_file {path}: {exc.strerror}") from None
 
 
+def private_dir(path: str | os.PathLike) -> Path:
+    """Create `path` and any missing parents as 0700: recordings and spools are for root
+    (or their user) alone."""
+    p = Path(path)
+    missing = []
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+    return Path(path)
+
+
 def default_state_dir() -> Path:
     """/var/lib/agentgate as root, else the user's XDG data dir."""
     if os.geteuid() == 0:

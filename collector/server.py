@@ -71,6 +71,8 @@ class Collector:
             raise ConfigError(f"cannot listen on {address}: {exc}") from None
         if port == 0:
             raise ConfigError(f"cannot listen on {address} (address in use or not local?)")
+        if address.startswith("unix:"):
+            return address
         return f"{address.rsplit(':', 1)[0]}:{port}"
 
     async def start(self) -> None:

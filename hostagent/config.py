@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agentgate.client import DEFAULT_COLLECTOR, CollectorAddress
-from agentgate.tomlconfig import ConfigError, Section, default_state_dir, read_secret, read_toml
+from agentgate.tomlconfig import (ConfigError, Section, default_state_dir, private_dir,
+                                  read_secret, read_toml)
 
 
 @dataclass
@@ -125,7 +126,7 @@ def read_agent_id(state_dir: str) -> str:
 
 def write_agent_id(state_dir: str, agent_id: str) -> None:
     p = Path(state_dir) / "agent-id"
-    p.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(p.parent)
     tmp = p.with_suffix(".tmp")
     tmp.write_text(agent_id + "\n")
     os.replace(tmp, p)

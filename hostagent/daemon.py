@@ -36,6 +36,7 @@ class Daemon:
         self.matched: Path | None = None
         self.groups: dict[str, tuple[int, Path, int]] = {}   # run -> (uid, cgroup, id)
         self._lost_logged = 0
+        self._enrolled: dict[str, int | None] = {}   # unit/cgroup -> cgroup id attached
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -74,13 +75,9 @@ class Daemon:
         # Attaching replaces programs an earlier run left: never a moment unguarded.
         icpt.attach(self.root)
         icpt.clear_records()
-        for path in [cgroups.unit_cgroup(u) for u in cfg.units] + \
-                    [cgroups.cgroup2_mount() / c.lstrip("/") for c in cfg.cgroups]:
-            if not path.is_dir():
-                raise cgroups.CgroupError(f"enrolled cgroup {path} does not exist")
-            icpt.attach(path)
-            icpt.enroll(cgroups.cgroup_id(path))
-            log.info("enrolled cgroup %s", path)
+        if cfg.units or cfg.cgroups:
+            self._attach_enrolled()
+            self.stack._tasks.append(asyncio.create_task(self._watch_enrolled()))
         for existing in self.root.iterdir():
             if existing.is_dir():   # sessions of a previous run that are still going
                 icpt.enroll(cgroups.cgroup_id(existing))
@@ -97,6 +94,45 @@ class Daemon:
             os.chown(sock, 0, grp.getgrnam(cfg.socket_group).gr_gid)
         log.info("intercepting cgroup tree %s (mode %s); proxy on port %d; control socket %s",
                  self.root, cfg.mode, icpt.proxy_port, sock)
+
+    def _enrolled_paths(self) -> list[tuple[str, Path | None]]:
+        cfg = self.cfg.intercept
+        out: list[tuple[str, Path | None]] = []
+        for unit in cfg.units:
+            try:
+                out.append((unit, cgroups.unit_cgroup(unit)))
+            except cgroups.CgroupError:
+                out.append((unit, None))
+        out += [(c, cgroups.cgroup2_mount() / c.lstrip("/")) for c in cfg.cgroups]
+        return out
+
+    def _attach_enrolled(self) -> None:
+        """Attach to configured units and cgroups, and again whenever one is created anew
+        (a restarted unit or container gets a new cgroup, without our programs)."""
+        for name, path in self._enrolled_paths():
+            try:
+                ino = cgroups.cgroup_id(path) if path is not None else None
+            except OSError:
+                ino = None
+            if ino is None:
+                if self._enrolled.get(name, 0) is not None:
+                    log.warning("enrolled %s has no cgroup now; attaching when it appears", name)
+                self._enrolled[name] = None
+                continue
+            if self._enrolled.get(name) == ino:
+                continue
+            self.stack.icpt.attach(path)
+            self.stack.icpt.enroll(ino)
+            self._enrolled[name] = ino
+            log.info("enrolled %s (cgroup %s)", name, path)
+
+    async def _watch_enrolled(self, period: float = 0.5) -> None:
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self._attach_enrolled()
+            except Exception as exc:   # keep watching: the next round may succeed
+                log.error("re-attaching enrolled cgroups: %s", exc)
 
     def _lost_events(self) -> int:
         lost = self.stack.icpt.lost_events() if self.stack and self.stack.icpt else 0

@@ -111,9 +111,15 @@ def cleanup(config_path):
         tree = cfg.intercept.tree
         root = cgroups.tree_root(tree)
         paths = [root] + ([p for p in root.rglob("*") if p.is_dir()] if root.exists() else [])
-        paths += [cgroups.cgroup2_mount() / c.lstrip("/") for c in cfg.intercept.cgroups]
-        detached = sum(detach_ours(p) for p in paths if p.is_dir())
-        pins = [p for p in Path("/sys/fs/bpf").glob(f"{tree}*")]
+        external = [cgroups.cgroup2_mount() / c.lstrip("/") for c in cfg.intercept.cgroups]
+        for unit in cfg.intercept.units:
+            try:
+                external.append(cgroups.unit_cgroup(unit))
+            except CgroupError:
+                pass
+        detached = sum(detach_ours(p) for p in paths + external if p.is_dir())
+        bpffs = Path("/sys/fs/bpf")
+        pins = [p for p in [bpffs / tree, *bpffs.glob(f"{tree}-run-*")] if p.exists()]
         for p in pins:
             for f in sorted(p.rglob("*"), reverse=True):
                 f.rmdir() if f.is_dir() else f.unlink()

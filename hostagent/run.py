@@ -161,7 +161,7 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
     try:
         address = cfg.collector
         if not await asyncio.to_thread(_collector_answers, address):
-            embedded = await _embedded_collector()
+            embedded = await _embedded_collector(Path(cfg.state_dir))
             address = CollectorAddress(embedded.addresses[0])
         shipper = stack.ship_to(address)
         mode = mode or cfg.intercept.mode
@@ -207,11 +207,16 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
             await embedded.stop(0.5)
 
 
-async def _embedded_collector():
+async def _embedded_collector(state_dir: Path):
+    """On a unix socket in a 0700 directory: in open mode every caller is admin, so no
+    other local user (the agent included) may reach it."""
+    from agentgate.tomlconfig import private_dir
     from collector.config import CollectorConfig
     from collector.server import Collector
     from collector.storage import open_storage
-    cfg = CollectorConfig(listen="127.0.0.1:0")
+    sock = private_dir(state_dir / "run") / f"collector-{os.getpid()}.sock"
+    sock.unlink(missing_ok=True)
+    cfg = CollectorConfig(listen=f"unix:{sock}")
     store = await asyncio.to_thread(open_storage, cfg.database)
     c = Collector(cfg, store)
     await c.start()

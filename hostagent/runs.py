@@ -6,6 +6,7 @@ import logging
 import os
 import pwd
 import shlex
+import time
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,12 @@ from hostagent.recording.recorder import SessionRecorder
 from hostagent.recording.spool import Spool, SpoolError
 
 log = logging.getLogger("agentgate.hostagent")
+
+# Guard events an agent can cause at will (a connect loop): at most this many a second
+# per run are recorded one by one; the rest are counted, so a loop can't fill the spool.
+GUARD_EVENTS = frozenset({"connect_denied", "connect_direct", "udp_denied", "bind_denied",
+                          "socket_denied"})
+GUARD_EVENTS_PER_SECOND = 50
 
 
 def new_group() -> str:
@@ -26,6 +33,9 @@ class RunSession:
                  cgroup: Path, group: str, mode: str, requested_by: str = ""):
         self.cgroup = cgroup
         self.group = group
+        self._window = 0
+        self._in_window = 0
+        self.suppressed = 0
         self.rec = SessionRecorder(spool)
         who = user or requested_by or pwd.getpwuid(os.getuid()).pw_name
         self.rec.record(SESSION_START, {
@@ -37,15 +47,32 @@ class RunSession:
     def event(self, ev: KernelEvent) -> None:
         if self.rec.ended:
             return
+        if ev.kind in GUARD_EVENTS and not self._admit():
+            return
         try:
             self.rec.record(ev.kind, {"pid": ev.pid, "uid": ev.uid, "comm": ev.comm,
                                       "filename": ev.filename, "address": ev.addr})
         except SpoolError as exc:
             log.error("cannot record %s event: %s", ev.kind, exc)
 
+    def _admit(self) -> bool:
+        now = int(time.monotonic())
+        if now != self._window:
+            if self.suppressed:
+                self.rec.record("events_suppressed", {"count": self.suppressed})
+                self.suppressed = 0
+            self._window, self._in_window = now, 0
+        self._in_window += 1
+        if self._in_window > GUARD_EVENTS_PER_SECOND:
+            self.suppressed += 1
+            return False
+        return True
+
     def end(self, exit_code: int | None, *, lost: int = 0, refused: int = 0,
             reason: str = "exited") -> None:
         end = {"reason": reason, "exit_code": exit_code, "refused_connections": refused}
+        if self.suppressed:
+            end["events_suppressed"] = self.suppressed
         if lost:
             log.warning("%d kernel events were lost: the recording is incomplete", lost)
             end.update(incomplete=True, lost_events=lost)

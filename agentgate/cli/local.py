@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -32,7 +34,10 @@ class LocalCollector:
         from collector.server import Collector
         from collector.storage import open_storage
         try:
-            cfg = CollectorConfig(listen="127.0.0.1:0", database=str(self.database))
+            # a unix socket in a private directory: in open mode every caller is admin
+            self._dir = tempfile.mkdtemp(prefix="agentgate-cli-")
+            cfg = CollectorConfig(listen=f"unix:{self._dir}/collector.sock",
+                                  database=str(self.database))
             c = Collector(cfg, await asyncio.to_thread(open_storage, cfg.database))
             await c.start()
         except BaseException as exc:
@@ -50,3 +55,4 @@ class LocalCollector:
         if self._loop and self._stop and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(5)
+        shutil.rmtree(getattr(self, "_dir", ""), ignore_errors=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 
+from agentgate.tomlconfig import private_dir
 from agentgate.events import COMMAND, SESSION_END, SESSION_START, Event, unpack_payload
 from collector.storage import (APPROVED, CANCELLED, DENIED, EXPIRED, LOCAL_PRINCIPAL, PENDING, AgentRow,
                                ApprovalRow, Conflict, Forbidden, NotFound, SessionFilter,
@@ -123,13 +124,15 @@ class SqliteStorage:
         if self.path != ":memory:":
             parent = Path(self.path).parent
             try:
-                parent.mkdir(parents=True, exist_ok=True)
+                private_dir(parent)
             except OSError as exc:
                 raise StorageError(f"cannot create database directory {parent}: {exc.strerror}") from None
         self._wlock = threading.Lock()
         # session id -> (pk, committed, stored) as committed; the writer is the only one
         self._sessions: dict[str, tuple[int, int, int, str]] = {}
         self._local = threading.local()
+        if self.path != ":memory:" and not os.path.exists(self.path):
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))  # the WAL follows
         try:
             self._w = self._connect()
             self._w.executescript(SCHEMA)

@@ -8,6 +8,7 @@ can't be attributed, recorded or connected is closed: fail closed.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import socket
@@ -34,12 +35,21 @@ class Target:
     addresses: tuple[tuple[str, int], ...]
 
 
+def canonical(host: str) -> str:
+    """One spelling per address, as the kernel reports it: v4-mapped IPv6 as IPv4."""
+    ip = ipaddress.ip_address(host)
+    if ip.version == 6 and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
 class Targets:
     def __init__(self, targets: list[Target]):
         self.targets = targets
-        self._by_addr = {a: t for t in targets for a in t.addresses}
+        self._by_addr = {(canonical(h), p): t for t in targets for h, p in t.addresses}
 
     def match(self, host: str, port: int) -> Target | None:
+        host = canonical(host)
         return self._by_addr.get((host, port)) or self._by_addr.get((host, 0))
 
     def addresses(self) -> list[tuple[str, int]]:

@@ -30,6 +30,7 @@ from typing import Callable
 import msgpack
 
 from agentgate.events import SESSION_END, Event
+from agentgate.tomlconfig import private_dir
 
 log = logging.getLogger("agentgate.spool")
 
@@ -135,7 +136,7 @@ class Spool:
 
     def _open(self) -> None:
         try:
-            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(self.dir)
         except OSError as exc:
             raise SpoolError(f"cannot create spool directory {self.dir}: {exc.strerror}") from None
         # One process per spool: two writers would race for segment numbers.

@@ -105,6 +105,14 @@ def main(argv):
         escape(*args)
     elif op == "bind":
         bind(*args)
+    elif op == "flood":
+        failed = 0
+        for _ in range(int(args[2])):
+            try:
+                socket.create_connection((args[0], int(args[1])), timeout=2).close()
+            except OSError:
+                failed += 1
+        report(op="flood", failed=failed)
     elif op == "sleep":
         import time
         report(op="sleep")

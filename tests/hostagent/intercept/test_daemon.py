@@ -164,16 +164,27 @@ def test_enroll_an_existing_cgroup(host):
     outside.mkdir()
     d = with_intercept(Daemon(host), f'cgroups = ["/{outside.name}"]')
     d.start()
-    try:
-        p = subprocess.run([PYTHON, str(AGENT), f"connect 127.0.0.1 {host.echo.port}"],
+
+    def connect(port):
+        p = subprocess.run([PYTHON, str(AGENT), f"connect 127.0.0.1 {port}"],
                            preexec_fn=lambda: (outside / "cgroup.procs").write_text(str(os.getpid())),
                            capture_output=True, text=True, timeout=30)
-        res = json.loads(p.stdout)
+        return json.loads(p.stdout)
+    try:
+        res = connect(host.echo.port)
         assert res["ok"]
         wait_for(lambda: host.sessions("tcp"), what="the session at the collector")
         (s,) = host.sessions("tcp")
         assert s["start"]["process"]["pid"] == res["pid"]
         assert s["start"]["process"]["cgroup"] == f"/{outside.name}"
+        # the unit restarts: its cgroup is made anew, and is enrolled anew
+        old_id = cgroups.cgroup_id(outside)
+        outside.rmdir()
+        outside.mkdir()
+        assert cgroups.cgroup_id(outside) != old_id
+        wait_for(lambda: any(p["name"] == "ag_connect4" for p in attached(outside)),
+                 what="programs on the new cgroup")
+        assert connect(9)["error"] == "EPERM"     # guarded again
     finally:
         d.stop()
         subprocess.run([str(BIN / "agentgate-hostagent"), "cleanup", "--config", str(d.config)],

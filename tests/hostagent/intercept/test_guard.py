@@ -91,3 +91,14 @@ def test_agents_cannot_listen_beyond_loopback(host):
         (False, "EPERM"), (False, "EPERM"), (True, None), (True, None)]
     run = host.sessions("run")[0]
     assert any(k == "bind_denied" and f["address"] == "0.0.0.0:17555" for k, f in run["events"])
+
+
+def test_a_connect_loop_cannot_flood_the_recording(host):
+    rc, out, err = host.run("flood", "127.0.0.1", "9", "600", user="nobody")
+    assert rc == 0 and out[0]["failed"] == 600, (out, err)
+    run = host.sessions("run")[0]
+    recorded = sum(1 for k, _ in run["events"] if k == "connect_denied")
+    suppressed = sum(f["count"] for k, f in run["events"] if k == "events_suppressed")
+    suppressed += run["events"][-1][1].get("events_suppressed", 0)
+    assert recorded + suppressed == 600
+    assert recorded < 600 and suppressed > 0
