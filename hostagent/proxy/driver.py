@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import random
 import socket
+import struct
 from dataclasses import dataclass
 from typing import Callable
 
@@ -138,6 +139,7 @@ class Proxy:
                     CONNECT_TIMEOUT)
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = f"upstream unreachable: {exc or 'timeout'}"
+                _reset(writer)   # the client sees a refused connection, not a clean EOF
                 return
             reason = await self._pump(layer, recorder, reader, writer, up_reader, up_writer, counts)
         except SpoolError as exc:
@@ -205,6 +207,13 @@ class Proxy:
         finally:
             for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 def unprivileged_port_start() -> int:

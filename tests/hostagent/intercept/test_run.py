@@ -106,3 +106,16 @@ def test_exit_code_and_missing_command(host):
                         "/no/such/cmd"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and "cannot run /no/such/cmd" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_an_unreachable_target_looks_refused_to_the_agent(host):
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()                     # nothing listens there now
+    cfg = host.write("down", extra=f'[[targets]]\nname = "down"\naddress = "127.0.0.1:{port}"\n')
+    rc, out, err = host.run("connect", "127.0.0.1", str(port), config=cfg, user="nobody")
+    assert rc == 0 and not out[0]["ok"] and out[0]["error"] in ("ECONNRESET", "EPIPE"), out
+    (s,) = host.sessions("tcp")
+    assert s["end_reason"].startswith("upstream unreachable")
