@@ -48,6 +48,9 @@ class TargetConfig:
     name: str
     protocol: str
     addresses: list[str]
+    user: str | None = None            # credentials injected upstream (the agent never
+    password_file: str | None = None   # holds them): from a file or an environment
+    password_env: str | None = None    # variable of the daemon, never from the policy
 
 
 @dataclass
@@ -56,6 +59,7 @@ class HostAgentConfig:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     intercept: InterceptConfig = field(default_factory=InterceptConfig)
     targets: list[TargetConfig] = field(default_factory=list)
+    policy_file: str | None = None
     host: str = field(default_factory=socket.gethostname)
     state_dir: str = field(default_factory=lambda: str(default_state_dir()))
 
@@ -89,6 +93,7 @@ def load_config(path: str | None) -> HostAgentConfig:
         fsync_interval_ms=s.get("fsync_interval_ms", float, cfg.spool.fsync_interval_ms),
         strict=s.get("strict", bool, cfg.spool.strict))
     s.done()
+    cfg.policy_file = root.path("policy")
     i = root.table("intercept")
     d = InterceptConfig()
     cfg.intercept = InterceptConfig(
@@ -104,7 +109,9 @@ def load_config(path: str | None) -> HostAgentConfig:
     for t in root.tables("targets"):
         addrs = t.get("address", (str, list))
         target = TargetConfig(name=t.get("name", str, ""), protocol=t.get("protocol", str, "tcp"),
-                              addresses=[addrs] if isinstance(addrs, str) else list(addrs or []))
+                              addresses=[addrs] if isinstance(addrs, str) else list(addrs or []),
+                              user=t.get("user", str, None), password_file=t.path("password_file"),
+                              password_env=t.get("password_env", str, None))
         t.done()
         if not target.name or not target.addresses:
             raise ConfigError(f"{t.where}: a target needs 'name' and 'address'")

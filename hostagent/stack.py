@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -13,6 +14,7 @@ from hostagent.config import HostAgentConfig
 from hostagent.intercept import cgroups
 from hostagent.intercept.identity import IdentityCache
 from hostagent.intercept.loader import Interceptor, InterceptError, KernelEvent
+from hostagent.policy import load_policy
 from hostagent.proxy.driver import Proxy, Target, Targets, bind_pair, parse_hostport, resolve
 from hostagent.recording.shipper import Shipper
 from hostagent.recording.spool import Spool
@@ -30,8 +32,24 @@ def build_targets(cfg: HostAgentConfig) -> Targets:
                 addrs += resolve(host, port)
             except socket.gaierror as exc:
                 raise InterceptError(f"target {t.name}: cannot resolve {host}: {exc.strerror}") from None
-        out.append(Target(t.name, t.protocol, tuple(addrs)))
+        out.append(Target(t.name, t.protocol, tuple(addrs), user=t.user,
+                          password=_password(t)))
     return Targets(out)
+
+
+def _password(t) -> str | None:
+    if t.password_file:
+        try:
+            return Path(t.password_file).read_text().rstrip("\n")
+        except OSError as exc:
+            raise InterceptError(f"target {t.name}: cannot read password_file "
+                                 f"{t.password_file}: {exc.strerror}") from None
+    if t.password_env:
+        if t.password_env not in os.environ:
+            raise InterceptError(f"target {t.name}: environment variable {t.password_env} "
+                                 "is not set")
+        return os.environ[t.password_env]
+    return None
 
 
 def resolvers(cfg: HostAgentConfig) -> list[tuple[str, int]]:
@@ -78,7 +96,8 @@ class Stack:
         if on_event:
             loop = asyncio.get_running_loop()
             self.icpt.start_events(lambda ev: loop.call_soon_threadsafe(on_event, ev))
-        self.proxy = Proxy(lookup=self.icpt.take_peer,
+        policy = load_policy(cfg.policy_file) if cfg.policy_file else None
+        self.proxy = Proxy(lookup=self.icpt.take_peer, policy=policy,
                            identify=IdentityCache(cgroups.cgroup2_mount(), cfg.intercept.tree),
                            spool=self.spool,
                            host=cfg.host, targets=targets, session_group=session_group)

@@ -152,7 +152,7 @@ def cli(ctx, collector, token, ca, tls_server_name):
 
 
 def main() -> None:
-    from agentgate.cli import admin, approvals, run, sessions  # noqa: F401  (registers commands)
+    from agentgate.cli import admin, approvals, policy, run, sessions  # noqa: F401  (registers commands)
     try:
         cli.main(prog_name="agentgate")
     except KeyboardInterrupt:

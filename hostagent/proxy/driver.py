@@ -13,13 +13,15 @@ import logging
 import random
 import socket
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from agentgate.events import SESSION_END, SESSION_START
 from hostagent.intercept.identity import summary
 from hostagent.intercept.loader import ACT_TARGET, ConnRecord
 from hostagent.protocols import Close, ProtocolError, Record, ToClient, ToUpstream
+from hostagent.policy import Policy, decide
+from hostagent.protocols.postgres.layer import PostgresLayer
 from hostagent.protocols.tcp import RawTcp
 from hostagent.recording.recorder import SessionRecorder
 from hostagent.recording.spool import Spool, SpoolError
@@ -34,6 +36,8 @@ class Target:
     name: str
     protocol: str
     addresses: tuple[tuple[str, int], ...]
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 def canonical(host: str) -> str:
@@ -65,7 +69,7 @@ class Proxy:
     def __init__(self, *, lookup: Callable[[str, int], ConnRecord | None],
                  identify: Callable[[ConnRecord], dict], spool: Spool, host: str,
                  targets: Targets, session_group: str = "",
-                 on_session: Callable[[str], None] | None = None):
+                 on_session: Callable[[str], None] | None = None, policy: Policy | None = None):
         self.lookup = lookup
         self.identify = identify
         self.spool = spool
@@ -73,6 +77,7 @@ class Proxy:
         self.targets = targets
         self.session_group = session_group
         self.on_session = on_session
+        self.policy = policy or Policy()
         self.servers: list[asyncio.AbstractServer] = []
         self.active: set[asyncio.Task] = set()
         self.refused = 0
@@ -114,8 +119,8 @@ class Proxy:
             return
         target = self.targets.match(rec.dst_host, rec.dst_port) if rec.action == ACT_TARGET else None
         dst = f"[{rec.dst_host}]:{rec.dst_port}" if ":" in rec.dst_host else f"{rec.dst_host}:{rec.dst_port}"
-        layer = RawTcp()   # protocol layers plug in here by target.protocol
         ident = self.identify(rec)
+        layer = self._layer(target, ident)
         recorder = SessionRecorder(self.spool)
         start = {"host": self.host, "target": target.name if target else dst,
                  "protocol": target.protocol if target else "tcp", "destination": dst,
@@ -152,6 +157,14 @@ class Proxy:
                 recorder.record(SESSION_END, {"reason": reason, **counts})
             except SpoolError as exc:
                 log.error("cannot record the end of session %s: %s", recorder.session_id, exc)
+
+    def _layer(self, target: Target | None, ident: dict):
+        """The protocol layer for a connection: by the target's protocol."""
+        if target is not None and target.protocol == "postgres":
+            policy = self.policy
+            return PostgresLayer(decide=lambda req: decide(policy, req), target=target.name,
+                                 identity=ident, user=target.user, password=target.password)
+        return RawTcp()
 
     async def _pump(self, layer, recorder, reader, writer, up_reader, up_writer, counts) -> str:
         async def perform(actions) -> None:

@@ -1,0 +1,212 @@
+"""The PostgreSQL layer: sans-IO, between the agent and the server.
+
+- Startup: SSL/GSS requests are declined; the agent's StartupMessage goes upstream with
+  the injected user; the proxy answers the server's authentication (SCRAM-SHA-256, md5,
+  cleartext) with the injected password, and the agent only sees AuthenticationOk: it
+  never holds, nor needs, the real password. Without injected credentials the agent's
+  own authentication passes through.
+- Every Query and Parse is classified (pglast) and decided by policy before it goes
+  upstream; its command and decision are recorded first (record before execute).
+- A denied statement is replaced by one the server itself rejects (a unique token that
+  is a syntax error), so the server's own error handling keeps the session and the
+  transaction state exactly right (the rest of an extended-protocol pipeline is
+  discarded up to Sync, an open transaction is marked failed); the proxy rewrites that
+  error into SQLSTATE 42501 naming the rule and reason.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from agentgate.events import COMMAND, DECISION, OUTPUT
+from hostagent.policy import Decision, Request
+from hostagent.protocols import Action, Close, ProtocolError, Record, ToClient, ToUpstream
+from hostagent.protocols.postgres import messages as m
+from hostagent.protocols.postgres.auth import ScramSha256, md5_password
+from hostagent.protocols.postgres.classify import Unparseable, classify
+
+MAX_RECORDED_PARAM = 1024
+
+
+class PostgresLayer:
+    name = "postgres"
+
+    def __init__(self, *, decide: Callable[[Request], Decision], target: str,
+                 identity: dict | None = None, user: str | None = None,
+                 password: str | None = None, max_message: int = m.DEFAULT_MAX_MESSAGE):
+        self.decide = decide
+        self.target = target
+        self.identity = identity or {}
+        self.user = user
+        self.password = password
+        self.client = m.FrameReader(startup=True, max_message=max_message)
+        self.upstream = m.FrameReader(max_message=max_message)
+        self.state = "startup"
+        self.database = ""
+        self.upstream_user = ""
+        self.tx_status = b"I"
+        self._scram: ScramSha256 | None = None
+        self._denials: dict[str, bytes] = {}   # token -> our ErrorResponse
+        self._counter = 0
+        self._rows = 0
+
+    # ------------------------------------------------------------------ client side
+
+    def client_data(self, data: bytes) -> list[Action]:
+        out: list[Action] = []
+        for kind, body in self.client.receive_data(data):
+            out += self._from_client(kind, body)
+        return out
+
+    def client_eof(self) -> list[Action]:
+        return []
+
+    def _from_client(self, kind: bytes, body: bytes) -> list[Action]:
+        if kind == b"":
+            return self._untyped(body)
+        raw = m.frame(kind, body)
+        if self.state != "ready":
+            if self.state == "auth" and self.password is None and kind == b"p":
+                return [ToUpstream(raw)]   # pass-through authentication
+            raise ProtocolError(f"message {kind!r} before the session is ready")
+        if kind == b"Q":
+            return self._statement(m.parse_query(body), raw, extended=None)
+        if kind == b"P":
+            parse = m.parse_parse(body)
+            return self._statement(parse.query, raw, extended=parse.name)
+        if kind == b"B":
+            bind = m.parse_bind(body)
+            params = [None if p is None else p[:MAX_RECORDED_PARAM] for p in bind.params]
+            return [Record("bind", {"statement": bind.statement, "portal": bind.portal,
+                                    "params": params, "formats": list(bind.param_formats)}),
+                    ToUpstream(raw)]
+        if kind == b"F":
+            # A function called by OID carries no SQL to judge: decided as unparseable.
+            return self._judged("<function call>", raw, None, [None])
+        return [ToUpstream(raw)]
+
+    def _untyped(self, body: bytes) -> list[Action]:
+        msg = m.parse_untyped(body)
+        if isinstance(msg, m.SpecialRequest):
+            if msg.code in (m.SSL_REQUEST, m.GSSENC_REQUEST):
+                return [ToClient(b"N")]   # declined: the client goes on in the clear
+            return [Close("cancel requests are not supported yet")]
+        if self.state != "startup":
+            raise ProtocolError("a second startup message")
+        params = dict(msg.params)
+        client_user = params.get("user", "")
+        self.database = params.get("database", client_user)
+        if self.user:
+            params["user"] = self.user
+        self.upstream_user = params.get("user", "")
+        self.state = "auth"
+        return [Record("startup", {"user": client_user, "database": self.database,
+                                   "upstream_user": self.upstream_user,
+                                   "application_name": params.get("application_name", ""),
+                                   "credentials": "injected" if self.password is not None
+                                   else "client's own"}),
+                ToUpstream(m.startup_message(params, msg.version))]
+
+    def _statement(self, text: str, raw: bytes, extended: str | None) -> list[Action]:
+        try:
+            statements = classify(text)
+        except Unparseable:
+            statements = [None]
+        return self._judged(text, raw, extended, statements)
+
+    def _judged(self, text: str, raw: bytes, extended: str | None, statements) -> list[Action]:
+        out: list[Action] = []
+        verdict = None
+        for st in statements or [None]:
+            req = (Request(target=self.target, protocol="postgres", identity=self.identity,
+                           database=self.database, text=text, parsed=False)
+                   if st is None else
+                   Request(target=self.target, protocol="postgres", identity=self.identity,
+                           database=self.database, text=st.text, kinds=st.kinds,
+                           tables=st.tables, functions=st.functions, flags=st.flags))
+            decision = self.decide(req)
+            if decision.action == "review":
+                # Approvals are not wired to this proxy yet: hold means refuse (fail closed).
+                decision = Decision("deny", decision.rule,
+                                    f"{decision.reason} (needs approval, which this version "
+                                    "of the proxy cannot ask for yet)")
+            out.append(Record(COMMAND, {
+                "text": req.text, "kinds": sorted(req.kinds), "tables": list(req.tables),
+                "functions": list(req.functions), "flags": sorted(req.flags),
+                "database": self.database, "statement": extended,
+                "protocol": "simple" if extended is None else "extended"}))
+            out.append(Record(DECISION, decision.as_dict()))
+            if decision.action != "allow" and verdict is None:
+                verdict = decision
+        if verdict is None:
+            out.append(ToUpstream(raw))
+            return out
+        self._counter += 1
+        token = f"agentgate_denied_{self._counter}"
+        self._denials[token] = m.error_response(
+            f'agentgate: denied by rule "{verdict.rule}": {verdict.reason}', "42501")
+        if extended is None:
+            out.append(ToUpstream(m.frame(b"Q", token.encode() + b"\0")))
+        else:
+            out.append(ToUpstream(m.frame(b"P", extended.encode() + b"\0" + token.encode()
+                                          + b"\0\0\0")))
+        return out
+
+    # ------------------------------------------------------------------ server side
+
+    def upstream_data(self, data: bytes) -> list[Action]:
+        out: list[Action] = []
+        for kind, body in self.upstream.receive_data(data):
+            out += self._from_upstream(kind, body)
+        return out
+
+    def upstream_eof(self) -> list[Action]:
+        return []
+
+    def _from_upstream(self, kind: bytes, body: bytes) -> list[Action]:
+        raw = m.frame(kind, body)
+        if self.state == "auth" and kind == b"R":
+            return self._auth(body, raw)
+        if kind == b"Z":
+            self.tx_status = body[:1] or b"I"
+            self.state = "ready"
+        elif kind == b"E":
+            if self.state != "ready":
+                return [ToClient(raw), Close("upstream refused the session")]
+            message = m.parse_fields(body).get("M", "")
+            for token, ours in list(self._denials.items()):
+                if token in message:
+                    del self._denials[token]
+                    return [ToClient(ours)]
+        elif kind == b"D":
+            self._rows += 1
+        elif kind == b"C":
+            tag = body.rstrip(b"\0").decode(errors="replace")
+            rows, self._rows = self._rows, 0
+            return [Record(OUTPUT, {"summary": tag, "rows_returned": rows}), ToClient(raw)]
+        return [ToClient(raw)]
+
+    def _auth(self, body: bytes, raw: bytes) -> list[Action]:
+        code, data = m.parse_authentication(body)
+        if code == m.AUTH_OK:
+            return [ToClient(raw)]
+        if self.password is None:
+            return [ToClient(raw)]   # the client answers for itself
+        if code == m.AUTH_SASL:
+            if "SCRAM-SHA-256" not in m.sasl_mechanisms(data):
+                return [Close(f"upstream offers no supported SASL mechanism: {data!r}")]
+            self._scram = ScramSha256(self.password)
+            return [ToUpstream(m.sasl_initial_response(self._scram.mechanism,
+                                                       self._scram.client_first()))]
+        if code == m.AUTH_SASL_CONTINUE and self._scram:
+            return [ToUpstream(m.sasl_response(self._scram.client_final(data)))]
+        if code == m.AUTH_SASL_FINAL and self._scram:
+            self._scram.verify_server_final(data)
+            return []
+        if code == m.AUTH_MD5:
+            return [ToUpstream(m.password_message(md5_password(self.upstream_user,
+                                                               self.password, data)))]
+        if code == m.AUTH_CLEARTEXT:
+            return [ToUpstream(m.password_message(self.password))]
+        return [ToClient(m.error_response(f"agentgate: unsupported upstream authentication "
+                                          f"method {code}", "28000", "FATAL")),
+                Close(f"unsupported upstream authentication method {code}")]

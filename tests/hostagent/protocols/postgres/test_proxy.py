@@ -1,0 +1,143 @@
+"""PostgreSQL through the proxy, end to end on the real kernel: an enrolled agent (psql,
+psycopg) reaches a real PostgreSQL 15 through the eBPF redirect; the proxy injects the
+credentials, judges every statement and records it before it runs."""
+import os
+import subprocess
+
+import pytest
+
+from tests.hostagent.intercept.conftest import EchoServer, Host
+from tests.pg import PgServer
+from tests.support import BIN
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF interception needs root")
+VENV_PY = str(BIN / "python")
+POLICY = """
+default = "allow"
+unparseable = "deny"
+[[rules]]
+name = "no-ddl"
+action = "deny"
+reason = "agents may not change the schema"
+statements = ["DROP", "TRUNCATE", "ALTER"]
+[[rules]]
+name = "no-server-files"
+action = "deny"
+reason = "no server files or programs"
+flags = ["copy_program", "server_files"]
+"""
+
+
+@pytest.fixture(scope="module")
+def pg():
+    server = PgServer().start()
+    server.sql("CREATE TABLE orders (id int PRIMARY KEY, item text); "
+               "INSERT INTO orders VALUES (1, 'book'), (2, 'pen'); "
+               "ALTER TABLE orders OWNER TO app", db="shop")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pghost(tmp_path, collector, pg):
+    echo = EchoServer()
+    h = Host(tmp_path, collector, echo)
+    secret = tmp_path / "pg-password"           # root's alone: the agent can't read it
+    secret.write_text("app-secret-pw\n")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(POLICY)
+    h.config = h.write("pg", extra=f'''[[targets]]
+name = "orders-db"
+protocol = "postgres"
+address = "127.0.0.1:{pg.port}"
+user = "app"
+password_file = "{secret}"
+''')
+    h.config.write_text(f'policy = "{policy}"\n' + h.config.read_text())
+    yield h
+    h.cleanup()
+    echo.close()
+
+
+def psql(h, pg, *sql, user="nobody"):
+    args = [str(BIN / "agentgate"), "run", "--config", str(h.config), "--user", user, "--",
+            "psql", "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "whoever",
+            "-d", "shop"]
+    for s in sql:
+        args += ["-c", s]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "PGCONNECT_TIMEOUT": "10"})
+
+
+def orders_exists(pg) -> bool:
+    return pg.sql("SELECT to_regclass('public.orders') IS NOT NULL", db="shop").strip() == "t"
+
+
+def test_psql_gets_in_with_injected_credentials(pghost, pg):
+    p = psql(pghost, pg, "SELECT current_user, count(*) FROM orders")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "app|2"            # the server saw the injected user
+    (s,) = [x for x in pghost.sessions("postgres")]
+    startup = next(f for k, f in s["events"] if k == "startup")
+    assert startup["user"] == "whoever" and startup["upstream_user"] == "app"
+    assert startup["credentials"] == "injected"
+    kinds = [k for k, _ in s["events"]]
+    cmd = kinds.index("command")
+    assert kinds[cmd + 1] == "decision" and "output" in kinds[cmd + 2:]
+    assert next(f for k, f in s["events"] if k == "output")["summary"] == "SELECT 1"
+
+
+@pytest.mark.parametrize("sql", ["/* c */ DrOp TABLE orders", "SELECT 1; DROP TABLE orders",
+                                 "DO $$ BEGIN DROP TABLE orders; END $$",
+                                 "COPY orders TO PROGRAM 'cat > /tmp/agentgate-leak'"])
+def test_denied_statements_never_run_and_the_session_goes_on(pghost, pg, sql):
+    p = psql(pghost, pg, sql, "SELECT count(*) FROM orders")
+    assert "agentgate: denied by rule" in p.stderr, p.stderr
+    assert "ERROR:  agentgate" in p.stderr           # a real ErrorResponse
+    assert p.stdout.strip() == "2"                   # the next statement ran
+    assert orders_exists(pg)
+    assert not os.path.exists("/tmp/agentgate-leak")
+    s = pghost.sessions("postgres")[0]
+    decisions = [f for k, f in s["events"] if k == "decision"]
+    assert any(d["action"] == "deny" for d in decisions)
+
+
+def test_a_denial_inside_a_transaction_aborts_it_as_the_server_would(pghost, pg):
+    p = psql(pghost, pg, "BEGIN; UPDATE orders SET item = 'x' WHERE id = 1; DROP TABLE orders; COMMIT",
+             "SELECT item FROM orders WHERE id = 1")
+    assert "denied by rule" in p.stderr
+    assert p.stdout.strip() == "book"                # the transaction never committed
+
+
+def test_psycopg_extended_protocol_and_a_prepared_drop(pghost, pg, tmp_path):
+    script = pghost.public / "pg_agent.py"
+    script.write_text(f'''
+import psycopg
+with psycopg.connect(host="127.0.0.1", port={pg.port}, dbname="shop", user="nobody-knows",
+                     connect_timeout=10) as conn:
+    cur = conn.cursor()
+    cur.execute("SELECT item FROM orders WHERE id = %s", (2,), prepare=True)
+    print("item", cur.fetchone()[0])
+    try:
+        cur.execute("DROP TABLE orders", prepare=True)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        print("denied", exc.diag.message_primary)
+    conn.rollback()
+    cur.execute("SELECT count(*) FROM orders WHERE id > %s", (0,))
+    print("count", cur.fetchone()[0])
+''')
+    script.chmod(0o644)
+    p = subprocess.run([str(BIN / "agentgate"), "run", "--config", str(pghost.config), "--user",
+                        "nobody", "--", VENV_PY, str(script)], capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == "item pen"
+    assert lines[1].startswith("denied agentgate: denied by rule \"no-ddl\"")
+    assert lines[2] == "count 2"
+    assert orders_exists(pg)
+    s = pghost.sessions("postgres")[0]
+    binds = [f for k, f in s["events"] if k == "bind"]
+    # bind parameters are recorded as sent (psycopg sends this int2 in binary)
+    assert {"statement": binds[0]["statement"], "portal": "", "params": [b"\x00\x02"],
+            "formats": [1]} in binds
