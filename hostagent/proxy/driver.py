@@ -78,6 +78,7 @@ class Proxy:
         self.session_group = session_group
         self.on_session = on_session
         self.policy = policy or Policy()
+        self.cancel_keys: dict = {}
         self.servers: list[asyncio.AbstractServer] = []
         self.active: set[asyncio.Task] = set()
         self.refused = 0
@@ -150,7 +151,13 @@ class Proxy:
         except SpoolError as exc:
             reason = f"recording failed, session closed: {exc}"
             log.error("%s", reason)
+            refusal = getattr(layer, "refusal", None)
+            if refusal is not None:   # a protocol-correct error: nothing ran unrecorded
+                writer.write(refusal(f"agentgate: refused, the recording could not be "
+                                     f"stored ({exc})"))
         finally:
+            if hasattr(layer, "close"):
+                layer.close()
             if up_writer is not None:
                 up_writer.close()
             try:
@@ -163,7 +170,8 @@ class Proxy:
         if target is not None and target.protocol == "postgres":
             policy = self.policy
             return PostgresLayer(decide=lambda req: decide(policy, req), target=target.name,
-                                 identity=ident, user=target.user, password=target.password)
+                                 identity=ident, user=target.user, password=target.password,
+                                 cancel_keys=self.cancel_keys)
         return RawTcp()
 
     async def _pump(self, layer, recorder, reader, writer, up_reader, up_writer, counts) -> str:

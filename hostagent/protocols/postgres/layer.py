@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import secrets
 from typing import Callable
 
 from agentgate.events import COMMAND, DECISION, OUTPUT
@@ -32,7 +33,8 @@ class PostgresLayer:
 
     def __init__(self, *, decide: Callable[[Request], Decision], target: str,
                  identity: dict | None = None, user: str | None = None,
-                 password: str | None = None, max_message: int = m.DEFAULT_MAX_MESSAGE):
+                 password: str | None = None, max_message: int = m.DEFAULT_MAX_MESSAGE,
+                 cancel_keys: dict | None = None):
         self.decide = decide
         self.target = target
         self.identity = identity or {}
@@ -48,6 +50,10 @@ class PostgresLayer:
         self._denials: dict[str, bytes] = {}   # token -> our ErrorResponse
         self._counter = 0
         self._rows = 0
+        # Shared by all sessions to this target: the key the agent holds -> the server's.
+        # The agent never learns the server's key; a cancel from it is mapped back.
+        self.cancel_keys = cancel_keys if cancel_keys is not None else {}
+        self.client_key: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ client side
 
@@ -59,6 +65,16 @@ class PostgresLayer:
 
     def client_eof(self) -> list[Action]:
         return []
+
+    def refusal(self, message: str) -> bytes:
+        """What the client gets when the proxy must end the session (e.g. the spool
+        is full): an error it can show, as the server would send it."""
+        return m.error_response(message, "53100", "FATAL")
+
+    def close(self) -> None:
+        """The session is over: its cancel key goes with it."""
+        if self.client_key is not None:
+            self.cancel_keys.pop(self.client_key, None)
 
     def _from_client(self, kind: bytes, body: bytes) -> list[Action]:
         if kind == b"":
@@ -89,7 +105,12 @@ class PostgresLayer:
         if isinstance(msg, m.SpecialRequest):
             if msg.code in (m.SSL_REQUEST, m.GSSENC_REQUEST):
                 return [ToClient(b"N")]   # declined: the client goes on in the clear
-            return [Close("cancel requests are not supported yet")]
+            real = self.cancel_keys.get((msg.pid, msg.secret))
+            if real is None:
+                return [Record("cancel", {"matched": False}), Close("cancel with an unknown key")]
+            return [Record("cancel", {"matched": True}),
+                    ToUpstream(m.cancel_request(*real)),
+                    Close("cancel request forwarded")]
         if self.state != "startup":
             raise ProtocolError("a second startup message")
         params = dict(msg.params)
@@ -166,6 +187,12 @@ class PostgresLayer:
         raw = m.frame(kind, body)
         if self.state == "auth" and kind == b"R":
             return self._auth(body, raw)
+        if kind == b"K":
+            real = m.parse_backend_key(body)
+            fake = (secrets.randbits(31), secrets.randbits(31))
+            self.cancel_keys[fake] = real
+            self.client_key = fake
+            return [ToClient(m.backend_key_data(*fake))]
         if kind == b"Z":
             self.tx_status = body[:1] or b"I"
             self.state = "ready"

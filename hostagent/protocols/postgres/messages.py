@@ -321,6 +321,10 @@ def backend_key_data(pid: int, secret: int) -> bytes:
     return frame(b"K", _I32.pack(pid) + _I32.pack(secret))
 
 
+def cancel_request(pid: int, secret: int) -> bytes:
+    return untyped(_I32.pack(CANCEL_REQUEST) + _I32.pack(pid) + _I32.pack(secret))
+
+
 def parse_backend_key(body: bytes) -> tuple[int, int]:
     c = Cursor(body)
     pid, secret = c.i32(), c.i32()

@@ -141,3 +141,69 @@ with psycopg.connect(host="127.0.0.1", port={pg.port}, dbname="shop", user="nobo
     # bind parameters are recorded as sent (psycopg sends this int2 in binary)
     assert {"statement": binds[0]["statement"], "portal": "", "params": [b"\x00\x02"],
             "formats": [1]} in binds
+
+
+def run_py(h, code: str):
+    script = h.public / "pg_agent.py"
+    script.write_text(code)
+    script.chmod(0o644)
+    return subprocess.run([str(BIN / "agentgate"), "run", "--config", str(h.config), "--user",
+                           "nobody", "--", VENV_PY, str(script)], capture_output=True,
+                          text=True, timeout=90)
+
+
+def test_cancel_reaches_the_server_without_the_agent_knowing_its_key(pghost, pg):
+    p = run_py(pghost, f'''
+import threading, time, psycopg
+conn = psycopg.connect(host="127.0.0.1", port={pg.port}, dbname="shop", user="x")
+print("key", conn.info.backend_pid)
+threading.Timer(1.0, conn.cancel).start()
+t = time.monotonic()
+try:
+    conn.execute("SELECT pg_sleep(30)")
+except psycopg.errors.QueryCanceled:
+    print("cancelled after", round(time.monotonic() - t))
+''')
+    assert p.returncode == 0, p.stderr
+    key_line, cancelled = p.stdout.splitlines()
+    assert cancelled in ("cancelled after 1", "cancelled after 2")
+    agent_pid = int(key_line.split()[1])
+    real_pids = pg.sql("SELECT pid FROM pg_stat_activity WHERE usename = 'app'", db="shop")
+    assert str(agent_pid) not in real_pids.split()      # the agent holds a stand-in key
+    events = [k for s in pghost.sessions("postgres") for k, f in s["events"]]
+    assert "cancel" in events
+
+
+def test_asyncpg_binary_results(pghost, pg):
+    p = run_py(pghost, f'''
+import asyncio, asyncpg
+async def main():
+    conn = await asyncpg.connect(host="127.0.0.1", port={pg.port}, database="shop", user="x",
+                                 ssl=False)
+    rows = await conn.fetch("SELECT id, item FROM orders WHERE id > $1 ORDER BY id", 0)
+    print([tuple(r) for r in rows])
+    try:
+        await conn.execute("TRUNCATE orders")
+    except asyncpg.exceptions.InsufficientPrivilegeError as exc:
+        print("denied")
+    print(await conn.fetchval("SELECT count(*) FROM orders"))
+    await conn.close()
+asyncio.run(main())
+''')
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["[(1, 'book'), (2, 'pen')]", "denied", "2"]
+
+
+def test_a_full_spool_refuses_the_statement_with_an_error(pghost, pg):
+    cfg = pghost.config
+    text = cfg.read_text().replace("[intercept]", "[spool]\nmax_bytes = 32768\n"
+                                   "segment_bytes = 16384\n[intercept]", 1)
+    cfg.write_text(text)
+    sql = pghost.public / "big.sql"       # not on the command line: argv is recorded too
+    sql.write_text(f"INSERT INTO orders VALUES (3, '{'x' * 70000}');\n")
+    sql.chmod(0o644)
+    p = subprocess.run([str(BIN / "agentgate"), "run", "--config", str(cfg), "--user", "nobody",
+                        "--", "psql", "-X", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "x",
+                        "-d", "shop", "-f", str(sql)], capture_output=True, text=True, timeout=60)
+    assert "recording could not be stored" in p.stderr, p.stderr
+    assert pg.sql("SELECT count(*) FROM orders", db="shop").strip() == "2"   # never ran

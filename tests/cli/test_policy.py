@@ -1,0 +1,33 @@
+import json
+
+from tests.support import ROOT, run_cli
+
+
+def test_check_the_example_and_refuse_a_broken_file(tmp_path):
+    r = run_cli("policy", "check", str(ROOT / "examples" / "policy.toml"))
+    assert r.returncode == 0 and "3 rule(s)" in r.stdout
+    bad = tmp_path / "p.toml"
+    bad.write_text('[[rules]]\nname = "no-ddl"\naction = "deny"\nmatch = "(("\n')
+    r = run_cli("policy", "check", str(bad))
+    assert r.returncode == 2 and "rule 'no-ddl'" in r.stderr and "regex" in r.stderr
+    bad.write_text('default = "allow"\nx = = 1\n')
+    r = run_cli("policy", "check", str(bad))
+    assert r.returncode == 2 and "line 2" in r.stderr      # TOML errors name the line
+    bad.write_text('[[masks]]\nname = "pii"\ncolumns = ["*.ssn"]\n')
+    r = run_cli("policy", "check", str(bad))
+    assert r.returncode == 2 and "not supported" in r.stderr   # never pretend to mask
+
+
+def test_explain(tmp_path):
+    policy = str(ROOT / "examples" / "policy.toml")
+    r = run_cli("policy", "explain", policy, "--target", "orders-db", "--sql",
+                "SELECT 1; /* c */ DrOp TABLE t", "--json")
+    out = json.loads(r.stdout)
+    assert (out["action"], out["rule"]) == ("deny", "no-ddl")
+    assert [s["action"] for s in out["statements"]] == ["allow", "deny"]
+    r = run_cli("policy", "explain", policy, "--target", "billing", "--sql", "DROP TABLE t")
+    assert r.stdout.strip() == "allow (rule (default)): no rule matched"   # target glob
+    r = run_cli("policy", "explain", policy, "--target", "x", "--sql", "UPDATE t SET a = 1")
+    assert r.stdout.startswith("deny (rule no-unbounded-writes)")
+    r = run_cli("policy", "explain", policy, "--target", "x", "--sql", "SELEC 1", "--json")
+    assert json.loads(r.stdout)["rule"] == "(unparseable)"
