@@ -56,6 +56,7 @@ class TargetConfig:
 @dataclass
 class HostAgentConfig:
     collector: CollectorAddress = field(default_factory=CollectorAddress)
+    collector_configured: bool = False   # an address was given: spool for it, however long
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     intercept: InterceptConfig = field(default_factory=InterceptConfig)
     targets: list[TargetConfig] = field(default_factory=list)
@@ -78,6 +79,7 @@ def load_config(path: str | None) -> HostAgentConfig:
         raise ConfigError(f"{c.where}: give 'token' or 'token_file', not both")
     if token_file:
         token = read_secret(c, token_file)
+    cfg.collector_configured = "address" in c.data
     cfg.collector = CollectorAddress(
         target=c.get("address", str, DEFAULT_COLLECTOR), token=token or None,
         ca=c.path("ca"), cert=c.path("cert"), key=c.path("key"),

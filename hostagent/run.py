@@ -160,7 +160,11 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
     embedded = None
     try:
         address = cfg.collector
-        if not await asyncio.to_thread(_collector_answers, address):
+        # With no collector configured and none answering at the default address, record
+        # into the local store. A configured collector is waited for: the spool keeps
+        # everything until it (or the host agent, later) ships it.
+        if not cfg.collector_configured and not await asyncio.to_thread(_collector_answers,
+                                                                         address):
             embedded = await _embedded_collector(Path(cfg.state_dir))
             address = CollectorAddress(embedded.addresses[0])
         shipper = stack.ship_to(address)
@@ -189,7 +193,8 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
         await asyncio.sleep(0.1)                      # the last events in the ring buffer
         run.end(rc, lost=stack.icpt.lost_events(), refused=stack.proxy.refused)
         if not await shipper.drain(10):
-            log.warning("the collector has not taken everything yet; it stays in the spool %s",
+            log.warning("the collector %s has not taken everything; it stays in the spool %s "
+                        "for the host agent (or the next run) to ship", address.target,
                         cfg.spool.dir)
         return rc
     finally:

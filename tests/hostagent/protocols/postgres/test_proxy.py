@@ -207,3 +207,64 @@ def test_a_full_spool_refuses_the_statement_with_an_error(pghost, pg):
                         "-d", "shop", "-f", str(sql)], capture_output=True, text=True, timeout=60)
     assert "recording could not be stored" in p.stderr, p.stderr
     assert pg.sql("SELECT count(*) FROM orders", db="shop").strip() == "2"   # never ran
+
+
+def test_pgbench_runs_through_the_proxy(pghost, pg):
+    pg.sql("CREATE DATABASE bench OWNER app")
+    init = subprocess.run(["runuser", "-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pgbench",
+                           "-i", "-q", "-s", "1", "-h", str(pg.dir), "-p", str(pg.port), "-U",
+                           "postgres", "bench"], capture_output=True, text=True, timeout=120)
+    assert init.returncode == 0, init.stderr
+    pg.sql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO app", db="bench")
+    for proto in ("simple", "prepared"):
+        p = subprocess.run([str(BIN / "agentgate"), "run", "--config", str(pghost.config),
+                            "--user", "nobody", "--", "/usr/lib/postgresql/15/bin/pgbench",
+                            "-S", "-n", "-t", "200", "-M", proto, "-h", "127.0.0.1", "-p",
+                            str(pg.port), "-U", "x", "bench"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        assert "number of transactions actually processed: 200/200" in p.stdout
+
+
+def test_copy_in_and_out(pghost, pg):
+    p = run_py(pghost, f'''
+import psycopg
+with psycopg.connect(host="127.0.0.1", port={pg.port}, dbname="shop", user="x") as conn:
+    with conn.cursor().copy("COPY orders (id, item) FROM STDIN") as copy:
+        copy.write_row((10, "lamp"))
+        copy.write_row((11, "desk"))
+    conn.commit()
+    out = b""
+    with conn.cursor().copy("COPY (SELECT item FROM orders WHERE id >= 10 ORDER BY id) TO STDOUT") as copy:
+        for data in copy:
+            out += bytes(data)
+    print(out.decode().split())
+    conn.execute("DELETE FROM orders WHERE id >= 10")
+''')
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "['lamp', 'desk']"
+    commands = [f["text"] for s in pghost.sessions("postgres") for k, f in s["events"]
+                if k == "command"]
+    assert any(c.startswith("COPY orders") for c in commands)
+
+
+def test_statements_are_kept_while_the_collector_is_down(pghost, pg):
+    pghost.collector.kill()
+    cfg = pghost.config
+    p = psql(pghost, pg, "SELECT 'while down'")
+    assert p.returncode == 0 and p.stdout.strip() == "while down", p.stderr
+    assert "stays in the spool" in p.stderr
+    assert pghost.sessions("postgres") == []
+    # The run shipped nothing (no collector) and left its spool. A host agent started on
+    # the same spool, with the collector back, delivers it.
+    pghost.collector.restart()
+    daemon = subprocess.Popen([str(BIN / "agentgate-hostagent"), "serve", "--config", str(cfg)],
+                              stderr=subprocess.DEVNULL)
+    try:
+        from tests.support import wait_for
+        wait_for(lambda: any(f.get("text") == "SELECT 'while down'"
+                             for s in pghost.sessions("postgres") for k, f in s["events"]
+                             if k == "command"), timeout=60, what="the spooled statement")
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
