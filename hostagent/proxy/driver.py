@@ -176,17 +176,20 @@ class Proxy:
 
     async def _pump(self, layer, recorder, reader, writer, up_reader, up_writer, counts) -> str:
         async def perform(actions) -> None:
+            # Bytes are written as they come (transport writes don't wait); the waits
+            # for the peers to drain come once per batch. A Record is spooled before any
+            # byte after it is written: record before execute.
             for act in actions:
                 if isinstance(act, Record):
                     recorder.record(act.kind, act.fields)
                 elif isinstance(act, ToUpstream):
                     up_writer.write(act.data)
-                    await up_writer.drain()
                 elif isinstance(act, ToClient):
                     writer.write(act.data)
-                    await writer.drain()
                 elif isinstance(act, Close):
                     raise _Closed(act.reason)
+            await up_writer.drain()
+            await writer.drain()
 
         async def client_to_upstream():
             while data := await reader.read(READ_SIZE):

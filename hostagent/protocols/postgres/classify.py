@@ -5,6 +5,7 @@ about. Text that does not parse raises Unparseable; the caller decides (deny by
 default)."""
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -129,8 +130,10 @@ def _plpgsql_queries(tree) -> list[tuple[str, bool]]:
     return out
 
 
-def classify(sql: str) -> list[Statement]:
-    """One Statement per top-level statement in `sql` (a simple Query may hold many)."""
+@functools.lru_cache(maxsize=4096)
+def classify(sql: str) -> tuple[Statement, ...]:
+    """One Statement per top-level statement in `sql` (a simple Query may hold many).
+    Pure, so cached: agents send the same statements again and again."""
     try:
         raw = parse_sql(sql)
     except ParseError as exc:
@@ -147,4 +150,4 @@ def classify(sql: str) -> list[Statement]:
                              tables=tuple(dict.fromkeys(walk.tables)),
                              functions=tuple(dict.fromkeys(walk.functions)),
                              flags=frozenset(walk.flags)))
-    return out
+    return tuple(out)
