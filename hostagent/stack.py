@@ -14,6 +14,7 @@ from hostagent.config import HostAgentConfig
 from hostagent.intercept import cgroups
 from hostagent.intercept.identity import IdentityCache
 from hostagent.intercept.loader import Interceptor, InterceptError, KernelEvent
+from hostagent.approvals import Approver
 from hostagent.policy import load_policy
 from hostagent.proxy.driver import Proxy, Target, Targets, bind_pair, parse_hostport, resolve
 from hostagent.recording.shipper import Shipper
@@ -97,7 +98,9 @@ class Stack:
             loop = asyncio.get_running_loop()
             self.icpt.start_events(lambda ev: loop.call_soon_threadsafe(on_event, ev))
         policy = load_policy(cfg.policy_file) if cfg.policy_file else None
-        self.proxy = Proxy(lookup=self.icpt.take_peer, policy=policy,
+        approver = Approver(self.shipper.address, policy.review_ttl_s if policy else 0) \
+            if self.shipper else None
+        self.proxy = Proxy(lookup=self.icpt.take_peer, policy=policy, approver=approver,
                            identify=IdentityCache(cgroups.cgroup2_mount(), cfg.intercept.tree),
                            spool=self.spool,
                            host=cfg.host, targets=targets, session_group=session_group)

@@ -42,6 +42,7 @@ class Policy:
     unparseable: str = "deny"
     audit: bool = False               # decide and record, but never block
     rules: tuple[Rule, ...] = ()
+    review_ttl_s: int = 0             # how long a held statement waits (0: the collector's)
 
 
 @dataclass(frozen=True)
@@ -164,5 +165,7 @@ def load_policy(path: str) -> Policy:
         raise ConfigError(f"{path}: [[masks]] are not supported by this version yet "
                           "(results would not be masked)")
     audit = root.get("audit", bool, False)
+    ttl = root.get("review_ttl_seconds", int, 0)
     root.done()
-    return Policy(default=default, unparseable=unparseable, audit=audit, rules=rules)
+    return Policy(default=default, unparseable=unparseable, audit=audit, rules=rules,
+                  review_ttl_s=ttl)

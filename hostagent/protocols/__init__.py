@@ -32,7 +32,17 @@ class Close:
     reason: str
 
 
-Action = ToUpstream | ToClient | Record | Close
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Ask a human (the collector's approval workflow) before going on; the driver answers
+    with layer.decided(key, approved, reason). Nothing after it is sent until then."""
+    key: int
+    command: str
+    rule: str
+    reason: str
+
+
+Action = ToUpstream | ToClient | Record | Close | Hold
 
 
 class Layer(Protocol):

@@ -19,7 +19,8 @@ from typing import Callable
 from agentgate.events import SESSION_END, SESSION_START
 from hostagent.intercept.identity import summary
 from hostagent.intercept.loader import ACT_TARGET, ConnRecord
-from hostagent.protocols import Close, ProtocolError, Record, ToClient, ToUpstream
+from hostagent.protocols import Close, Hold, ProtocolError, Record, ToClient, ToUpstream
+from hostagent.approvals import Approver
 from hostagent.policy import Policy, decide
 from hostagent.protocols.postgres.layer import PostgresLayer
 from hostagent.protocols.tcp import RawTcp
@@ -69,7 +70,8 @@ class Proxy:
     def __init__(self, *, lookup: Callable[[str, int], ConnRecord | None],
                  identify: Callable[[ConnRecord], dict], spool: Spool, host: str,
                  targets: Targets, session_group: str = "",
-                 on_session: Callable[[str], None] | None = None, policy: Policy | None = None):
+                 on_session: Callable[[str], None] | None = None, policy: Policy | None = None,
+                 approver: "Approver | None" = None):
         self.lookup = lookup
         self.identify = identify
         self.spool = spool
@@ -79,6 +81,7 @@ class Proxy:
         self.on_session = on_session
         self.policy = policy or Policy()
         self.cancel_keys: dict = {}
+        self.approver = approver
         self.servers: list[asyncio.AbstractServer] = []
         self.active: set[asyncio.Task] = set()
         self.refused = 0
@@ -147,7 +150,8 @@ class Proxy:
                 reason = f"upstream unreachable: {exc or 'timeout'}"
                 _reset(writer)   # the client sees a refused connection, not a clean EOF
                 return
-            reason = await self._pump(layer, recorder, reader, writer, up_reader, up_writer, counts)
+            reason = await self._pump(layer, recorder, reader, writer, up_reader, up_writer, counts,
+                                      ident)
         except SpoolError as exc:
             reason = f"recording failed, session closed: {exc}"
             log.error("%s", reason)
@@ -165,6 +169,38 @@ class Proxy:
             except SpoolError as exc:
                 log.error("cannot record the end of session %s: %s", recorder.session_id, exc)
 
+    async def _hold(self, hold: Hold, layer, recorder, writer, ident: dict) -> list:
+        """Ask for approval; the session waits (only this one). Fail closed: if no
+        approval can be asked for or awaited, the statement is refused."""
+        from hostagent.approvals import when
+        start = recorder.session_id
+        try:
+            if self.approver is None:
+                raise RuntimeError("no collector to ask")
+            ap = await self.approver.ask(
+                session_id=start, host=self.host, target=layer.target, protocol=layer.name,
+                command=hold.command, requested_by=str(ident.get("user", "")), rule=hold.rule,
+                reason=hold.reason)
+        except Exception as exc:
+            recorder.record("approval", {"state": "unavailable", "error": str(exc)})
+            return layer.decided(hold.key, False, f"{hold.reason} (needs approval, which "
+                                 f"could not be requested: {exc})")
+        recorder.record("approval", {"id": ap.id, "state": "pending", "rule": hold.rule,
+                                     "expires_ns": ap.expires_ns})
+        writer.write(layer.held_notice(ap.id, when(ap.expires_ns)))
+        await writer.drain()
+        try:
+            state, by, why = await self.approver.wait(ap.id)
+        except Exception as exc:
+            state, by, why = "unavailable", "", str(exc)
+        recorder.record("approval", {"id": ap.id, "state": state, "decided_by": by,
+                                     "reason": why})
+        if state == "approved":
+            return layer.decided(hold.key, True, why)
+        what = {"denied": f"denied by {by}", "expired": "not approved in time"}.get(state, state)
+        return layer.decided(hold.key, False, f"{hold.reason} (approval {ap.id} {what}"
+                             f"{': ' + why if why else ''})")
+
     def _layer(self, target: Target | None, ident: dict):
         """The protocol layer for a connection: by the target's protocol."""
         if target is not None and target.protocol == "postgres":
@@ -174,7 +210,8 @@ class Proxy:
                                  cancel_keys=self.cancel_keys)
         return RawTcp()
 
-    async def _pump(self, layer, recorder, reader, writer, up_reader, up_writer, counts) -> str:
+    async def _pump(self, layer, recorder, reader, writer, up_reader, up_writer, counts,
+                    ident: dict) -> str:
         async def perform(actions) -> None:
             # Bytes are written as they come (transport writes don't wait); the waits
             # for the peers to drain come once per batch. A Record is spooled before any
@@ -188,6 +225,10 @@ class Proxy:
                     writer.write(act.data)
                 elif isinstance(act, Close):
                     raise _Closed(act.reason)
+                elif isinstance(act, Hold):
+                    await up_writer.drain()
+                    await writer.drain()
+                    await perform(await self._hold(act, layer, recorder, writer, ident))
             await up_writer.drain()
             await writer.drain()
 

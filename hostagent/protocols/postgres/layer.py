@@ -20,7 +20,7 @@ from typing import Callable
 
 from agentgate.events import COMMAND, DECISION, OUTPUT
 from hostagent.policy import Decision, Request
-from hostagent.protocols import Action, Close, ProtocolError, Record, ToClient, ToUpstream
+from hostagent.protocols import Action, Close, Hold, ProtocolError, Record, ToClient, ToUpstream
 from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres.auth import ScramSha256, md5_password
 from hostagent.protocols.postgres.classify import Unparseable, classify
@@ -50,6 +50,9 @@ class PostgresLayer:
         self._denials: dict[str, bytes] = {}   # token -> our ErrorResponse
         self._counter = 0
         self._rows = 0
+        self._held: int | None = None
+        self._pending: dict[int, tuple[bytes, str | None, Decision]] = {}
+        self._queue: list[tuple[bytes, bytes]] = []
         # Shared by all sessions to this target: the key the agent holds -> the server's.
         # The agent never learns the server's key; a cancel from it is mapped back.
         self.cancel_keys = cancel_keys if cancel_keys is not None else {}
@@ -77,6 +80,9 @@ class PostgresLayer:
             self.cancel_keys.pop(self.client_key, None)
 
     def _from_client(self, kind: bytes, body: bytes) -> list[Action]:
+        if self._held is not None:
+            self._queue.append((kind, body))   # nothing overtakes a held statement
+            return []
         if kind == b"":
             return self._untyped(body)
         raw = m.frame(kind, body)
@@ -136,7 +142,7 @@ class PostgresLayer:
 
     def _judged(self, text: str, raw: bytes, extended: str | None, statements) -> list[Action]:
         out: list[Action] = []
-        verdict = None
+        decisions = []
         for st in statements or [None]:
             req = (Request(target=self.target, protocol="postgres", identity=self.identity,
                            database=self.database, text=text, parsed=False)
@@ -145,31 +151,56 @@ class PostgresLayer:
                            database=self.database, text=st.text, kinds=st.kinds,
                            tables=st.tables, functions=st.functions, flags=st.flags))
             decision = self.decide(req)
-            if decision.action == "review":
-                # Approvals are not wired to this proxy yet: hold means refuse (fail closed).
-                decision = Decision("deny", decision.rule,
-                                    f"{decision.reason} (needs approval, which this version "
-                                    "of the proxy cannot ask for yet)")
             out.append(Record(COMMAND, {
                 "text": req.text, "kinds": sorted(req.kinds), "tables": list(req.tables),
                 "functions": list(req.functions), "flags": sorted(req.flags),
                 "database": self.database, "statement": extended,
                 "protocol": "simple" if extended is None else "extended"}))
             out.append(Record(DECISION, decision.as_dict()))
-            if decision.action != "allow" and verdict is None:
-                verdict = decision
-        if verdict is None:
-            out.append(ToUpstream(raw))
-            return out
+            decisions.append(decision)
+        # the strictest wins: deny, then review, then allow
+        deny = next((d for d in decisions if d.action == "deny"), None)
+        review = next((d for d in decisions if d.action == "review"), None)
+        if deny is not None:
+            return out + self._refuse(deny, extended)
+        if review is not None:
+            self._counter += 1
+            key = self._counter
+            self._held = key
+            self._pending[key] = (raw, extended, review)
+            return out + [Hold(key, text, review.rule, review.reason)]
+        return out + [ToUpstream(raw)]
+
+    def _refuse(self, decision: Decision, extended: str | None) -> list[Action]:
+        """Send the server a statement it rejects itself (a unique token, a syntax error):
+        its own error handling then keeps the session and transaction state right, and
+        the error it returns is rewritten into ours."""
         self._counter += 1
         token = f"agentgate_denied_{self._counter}"
         self._denials[token] = m.error_response(
-            f'agentgate: denied by rule "{verdict.rule}": {verdict.reason}', "42501")
+            f'agentgate: denied by rule "{decision.rule}": {decision.reason}', "42501")
         if extended is None:
-            out.append(ToUpstream(m.frame(b"Q", token.encode() + b"\0")))
+            return [ToUpstream(m.frame(b"Q", token.encode() + b"\0"))]
+        return [ToUpstream(m.frame(b"P", extended.encode() + b"\0" + token.encode() + b"\0\0\0"))]
+
+    def held_notice(self, approval_id: str, expires: str) -> bytes:
+        key = self._held
+        _raw, _ext, decision = self._pending[key]
+        return m.notice_response(f'agentgate: held for approval {approval_id} (rule '
+                                 f'"{decision.rule}": {decision.reason}); expires {expires}')
+
+    def decided(self, key: int, approved: bool, reason: str) -> list[Action]:
+        """The answer to a Hold: run the statement, or refuse it; then what the client sent
+        meanwhile (an extended-protocol pipeline) goes on in order."""
+        raw, extended, decision = self._pending.pop(key)
+        self._held = None
+        if approved:
+            out: list[Action] = [ToUpstream(raw)]
         else:
-            out.append(ToUpstream(m.frame(b"P", extended.encode() + b"\0" + token.encode()
-                                          + b"\0\0\0")))
+            out = self._refuse(Decision("deny", decision.rule, reason), extended)
+        queued, self._queue = self._queue, []
+        for kind, body in queued:
+            out += self._from_client(kind, body)
         return out
 
     # ------------------------------------------------------------------ server side

@@ -46,3 +46,28 @@ def test_the_agent_gets_a_stand_in_backend_key():
     assert real == (1, 2) and fake != real
     layer.close()
     assert layer.cancel_keys == {}
+
+
+def test_a_held_statement_keeps_the_pipeline_behind_it_in_order():
+    from hostagent.policy import Rule
+    from hostagent.protocols import Hold, ToUpstream
+    policy = Policy(rules=(Rule(name="r", action="review", statements=("DELETE",)),))
+    layer = PostgresLayer(decide=lambda r: decide(policy, r), target="t", user="app",
+                          password="pw")
+    layer.client_data(m.startup_message({"user": "x", "database": "d"}))
+    layer.upstream_data(m.authentication(m.AUTH_OK) + m.ready_for_query())
+    parse = m.frame(b"P", b"\0DELETE FROM t WHERE id = 1\0\0\0")
+    rest = m.frame(b"B", b"\0\0\0\0\0\0\0\0") + m.frame(b"E", b"\0\0\0\0\0") + m.frame(b"S")
+    actions = layer.client_data(parse + rest)
+    holds = [a for a in actions if isinstance(a, Hold)]
+    assert len(holds) == 1 and not any(isinstance(a, ToUpstream) for a in actions)
+    after = layer.decided(holds[0].key, True, "ok")
+    sent = b"".join(a.data for a in after if isinstance(a, ToUpstream))
+    assert sent == parse + rest                      # the statement, then the rest, in order
+    denied = PostgresLayer(decide=lambda r: decide(policy, r), target="t")
+    denied.client_data(m.startup_message({"user": "x"}))
+    denied.upstream_data(m.authentication(m.AUTH_OK) + m.ready_for_query())
+    (hold,) = [a for a in denied.client_data(parse + rest) if isinstance(a, Hold)]
+    sent = b"".join(a.data for a in denied.decided(hold.key, False, "no")
+                    if isinstance(a, ToUpstream))
+    assert b"DELETE" not in sent and b"agentgate_denied_" in sent and sent.endswith(rest)

@@ -268,3 +268,78 @@ def test_statements_are_kept_while_the_collector_is_down(pghost, pg):
     finally:
         daemon.terminate()
         daemon.wait(30)
+
+
+REVIEW = """
+[[rules]]
+name = "deletes-need-a-human"
+action = "review"
+reason = "deleting orders needs approval"
+statements = ["DELETE"]
+"""
+
+
+def held_psql(h, pg, sql):
+    args = [str(BIN / "agentgate"), "run", "--config", str(h.config), "--user", "nobody", "--",
+            "psql", "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "x", "-d",
+            "shop", "-c", sql, "-c", "SELECT count(*) FROM orders"]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def pending(h):
+    import json
+    from tests.support import run_cli
+    r = run_cli("approvals", "list", "--pending", "--json", collector=h.collector)
+    return json.loads(r.stdout) if r.returncode == 0 else []
+
+
+@pytest.fixture
+def review_host(pghost, tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("review_ttl_seconds = 30\n" + POLICY + REVIEW)
+    return pghost
+
+
+def test_a_held_delete_runs_once_approved(review_host, pg):
+    from tests.support import run_cli, wait_for
+    pg.sql("INSERT INTO orders VALUES (5, 'held')", db="shop")
+    p = held_psql(review_host, pg, "DELETE FROM orders WHERE id = 5")
+    try:
+        (req,) = wait_for(lambda: pending(review_host), what="the approval request")
+        assert req["command"] == "DELETE FROM orders WHERE id = 5"
+        assert req["rule"] == "deletes-need-a-human" and req["requested_by"] == "nobody"
+        assert pg.sql("SELECT count(*) FROM orders WHERE id = 5", db="shop").strip() == "1"
+        r = run_cli("approvals", "approve", req["id"], "--reason", "cleanup",
+                    collector=review_host.collector)
+        assert r.returncode == 0, r.stderr
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    assert f"held for approval {req['id']}" in err          # a NoticeResponse while held
+    assert out.split() == ["DELETE", "1", "2"]          # it ran, then the session went on
+    assert pg.sql("SELECT count(*) FROM orders WHERE id = 5", db="shop").strip() == "0"
+    events = [(k, f) for s in review_host.sessions("postgres") for k, f in s["events"]]
+    states = [f["state"] for k, f in events if k == "approval"]
+    assert states == ["pending", "approved"]
+
+
+def test_a_held_delete_denied_or_expired_never_runs(review_host, pg, tmp_path):
+    from tests.support import run_cli, wait_for
+    pg.sql("INSERT INTO orders VALUES (6, 'keep')", db="shop")
+    p = held_psql(review_host, pg, "DELETE FROM orders WHERE id = 6")
+    (req,) = wait_for(lambda: pending(review_host), what="the approval request")
+    r = run_cli("approvals", "deny", req["id"], "--reason", "not now",
+                collector=review_host.collector)
+    assert r.returncode == 0
+    out, err = p.communicate(timeout=60)
+    assert "denied by local: not now" in err and out.split() == ["3"]
+    # expiry: a short time to live
+    policy = tmp_path / "policy.toml"
+    policy.write_text(policy.read_text().replace("review_ttl_seconds = 30",
+                                                 "review_ttl_seconds = 1"))
+    p = held_psql(review_host, pg, "DELETE FROM orders WHERE id = 6")
+    out, err = p.communicate(timeout=60)
+    assert "not approved in time" in err and out.split() == ["3"]
+    assert pg.sql("SELECT count(*) FROM orders WHERE id = 6", db="shop").strip() == "1"
+    pg.sql("DELETE FROM orders WHERE id = 6", db="shop")
