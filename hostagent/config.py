@@ -51,6 +51,9 @@ class TargetConfig:
     user: str | None = None            # credentials injected upstream (the agent never
     password_file: str | None = None   # holds them): from a file or an environment
     password_env: str | None = None    # variable of the daemon, never from the policy
+    tls: str = "prefer"                # upstream TLS: disable | prefer | require | verify-full
+    ca: str | None = None
+    server_name: str | None = None
 
 
 @dataclass
@@ -113,10 +116,14 @@ def load_config(path: str | None) -> HostAgentConfig:
         target = TargetConfig(name=t.get("name", str, ""), protocol=t.get("protocol", str, "tcp"),
                               addresses=[addrs] if isinstance(addrs, str) else list(addrs or []),
                               user=t.get("user", str, None), password_file=t.path("password_file"),
-                              password_env=t.get("password_env", str, None))
+                              password_env=t.get("password_env", str, None),
+                              tls=t.get("tls", str, "prefer"), ca=t.path("ca"),
+                              server_name=t.get("server_name", str, None))
         t.done()
         if not target.name or not target.addresses:
             raise ConfigError(f"{t.where}: a target needs 'name' and 'address'")
+        if target.tls not in ("disable", "prefer", "require", "verify-full"):
+            raise ConfigError(f"{t.where}: 'tls' must be disable, prefer, require or verify-full")
         cfg.targets.append(target)
     root.done()
     if cfg.spool.max_bytes < cfg.spool.segment_bytes:

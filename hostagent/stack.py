@@ -34,7 +34,7 @@ def build_targets(cfg: HostAgentConfig) -> Targets:
             except socket.gaierror as exc:
                 raise InterceptError(f"target {t.name}: cannot resolve {host}: {exc.strerror}") from None
         out.append(Target(t.name, t.protocol, tuple(addrs), user=t.user,
-                          password=_password(t)))
+                          password=_password(t), tls=t.tls, ca=t.ca, server_name=t.server_name))
     return Targets(out)
 
 

@@ -21,7 +21,9 @@ class PgServer:
     """initdb + pg_ctl as the `postgres` user (PostgreSQL refuses to run as root).
     Roles: `app` with SCRAM, `legacy` with md5, `plain` with cleartext."""
 
-    def __init__(self):
+    def __init__(self, tls: bool = False):
+        self.tls = tls
+        self.ca = None
         self.dir = Path(tempfile.mkdtemp(prefix="agentgate-pg-"))
         os.chown(self.dir, *_ids("postgres"))
         self.data = self.dir / "data"
@@ -44,9 +46,18 @@ class PgServer:
             "host all plain 127.0.0.1/32 password\n"
             "host all all 127.0.0.1/32 scram-sha-256\n"
             "host all all ::1/128 scram-sha-256\n")
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1,::1 -c fsync=off"
+        if self.tls:
+            from tests.certs import CA
+            self.ca = CA(self.dir / "pki", "pg-test-ca")
+            cert, key = self.ca.issue("localhost", server=True)
+            for f in (cert, key):
+                shutil.copy(f, self.data / f.name)
+                os.chown(self.data / f.name, *_ids("postgres"))
+                os.chmod(self.data / f.name, 0o600)
+            options += f" -c ssl=on -c ssl_cert_file={cert.name} -c ssl_key_file={key.name}"
         self._pg(str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-w", "-l", str(self.dir / "log"),
-                 "-o", f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1,::1 "
-                       f"-c fsync=off", "start")
+                 "-o", options, "start")
         self.sql("SET password_encryption = 'scram-sha-256'; "
                  "CREATE ROLE app LOGIN PASSWORD 'app-secret-pw';"
                  "CREATE ROLE plain LOGIN PASSWORD 'plain-secret-pw';"

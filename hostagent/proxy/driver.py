@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import random
 import socket
+import ssl
 import struct
 from dataclasses import dataclass, field
 from typing import Callable
@@ -22,6 +23,7 @@ from hostagent.intercept.loader import ACT_TARGET, ConnRecord
 from hostagent.protocols import Close, Hold, ProtocolError, Record, ToClient, ToUpstream
 from hostagent.approvals import Approver
 from hostagent.policy import Policy, decide
+from hostagent.protocols.postgres import messages as pg_messages
 from hostagent.protocols.postgres.layer import PostgresLayer
 from hostagent.protocols.tcp import RawTcp
 from hostagent.recording.recorder import SessionRecorder
@@ -39,6 +41,9 @@ class Target:
     addresses: tuple[tuple[str, int], ...]
     user: str | None = None
     password: str | None = field(default=None, repr=False)
+    tls: str = "prefer"              # upstream: disable | prefer | require | verify-full
+    ca: str | None = None            # for verify-full (default: the system's CAs)
+    server_name: str | None = None   # for verify-full (default: the address's host)
 
 
 def canonical(host: str) -> str:
@@ -150,6 +155,13 @@ class Proxy:
                 reason = f"upstream unreachable: {exc or 'timeout'}"
                 _reset(writer)   # the client sees a refused connection, not a clean EOF
                 return
+            if target is not None and target.protocol == "postgres" and target.tls != "disable":
+                try:
+                    await postgres_upstream_tls(up_reader, up_writer, target, rec.dst_host)
+                except (OSError, ssl.SSLError, ConnectionError, asyncio.IncompleteReadError) as exc:
+                    reason = f"upstream TLS failed ({target.tls}): {exc}"
+                    await self._refuse_at_startup(layer, reader, writer, f"agentgate: {reason}")
+                    return
             reason = await self._pump(layer, recorder, reader, writer, up_reader, up_writer, counts,
                                       ident)
         except SpoolError as exc:
@@ -168,6 +180,22 @@ class Proxy:
                 recorder.record(SESSION_END, {"reason": reason, **counts})
             except SpoolError as exc:
                 log.error("cannot record the end of session %s: %s", recorder.session_id, exc)
+
+    async def _refuse_at_startup(self, layer, reader, writer, message: str) -> None:
+        """Answer the client's start-up with an error it can show (the layer knows how),
+        without any upstream."""
+        layer.refusing = message
+        try:
+            while data := await asyncio.wait_for(reader.read(READ_SIZE), CONNECT_TIMEOUT):
+                for act in layer.client_data(data):
+                    if isinstance(act, ToClient):
+                        writer.write(act.data)
+                    elif isinstance(act, Close):
+                        await writer.drain()
+                        return
+                await writer.drain()
+        except (OSError, ProtocolError, asyncio.TimeoutError):
+            return
 
     async def _hold(self, hold: Hold, layer, recorder, writer, ident: dict) -> list:
         """Ask for approval; the session waits (only this one). Fail closed: if no
@@ -273,6 +301,25 @@ class Proxy:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def postgres_upstream_tls(reader, writer, target: Target, host: str) -> None:
+    """PostgreSQL's TLS upgrade on the upstream leg, per the target's mode: ask with
+    SSLRequest; 'S' -> handshake, 'N' -> plaintext only if the mode allows it."""
+    writer.write(pg_messages.untyped(struct.pack("!i", pg_messages.SSL_REQUEST)))
+    await writer.drain()
+    answer = await reader.readexactly(1)
+    if answer == b"N":
+        if target.tls in ("require", "verify-full"):
+            raise ConnectionError("the server does not offer TLS")
+        return
+    if answer != b"S":
+        raise ConnectionError(f"unexpected answer {answer!r} to SSLRequest")
+    ctx = ssl.create_default_context(cafile=target.ca)
+    if target.tls != "verify-full":
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE   # encrypted, not authenticated (libpq's require)
+    await writer.start_tls(ctx, server_hostname=target.server_name or host)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

@@ -51,6 +51,7 @@ class PostgresLayer:
         self._counter = 0
         self._rows = 0
         self._held: int | None = None
+        self.refusing = ""   # set when the session can't go on: start-up gets this error
         self._pending: dict[int, tuple[bytes, str | None, Decision]] = {}
         self._queue: list[tuple[bytes, bytes]] = []
         # Shared by all sessions to this target: the key the agent holds -> the server's.
@@ -119,6 +120,8 @@ class PostgresLayer:
                     Close("cancel request forwarded")]
         if self.state != "startup":
             raise ProtocolError("a second startup message")
+        if self.refusing:
+            return [ToClient(self.refusal(self.refusing)), Close(self.refusing)]
         params = dict(msg.params)
         client_user = params.get("user", "")
         self.database = params.get("database", client_user)

@@ -343,3 +343,65 @@ def test_a_held_delete_denied_or_expired_never_runs(review_host, pg, tmp_path):
     assert "not approved in time" in err and out.split() == ["3"]
     assert pg.sql("SELECT count(*) FROM orders WHERE id = 6", db="shop").strip() == "1"
     pg.sql("DELETE FROM orders WHERE id = 6", db="shop")
+
+
+@pytest.fixture(scope="module")
+def pg_tls():
+    server = PgServer(tls=True).start()
+    yield server
+    server.stop()
+
+
+def tls_host(tmp_path, collector, pg, mode: str, ca: str | None = None) -> Host:
+    echo = EchoServer()
+    h = Host(tmp_path, collector, echo)
+    secret = tmp_path / "pg-password"
+    secret.write_text("app-secret-pw\n")
+    h.config = h.write(f"tls-{mode}", extra=f'''[[targets]]
+name = "tls-db"
+protocol = "postgres"
+address = "127.0.0.1:{pg.port}"
+user = "app"
+password_file = "{secret}"
+tls = "{mode}"
+{f'ca = "{ca}"' if ca else ""}
+''')
+    h._echo = echo
+    return h
+
+
+def upstream_ssl(h, pg) -> subprocess.CompletedProcess:
+    return psql(h, pg, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+
+
+@pytest.mark.parametrize("mode", ["require", "verify-full"])
+def test_upstream_tls_modes(tmp_path, collector, pg_tls, mode):
+    h = tls_host(tmp_path, collector, pg_tls, mode, str(pg_tls.ca.pem))
+    try:
+        p = upstream_ssl(h, pg_tls)
+        assert p.returncode == 0 and p.stdout.strip() == "t", p.stderr   # encrypted upstream
+    finally:
+        h.cleanup()
+        h._echo.close()
+
+
+def test_verify_full_refuses_a_server_it_cannot_verify(tmp_path, collector, pg_tls):
+    from tests.certs import CA
+    other = CA(tmp_path / "other", "other-ca")
+    h = tls_host(tmp_path, collector, pg_tls, "verify-full", str(other.pem))
+    try:
+        p = upstream_ssl(h, pg_tls)
+        assert p.returncode != 0 and "upstream TLS failed (verify-full)" in p.stderr
+    finally:
+        h.cleanup()
+        h._echo.close()
+
+
+def test_require_refuses_a_server_without_tls(tmp_path, collector, pg):
+    h = tls_host(tmp_path, collector, pg, "require")
+    try:
+        p = upstream_ssl(h, pg)
+        assert p.returncode != 0 and "does not offer TLS" in p.stderr
+    finally:
+        h.cleanup()
+        h._echo.close()
