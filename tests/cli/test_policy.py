@@ -5,7 +5,7 @@ from tests.support import ROOT, run_cli
 
 def test_check_the_example_and_refuse_a_broken_file(tmp_path):
     r = run_cli("policy", "check", str(ROOT / "examples" / "policy.toml"))
-    assert r.returncode == 0 and "3 rule(s)" in r.stdout
+    assert r.returncode == 0 and "4 rule(s)" in r.stdout
     bad = tmp_path / "p.toml"
     bad.write_text('[[rules]]\nname = "no-ddl"\naction = "deny"\nmatch = "(("\n')
     r = run_cli("policy", "check", str(bad))
