@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -164,6 +165,7 @@ password_file = "{secret}"
         pg.stop()
         subprocess.run([str(BIN / "agentgate-hostagent"), "cleanup", "--config",
                         str(tmp / "hostagent-False.toml")], capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     print()
     print(f"{'pgbench -S':<16}{'direct':>18}{'pgbouncer':>18}{'agentgate':>18}"
           f"{'ag/pgb TPS':>12}{'added lat':>12}")

@@ -38,6 +38,13 @@ class PgServer:
         return p
 
     def start(self) -> "PgServer":
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()   # a half-started server must not outlive the test
+            raise
+
+    def _start(self) -> "PgServer":
         self._pg(str(PG_BIN / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
                  "--no-sync")
         (self.data / "pg_hba.conf").write_text(
