@@ -43,6 +43,7 @@ class Policy:
     audit: bool = False               # decide and record, but never block
     rules: tuple[Rule, ...] = ()
     review_ttl_s: int = 0             # how long a held statement waits (0: the collector's)
+    masks: tuple = ()                 # hostagent.masking.MaskRule
 
 
 @dataclass(frozen=True)
@@ -159,13 +160,27 @@ def load_policy(path: str) -> Policy:
             raise ConfigError(f"{path}: '{key}' must be one of {', '.join(ACTIONS)}")
     seen: set[str] = set()
     rules = tuple(_rule(r, seen) for r in root.tables("rules"))
-    if root.data.get("masks"):
-        # Refuse rather than pretend: a policy that asks for masking must not run where
-        # results would go out unmasked.
-        raise ConfigError(f"{path}: [[masks]] are not supported by this version yet "
-                          "(results would not be masked)")
+    masks = tuple(_mask(m) for m in root.tables("masks"))
     audit = root.get("audit", bool, False)
     ttl = root.get("review_ttl_seconds", int, 0)
     root.done()
     return Policy(default=default, unparseable=unparseable, audit=audit, rules=rules,
-                  review_ttl_s=ttl)
+                  review_ttl_s=ttl, masks=masks)
+
+
+def _mask(sec: Section):
+    from hostagent.masking import DETECTORS, MaskRule
+    name = sec.get("name", str, "")
+    if not name:
+        raise ConfigError(f"{sec.where}: a mask needs a 'name'")
+    columns = tuple(sec.get("columns", list, []))
+    detectors = tuple(sec.get("detectors", list, []))
+    targets = tuple(sec.get("targets", list, []))
+    sec.done()
+    unknown = [d for d in detectors if d not in DETECTORS]
+    if unknown:
+        raise ConfigError(f"{sec.where} mask '{name}': unknown detector '{unknown[0]}' "
+                          f"(known: {', '.join(DETECTORS)})")
+    if not columns and not detectors:
+        raise ConfigError(f"{sec.where} mask '{name}': give 'columns' or 'detectors'")
+    return MaskRule(name=name, columns=columns, detectors=detectors, targets=targets)

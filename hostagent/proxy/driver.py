@@ -22,6 +22,7 @@ from hostagent.intercept.identity import summary
 from hostagent.intercept.loader import ACT_TARGET, ConnRecord
 from hostagent.protocols import Close, Hold, ProtocolError, Record, ToClient, ToUpstream
 from hostagent.approvals import Approver
+from hostagent.masking import for_target
 from hostagent.policy import Policy, decide
 from hostagent.protocols.postgres import messages as pg_messages
 from hostagent.protocols.postgres.layer import PostgresLayer
@@ -235,7 +236,8 @@ class Proxy:
             policy = self.policy
             return PostgresLayer(decide=lambda req: decide(policy, req), target=target.name,
                                  identity=ident, user=target.user, password=target.password,
-                                 cancel_keys=self.cancel_keys)
+                                 cancel_keys=self.cancel_keys,
+                                 masker=for_target(policy.masks, target.name))
         return RawTcp()
 
     async def _pump(self, layer, recorder, reader, writer, up_reader, up_writer, counts,

@@ -13,9 +13,9 @@ def test_check_the_example_and_refuse_a_broken_file(tmp_path):
     bad.write_text('default = "allow"\nx = = 1\n')
     r = run_cli("policy", "check", str(bad))
     assert r.returncode == 2 and "line 2" in r.stderr      # TOML errors name the line
-    bad.write_text('[[masks]]\nname = "pii"\ncolumns = ["*.ssn"]\n')
+    bad.write_text('[[masks]]\nname = "pii"\ndetectors = ["emial"]\n')
     r = run_cli("policy", "check", str(bad))
-    assert r.returncode == 2 and "not supported" in r.stderr   # never pretend to mask
+    assert r.returncode == 2 and "unknown detector 'emial'" in r.stderr
 
 
 def test_explain(tmp_path):

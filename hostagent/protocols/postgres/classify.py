@@ -75,6 +75,8 @@ class _Walk(Visitor):
                 self.flags.add("copy_program")
             elif node.filename:
                 self.flags.add("server_files")
+            elif not node.is_from:
+                self.flags.add("copy_out")
         elif isinstance(node, ast.DropStmt) and node.removeType is not None:
             for obj in node.objects or ():
                 if isinstance(obj, tuple) and all(isinstance(p, ast.String) for p in obj):

@@ -19,6 +19,7 @@ import secrets
 from typing import Callable
 
 from agentgate.events import COMMAND, DECISION, OUTPUT
+from hostagent.masking import MASK, Masker
 from hostagent.policy import Decision, Request
 from hostagent.protocols import Action, Close, Hold, ProtocolError, Record, ToClient, ToUpstream
 from hostagent.protocols.postgres import messages as m
@@ -26,6 +27,84 @@ from hostagent.protocols.postgres.auth import ScramSha256, md5_password
 from hostagent.protocols.postgres.classify import Unparseable, classify
 
 MAX_RECORDED_PARAM = 1024
+TEXT_OID = 25
+TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114, 142, 705})   # text, varchar, char, name...
+
+
+class _Results:
+    """Which result shape the rows coming back belong to, following the client's
+    messages in order (simple queries carry their RowDescription; an extended Execute
+    uses the one its statement or portal was described with)."""
+
+    def __init__(self):
+        self._expect: list[tuple] = []            # client order: describe/execute/sync/query
+        self._stmt_plan: dict[str, list] = {}
+        self._portal_plan: dict[str, list] = {}
+        self._portal_stmt: dict[str, str] = {}
+        self._stmt_tables: dict[str | None, set] = {}
+        self._plan: list | None = None
+        self._tables: set = set()
+
+    def client(self, kind: bytes, body: bytes) -> None:
+        c = m.Cursor(body)
+        if kind == b"Q":
+            self._expect.append(("query",))
+        elif kind == b"B":
+            portal, stmt = c.cstr(), c.cstr()
+            self._portal_stmt[portal] = stmt
+            self._portal_plan.pop(portal, None)
+        elif kind == b"D":
+            what = body[:1]
+            c.pos = 1
+            self._expect.append(("describe", what, c.cstr()))
+        elif kind == b"E":
+            self._expect.append(("execute", c.cstr()))
+        elif kind == b"S":
+            self._expect.append(("sync",))
+
+    def tables_for(self, statement: str | None, tables: set) -> None:
+        self._stmt_tables[statement] = tables
+        if statement is None:
+            self._tables = tables
+
+    def current_tables(self) -> set:
+        front = self._expect[0] if self._expect else ("query",)
+        if front[0] == "describe":
+            name = front[2] if front[1] == b"S" else self._portal_stmt.get(front[2], "")
+            return self._stmt_tables.get(name, set())
+        return self._tables
+
+    def set_plan(self, plan: list) -> None:
+        front = self._expect[0] if self._expect else ("query",)
+        if front[0] == "describe":
+            self._expect.pop(0)
+            (self._stmt_plan if front[1] == b"S" else self._portal_plan)[front[2]] = plan
+        self._plan = plan
+
+    def plan(self) -> list | None:
+        front = self._expect[0] if self._expect else ("query",)
+        if front[0] == "execute":
+            portal = front[1]
+            return self._portal_plan.get(portal) or self._stmt_plan.get(
+                self._portal_stmt.get(portal, ""))
+        return self._plan
+
+    def done(self) -> None:
+        if self._expect and self._expect[0][0] == "execute":
+            self._expect.pop(0)
+
+    def upstream(self, kind: bytes) -> None:
+        if kind in (b"n", b"t") and self._expect and self._expect[0][0] == "describe":
+            if kind == b"n":
+                self._expect.pop(0)
+        elif kind in (b"s", b"I") and self._expect and self._expect[0][0] == "execute":
+            self._expect.pop(0)
+        elif kind == b"E":
+            # the server skips the rest up to Sync
+            while self._expect and self._expect[0][0] not in ("sync", "query"):
+                self._expect.pop(0)
+        elif kind == b"Z" and self._expect:
+            self._expect.pop(0)
 
 
 class PostgresLayer:
@@ -34,7 +113,7 @@ class PostgresLayer:
     def __init__(self, *, decide: Callable[[Request], Decision], target: str,
                  identity: dict | None = None, user: str | None = None,
                  password: str | None = None, max_message: int = m.DEFAULT_MAX_MESSAGE,
-                 cancel_keys: dict | None = None):
+                 cancel_keys: dict | None = None, masker: Masker | None = None):
         self.decide = decide
         self.target = target
         self.identity = identity or {}
@@ -51,6 +130,8 @@ class PostgresLayer:
         self._counter = 0
         self._rows = 0
         self._held: int | None = None
+        self.masker = masker if masker is not None and masker.active else None
+        self._results = _Results() if self.masker else None
         self.refusing = ""   # set when the session can't go on: start-up gets this error
         self._pending: dict[int, tuple[bytes, str | None, Decision]] = {}
         self._queue: list[tuple[bytes, bytes]] = []
@@ -91,6 +172,8 @@ class PostgresLayer:
             if self.state == "auth" and self.password is None and kind == b"p":
                 return [ToUpstream(raw)]   # pass-through authentication
             raise ProtocolError(f"message {kind!r} before the session is ready")
+        if self._results is not None:
+            self._results.client(kind, body)
         if kind == b"Q":
             return self._statement(m.parse_query(body), raw, extended=None)
         if kind == b"P":
@@ -161,6 +244,14 @@ class PostgresLayer:
                 "protocol": "simple" if extended is None else "extended"}))
             out.append(Record(DECISION, decision.as_dict()))
             decisions.append(decision)
+        if self.masker and any("copy_out" in (st.flags if st else ()) for st in statements):
+            # COPY TO STDOUT bypasses row-by-row masking: refused, never leaked
+            decisions.append(Decision("deny", "(masking)", "COPY out of a masked target "
+                                      "is refused"))
+            out.append(Record(DECISION, decisions[-1].as_dict()))
+        if self._results is not None and statements and statements[0] is not None:
+            self._results.tables_for(extended, {t.rsplit(".", 1)[-1] for st in statements
+                                                for t in st.tables})
         # the strictest wins: deny, then review, then allow
         deny = next((d for d in decisions if d.action == "deny"), None)
         review = next((d for d in decisions if d.action == "review"), None)
@@ -240,11 +331,67 @@ class PostgresLayer:
                     return [ToClient(ours)]
         elif kind == b"D":
             self._rows += 1
+            if self._results is not None:
+                return [ToClient(self._mask_row(body))]
         elif kind == b"C":
             tag = body.rstrip(b"\0").decode(errors="replace")
             rows, self._rows = self._rows, 0
-            return [Record(OUTPUT, {"summary": tag, "rows_returned": rows}), ToClient(raw)]
+            out = {"summary": tag, "rows_returned": rows}
+            if self._results is not None:
+                self._results.done()
+                if self.masker.counts:
+                    out["masked"] = dict(self.masker.counts)
+                    self.masker.counts.clear()
+            return [Record(OUTPUT, out), ToClient(raw)]
+        elif kind == b"T" and self._results is not None:
+            return [ToClient(self._plan(body))]
+        elif self._results is not None:
+            self._results.upstream(kind)
         return [ToClient(raw)]
+
+    # ------------------------------------------------------------------ masking
+
+    def _plan(self, body: bytes) -> bytes:
+        """Decide, per column, mask whole / scan with detectors / pass; a masked column
+        becomes text, so any client (binary formats too) decodes the mask."""
+        cols = m.parse_row_description(body)
+        tables = self._results.current_tables()
+        plan = []
+        for col in cols:
+            rule = next((r for t in (tables or {""}) for r in [self.masker.column_masked(t, col.name)]
+                         if r), None)
+            if rule:
+                plan.append(("mask", rule, col.format))
+            elif self.masker.has_detectors and (col.format == 0 or col.type_oid in TEXT_TYPES):
+                plan.append(("scan", "", col.format))
+            else:
+                plan.append(("pass", "", col.format))
+        self._results.set_plan(plan)
+        out = [m.Column(c.name, c.table_oid, c.column, TEXT_OID, -1, -1, c.format)
+               if p[0] == "mask" else c for c, p in zip(cols, plan)]
+        return m.row_description(out)
+
+    def _mask_row(self, body: bytes) -> bytes:
+        values = m.parse_data_row(body)
+        plan = self._results.plan()
+        if plan is None or len(plan) != len(values):
+            # rows whose shape we don't know: nothing goes out unmasked
+            plan = [("mask", "(unknown shape)", 0)] * len(values)
+        out = []
+        for value, (mode, rule, _fmt) in zip(values, plan):
+            if value is None or mode == "pass":
+                out.append(value)
+            elif mode == "mask":
+                self.masker.count_column(rule)
+                out.append(MASK.encode())
+            else:
+                try:
+                    text, _hits = self.masker.scan(value.decode())
+                    out.append(text.encode())
+                except UnicodeDecodeError:
+                    self.masker.count_column("(undecodable)")
+                    out.append(MASK.encode())
+        return m.data_row(out)
 
     def _auth(self, body: bytes, raw: bytes) -> list[Action]:
         code, data = m.parse_authentication(body)

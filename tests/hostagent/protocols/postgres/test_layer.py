@@ -71,3 +71,20 @@ def test_a_held_statement_keeps_the_pipeline_behind_it_in_order():
     sent = b"".join(a.data for a in denied.decided(hold.key, False, "no")
                     if isinstance(a, ToUpstream))
     assert b"DELETE" not in sent and b"agentgate_denied_" in sent and sent.endswith(rest)
+
+
+def test_detectors():
+    from hostagent.masking import MaskRule, Masker
+    every = Masker((MaskRule("all", detectors=("email", "credit_card", "us_ssn", "phone",
+                                                "aws_access_key", "jwt", "pem_private_key",
+                                                "bearer_token")),))
+    text = ("a@b.io 4111-1111-1111-1111 4111 1111 1111 1112 078-05-1120 +1 415 555 0100 "
+            "AKIAABCDEFGHIJKLMNOP eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl "
+            "Authorization: Bearer abcdefghijklmnopqrstu "
+            "-----BEGIN RSA PRIVATE KEY-----\nMIIB\n-----END RSA PRIVATE KEY-----")
+    masked, hits = every.scan(text)
+    assert "4111 1111 1111 1112" in masked          # fails the Luhn check: kept
+    for secret in ("a@b.io", "4111-1111-1111-1111", "078-05-1120", "415 555 0100",
+                   "AKIAABCDEFGHIJKLMNOP", "eyJhbGciOi", "abcdefghijklmnopqrstu", "MIIB"):
+        assert secret not in masked, secret
+    assert hits == 8

@@ -405,3 +405,63 @@ def test_require_refuses_a_server_without_tls(tmp_path, collector, pg):
     finally:
         h.cleanup()
         h._echo.close()
+
+
+MASKS = """
+[[masks]]
+name = "pii"
+columns = ["*.ssn"]
+detectors = ["email", "credit_card"]
+"""
+
+
+@pytest.fixture
+def masked_host(pghost, pg, tmp_path):
+    pg.sql("DROP TABLE IF EXISTS people; CREATE TABLE people (id int, name text, ssn text, "
+           "note text); INSERT INTO people VALUES (1, 'bob', '123-45-6789', "
+           "'mail bob@example.com, card 4111 1111 1111 1111, order 1234 5678 9012 3456'); "
+           "ALTER TABLE people OWNER TO app", db="shop")
+    (tmp_path / "policy.toml").write_text(POLICY + MASKS)
+    return pghost
+
+
+EXPECTED = (1, "bob", "****", "mail ****, card ****, order 1234 5678 9012 3456")  # not Luhn-valid
+
+
+def test_masking_text_and_binary_with_psycopg(masked_host, pg):
+    p = run_py(masked_host, f'''
+import psycopg
+with psycopg.connect(host="127.0.0.1", port={pg.port}, dbname="shop", user="x") as conn:
+    print(conn.execute("SELECT id, name, ssn, note FROM people").fetchone())
+    cur = conn.cursor(binary=True)
+    print(cur.execute("SELECT id, name, ssn, note FROM people WHERE id = %s", (1,)).fetchone())
+    try:
+        with conn.cursor().copy("COPY people TO STDOUT") as copy:
+            for _ in copy:
+                pass
+    except psycopg.errors.InsufficientPrivilege as exc:
+        print("copy refused")
+''')
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[0] == repr(EXPECTED) and lines[1] == repr(EXPECTED)
+    assert lines[2] == "copy refused"
+    outputs = [f for s in masked_host.sessions("postgres") for k, f in s["events"]
+               if k == "output" and "masked" in f]
+    assert outputs and outputs[0]["masked"] == {"pii:column": 1, "pii:email": 1,
+                                                "pii:credit_card": 1}
+
+
+def test_masking_with_asyncpg_binary_results(masked_host, pg):
+    p = run_py(masked_host, f'''
+import asyncio, asyncpg
+async def main():
+    conn = await asyncpg.connect(host="127.0.0.1", port={pg.port}, database="shop", user="x",
+                                 ssl=False)
+    row = await conn.fetchrow("SELECT id, name, ssn, note FROM people WHERE id = $1", 1)
+    print(tuple(row))
+    await conn.close()
+asyncio.run(main())
+''')
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == repr(EXPECTED)

@@ -1,0 +1,104 @@
+"""Masking: column rules and content detectors applied to result values as they stream.
+
+Pure functions over values; the protocol layers decide where values are. A value that
+can't be inspected (e.g. not UTF-8 in a text column) is masked whole rather than passed:
+masking fails closed.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+MASK = "****"
+
+
+def _luhn(digits: str) -> bool:
+    total, alt = 0, False
+    for ch in reversed(digits):
+        d = int(ch)
+        if alt:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+        alt = not alt
+    return total % 10 == 0
+
+
+def _card(match: re.Match) -> bool:
+    digits = re.sub(r"[ -]", "", match.group(0))
+    return 13 <= len(digits) <= 19 and _luhn(digits)
+
+
+# name -> (pattern, extra check)
+DETECTORS: dict[str, tuple[re.Pattern, object]] = {
+    "email": (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), None),
+    "credit_card": (re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), _card),
+    "us_ssn": (re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"), None),
+    "phone": (re.compile(r"(?<![\w])(?:\+?\d{1,3}[ .-]?)?\(?\d{3}\)?[ .-]?\d{3}[ .-]?\d{4}(?![\w])"), None),
+    "aws_access_key": (re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"), None),
+    "jwt": (re.compile(r"\beyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"), None),
+    "pem_private_key": (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"), None),
+    "bearer_token": (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/-]{16,}=*"), None),
+}
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    name: str
+    columns: tuple[str, ...] = ()      # "table.column" or "column", globs
+    detectors: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
+
+
+@dataclass
+class Masker:
+    """Masks for one session (rules already narrowed to its target)."""
+    rules: tuple[MaskRule, ...]
+    counts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rules)
+
+    def column_masked(self, table: str, column: str) -> str | None:
+        """The rule that masks this column whole, if any."""
+        names = [column.lower()] + ([f"{table.lower()}.{column.lower()}"] if table else [])
+        for r in self.rules:
+            for pattern in r.columns:
+                p = pattern.lower()
+                if any(fnmatch.fnmatchcase(n, p) for n in names) or (
+                        p.startswith("*.") and fnmatch.fnmatchcase(column.lower(), p[2:])):
+                    return r.name
+        return None
+
+    def scan(self, text: str) -> tuple[str, int]:
+        """Apply every detector of every rule to a text value."""
+        hits = 0
+        for r in self.rules:
+            for name in r.detectors:
+                pattern, check = DETECTORS[name]
+
+                def sub(m, name=name, check=check, rule=r.name):
+                    nonlocal hits
+                    if check is not None and not check(m):
+                        return m.group(0)
+                    hits += 1
+                    self.counts[f"{rule}:{name}"] = self.counts.get(f"{rule}:{name}", 0) + 1
+                    return MASK
+                text = pattern.sub(sub, text)
+        return text, hits
+
+    def count_column(self, rule: str) -> None:
+        key = f"{rule}:column"
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    @property
+    def has_detectors(self) -> bool:
+        return any(r.detectors for r in self.rules)
+
+
+def for_target(rules: tuple[MaskRule, ...], target: str) -> Masker:
+    return Masker(tuple(r for r in rules
+                        if not r.targets or any(fnmatch.fnmatchcase(target, t) for t in r.targets)))
