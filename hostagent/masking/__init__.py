@@ -40,7 +40,7 @@ DETECTORS: dict[str, tuple[re.Pattern, object]] = {
     "aws_access_key": (re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"), None),
     "jwt": (re.compile(r"\beyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"), None),
     "pem_private_key": (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"), None),
-    "bearer_token": (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/-]{16,}=*"), None),
+    "bearer_token": (re.compile(r"\b(?i:bearer)\s+[A-Za-z0-9._~+/-]{16,}=*"), None),
 }
 
 
@@ -73,21 +73,46 @@ class Masker:
                     return r.name
         return None
 
-    def scan(self, text: str) -> tuple[str, int]:
-        """Apply every detector of every rule to a text value."""
-        hits = 0
+    def __post_init__(self) -> None:
+        # Detectors without an extra check run as one alternation (one pass per value);
+        # a checked one (cards: Luhn) runs alone, since a candidate it rejects must not
+        # hide what another detector would find in the same characters.
+        self._groups: dict[str, tuple[str, str]] = {}
+        parts = []
+        self._checked: list[tuple[str, str, re.Pattern, object]] = []
         for r in self.rules:
             for name in r.detectors:
                 pattern, check = DETECTORS[name]
+                if check is not None:
+                    self._checked.append((r.name, name, pattern, check))
+                    continue
+                group = f"g{len(self._groups)}"
+                self._groups[group] = (r.name, name)
+                parts.append(f"(?P<{group}>{pattern.pattern})")
+        self._combined = re.compile("|".join(parts)) if parts else None
 
-                def sub(m, name=name, check=check, rule=r.name):
-                    nonlocal hits
-                    if check is not None and not check(m):
-                        return m.group(0)
-                    hits += 1
-                    self.counts[f"{rule}:{name}"] = self.counts.get(f"{rule}:{name}", 0) + 1
-                    return MASK
-                text = pattern.sub(sub, text)
+    def _hit(self, rule: str, name: str) -> str:
+        key = f"{rule}:{name}"
+        self.counts[key] = self.counts.get(key, 0) + 1
+        return MASK
+
+    def scan(self, text: str) -> tuple[str, int]:
+        """Apply every detector of every rule to a text value."""
+        hits = 0
+        for rule, name, pattern, check in self._checked:
+            def checked(m: re.Match, rule=rule, name=name, check=check) -> str:
+                nonlocal hits
+                if not check(m):
+                    return m.group(0)
+                hits += 1
+                return self._hit(rule, name)
+            text = pattern.sub(checked, text)
+        if self._combined is not None:
+            def combined(m: re.Match) -> str:
+                nonlocal hits
+                hits += 1
+                return self._hit(*self._groups[m.lastgroup])
+            text = self._combined.sub(combined, text)
         return text, hits
 
     def count_column(self, rule: str) -> None:
