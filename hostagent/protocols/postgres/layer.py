@@ -324,11 +324,17 @@ class PostgresLayer:
         elif kind == b"E":
             if self.state != "ready":
                 return [ToClient(raw), Close("upstream refused the session")]
-            message = m.parse_fields(body).get("M", "")
+            fields = m.parse_fields(body)
+            message = fields.get("M", "")
             for token, ours in list(self._denials.items()):
                 if token in message:
                     del self._denials[token]
                     return [ToClient(ours)]
+            if self._results is not None:
+                self._results.upstream(kind)
+                return [ToClient(self._mask_fields(b"E", fields))]
+        elif kind == b"N" and self._results is not None:
+            return [ToClient(self._mask_fields(b"N", m.parse_fields(body)))]
         elif kind == b"D":
             self._rows += 1
             if self._results is not None:
@@ -370,6 +376,15 @@ class PostgresLayer:
         out = [m.Column(c.name, c.table_oid, c.column, TEXT_OID, -1, -1, c.format)
                if p[0] == "mask" else c for c, p in zip(cols, plan)]
         return m.row_description(out)
+
+    def _mask_fields(self, kind: bytes, fields: dict[str, str]) -> bytes:
+        """Errors and notices can quote row data ("Key (email)=(...) already exists"):
+        their texts go through the detectors too."""
+        out = {}
+        for code, value in fields.items():
+            out[code] = self.masker.scan(value)[0] if code in "MDHW" else value
+        body = b"".join(k.encode() + v.encode() + b"\0" for k, v in out.items()) + b"\0"
+        return m.frame(kind, body)
 
     def _mask_row(self, body: bytes) -> bytes:
         values = m.parse_data_row(body)

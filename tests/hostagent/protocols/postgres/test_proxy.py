@@ -465,3 +465,19 @@ asyncio.run(main())
 ''')
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == repr(EXPECTED)
+
+
+def test_errors_quoting_row_data_are_masked_too(masked_host, pg):
+    pg.sql("DROP TABLE IF EXISTS contacts; CREATE TABLE contacts (email text UNIQUE); "
+           "INSERT INTO contacts VALUES ('alice@example.com'); "
+           "ALTER TABLE contacts OWNER TO app", db="shop")
+    p = run_py(masked_host, f'''
+import psycopg
+with psycopg.connect(host="127.0.0.1", port={pg.port}, dbname="shop", user="x") as conn:
+    try:
+        conn.execute("INSERT INTO contacts VALUES ('alice@example.com')")
+    except psycopg.errors.UniqueViolation as exc:
+        print(exc.diag.message_detail)
+''')
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "Key (email)=(****) already exists."
