@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from dataclasses import dataclass, field
 
 from pglast import ast, parse_plpgsql, parse_sql
@@ -31,7 +32,27 @@ KINDS = {
 }
 # Functions that read or write the server's files or run programs.
 FILE_FUNCTIONS = frozenset({"pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file",
-                            "lo_import", "lo_export", "pg_file_write", "dblink", "dblink_exec"})
+                            "lo_import", "lo_export", "lo_get", "lo_put", "pg_file_write",
+                            "pg_ls_logdir", "pg_ls_waldir", "pg_ls_tmpdir", "pg_ls_archive_statusdir",
+                            "dblink", "dblink_exec"})
+SQL_FUNCTIONS = frozenset({"query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema",
+                           "table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema",
+                           "cursor_to_xml", "schema_to_xml", "database_to_xml", "dblink",
+                           "dblink_exec", "dblink_open", "dblink_send_query"})
+
+
+def _kind(node_name: str) -> str:
+    """A statement node's kind: the known ones by name, the rest by their verb."""
+    if node_name in KINDS:
+        return KINDS[node_name]
+    for verb in ("Create", "Alter", "Drop", "Grant", "Reassign", "Comment", "Security",
+                 "Import", "Refresh", "Reindex", "Cluster", "Load", "Discard", "Checkpoint"):
+        if node_name.startswith(verb):
+            return verb.upper()
+    return node_name.removesuffix("Stmt").upper()
+
+
+_ASSIGN = re.compile(r'^\s*[\w."\[\]]+\s*:?=\s*')
 
 
 class Unparseable(Exception):
@@ -58,16 +79,20 @@ class _Walk(Visitor):
 
     def visit(self, ancestors, node):
         name = type(node).__name__
-        kind = KINDS.get(name)
-        if kind:
-            self.kinds.add(kind)
+        if name.endswith("Stmt") and name != "RawStmt":
+            self.kinds.add(_kind(name))
         if isinstance(node, ast.RangeVar):
             self.tables.append(".".join(p for p in (node.schemaname, node.relname) if p))
+            if node.schemaname:
+                self.tables.append(node.relname)   # a rule on the bare name still matches
         elif isinstance(node, ast.FuncCall):
             fname = ".".join(s.sval for s in node.funcname if isinstance(s, ast.String))
             self.functions.append(fname)
-            if fname.rsplit(".", 1)[-1] in FILE_FUNCTIONS:
+            bare = fname.rsplit(".", 1)[-1].lower()
+            if bare in FILE_FUNCTIONS:
                 self.flags.add("server_files")
+            if bare in SQL_FUNCTIONS:
+                self.flags.add("dynamic_sql")   # runs SQL (or reads tables) we can't see
         elif isinstance(node, (ast.DeleteStmt, ast.UpdateStmt)) and node.whereClause is None:
             self.flags.add("no_where")
         elif isinstance(node, ast.CopyStmt):
@@ -104,25 +129,33 @@ class _Walk(Visitor):
             if dynamic:
                 self.flags.add("dynamic_sql")
                 continue
-            try:
-                inner = parse_sql(query)
-            except ParseError:
+            inner = None
+            rhs = _ASSIGN.sub("", query, count=1)
+            # a statement, an expression, or the right side of an assignment
+            for text in (query, f"SELECT {query}", f"SELECT {rhs}"):
+                try:
+                    inner = parse_sql(text)
+                    break
+                except ParseError:
+                    continue
+            if inner is None:
                 self.flags.add("unparseable_block")
                 continue
             self(inner)
 
 
 def _plpgsql_queries(tree) -> list[tuple[str, bool]]:
-    """(query text, is dynamic) for every SQL statement in a PL/pgSQL tree."""
+    """(query text, is dynamic) for every SQL statement and expression in a PL/pgSQL tree:
+    statements, FOR ... IN queries, assignments, conditions, RETURN and RAISE arguments."""
     out: list[tuple[str, bool]] = []
 
     def walk(value):
         if isinstance(value, dict):
             for key, inner in value.items():
-                if key == "PLpgSQL_stmt_execsql":
-                    out.append((inner["sqlstmt"]["PLpgSQL_expr"]["query"], False))
-                elif key == "PLpgSQL_stmt_dynexecute":
+                if key in ("PLpgSQL_stmt_dynexecute", "PLpgSQL_stmt_dynfors"):
                     out.append(("", True))
+                elif key == "PLpgSQL_expr" and isinstance(inner, dict) and "query" in inner:
+                    out.append((inner["query"], False))
                 else:
                     walk(inner)
         elif isinstance(value, list):
@@ -144,7 +177,10 @@ def classify(sql: str) -> tuple[Statement, ...]:
     for stmt in raw:
         walk = _Walk()
         walk(stmt.stmt)
-        kind = KINDS.get(type(stmt.stmt).__name__, type(stmt.stmt).__name__.removesuffix("Stmt").upper())
+        if "unparseable_block" in walk.flags:
+            # part of it can't be read: the whole text is judged as unparseable
+            raise Unparseable("a procedural block contains code the parser can't read")
+        kind = _kind(type(stmt.stmt).__name__)
         start = stmt.stmt_location or 0
         end = start + stmt.stmt_len if stmt.stmt_len else len(sql)
         out.append(Statement(kind=kind, text=sql[start:end].strip(),

@@ -27,8 +27,16 @@ from hostagent.protocols.postgres.auth import ScramSha256, md5_password
 from hostagent.protocols.postgres.classify import Unparseable, classify
 
 MAX_RECORDED_PARAM = 1024
+# Start-up parameters passed on. Others (`options`, `replication`, ...) could change what
+# the server does beyond policy's view (e.g. `-c search_path=...`): dropped, recorded.
+STARTUP_PARAMS = frozenset({"user", "database", "application_name",
+                            "fallback_application_name", "client_encoding", "DateStyle",
+                            "TimeZone", "extra_float_digits", "IntervalStyle"})
 TEXT_OID = 25
 TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114, 142, 705})   # text, varchar, char, name...
+# bool, int2/4/8, oid, float4/8, numeric, date, time(tz), timestamp(tz), interval, uuid
+PLAIN_BINARY_TYPES = frozenset({16, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1266, 1114,
+                                1184, 1186, 2950})
 
 
 class _Results:
@@ -186,8 +194,13 @@ class PostgresLayer:
                                     "params": params, "formats": list(bind.param_formats)}),
                     ToUpstream(raw)]
         if kind == b"F":
-            # A function called by OID carries no SQL to judge: decided as unparseable.
-            return self._judged("<function call>", raw, None, [None])
+            # A function called by OID carries no SQL to judge, and its result can't be
+            # masked: refused (the server answers it with an error, as for a denial).
+            return [Record(COMMAND, {"text": "<function call by OID>", "protocol": "function"}),
+                    Record(DECISION, {"action": "deny", "rule": "(function call)",
+                                      "reason": "function calls by OID are not allowed"})] + \
+                self._refuse(Decision("deny", "(function call)",
+                                      "function calls by OID are not allowed"), None)
         return [ToUpstream(raw)]
 
     def _untyped(self, body: bytes) -> list[Action]:
@@ -205,7 +218,8 @@ class PostgresLayer:
             raise ProtocolError("a second startup message")
         if self.refusing:
             return [ToClient(self.refusal(self.refusing)), Close(self.refusing)]
-        params = dict(msg.params)
+        dropped = sorted(k for k in msg.params if k not in STARTUP_PARAMS)
+        params = {k: v for k, v in msg.params.items() if k in STARTUP_PARAMS}
         client_user = params.get("user", "")
         self.database = params.get("database", client_user)
         if self.user:
@@ -216,7 +230,7 @@ class PostgresLayer:
                                    "upstream_user": self.upstream_user,
                                    "application_name": params.get("application_name", ""),
                                    "credentials": "injected" if self.password is not None
-                                   else "client's own"}),
+                                   else "client's own", "dropped_params": dropped}),
                 ToUpstream(m.startup_message(params, msg.version))]
 
     def _statement(self, text: str, raw: bytes, extended: str | None) -> list[Action]:
@@ -269,8 +283,7 @@ class PostgresLayer:
         """Send the server a statement it rejects itself (a unique token, a syntax error):
         its own error handling then keeps the session and transaction state right, and
         the error it returns is rewritten into ours."""
-        self._counter += 1
-        token = f"agentgate_denied_{self._counter}"
+        token = f"agentgate_denied_{secrets.token_hex(8)}"   # unguessable
         self._denials[token] = m.error_response(
             f'agentgate: denied by rule "{decision.rule}": {decision.reason}', "42501")
         if extended is None:
@@ -321,20 +334,26 @@ class PostgresLayer:
         if kind == b"Z":
             self.tx_status = body[:1] or b"I"
             self.state = "ready"
+            self._denials.clear()   # a denial the server skipped (after an earlier error)
+            if self._results is not None:
+                self._results.upstream(kind)
         elif kind == b"E":
             if self.state != "ready":
                 return [ToClient(raw), Close("upstream refused the session")]
             fields = m.parse_fields(body)
+            if self._results is not None:
+                self._results.upstream(kind)
             message = fields.get("M", "")
             for token, ours in list(self._denials.items()):
                 if token in message:
                     del self._denials[token]
                     return [ToClient(ours)]
             if self._results is not None:
-                self._results.upstream(kind)
                 return [ToClient(self._mask_fields(b"E", fields))]
         elif kind == b"N" and self._results is not None:
             return [ToClient(self._mask_fields(b"N", m.parse_fields(body)))]
+        elif kind == b"A" and self._results is not None:
+            return [ToClient(self._mask_notification(body))]
         elif kind == b"D":
             self._rows += 1
             if self._results is not None:
@@ -370,6 +389,9 @@ class PostgresLayer:
                 plan.append(("mask", rule, col.format))
             elif self.masker.has_detectors and (col.format == 0 or col.type_oid in TEXT_TYPES):
                 plan.append(("scan", "", col.format))
+            elif col.format == 1 and col.type_oid not in PLAIN_BINARY_TYPES:
+                # binary arrays, json(b), bytea...: the detectors can't read them
+                plan.append(("mask", "(unscannable binary)", col.format))
             else:
                 plan.append(("pass", "", col.format))
         self._results.set_plan(plan)
@@ -385,6 +407,12 @@ class PostgresLayer:
             out[code] = self.masker.scan(value)[0] if code in "MDHW" else value
         body = b"".join(k.encode() + v.encode() + b"\0" for k, v in out.items()) + b"\0"
         return m.frame(kind, body)
+
+    def _mask_notification(self, body: bytes) -> bytes:
+        c = m.Cursor(body)
+        pid, channel, payload = c.i32(), c.cstr(), c.cstr()
+        payload = self.masker.scan(payload)[0]
+        return m.frame(b"A", m._I32.pack(pid) + channel.encode() + b"\0" + payload.encode() + b"\0")
 
     def _mask_row(self, body: bytes) -> bytes:
         values = m.parse_data_row(body)

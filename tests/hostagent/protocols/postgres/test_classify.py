@@ -41,7 +41,7 @@ def test_copy_program_and_server_files():
 def test_where_clauses_and_schemas():
     assert "no_where" not in one("UPDATE shop.orders SET paid = true WHERE id = 1").flags
     s = one("UPDATE shop.orders SET paid = true")
-    assert "no_where" in s.flags and s.tables == ("shop.orders",)
+    assert "no_where" in s.flags and s.tables == ("shop.orders", "orders")
 
 
 @pytest.mark.parametrize("sql,kind", [("INSERT INTO t VALUES (1)", "INSERT"),
@@ -56,3 +56,18 @@ def test_kinds(sql, kind):
 def test_unparseable_text_is_reported_not_guessed():
     with pytest.raises(Unparseable):
         classify("DROP TABEL t")
+
+
+def test_every_plpgsql_expression_counts():
+    s = one("DO $$DECLARE r record; BEGIN FOR r IN DELETE FROM secret RETURNING * LOOP "
+            "END LOOP; END$$")
+    assert "DELETE" in s.kinds and "secret" in s.tables
+    s = one("DO $$DECLARE n int; BEGIN n := (SELECT count(*) FROM secret); END$$")
+    assert "secret" in s.tables
+
+
+def test_names_kinds_and_sql_running_functions():
+    assert set(one("SELECT * FROM public.secret").tables) == {"public.secret", "secret"}
+    assert one("CREATE TRIGGER t AFTER INSERT ON x FOR EACH ROW EXECUTE FUNCTION f()").kind == "CREATE"
+    assert one("CREATE SEQUENCE s").kind == "CREATE"
+    assert "dynamic_sql" in one("SELECT query_to_xml('select * from secret', true, true, '')").flags

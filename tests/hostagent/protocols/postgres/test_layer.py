@@ -88,3 +88,42 @@ def test_detectors():
                    "AKIAABCDEFGHIJKLMNOP", "eyJhbGciOi", "abcdefghijklmnopqrstu", "MIIB"):
         assert secret not in masked, secret
     assert hits == 8
+
+
+def masked_layer():
+    from hostagent.masking import MaskRule, Masker
+    layer = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t", user="app",
+                          password="pw", masker=Masker((MaskRule("pii", columns=("ssn",)),)))
+    layer.client_data(m.startup_message({"user": "x", "options": "-c search_path=evil"}))
+    layer.upstream_data(m.authentication(m.AUTH_OK) + m.ready_for_query())
+    return layer
+
+
+def test_masking_follows_extended_cycles_one_after_another():
+    from hostagent.protocols import ToClient
+    layer = masked_layer()
+    col = m.Column("ssn", 1234, 3, 25, -1, -1, 0)
+    for _ in range(3):   # the same statement again and again
+        layer.client_data(m.frame(b"P", b"\0SELECT ssn FROM users\0\0\0")
+                          + m.frame(b"B", b"\0\0\0\0\0\0\0\0") + m.frame(b"D", b"P\0")
+                          + m.frame(b"E", b"\0\0\0\0\0") + m.frame(b"S"))
+        out = layer.upstream_data(m.frame(b"1") + m.frame(b"2") + m.row_description([col])
+                                  + m.data_row([b"123-45-6789"]) + m.frame(b"C", b"SELECT 1\0")
+                                  + m.ready_for_query())
+        sent = b"".join(a.data for a in out if isinstance(a, ToClient))
+        assert b"123-45-6789" not in sent and b"****" in sent
+
+
+def test_startup_options_are_dropped_and_function_calls_refused():
+    from hostagent.protocols import Record, ToUpstream
+    layer = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t")
+    actions = layer.client_data(m.startup_message({"user": "x", "options": "-c search_path=evil",
+                                                   "replication": "database"}))
+    startup = next(a for a in actions if isinstance(a, Record))
+    assert startup.fields["dropped_params"] == ["options", "replication"]
+    sent = next(a for a in actions if isinstance(a, ToUpstream)).data
+    assert b"search_path" not in sent and b"replication" not in sent
+    layer.upstream_data(m.authentication(m.AUTH_OK) + m.ready_for_query())
+    out = layer.client_data(m.frame(b"F", b"\0\0\x04\xd2\0\0\0\0\0\0"))
+    sent = b"".join(a.data for a in out if isinstance(a, ToUpstream))
+    assert sent.startswith(b"Q") and b"agentgate_denied_" in sent   # never the call
