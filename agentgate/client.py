@@ -84,6 +84,15 @@ def open_channel(addr: CollectorAddress) -> grpc.Channel:
     return grpc.secure_channel(addr.target, creds, options=options)
 
 
+def answers(channel: grpc.Channel, timeout: float) -> bool:
+    """Whether the collector behind `channel` can be reached within `timeout` seconds."""
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+
+
 def open_aio_channel(addr: CollectorAddress) -> grpc.aio.Channel:
     creds, options = _channel_args(addr)
     if creds is None:

@@ -100,10 +100,15 @@ class Collector:
         self.store.close()
 
 
-async def serve(cfg: CollectorConfig, ready_file: str | None) -> None:
-    store = await asyncio.to_thread(open_storage, cfg.database)
-    collector = Collector(cfg, store)
+async def start_collector(cfg: CollectorConfig) -> Collector:
+    """Open the storage and start serving: the daemon, and the embedded ones too."""
+    collector = Collector(cfg, await asyncio.to_thread(open_storage, cfg.database))
     await collector.start()
+    return collector
+
+
+async def serve(cfg: CollectorConfig, ready_file: str | None) -> None:
+    collector = await start_collector(cfg)
     tls = "TLS" if cfg.tls_cert else "plaintext"
     log.info("agentgate-collector %s listening on %s (%s); database %s", __version__,
              collector.addresses[0], tls, cfg.database)

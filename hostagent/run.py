@@ -16,9 +16,8 @@ import signal
 import subprocess
 from pathlib import Path
 
-import grpc
 
-from agentgate.client import CollectorAddress, open_channel
+from agentgate.client import CollectorAddress, answers, open_channel
 from hostagent.config import HostAgentConfig
 from hostagent.control import ControlError, DaemonClient
 from hostagent.intercept import cgroups
@@ -139,10 +138,7 @@ def _run_via_daemon(client: DaemonClient, argv: list[str], pw) -> int:
 def _collector_answers(addr: CollectorAddress, timeout: float = 0.5) -> bool:
     chan = open_channel(addr)
     try:
-        grpc.channel_ready_future(chan).result(timeout=timeout)
-        return True
-    except grpc.FutureTimeoutError:
-        return False
+        return answers(chan, timeout)
     finally:
         chan.close()
 
@@ -217,13 +213,9 @@ async def _embedded_collector(state_dir: Path):
     other local user (the agent included) may reach it."""
     from agentgate.tomlconfig import private_dir
     from collector.config import CollectorConfig
-    from collector.server import Collector
-    from collector.storage import open_storage
+    from collector.server import start_collector
     sock = private_dir(state_dir / "run") / f"collector-{os.getpid()}.sock"
     sock.unlink(missing_ok=True)
-    cfg = CollectorConfig(listen=f"unix:{sock}")
-    store = await asyncio.to_thread(open_storage, cfg.database)
-    c = Collector(cfg, store)
-    await c.start()
-    log.info("no collector answered: recording to %s", cfg.database)
+    c = await start_collector(CollectorConfig(listen=f"unix:{sock}"))
+    log.info("no collector answered: recording to %s", c.cfg.database)
     return c

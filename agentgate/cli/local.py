@@ -31,15 +31,12 @@ class LocalCollector:
 
     async def _serve(self) -> None:
         from collector.config import CollectorConfig
-        from collector.server import Collector
-        from collector.storage import open_storage
+        from collector.server import start_collector
         try:
             # a unix socket in a private directory: in open mode every caller is admin
             self._dir = tempfile.mkdtemp(prefix="agentgate-cli-")
-            cfg = CollectorConfig(listen=f"unix:{self._dir}/collector.sock",
-                                  database=str(self.database))
-            c = Collector(cfg, await asyncio.to_thread(open_storage, cfg.database))
-            await c.start()
+            c = await start_collector(CollectorConfig(listen=f"unix:{self._dir}/collector.sock",
+                                                      database=str(self.database)))
         except BaseException as exc:
             self._error = exc
             self._ready.set()

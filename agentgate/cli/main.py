@@ -11,7 +11,7 @@ import grpc
 
 from agentgate import __version__
 from agentgate.client import (DEFAULT_COLLECTOR, ClientConfigError, CollectorAddress,
-                              open_channel)
+                              answers, open_channel)
 
 EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_AUTH = 1, 2, 3, 4
 RPC_TIMEOUT = 15.0
@@ -68,11 +68,8 @@ class Ctx:
         db = default_state_dir() / "collector.db"
         if not db.exists():
             return
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=0.3)
+        if answers(self._channel, 0.3):
             return
-        except grpc.FutureTimeoutError:
-            pass
         from agentgate.cli.local import LocalCollector
         local = LocalCollector(db)
         click.echo(f"(no collector at {self.address.target}: reading the local store {db})",
