@@ -44,6 +44,13 @@ class InterceptConfig:
 
 
 @dataclass
+class RecordingConfig:
+    sample_rows: int = 10                  # rows of each result kept for replay (masked)
+    sample_bytes: int = 4096               # bytes of each result's sample
+    session_sample_bytes: int = 1 << 20    # all samples of one session; then counts only
+
+
+@dataclass
 class TargetConfig:
     name: str
     protocol: str
@@ -54,6 +61,10 @@ class TargetConfig:
     tls: str = "prefer"                # upstream TLS: disable | prefer | require | verify-full
     ca: str | None = None
     server_name: str | None = None
+    client_tls: str = "offer"          # towards the agent: offer (terminate with the local
+                                       # CA) | decline
+    listen: str | None = None          # a plain listener (host:port) proxying to this
+                                       # target, for processes not redirected by eBPF
 
 
 @dataclass
@@ -61,20 +72,24 @@ class HostAgentConfig:
     collector: CollectorAddress = field(default_factory=CollectorAddress)
     collector_configured: bool = False   # an address was given: spool for it, however long
     spool: SpoolConfig = field(default_factory=SpoolConfig)
+    recording: RecordingConfig = field(default_factory=RecordingConfig)
     intercept: InterceptConfig = field(default_factory=InterceptConfig)
     targets: list[TargetConfig] = field(default_factory=list)
     policy_file: str | None = None
     host: str = field(default_factory=socket.gethostname)
     state_dir: str = field(default_factory=lambda: str(default_state_dir()))
+    ca_dir: str = ""                   # the local CA enrolled clients trust (state_dir/ca)
 
 
 def load_config(path: str | None) -> HostAgentConfig:
     cfg = HostAgentConfig()
     if not path:
+        cfg.ca_dir = str(Path(cfg.state_dir) / "ca")
         return cfg
     root = Section(read_toml(path), str(path), Path(path).parent)
     cfg.host = root.get("host", str, cfg.host)
     cfg.state_dir = root.path("state_dir", cfg.state_dir)
+    cfg.ca_dir = root.path("ca_dir", str(Path(cfg.state_dir) / "ca"))
     c = root.table("collector")
     token = c.get("token", str)
     token_file = c.path("token_file")
@@ -98,6 +113,15 @@ def load_config(path: str | None) -> HostAgentConfig:
         fsync_interval_ms=s.get("fsync_interval_ms", float, cfg.spool.fsync_interval_ms),
         strict=s.get("strict", bool, cfg.spool.strict))
     s.done()
+    r = root.table("recording")
+    d0 = RecordingConfig()
+    cfg.recording = RecordingConfig(
+        sample_rows=r.get("sample_rows", int, d0.sample_rows),
+        sample_bytes=r.get("sample_bytes", int, d0.sample_bytes),
+        session_sample_bytes=r.get("session_sample_bytes", int, d0.session_sample_bytes))
+    r.done()
+    if min(vars(cfg.recording).values()) < 0:
+        raise ConfigError(f"{r.where}: sample sizes must not be negative")
     cfg.policy_file = root.path("policy")
     i = root.table("intercept")
     d = InterceptConfig()
@@ -118,12 +142,16 @@ def load_config(path: str | None) -> HostAgentConfig:
                               user=t.get("user", str, None), password_file=t.path("password_file"),
                               password_env=t.get("password_env", str, None),
                               tls=t.get("tls", str, "prefer"), ca=t.path("ca"),
-                              server_name=t.get("server_name", str, None))
+                              server_name=t.get("server_name", str, None),
+                              client_tls=t.get("client_tls", str, "offer"),
+                              listen=t.get("listen", str, None))
         t.done()
         if not target.name or not target.addresses:
             raise ConfigError(f"{t.where}: a target needs 'name' and 'address'")
         if target.tls not in ("disable", "prefer", "require", "verify-full"):
             raise ConfigError(f"{t.where}: 'tls' must be disable, prefer, require or verify-full")
+        if target.client_tls not in ("offer", "decline"):
+            raise ConfigError(f"{t.where}: 'client_tls' must be offer or decline")
         cfg.targets.append(target)
     root.done()
     if cfg.spool.max_bytes < cfg.spool.segment_bytes:

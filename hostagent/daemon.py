@@ -57,6 +57,8 @@ class Daemon:
         if cfg.intercept.enabled:
             await self._intercept()
             caps.append("intercept")
+        if await self.stack.listen_plain():
+            caps.append("listeners")
         self.stack._tasks.append(asyncio.create_task(
             heartbeat_loop(cfg.collector, cfg.host, cfg.state_dir, spool, capabilities=caps,
                            lost_events=self._lost_events)))

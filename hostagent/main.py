@@ -98,6 +98,24 @@ def doctor(config_path, as_json):
     sys.exit(0 if all(c.ok for c in checks) else 1)
 
 
+@main.command("ca-cert")
+@config_option
+@click.option("--path", "show_path", is_flag=True, help="Print the file's path, not the PEM.")
+def ca_cert(config_path, show_path):
+    """Print the local CA's certificate (made on first use). Enrolled clients that ask
+    for TLS get certificates from this CA: give it to them to trust, e.g. PGSSLROOTCERT
+    for sslmode=verify-full, or the system trust store."""
+    from hostagent.tls import CAError, LocalCA
+    try:
+        cfg = load_config(config_path)
+        ca = LocalCA.load_or_create(cfg.ca_dir)
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    except (CAError, OSError) as exc:
+        fail(f"local CA: {exc}", 1)
+    click.echo(str(ca.cert_path) if show_path else ca.cert_path.read_text(), nl=show_path)
+
+
 @main.command()
 @config_option
 def cleanup(config_path):

@@ -16,9 +16,12 @@ from hostagent.intercept.identity import IdentityCache
 from hostagent.intercept.loader import Interceptor, InterceptError, KernelEvent
 from hostagent.approvals import Approver
 from hostagent.policy import load_policy
-from hostagent.proxy.driver import Proxy, Target, Targets, bind_pair, parse_hostport, resolve
+from hostagent.proxy.driver import (Proxy, Target, Targets, hostport, bind_pair, parse_hostport,
+                                   resolve)
+from hostagent.protocols.postgres.outputs import SampleLimits
 from hostagent.recording.shipper import Shipper
 from hostagent.recording.spool import Spool
+from hostagent.tls import CAError, LocalCA
 
 log = logging.getLogger("agentgate.hostagent")
 
@@ -33,9 +36,30 @@ def build_targets(cfg: HostAgentConfig) -> Targets:
                 addrs += resolve(host, port)
             except socket.gaierror as exc:
                 raise InterceptError(f"target {t.name}: cannot resolve {host}: {exc.strerror}") from None
+        listen = None
+        if t.listen:
+            listen = parse_hostport(t.listen)
+            if not t.listen.rpartition(":")[2].isdigit():   # ":0" is fine: any free port
+                raise InterceptError(f"target {t.name}: 'listen' needs a port: {t.listen!r}")
+        names = tuple(dict.fromkeys([parse_hostport(a)[0] for a in t.addresses]
+                                    + [t.server_name or "", listen[0] if listen else ""]
+                                    + [h for h, _ in addrs]))
         out.append(Target(t.name, t.protocol, tuple(addrs), user=t.user,
-                          password=_password(t), tls=t.tls, ca=t.ca, server_name=t.server_name))
+                          password=_password(t), tls=t.tls, ca=t.ca, server_name=t.server_name,
+                          names=tuple(n for n in names if n), client_tls=t.client_tls,
+                          listen=listen))
     return Targets(out)
+
+
+def local_ca(cfg: HostAgentConfig, targets: Targets) -> LocalCA | None:
+    """The CA whose certificates the proxy presents to clients asking for TLS; made on
+    first use. Only needed when some target offers TLS to its clients."""
+    if not any(t.client_tls == "offer" and t.protocol == "postgres" for t in targets.targets):
+        return None
+    try:
+        return LocalCA.load_or_create(cfg.ca_dir or Path(cfg.state_dir) / "ca")
+    except (CAError, OSError) as exc:
+        raise InterceptError(f"local CA: {exc}") from None
 
 
 def _password(t) -> str | None:
@@ -88,6 +112,7 @@ class Stack:
         Attaching to cgroups is the caller's next step."""
         cfg = self.cfg
         targets = build_targets(cfg)
+        ca = local_ca(cfg, targets)
         socks = bind_pair(port)
         port = socks[0].getsockname()[1]
         self.pin_dir = pin_dir
@@ -97,14 +122,43 @@ class Stack:
         if on_event:
             loop = asyncio.get_running_loop()
             self.icpt.start_events(lambda ev: loop.call_soon_threadsafe(on_event, ev))
+        self.proxy = self._proxy(targets, ca, lookup=self.icpt.take_peer,
+                                 identify=IdentityCache(cgroups.cgroup2_mount(), cfg.intercept.tree),
+                                 session_group=session_group)
+        await self.proxy.listen(socks)
+
+    def _proxy(self, targets: Targets, ca: LocalCA | None, **kw) -> Proxy:
+        cfg = self.cfg
         policy = load_policy(cfg.policy_file) if cfg.policy_file else None
         approver = Approver(self.shipper.address, policy.review_ttl_s if policy else 0) \
             if self.shipper else None
-        self.proxy = Proxy(lookup=self.icpt.take_peer, policy=policy, approver=approver,
-                           identify=IdentityCache(cgroups.cgroup2_mount(), cfg.intercept.tree),
-                           spool=self.spool,
-                           host=cfg.host, targets=targets, session_group=session_group)
-        await self.proxy.listen(socks)
+        rec = cfg.recording
+        samples = SampleLimits(rows=rec.sample_rows, bytes=rec.sample_bytes,
+                               session_bytes=rec.session_sample_bytes)
+        return Proxy(policy=policy, approver=approver, spool=self.spool, host=cfg.host,
+                     targets=targets, ca=ca, samples=samples, **kw)
+
+    async def listen_plain(self) -> list[tuple[str, str, int]]:
+        """The targets' plain listeners (`listen = "host:port"`), on the interception
+        proxy if there is one. Returns (target, host, port) as bound."""
+        targets = self.proxy.targets if self.proxy else build_targets(self.cfg)
+        planned = [t for t in targets.targets if t.listen]
+        if not planned:
+            return []
+        if self.proxy is None:
+            self.proxy = self._proxy(targets, local_ca(self.cfg, targets),
+                                     lookup=lambda host, port: None, identify=lambda rec: {})
+        out = []
+        for t in planned:
+            host, port = t.listen
+            sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host
+                                        else socket.AF_INET, reuse_port=False, backlog=1024)
+            sock.setblocking(False)
+            await self.proxy.listen_plain(t, sock)
+            bound = sock.getsockname()
+            out.append((t.name, bound[0], bound[1]))
+            log.info("target %s: plain listener on %s", t.name, hostport(bound[0], bound[1]))
+        return out
 
     async def close(self, *, detach: bool, unpin: bool = False, grace: float = 5.0) -> None:
         if self.proxy:

@@ -7,8 +7,10 @@ identity carries just the kernel's fields and says why (`mismatch` / `exited`).
 """
 from __future__ import annotations
 
-import pwd
 import grp
+import ipaddress
+import os
+import pwd
 import time
 from pathlib import Path
 
@@ -121,3 +123,80 @@ def summary(ident: dict) -> str:
     who = ident.get("user") or str(ident.get("uid"))
     what = ident.get("exe") or ident.get("comm") or "?"
     return f"{who} {what} (pid {ident.get('pid')})"
+
+
+def _proc_net_addr(text: str) -> tuple[str, int]:
+    addr, port = text.split(":")
+    raw = bytes.fromhex(addr)
+    # each 32-bit word is in host (little-endian) order
+    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return canonical_ip(str(ipaddress.ip_address(words))), int(port, 16)
+
+
+def canonical_ip(host: str) -> str:
+    """One spelling per address, as the kernel reports it: v4-mapped IPv6 as IPv4."""
+    ip = ipaddress.ip_address(host.split("%")[0])
+    if ip.version == 6 and ip.ipv4_mapped:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _socket_owner(peer: tuple, local: tuple) -> tuple[int, int] | None:
+    """(uid, inode) of the client's socket: the kernel's own table of TCP sockets."""
+    want = ((canonical_ip(peer[0]), peer[1]), (canonical_ip(local[0]), local[1]))
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if (_proc_net_addr(f[1]), _proc_net_addr(f[2])) == want:
+                return int(f[7]), int(f[9])
+    return None
+
+
+def _pid_of_inode(uid: int, inode: int) -> int | None:
+    target = f"socket:[{inode}]"
+    for proc in psutil.process_iter(["uids"]):
+        try:
+            if uid not in proc.info["uids"] or proc.pid == os.getpid():
+                continue
+            for fd in os.scandir(f"/proc/{proc.pid}/fd"):
+                if os.readlink(fd.path) == target:
+                    return proc.pid
+        except (OSError, psutil.Error, TypeError):
+            continue
+    return None
+
+
+def peer_identity(peer: tuple, local: tuple) -> dict:
+    """Who is on the other end of a plain (non-redirected) loopback connection, from
+    /proc: the socket's uid as the kernel keeps it, and the process holding it if one
+    is found. Best effort, and marked so: `attested` says it was not the BPF record."""
+    ident: dict = {"peer": f"{peer[0]}:{peer[1]}", "attested": "proc", "verified": False}
+    if not ipaddress.ip_address(peer[0].split("%")[0]).is_loopback:
+        ident["mismatch"] = "a remote peer: no process to attribute"
+        return ident
+    owner = _socket_owner(peer, local)
+    if owner is None:
+        ident["mismatch"] = "the client's socket is gone"
+        return ident
+    uid, inode = owner
+    ident.update(uid=uid, user=_name(pwd.getpwuid, uid))
+    pid = _pid_of_inode(uid, inode)
+    if pid is None:
+        ident["mismatch"] = "no process holds the client's socket"
+        return ident
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            cg = cgroups.cgroup_of(pid) or ""
+            ident.update(pid=pid, gid=proc.gids().real, comm=_safe(proc.name),
+                         exe=_safe(proc.exe), argv=_safe(proc.cmdline), cwd=_safe(proc.cwd),
+                         cgroup=cg, unit=cgroups.unit_of(cg), container=cgroups.container_of(cg),
+                         ppid=proc.ppid())
+        ident["group"] = _name(grp.getgrgid, ident["gid"])
+    except psutil.Error:
+        ident["exited"] = True
+    return ident

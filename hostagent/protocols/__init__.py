@@ -13,6 +13,7 @@ class ProtocolError(Exception):
 @dataclass(frozen=True, slots=True)
 class ToUpstream:
     data: bytes
+    starts: tuple[int, ...] = ()   # statements this sends: the driver times them from here
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +26,7 @@ class Record:
     """Spool this event before any later action runs (record before execute)."""
     kind: str
     fields: dict = field(default_factory=dict)
+    stop: int | None = None   # a statement's answer: the driver adds its duration_us
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +44,14 @@ class Hold:
     reason: str
 
 
-Action = ToUpstream | ToClient | Record | Close | Hold
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """The client's leg turns into TLS here (the layer has just answered yes to the
+    client's request): the driver handshakes as the server, with a certificate from the
+    host agent's local CA, before reading another byte."""
+
+
+Action = ToUpstream | ToClient | Record | Close | Hold | StartTls
 
 
 class Layer(Protocol):

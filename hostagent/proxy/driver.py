@@ -8,27 +8,29 @@ can't be attributed, recorded or connected is closed: fail closed.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import random
 import socket
 import ssl
 import struct
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from agentgate.events import SESSION_END, SESSION_START
-from hostagent.intercept.identity import summary
+from hostagent.intercept.identity import canonical_ip as canonical, peer_identity, summary
 from hostagent.intercept.loader import ACT_TARGET, ConnRecord
-from hostagent.protocols import Close, Hold, ProtocolError, Record, ToClient, ToUpstream
+from hostagent.protocols import Close, Hold, ProtocolError, Record, StartTls, ToClient, ToUpstream
 from hostagent.approvals import Approver
 from hostagent.masking import for_target
 from hostagent.policy import Policy, decide
 from hostagent.protocols.postgres import messages as pg_messages
 from hostagent.protocols.postgres.layer import PostgresLayer
+from hostagent.protocols.postgres.outputs import SampleLimits
 from hostagent.protocols.tcp import RawTcp
 from hostagent.recording.recorder import SessionRecorder
 from hostagent.recording.spool import Spool, SpoolError
+from hostagent.tls import LocalCA
 
 log = logging.getLogger("agentgate.proxy")
 READ_SIZE = 64 << 10
@@ -45,14 +47,10 @@ class Target:
     tls: str = "prefer"              # upstream: disable | prefer | require | verify-full
     ca: str | None = None            # for verify-full (default: the system's CAs)
     server_name: str | None = None   # for verify-full (default: the address's host)
-
-
-def canonical(host: str) -> str:
-    """One spelling per address, as the kernel reports it: v4-mapped IPv6 as IPv4."""
-    ip = ipaddress.ip_address(host)
-    if ip.version == 6 and ip.ipv4_mapped:
-        return str(ip.ipv4_mapped)
-    return str(ip)
+    names: tuple[str, ...] = ()      # as configured (host names too): the client-side
+                                     # certificate names them
+    client_tls: str = "offer"        # towards the agent: offer (terminate) | decline
+    listen: tuple[str, int] | None = None   # a plain listener (no eBPF) for this target
 
 
 class Targets:
@@ -77,8 +75,11 @@ class Proxy:
                  identify: Callable[[ConnRecord], dict], spool: Spool, host: str,
                  targets: Targets, session_group: str = "",
                  on_session: Callable[[str], None] | None = None, policy: Policy | None = None,
-                 approver: "Approver | None" = None):
+                 approver: "Approver | None" = None, ca: "LocalCA | None" = None,
+                 samples: SampleLimits | None = None):
         self.lookup = lookup
+        self.samples = samples
+        self.ca = ca
         self.identify = identify
         self.spool = spool
         self.host = host
@@ -105,19 +106,27 @@ class Proxy:
         for t in self.active:
             t.cancel()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def listen_plain(self, target: Target, sock: socket.socket) -> None:
+        """A listener for one target without eBPF (tests, hosts without it): whoever
+        connects is proxied to the target. Who they are comes from /proc, best effort:
+        unlike a redirect, not attested by the kernel at connect()."""
+        async def accept(reader, writer):
+            await self._accept(reader, writer, target)
+        self.servers.append(await asyncio.start_server(accept, sock=sock, limit=READ_SIZE))
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      plain: Target | None = None) -> None:
         task = asyncio.current_task()
         self.active.add(task)
         try:
-            await self._session(reader, writer)
+            await self._session(reader, writer, plain)
         except Exception:
             log.exception("proxy session failed")
         finally:
             self.active.discard(task)
             writer.close()
 
-    async def _session(self, reader, writer) -> None:
-        peer = writer.get_extra_info("peername")
+    async def _redirected(self, peer) -> tuple[Target | None, list[tuple[str, int]], dict] | None:
         rec = self.lookup(peer[0], peer[1])
         if rec is None:
             await asyncio.sleep(0)   # the client's sock_ops update may trail by a hair
@@ -126,16 +135,31 @@ class Proxy:
             self.refused += 1
             log.warning("refused a connection from %s:%s with no interception record",
                         peer[0], peer[1])
-            return
+            return None
         target = self.targets.match(rec.dst_host, rec.dst_port) if rec.action == ACT_TARGET else None
-        dst = f"[{rec.dst_host}]:{rec.dst_port}" if ":" in rec.dst_host else f"{rec.dst_host}:{rec.dst_port}"
-        ident = self.identify(rec)
+        return target, [(rec.dst_host, rec.dst_port)], self.identify(rec)
+
+    async def _session(self, reader, writer, plain: Target | None = None) -> None:
+        peer = writer.get_extra_info("peername")
+        if plain is None:
+            found = await self._redirected(peer)
+            if found is None:
+                return
+            target, upstreams, ident = found
+        else:
+            target, upstreams = plain, list(plain.addresses)
+            ident = await asyncio.to_thread(peer_identity, peer, writer.get_extra_info("sockname"))
+        dst_host, dst_port = upstreams[0]
+        dst = hostport(dst_host, dst_port)
+        # the address the client dialed: its certificate (if it asks for TLS) names it
+        dialed = writer.get_extra_info("sockname")[0] if plain else dst_host
         layer = self._layer(target, ident)
         recorder = SessionRecorder(self.spool)
         start = {"host": self.host, "target": target.name if target else dst,
                  "protocol": target.protocol if target else "tcp", "destination": dst,
                  "process": ident, "session_group": self.session_group,
-                 "mode": "target" if target else "record", "layer": layer.name}
+                 "mode": "target" if target else "record", "layer": layer.name,
+                 "via": "listener" if plain else "redirect"}
         start["agent"] = summary(ident)
         try:
             recorder.record(SESSION_START, start)
@@ -149,22 +173,21 @@ class Proxy:
         up_writer = None
         try:
             try:
-                up_reader, up_writer = await asyncio.wait_for(
-                    asyncio.open_connection(rec.dst_host, rec.dst_port, limit=READ_SIZE),
-                    CONNECT_TIMEOUT)
+                up_reader, up_writer, (dst_host, dst_port) = await _connect_any(upstreams)
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = f"upstream unreachable: {exc or 'timeout'}"
                 _reset(writer)   # the client sees a refused connection, not a clean EOF
                 return
             if target is not None and target.protocol == "postgres" and target.tls != "disable":
                 try:
-                    await postgres_upstream_tls(up_reader, up_writer, target, rec.dst_host)
+                    await postgres_upstream_tls(up_reader, up_writer, target, dst_host)
                 except (OSError, ssl.SSLError, ConnectionError, asyncio.IncompleteReadError) as exc:
                     reason = f"upstream TLS failed ({target.tls}): {exc}"
-                    await self._refuse_at_startup(layer, reader, writer, f"agentgate: {reason}")
+                    await self._refuse_at_startup(layer, reader, writer, f"agentgate: {reason}",
+                                                  lambda: self._client_tls(target, dialed))
                     return
             reason = await self._pump(layer, recorder, reader, writer, up_reader, up_writer, counts,
-                                      ident)
+                                      ident, lambda: self._client_tls(target, dialed))
         except SpoolError as exc:
             reason = f"recording failed, session closed: {exc}"
             log.error("%s", reason)
@@ -182,7 +205,7 @@ class Proxy:
             except SpoolError as exc:
                 log.error("cannot record the end of session %s: %s", recorder.session_id, exc)
 
-    async def _refuse_at_startup(self, layer, reader, writer, message: str) -> None:
+    async def _refuse_at_startup(self, layer, reader, writer, message: str, tls_context) -> None:
         """Answer the client's start-up with an error it can show (the layer knows how),
         without any upstream."""
         layer.refusing = message
@@ -191,6 +214,10 @@ class Proxy:
                 for act in layer.client_data(data):
                     if isinstance(act, ToClient):
                         writer.write(act.data)
+                    elif isinstance(act, StartTls):
+                        await writer.drain()
+                        await writer.start_tls(tls_context(),
+                                               ssl_handshake_timeout=CONNECT_TIMEOUT)
                     elif isinstance(act, Close):
                         await writer.drain()
                         return
@@ -230,6 +257,11 @@ class Proxy:
         return layer.decided(hold.key, False, f"{hold.reason} (approval {ap.id} {what}"
                              f"{': ' + why if why else ''})")
 
+    def _client_tls(self, target: Target, dialed: str) -> ssl.SSLContext:
+        """A certificate for whatever name the client may have used: the target's names
+        as configured and the address it dialed."""
+        return self.ca.server_context((*target.names, dialed))
+
     def _layer(self, target: Target | None, ident: dict):
         """The protocol layer for a connection: by the target's protocol."""
         if target is not None and target.protocol == "postgres":
@@ -237,24 +269,44 @@ class Proxy:
             return PostgresLayer(decide=lambda req: decide(policy, req), target=target.name,
                                  identity=ident, user=target.user, password=target.password,
                                  cancel_keys=self.cancel_keys,
-                                 masker=for_target(policy.masks, target.name))
+                                 masker=for_target(policy.masks, target.name),
+                                 client_tls=self.ca is not None and target.client_tls == "offer",
+                                 samples=self.samples)
         return RawTcp()
 
     async def _pump(self, layer, recorder, reader, writer, up_reader, up_writer, counts,
-                    ident: dict) -> str:
+                    ident: dict, tls_context: Callable[[], ssl.SSLContext]) -> str:
+        started: dict[int, int] = {}   # statement id -> when it went upstream
+
         async def perform(actions) -> None:
             # Bytes are written as they come (transport writes don't wait); the waits
             # for the peers to drain come once per batch. A Record is spooled before any
             # byte after it is written: record before execute.
             for act in actions:
                 if isinstance(act, Record):
-                    recorder.record(act.kind, act.fields)
+                    if act.stop is None:
+                        recorder.record(act.kind, act.fields)
+                    else:
+                        recorder.record(act.kind, {**act.fields,
+                                                   "duration_us": _elapsed(started, act.stop)})
                 elif isinstance(act, ToUpstream):
+                    if act.starts:
+                        now = time.monotonic_ns()
+                        for sid in act.starts:
+                            started[sid] = now
                     up_writer.write(act.data)
                 elif isinstance(act, ToClient):
                     writer.write(act.data)
                 elif isinstance(act, Close):
                     raise _Closed(act.reason)
+                elif isinstance(act, StartTls):
+                    await writer.drain()
+                    try:
+                        await writer.start_tls(tls_context(), ssl_handshake_timeout=CONNECT_TIMEOUT)
+                    except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
+                        raise _Closed(f"client TLS handshake failed: {exc!r}")
+                    recorder.record("tls", {"side": "client", "version":
+                                            writer.get_extra_info("ssl_object").version()})
                 elif isinstance(act, Hold):
                     await up_writer.drain()
                     await writer.drain()
@@ -322,6 +374,33 @@ async def postgres_upstream_tls(reader, writer, target: Target, host: str) -> No
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE   # encrypted, not authenticated (libpq's require)
     await writer.start_tls(ctx, server_hostname=target.server_name or host)
+
+
+def _elapsed(started: dict[int, int], sid: int) -> int | None:
+    """Microseconds since statement sid went upstream. Answers come in the order
+    statements were sent, so older ids still waiting were skipped by the server (after
+    an error): they are dropped, which keeps the table small."""
+    t = started.pop(sid, None)
+    while started and next(iter(started)) < sid:
+        del started[next(iter(started))]
+    return None if t is None else (time.monotonic_ns() - t) // 1000
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _connect_any(addresses: list[tuple[str, int]]):
+    """The first address that answers, in order (a target may list several)."""
+    error: Exception | None = None
+    for host, port in addresses:
+        try:
+            r, w = await asyncio.wait_for(asyncio.open_connection(host, port, limit=READ_SIZE),
+                                          CONNECT_TIMEOUT)
+            return r, w, (host, port)
+        except (OSError, asyncio.TimeoutError) as exc:
+            error = exc
+    raise error or OSError("no address")
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from pglast import ast, parse_plpgsql, parse_sql
 from pglast.parser import ParseError
-from pglast.visitors import Visitor
+from pglast.visitors import Skip, Visitor
 
 # node type -> statement kind
 KINDS = {
@@ -67,6 +67,10 @@ class Statement:
     tables: tuple[str, ...] = ()
     functions: tuple[str, ...] = ()
     flags: frozenset[str] = field(default_factory=frozenset)
+    # result column name -> the columns it is computed from ("table.column", or
+    # "column" where the table isn't known): masking follows a column through
+    # aliases and expressions (SELECT lower(email) AS e)
+    sources: tuple[tuple[str, frozenset[str]], ...] = ()
 
 
 class _Walk(Visitor):
@@ -165,6 +169,100 @@ def _plpgsql_queries(tree) -> list[tuple[str, bool]]:
     return out
 
 
+def _refs(node) -> set[tuple[str, str]]:
+    """(qualifier, column) for every column reference in an expression; a whole-row
+    reference (t.*, or a bare table name) counts as every column of it."""
+    refs = set()
+
+    class _Cols(Visitor):
+        def visit(self, ancestors, n):
+            if isinstance(n, ast.ColumnRef):
+                parts = [f.sval if isinstance(f, ast.String) else "*" for f in n.fields]
+                refs.add(((parts[-2] if len(parts) > 1 else ""), parts[-1]))
+    _Cols()(node)
+    return refs
+
+
+def _scope(from_clause, ctes: dict) -> tuple[dict[str, str], dict[str, dict]]:
+    """Names visible in a FROM: alias -> table, and alias -> a subquery's (or CTE's)
+    own column sources."""
+    tables: dict[str, str] = {}
+    derived: dict[str, dict] = {}
+
+    class _From(Visitor):
+        def visit(self, ancestors, n):
+            if isinstance(n, ast.RangeVar):
+                name = n.alias.aliasname if n.alias else n.relname
+                if not n.schemaname and n.relname in ctes:
+                    derived[name] = ctes[n.relname]
+                else:
+                    tables[name] = n.relname
+            elif isinstance(n, ast.RangeSubselect) and n.alias:
+                derived[n.alias.aliasname] = _select_sources(n.subquery, ctes)
+                return Skip
+    _From()(from_clause or ())
+    return tables, derived
+
+
+def _select_sources(node, ctes: dict | None = None) -> dict[str, frozenset[str]]:
+    ctes = dict(ctes or {})
+    if isinstance(node, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt)):
+        ret = getattr(node, "returningClause", None)
+        targets = (ret.exprs or ()) if ret is not None else (getattr(node, "returningList", None) or ())
+        rel = node.relation
+        tables, derived = {(rel.alias.aliasname if rel.alias else rel.relname): rel.relname}, {}
+        if isinstance(node, ast.UpdateStmt) and node.fromClause:
+            t2, derived = _scope(node.fromClause, ctes)
+            tables.update(t2)
+    elif isinstance(node, ast.SelectStmt):
+        if node.withClause:
+            for cte in node.withClause.ctes or ():
+                ctes[cte.ctename] = _select_sources(cte.ctequery, ctes)
+        if node.op is not None and node.larg is not None and node.op != 0:
+            # UNION etc.: the result's columns are named by the left side; each comes
+            # from both sides (conservatively: a name from either)
+            left, right = _select_sources(node.larg, ctes), _select_sources(node.rarg, ctes)
+            merged = {k: v | frozenset().union(*right.values()) for k, v in left.items()}
+            return merged
+        targets = node.targetList or ()
+        tables, derived = _scope(node.fromClause, ctes)
+    else:
+        return {}
+    out: dict[str, frozenset[str]] = {}
+    for t in targets:
+        if not isinstance(t, ast.ResTarget):
+            continue
+        srcs: set[str] = set()
+        for qual, col in _refs(t.val):
+            if qual in derived:
+                inner = derived[qual]
+                srcs |= set().union(*inner.values()) if col == "*" else set(inner.get(col, ()))
+            elif qual in tables:
+                srcs.add(f"{tables[qual]}.{col}")
+            elif not qual and col != "*":
+                srcs.add(col)
+                for d in derived.values():
+                    srcs |= set(d.get(col, ()))
+        if t.name:
+            name = t.name
+        elif isinstance(t.val, ast.ColumnRef):
+            f = t.val.fields[-1]
+            name = f.sval if isinstance(f, ast.String) else "*"
+        elif isinstance(t.val, ast.FuncCall):
+            name = t.val.funcname[-1].sval
+        else:
+            name = "?column?"
+        if name == "*":   # a star over a subquery or CTE carries its columns' sources
+            for qual, _c in _refs(t.val):
+                for d in ([derived[qual]] if qual in derived else
+                          derived.values() if not qual else []):
+                    for k, v in d.items():
+                        out[k] = out.get(k, frozenset()) | v
+            continue
+        out[name] = out.get(name, frozenset()) | frozenset(srcs)
+    return out
+
+
 @functools.lru_cache(maxsize=4096)
 def classify(sql: str) -> tuple[Statement, ...]:
     """One Statement per top-level statement in `sql` (a simple Query may hold many).
@@ -187,5 +285,6 @@ def classify(sql: str) -> tuple[Statement, ...]:
                              kinds=frozenset(walk.kinds | {kind}),
                              tables=tuple(dict.fromkeys(walk.tables)),
                              functions=tuple(dict.fromkeys(walk.functions)),
-                             flags=frozenset(walk.flags)))
+                             flags=frozenset(walk.flags),
+                             sources=tuple(_select_sources(stmt.stmt).items())))
     return tuple(out)

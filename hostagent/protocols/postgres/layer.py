@@ -1,6 +1,8 @@
 """The PostgreSQL layer: sans-IO, between the agent and the server.
 
-- Startup: SSL/GSS requests are declined; the agent's StartupMessage goes upstream with
+- Startup: an SSLRequest is answered with TLS terminated by the proxy (a certificate
+  from the host agent's local CA naming the original host) when the target offers it,
+  else declined; GSSENCRequest is always declined. The agent's StartupMessage goes upstream with
   the injected user; the proxy answers the server's authentication (SCRAM-SHA-256, md5,
   cleartext) with the injected password, and the agent only sees AuthenticationOk: it
   never holds, nor needs, the real password. Without injected credentials the agent's
@@ -21,10 +23,12 @@ from typing import Callable
 from agentgate.events import COMMAND, DECISION, OUTPUT
 from hostagent.masking import MASK, Masker
 from hostagent.policy import Decision, Request
-from hostagent.protocols import Action, Close, Hold, ProtocolError, Record, ToClient, ToUpstream
+from hostagent.protocols import (Action, Close, Hold, ProtocolError, Record, StartTls, ToClient,
+                                 ToUpstream)
 from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres.auth import ScramSha256, md5_password
 from hostagent.protocols.postgres.classify import Unparseable, classify
+from hostagent.protocols.postgres.outputs import Outputs, SampleLimits
 
 MAX_RECORDED_PARAM = 1024
 # Start-up parameters passed on. Others (`options`, `replication`, ...) could change what
@@ -49,9 +53,9 @@ class _Results:
         self._stmt_plan: dict[str, list] = {}
         self._portal_plan: dict[str, list] = {}
         self._portal_stmt: dict[str, str] = {}
-        self._stmt_tables: dict[str | None, set] = {}
+        self._stmt_tables: dict[str | None, tuple[set, dict]] = {}
         self._plan: list | None = None
-        self._tables: set = set()
+        self._tables: tuple[set, dict] = (set(), {})
 
     def client(self, kind: bytes, body: bytes) -> None:
         c = m.Cursor(body)
@@ -70,16 +74,17 @@ class _Results:
         elif kind == b"S":
             self._expect.append(("sync",))
 
-    def tables_for(self, statement: str | None, tables: set) -> None:
-        self._stmt_tables[statement] = tables
+    def tables_for(self, statement: str | None, tables: set, sources: dict) -> None:
+        """The tables a statement reads, and where its result columns come from."""
+        self._stmt_tables[statement] = (tables, sources)
         if statement is None:
-            self._tables = tables
+            self._tables = (tables, sources)
 
-    def current_tables(self) -> set:
+    def current_tables(self) -> tuple[set, dict]:
         front = self._expect[0] if self._expect else ("query",)
         if front[0] == "describe":
             name = front[2] if front[1] == b"S" else self._portal_stmt.get(front[2], "")
-            return self._stmt_tables.get(name, set())
+            return self._stmt_tables.get(name, (set(), {}))
         return self._tables
 
     def set_plan(self, plan: list) -> None:
@@ -121,8 +126,12 @@ class PostgresLayer:
     def __init__(self, *, decide: Callable[[Request], Decision], target: str,
                  identity: dict | None = None, user: str | None = None,
                  password: str | None = None, max_message: int = m.DEFAULT_MAX_MESSAGE,
-                 cancel_keys: dict | None = None, masker: Masker | None = None):
+                 cancel_keys: dict | None = None, masker: Masker | None = None,
+                 client_tls: bool = False, samples: SampleLimits | None = None):
         self.decide = decide
+        self.outputs = Outputs(samples)
+        self.client_tls = client_tls   # may answer SSLRequest with 'S' (the driver has a CA)
+        self.client_tls_on = False
         self.target = target
         self.identity = identity or {}
         self.user = user
@@ -136,12 +145,11 @@ class PostgresLayer:
         self._scram: ScramSha256 | None = None
         self._denials: dict[str, bytes] = {}   # token -> our ErrorResponse
         self._counter = 0
-        self._rows = 0
         self._held: int | None = None
         self.masker = masker if masker is not None and masker.active else None
         self._results = _Results() if self.masker else None
         self.refusing = ""   # set when the session can't go on: start-up gets this error
-        self._pending: dict[int, tuple[bytes, str | None, Decision]] = {}
+        self._pending: dict[int, tuple[bytes, str | None, Decision, int]] = {}
         self._queue: list[tuple[bytes, bytes]] = []
         # Shared by all sessions to this target: the key the agent holds -> the server's.
         # The agent never learns the server's key; a cancel from it is mapped back.
@@ -153,7 +161,13 @@ class PostgresLayer:
     def client_data(self, data: bytes) -> list[Action]:
         out: list[Action] = []
         for kind, body in self.client.receive_data(data):
+            if out and isinstance(out[-1], StartTls):
+                # bytes sent in the clear after SSLRequest would be taken as if they
+                # came through TLS (CVE-2021-23214): the client must wait for 'S'
+                raise ProtocolError("data after SSLRequest before the TLS handshake")
             out += self._from_client(kind, body)
+        if out and isinstance(out[-1], StartTls) and self.client.buffered:
+            raise ProtocolError("data after SSLRequest before the TLS handshake")
         return out
 
     def client_eof(self) -> list[Action]:
@@ -187,6 +201,11 @@ class PostgresLayer:
         if kind == b"P":
             parse = m.parse_parse(body)
             return self._statement(parse.query, raw, extended=parse.name)
+        if kind == b"E":
+            return [ToUpstream(raw, self.outputs.sent_execute())]
+        if kind == b"S":
+            self.outputs.sent_sync()
+            return [ToUpstream(raw)]
         if kind == b"B":
             bind = m.parse_bind(body)
             params = [None if p is None else p[:MAX_RECORDED_PARAM] for p in bind.params]
@@ -206,6 +225,10 @@ class PostgresLayer:
     def _untyped(self, body: bytes) -> list[Action]:
         msg = m.parse_untyped(body)
         if isinstance(msg, m.SpecialRequest):
+            if msg.code == m.SSL_REQUEST and self.client_tls and not self.client_tls_on \
+                    and self.state == "startup":
+                self.client_tls_on = True
+                return [ToClient(b"S"), StartTls()]
             if msg.code in (m.SSL_REQUEST, m.GSSENC_REQUEST):
                 return [ToClient(b"N")]   # declined: the client goes on in the clear
             real = self.cancel_keys.get((msg.pid, msg.secret))
@@ -230,7 +253,8 @@ class PostgresLayer:
                                    "upstream_user": self.upstream_user,
                                    "application_name": params.get("application_name", ""),
                                    "credentials": "injected" if self.password is not None
-                                   else "client's own", "dropped_params": dropped}),
+                                   else "client's own", "dropped_params": dropped,
+                                   "client_tls": self.client_tls_on}),
                 ToUpstream(m.startup_message(params, msg.version))]
 
     def _statement(self, text: str, raw: bytes, extended: str | None) -> list[Action]:
@@ -264,8 +288,12 @@ class PostgresLayer:
                                       "is refused"))
             out.append(Record(DECISION, decisions[-1].as_dict()))
         if self._results is not None and statements and statements[0] is not None:
+            sources: dict[str, set] = {}
+            for st in statements:
+                for name, cols in st.sources:
+                    sources.setdefault(name, set()).update(cols)
             self._results.tables_for(extended, {t.rsplit(".", 1)[-1] for st in statements
-                                                for t in st.tables})
+                                                for t in st.tables}, sources)
         # the strictest wins: deny, then review, then allow
         deny = next((d for d in decisions if d.action == "deny"), None)
         review = next((d for d in decisions if d.action == "review"), None)
@@ -275,9 +303,15 @@ class PostgresLayer:
             self._counter += 1
             key = self._counter
             self._held = key
-            self._pending[key] = (raw, extended, review)
+            self._pending[key] = (raw, extended, review, len(statements))
             return out + [Hold(key, text, review.rule, review.reason)]
-        return out + [ToUpstream(raw)]
+        return out + [self._forward(raw, extended, len(statements))]
+
+    def _forward(self, raw: bytes, extended: str | None, statements: int) -> ToUpstream:
+        """A Query starts its statements now; a Parse starts nothing (its Executes do)."""
+        if extended is None:
+            return ToUpstream(raw, self.outputs.sent_query(statements))
+        return ToUpstream(raw)
 
     def _refuse(self, decision: Decision, extended: str | None) -> list[Action]:
         """Send the server a statement it rejects itself (a unique token, a syntax error):
@@ -287,22 +321,22 @@ class PostgresLayer:
         self._denials[token] = m.error_response(
             f'agentgate: denied by rule "{decision.rule}": {decision.reason}', "42501")
         if extended is None:
-            return [ToUpstream(m.frame(b"Q", token.encode() + b"\0"))]
+            return [ToUpstream(m.frame(b"Q", token.encode() + b"\0"), self.outputs.sent_query(1))]
         return [ToUpstream(m.frame(b"P", extended.encode() + b"\0" + token.encode() + b"\0\0\0"))]
 
     def held_notice(self, approval_id: str, expires: str) -> bytes:
         key = self._held
-        _raw, _ext, decision = self._pending[key]
+        _raw, _ext, decision, _n = self._pending[key]
         return m.notice_response(f'agentgate: held for approval {approval_id} (rule '
                                  f'"{decision.rule}": {decision.reason}); expires {expires}')
 
     def decided(self, key: int, approved: bool, reason: str) -> list[Action]:
         """The answer to a Hold: run the statement, or refuse it; then what the client sent
         meanwhile (an extended-protocol pipeline) goes on in order."""
-        raw, extended, decision = self._pending.pop(key)
+        raw, extended, decision, statements = self._pending.pop(key)
         self._held = None
         if approved:
-            out: list[Action] = [ToUpstream(raw)]
+            out: list[Action] = [self._forward(raw, extended, statements)]
         else:
             out = self._refuse(Decision("deny", decision.rule, reason), extended)
         queued, self._queue = self._queue, []
@@ -335,6 +369,7 @@ class PostgresLayer:
             self.tx_status = body[:1] or b"I"
             self.state = "ready"
             self._denials.clear()   # a denial the server skipped (after an earlier error)
+            self.outputs.ready()
             if self._results is not None:
                 self._results.upstream(kind)
         elif kind == b"E":
@@ -344,47 +379,62 @@ class PostgresLayer:
             if self._results is not None:
                 self._results.upstream(kind)
             message = fields.get("M", "")
+            sid, out = self.outputs.error(fields.get("C", ""), message)
             for token, ours in list(self._denials.items()):
-                if token in message:
+                if token in message:   # our denial: its decision is the record
                     del self._denials[token]
                     return [ToClient(ours)]
+            reply = self._mask_fields(b"E", fields) if self._results is not None else raw
             if self._results is not None:
-                return [ToClient(self._mask_fields(b"E", fields))]
+                out["error"] = self.masker.scan(message)[0]
+            out["summary"] = f"ERROR {out['sqlstate']}: {out['error']}"
+            return [Record(OUTPUT, out, stop=sid), ToClient(reply)]
         elif kind == b"N" and self._results is not None:
             return [ToClient(self._mask_fields(b"N", m.parse_fields(body)))]
         elif kind == b"A" and self._results is not None:
             return [ToClient(self._mask_notification(body))]
         elif kind == b"D":
-            self._rows += 1
             if self._results is not None:
-                return [ToClient(self._mask_row(body))]
-        elif kind == b"C":
-            tag = body.rstrip(b"\0").decode(errors="replace")
-            rows, self._rows = self._rows, 0
-            out = {"summary": tag, "rows_returned": rows}
+                values = self._mask_row(body)
+                self.outputs.row(values if self.outputs.wants_sample() else None)
+                return [ToClient(m.data_row(values))]
+            self.outputs.row(m.parse_data_row(body) if self.outputs.wants_sample() else None)
+        elif kind in (b"C", b"I", b"s"):
+            if kind == b"C":
+                sid, out = self.outputs.complete(body.rstrip(b"\0").decode(errors="replace"))
+            else:
+                sid, out = (self.outputs.empty if kind == b"I" else self.outputs.suspended)()
             if self._results is not None:
-                self._results.done()
+                if kind == b"C":
+                    self._results.done()
+                else:
+                    self._results.upstream(kind)
                 if self.masker.counts:
                     out["masked"] = dict(self.masker.counts)
                     self.masker.counts.clear()
-            return [Record(OUTPUT, out), ToClient(raw)]
-        elif kind == b"T" and self._results is not None:
-            return [ToClient(self._plan(body))]
+            return [Record(OUTPUT, out, stop=sid), ToClient(raw)]
+        elif kind == b"T":
+            cols = m.parse_row_description(body)
+            self.outputs.columns([c.name for c in cols], [c.format for c in cols])
+            if self._results is not None:
+                return [ToClient(self._plan(cols))]
         elif self._results is not None:
             self._results.upstream(kind)
         return [ToClient(raw)]
 
     # ------------------------------------------------------------------ masking
 
-    def _plan(self, body: bytes) -> bytes:
+    def _plan(self, cols: list[m.Column]) -> bytes:
         """Decide, per column, mask whole / scan with detectors / pass; a masked column
         becomes text, so any client (binary formats too) decodes the mask."""
-        cols = m.parse_row_description(body)
-        tables = self._results.current_tables()
+        tables, sources = self._results.current_tables()
         plan = []
         for col in cols:
-            rule = next((r for t in (tables or {""}) for r in [self.masker.column_masked(t, col.name)]
-                         if r), None)
+            rule = self._column_rule(tables, col.name)
+            for src in sources.get(col.name, ()):   # through aliases and expressions
+                table, _, name = src.rpartition(".")
+                rule = rule or (self.masker.column_masked(table, name) if table
+                                else self._column_rule(tables, name))
             if rule:
                 plan.append(("mask", rule, col.format))
             elif self.masker.has_detectors and (col.format == 0 or col.type_oid in TEXT_TYPES):
@@ -398,6 +448,12 @@ class PostgresLayer:
         out = [m.Column(c.name, c.table_oid, c.column, TEXT_OID, -1, -1, c.format)
                if p[0] == "mask" else c for c, p in zip(cols, plan)]
         return m.row_description(out)
+
+    def _column_rule(self, tables: set, column: str) -> str | None:
+        """A column of unknown table is masked if any table the statement reads has
+        it masked."""
+        return next((r for t in (tables or {""}) for r in [self.masker.column_masked(t, column)]
+                     if r), None)
 
     def _mask_fields(self, kind: bytes, fields: dict[str, str]) -> bytes:
         """Errors and notices can quote row data ("Key (email)=(...) already exists"):
@@ -414,7 +470,7 @@ class PostgresLayer:
         payload = self.masker.scan(payload)[0]
         return m.frame(b"A", m._I32.pack(pid) + channel.encode() + b"\0" + payload.encode() + b"\0")
 
-    def _mask_row(self, body: bytes) -> bytes:
+    def _mask_row(self, body: bytes) -> list[bytes | None]:
         values = m.parse_data_row(body)
         plan = self._results.plan()
         if plan is None or len(plan) != len(values):
@@ -434,7 +490,7 @@ class PostgresLayer:
                 except UnicodeDecodeError:
                     self.masker.count_column("(undecodable)")
                     out.append(MASK.encode())
-        return m.data_row(out)
+        return out
 
     def _auth(self, body: bytes, raw: bytes) -> list[Action]:
         code, data = m.parse_authentication(body)

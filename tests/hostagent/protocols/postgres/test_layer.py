@@ -127,3 +127,32 @@ def test_startup_options_are_dropped_and_function_calls_refused():
     out = layer.client_data(m.frame(b"F", b"\0\0\x04\xd2\0\0\0\0\0\0"))
     sent = b"".join(a.data for a in out if isinstance(a, ToUpstream))
     assert sent.startswith(b"Q") and b"agentgate_denied_" in sent   # never the call
+
+
+def ssl_request() -> bytes:
+    import struct
+    return m.untyped(struct.pack("!i", m.SSL_REQUEST))
+
+
+def test_ssl_request_is_terminated_when_offered_and_declined_otherwise():
+    from hostagent.protocols import StartTls, ToClient
+    offered = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t", client_tls=True)
+    assert offered.client_data(ssl_request()) == [ToClient(b"S"), StartTls()]
+    # inside TLS the client goes on with its StartupMessage; a second request is declined
+    assert offered.client_data(ssl_request()) == [ToClient(b"N")]
+    offered.client_data(m.startup_message({"user": "x", "database": "d"}))
+    assert offered.state == "auth"
+    declined = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t")
+    assert declined.client_data(ssl_request()) == [ToClient(b"N")]
+    gss = m.untyped(__import__("struct").pack("!i", m.GSSENC_REQUEST))
+    assert PostgresLayer(decide=lambda r: decide(Policy(), r), target="t",
+                         client_tls=True).client_data(gss) == [ToClient(b"N")]
+
+
+def test_bytes_sent_in_the_clear_after_ssl_request_are_refused():
+    import pytest
+    startup = m.startup_message({"user": "x", "database": "d"})
+    for extra in (startup, startup[:3]):   # a whole message, or part of one
+        layer = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t", client_tls=True)
+        with pytest.raises(ProtocolError, match="before the TLS handshake"):
+            layer.client_data(ssl_request() + extra)
