@@ -141,7 +141,9 @@ def pg_session(n_commands: int = 3, target: str = "orders-db", user: str = "alic
     for i in range(n_commands):
         evs.append(("command", {"text": f"SELECT {i} FROM orders", "database": "shop"}))
         evs.append(("decision", {"action": "allow", "rule": "", "reason": ""}))
-        evs.append(("output", {"summary": "1 row", "rows": 1}))
+        evs.append(("output", {"summary": "SELECT 1", "rows_returned": 1, "duration_us": 420,
+                               "columns": ["id", "email"], "sample": [[str(i), "****"]],
+                               "masked": {"pii:column": 1}}))
     evs.append(("data", {"dir": "out", "data": b"hello from the terminal\r\n"}))
     evs.append((SESSION_END, {"reason": "client closed", "bytes_in": 120, "bytes_out": 640}))
     return evs

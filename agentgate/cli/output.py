@@ -115,6 +115,36 @@ def summarize(ev: Event) -> str:
         return f"{f.get('action', '?')} (rule {f.get('rule') or 'default'}) {f.get('reason', '')}".strip()
     if ev.kind == "data":
         return f"{f.get('dir', '')} {len(f.get('data', b''))} bytes".strip()
+    if ev.kind == "output" and "summary" in f:
+        notes = []
+        if isinstance(f.get("duration_us"), int):
+            notes.append(f"{f['duration_us'] / 1000:.2f} ms")
+        if f.get("masked"):
+            notes.append("masked " + ", ".join(f"{k}={v}" for k, v in f["masked"].items()))
+        return _CTRL.sub(" ", str(f["summary"])) + (f" ({'; '.join(notes)})" if notes else "")
     if "summary" in f:
         return str(f["summary"])
     return clip(json.dumps(jsonable(f), ensure_ascii=False), 100)
+
+
+def sample_lines(ev: Event, width: int = 40) -> list[str]:
+    """A recorded result sample (already masked by the host agent) as a small table."""
+    if ev.kind != "output":
+        return []
+    try:
+        f = unpack_payload(ev.payload)
+    except Exception:
+        return []
+    columns, rows = f.get("columns"), f.get("sample")
+    if not columns or not isinstance(rows, list):
+        return ["(sample not kept: the session's sample budget was spent)"] \
+            if f.get("sample_capped") else []
+    cells = [[clip(_CTRL.sub(" ", str(c)), width) for c in columns]] + [
+        [clip(_CTRL.sub(" ", "NULL" if v is None else str(v)), width) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(len(columns))]
+    out = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    out.insert(1, "-+-".join("-" * w for w in widths))
+    more = int(f.get("rows_returned", len(rows))) - len(rows)
+    if more > 0:
+        out.append(f"... {more} more row(s) not kept")
+    return out

@@ -11,7 +11,7 @@ import click
 
 from agentgate.cli.main import EXIT_FAILED, Ctx, Failure, cli
 from agentgate.cli.output import (clip, emit_json, event_json, fmt_time, iso_time, jsonable,
-                                  summarize, table)
+                                  sample_lines, summarize, table)
 from agentgate.events import DATA, SESSION_END, unpack_payload, verify_chain
 from agentgate.wire import event_from_pb, pb, rpc
 
@@ -136,6 +136,8 @@ def replay(ctx: Ctx, session_id, speed, follow):
                 out.flush()
             continue
         out.write(f"[+{ev.mono_ns / 1e9:8.3f}s] {ev.kind}: {summarize(ev)}\n".encode())
+        for line in sample_lines(ev):
+            out.write(f"             {line}\n".encode())
         out.flush()
 
 

@@ -71,3 +71,20 @@ def test_names_kinds_and_sql_running_functions():
     assert one("CREATE TRIGGER t AFTER INSERT ON x FOR EACH ROW EXECUTE FUNCTION f()").kind == "CREATE"
     assert one("CREATE SEQUENCE s").kind == "CREATE"
     assert "dynamic_sql" in one("SELECT query_to_xml('select * from secret', true, true, '')").flags
+
+
+def test_statements_differing_only_in_numbers_share_a_judgement_but_not_their_text():
+    a = classify("SELECT abalance FROM pgbench_accounts WHERE aid = 12;")
+    b = classify("SELECT abalance FROM pgbench_accounts WHERE aid = 987654;")
+    assert b[0].text == "SELECT abalance FROM pgbench_accounts WHERE aid = 987654"
+    assert (a[0].kinds, a[0].tables, a[0].flags) == (b[0].kinds, b[0].tables, b[0].flags)
+
+
+def test_string_literals_are_never_blanked_out():
+    # same shape but for the DO body / the program: each judged on its own
+    safe = classify("DO $$ BEGIN PERFORM 1; END $$")
+    bad = classify("DO $$ BEGIN DROP TABLE orders; END $$")
+    assert "DROP" not in safe[0].kinds and "DROP" in bad[0].kinds
+    one = classify("SELECT pg_sleep(1) FROM t WHERE x = 'a'")
+    two = classify("SELECT pg_sleep(2) FROM t WHERE x = 'b'; DROP TABLE t")
+    assert len(one) == 1 and len(two) == 2 and "DROP" in two[1].kinds
