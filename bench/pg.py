@@ -53,7 +53,8 @@ detectors = ["email", "credit_card"]
 FETCH = """
 import sys, time, psycopg
 best = None
-with psycopg.connect(host="127.0.0.1", port=int(sys.argv[1]), dbname="bench", user="x") as c:
+with psycopg.connect(host="127.0.0.1", port=int(sys.argv[1]), dbname="bench", user="x",
+                     sslmode="disable") as c:
     for _ in range(5):
         t = time.perf_counter()
         rows = c.execute("SELECT * FROM wide").fetchall()
@@ -82,7 +83,10 @@ def pgbench(prefix: list[str], port: int, clients: int, proto: str, seconds: int
     cmd = prefix + [PGBENCH, "-S", "-n", "-T", str(seconds), "-c", str(clients), "-j",
                     str(clients), "-M", proto, "-h", "127.0.0.1", "-p", str(port), "-U", "app",
                     "bench"]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    # plaintext everywhere: PostgreSQL and pgbouncer here have no TLS, and the proxy
+    # would otherwise terminate TLS (libpq's default sslmode=prefer) and pay for it alone
+    p = subprocess.run(cmd, capture_output=True, text=True,
+                       env={**os.environ, "PGSSLMODE": "disable", **(env or {})})
     if p.returncode != 0:
         raise SystemExit(f"pgbench failed: {' '.join(cmd)}\n{p.stderr[-2000:]}")
     tps = float(re.search(r"tps = ([\d.]+)", p.stdout).group(1))
@@ -93,6 +97,8 @@ def pgbench(prefix: list[str], port: int, clients: int, proto: str, seconds: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--profile", metavar="DIR", help="also record py-spy profiles of the "
+                    "agentgate process (collapsed stacks per run, for flamegraph.pl) into DIR")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/pg.py needs root (BPF programs, and PostgreSQL as its user)")
@@ -178,6 +184,15 @@ password_file = "{secret}"
 
         as_pg = ["runuser", "-u", "postgres", "--"]
         results = {}
+
+        def agentgate(cfg: Path, name: str) -> list[str]:
+            run = [str(BIN / "agentgate"), "run", "--config", str(cfg), "--user", "postgres", "--"]
+            if not args.profile:
+                return run
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            return [str(BIN / "py-spy"), "record", "-r", "200", "-f", "raw", "-o",
+                    str(Path(args.profile) / f"{name}.folded"), "--"] + run
+
         for clients in (1, 8):
             for proto in ("simple", "prepared"):
                 key = (clients, proto)
@@ -186,8 +201,7 @@ password_file = "{secret}"
                     "direct": pgbench(as_pg + ["env", "PGPASSWORD=app-secret-pw"],
                                       pg.port, clients, proto, args.seconds),
                     "pgbouncer": pgbench(as_pg, bport, clients, proto, args.seconds),
-                    "agentgate": pgbench([str(BIN / "agentgate"), "run", "--config",
-                                          str(config(False)), "--user", "postgres", "--"],
+                    "agentgate": pgbench(agentgate(config(False), f"c{clients}-{proto}"),
                                          pg.port, clients, proto, args.seconds),
                 }
         strict = {c: pgbench([str(BIN / "agentgate"), "run", "--config", str(config(True)),

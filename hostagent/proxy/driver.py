@@ -34,6 +34,7 @@ from hostagent.tls import LocalCA
 
 log = logging.getLogger("agentgate.proxy")
 READ_SIZE = 64 << 10
+DRAIN_ABOVE = 256 << 10   # a peer this far behind makes the other side wait (backpressure)
 CONNECT_TIMEOUT = 10.0
 
 
@@ -279,40 +280,63 @@ class Proxy:
         started: dict[int, int] = {}   # statement id -> when it went upstream
 
         async def perform(actions) -> None:
-            # Bytes are written as they come (transport writes don't wait); the waits
-            # for the peers to drain come once per batch. A Record is spooled before any
-            # byte after it is written: record before execute.
+            # A batch's bytes for each peer go out in one write (one syscall, not one per
+            # message), after every Record before them is in the spool: record before
+            # execute. Anything that waits or ends the session sends what is pending first.
+            up: list[bytes] = []
+            down: list[bytes] = []
+            records: list[tuple[str, dict]] = []
+
+            def flush() -> None:
+                if records:   # one spool write for the batch, before any of its bytes
+                    recorder.record_many(records)
+                    records.clear()
+                if up:
+                    up_writer.write(b"".join(up) if len(up) > 1 else up[0])
+                    up.clear()
+                if down:
+                    writer.write(b"".join(down) if len(down) > 1 else down[0])
+                    down.clear()
+
             for act in actions:
                 if isinstance(act, Record):
                     if act.stop is None:
-                        recorder.record(act.kind, act.fields)
+                        records.append((act.kind, act.fields))
                     else:
-                        recorder.record(act.kind, {**act.fields,
-                                                   "duration_us": _elapsed(started, act.stop)})
+                        records.append((act.kind, {**act.fields,
+                                                   "duration_us": _elapsed(started, act.stop)}))
                 elif isinstance(act, ToUpstream):
                     if act.starts:
                         now = time.monotonic_ns()
                         for sid in act.starts:
                             started[sid] = now
-                    up_writer.write(act.data)
+                    up.append(act.data)
                 elif isinstance(act, ToClient):
-                    writer.write(act.data)
+                    down.append(act.data)
                 elif isinstance(act, Close):
+                    flush()
+                    await writer.drain()
                     raise _Closed(act.reason)
                 elif isinstance(act, StartTls):
+                    flush()
                     await writer.drain()
                     try:
                         await writer.start_tls(tls_context(), ssl_handshake_timeout=CONNECT_TIMEOUT)
                     except (ssl.SSLError, OSError, asyncio.TimeoutError) as exc:
                         raise _Closed(f"client TLS handshake failed: {exc!r}")
-                    recorder.record("tls", {"side": "client", "version":
-                                            writer.get_extra_info("ssl_object").version()})
+                    records.append(("tls", {"side": "client", "version":
+                                            writer.get_extra_info("ssl_object").version()}))
                 elif isinstance(act, Hold):
+                    flush()
                     await up_writer.drain()
                     await writer.drain()
                     await perform(await self._hold(act, layer, recorder, writer, ident))
-            await up_writer.drain()
-            await writer.drain()
+            flush()
+            # wait only for a peer that is slow to read (a transport over its high mark)
+            if up_writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
+                await up_writer.drain()
+            if writer.transport.get_write_buffer_size() > DRAIN_ABOVE:
+                await writer.drain()
 
         async def client_to_upstream():
             while data := await reader.read(READ_SIZE):

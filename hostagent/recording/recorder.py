@@ -38,16 +38,27 @@ class SessionRecorder:
         return self.record_raw(kind, pack_payload(fields or {}))
 
     def record_raw(self, kind: str, payload: bytes) -> Event:
+        return self.record_many([(kind, payload)])[-1]
+
+    def record_many(self, items: list[tuple[str, bytes | dict]]) -> list[Event]:
+        """Several events in one spool write (e.g. a statement and its decision): all
+        of them are stored, or none and SpoolError."""
         if self.ended:
             raise RuntimeError(f"session {self.session_id} has ended")
-        ev = make_event(self.session_id, self.seq + 1, time.time_ns(),
-                        time.monotonic_ns() - self._start, kind, payload, self.prev_hash)
-        self.spool.append(ev)
-        self.seq = ev.seq
-        self.prev_hash = ev.hash
-        if kind == SESSION_END:
+        events, seq, prev = [], self.seq, self.prev_hash
+        wall, mono = time.time_ns(), time.monotonic_ns() - self._start
+        for kind, payload in items:
+            if isinstance(payload, dict):
+                payload = pack_payload(payload)
+            seq += 1
+            ev = make_event(self.session_id, seq, wall, mono, kind, payload, prev)
+            prev = ev.hash
+            events.append(ev)
+        self.spool.append_many(events)
+        self.seq, self.prev_hash = seq, prev
+        if events[-1].kind == SESSION_END:
             self.ended = True
-        return ev
+        return events
 
 
 def close_orphans(spool: Spool, reason: str = "hostagent_restart") -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import threading
 import time
 
 import grpc
@@ -27,8 +28,11 @@ class StreamEnded(Exception):
 class Shipper:
     def __init__(self, spool: Spool, address: CollectorAddress, *, batch_events: int = 2000,
                  batch_bytes: int = 2 << 20, window: int = 4, backoff_min: float = 0.2,
-                 backoff_max: float = 10.0, housekeeping: float = 10.0):
+                 backoff_max: float = 10.0, housekeeping: float = 10.0, linger: float = 0.005):
         self.spool = spool
+        # After a wake-up, wait this long for more events: one gRPC write per batch, not
+        # per event, while the proxy is busy (the recording is already durable locally)
+        self.linger = linger
         self.address = address
         self.batch_events = batch_events
         self.batch_bytes = batch_bytes
@@ -95,8 +99,14 @@ class Shipper:
         loop = asyncio.get_running_loop()
         wake = asyncio.Event()
 
+        loop_thread = threading.get_ident()
+
         def notify() -> None:
-            loop.call_soon_threadsafe(wake.set)
+            # the proxy appends on this loop's thread: no self-pipe write needed then
+            if threading.get_ident() == loop_thread:
+                wake.set()
+            else:
+                loop.call_soon_threadsafe(wake.set)
 
         pos = self.spool.start()
         batch_id = 0
@@ -108,6 +118,8 @@ class Shipper:
                 if not await self._until(wake.wait(), receiver, self.housekeeping):
                     self.spool.rotate_if_acked()
                     self.spool.release()
+                elif self.linger:
+                    await asyncio.sleep(self.linger)
                 continue
             events = [e for e in events if e.seq > self.spool.acked(e.session_id)]
             if not events:

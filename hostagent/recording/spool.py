@@ -25,7 +25,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import msgpack
 
@@ -225,10 +225,17 @@ class Spool:
 
     def append(self, ev: Event) -> None:
         """Persist one event; raises SpoolError/SpoolFull if it can't (fail closed)."""
-        frame = encode_frame(ev)
-        if len(frame) > MAX_FRAME:
-            raise SpoolError(f"event of {len(frame)} bytes is larger than the {MAX_FRAME}-byte "
-                             "limit of a spool frame")
+        self.append_many((ev,))
+
+    def append_many(self, events: Sequence[Event]) -> None:
+        """Persist events in one write: all of them or, on error, none (the partial
+        write is cut off). A batch may run a segment past segment_bytes a little."""
+        frames = [encode_frame(ev) for ev in events]
+        for frame in frames:
+            if len(frame) > MAX_FRAME:
+                raise SpoolError(f"event of {len(frame)} bytes is larger than the "
+                                 f"{MAX_FRAME}-byte limit of a spool frame")
+        data = frames[0] if len(frames) == 1 else b"".join(frames)
         with self._lock:
             if self._closed:
                 raise SpoolError("spool is closed")
@@ -237,21 +244,21 @@ class Spool:
             if self._sync_error is not None:
                 raise SpoolError(f"spool fsync failed: {self._sync_error.strerror}")
             used = self._bytes
-            if used + len(frame) > self.max_bytes:
+            if used + len(data) > self.max_bytes:
                 raise SpoolFull(f"spool full: {used} of {self.max_bytes} bytes used in {self.dir} "
                                 "(is the collector reachable?)")
             if self._active is None:
                 self._rotate()
             seg = self._active
-            if seg.size > seg.base and seg.size + len(frame) > self.segment_bytes:
+            if seg.size > seg.base and seg.size + len(data) > self.segment_bytes:
                 self._rotate()
                 seg = self._active
             n = 0
             try:
-                while n < len(frame):   # a short write is retried to learn its errno
-                    n += os.write(self._fd, frame[n:] if n else frame)
+                while n < len(data):   # a short write is retried to learn its errno
+                    n += os.write(self._fd, data[n:] if n else data)
             except OSError as exc:
-                # ENOSPC, EIO...: cut the partial frame so the file stays parseable.
+                # ENOSPC, EIO...: cut the partial frames so the file stays parseable.
                 try:
                     os.ftruncate(self._fd, seg.size)
                 except OSError as cut:
@@ -261,12 +268,13 @@ class Spool:
                 raise SpoolError(f"cannot write to spool {seg.path}: {exc.strerror}") from None
             seg.size += n
             self._bytes += n
-            if ev.seq > seg.max_seq.get(ev.session_id, 0):
-                seg.max_seq[ev.session_id] = ev.seq
-            if ev.kind == SESSION_END:
-                self._open_tails.pop(ev.session_id, None)
-            else:
-                self._open_tails[ev.session_id] = (ev.seq, ev.hash, ev.kind)
+            for ev in events:
+                if ev.seq > seg.max_seq.get(ev.session_id, 0):
+                    seg.max_seq[ev.session_id] = ev.seq
+                if ev.kind == SESSION_END:
+                    self._open_tails.pop(ev.session_id, None)
+                else:
+                    self._open_tails[ev.session_id] = (ev.seq, ev.hash, ev.kind)
             listeners = self._listeners
             if listeners:
                 self._listeners = []
@@ -277,7 +285,7 @@ class Spool:
         for notify in listeners:
             try:
                 notify()
-            except Exception:   # the event is written: a dead listener must not undo that
+            except Exception:   # the events are written: a dead listener must not undo that
                 log.exception("spool listener failed")
         if self.strict:
             self.wait_durable(gen)
