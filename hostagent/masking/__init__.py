@@ -13,17 +13,12 @@ from dataclasses import dataclass, field
 MASK = "****"
 
 
+_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)   # a digit doubled, its digits summed
+
+
 def _luhn(digits: str) -> bool:
-    total, alt = 0, False
-    for ch in reversed(digits):
-        d = int(ch)
-        if alt:
-            d *= 2
-            if d > 9:
-                d -= 9
-        total += d
-        alt = not alt
-    return total % 10 == 0
+    rev = digits[::-1]
+    return (sum(map(int, rev[0::2])) + sum(_DOUBLED[int(c)] for c in rev[1::2])) % 10 == 0
 
 
 def _card(match: re.Match) -> bool:
@@ -41,6 +36,15 @@ DETECTORS: dict[str, tuple[re.Pattern, object]] = {
     "jwt": (re.compile(r"\beyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"), None),
     "pem_private_key": (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"), None),
     "bearer_token": (re.compile(r"\b(?i:bearer)\s+[A-Za-z0-9._~+/-]{16,}=*"), None),
+}
+
+
+# Literals one of which every match of the detector contains (for a quick skip)
+HINTS: dict[str, tuple[bytes, ...]] = {
+    "email": (b"@",),
+    "aws_access_key": (b"AKIA", b"ASIA"),
+    "jwt": (b"eyJ",),
+    "pem_private_key": (b"PRIVATE KEY-----",),
 }
 
 
@@ -90,6 +94,15 @@ class Masker:
                 self._groups[group] = (r.name, name)
                 parts.append(f"(?P<{group}>{pattern.pattern})")
         self._combined = re.compile("|".join(parts)) if parts else None
+        # Could any detector match? Asked of the raw bytes of ASCII values (most values):
+        # a literal every match must contain (one C-level `in`), else the pattern itself
+        # over bytes, which on ASCII matches exactly where the str pattern would (\w, \d
+        # and \b agree there). A value that fails is passed on untouched, undecoded.
+        names = {n for r in self.rules for n in r.detectors}
+        self._hints = tuple(h for n in names for h in HINTS.get(n, ()))
+        unhinted = [DETECTORS[n][0].pattern for n in sorted(names) if n not in HINTS]
+        self._any = re.compile("|".join(unhinted).encode()) if unhinted else None
+        self._active = bool(names)
 
     def _hit(self, rule: str, name: str) -> str:
         key = f"{rule}:{name}"
@@ -114,6 +127,18 @@ class Masker:
                 return self._hit(*self._groups[m.lastgroup])
             text = self._combined.sub(combined, text)
         return text, hits
+
+    def scan_bytes(self, value: bytes) -> bytes:
+        """scan() for a value as the server sent it (UTF-8); UnicodeDecodeError if it
+        is not text: the caller masks it whole."""
+        if not self._active:
+            return value
+        if value.isascii():
+            if not any(h in value for h in self._hints) and (
+                    self._any is None or self._any.search(value) is None):
+                return value
+            return self.scan(value.decode("ascii"))[0].encode("ascii")
+        return self.scan(value.decode())[0].encode()
 
     def count_column(self, rule: str) -> None:
         key = f"{rule}:column"

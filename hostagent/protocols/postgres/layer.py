@@ -37,6 +37,7 @@ STARTUP_PARAMS = frozenset({"user", "database", "application_name",
                             "fallback_application_name", "client_encoding", "DateStyle",
                             "TimeZone", "extra_float_digits", "IntervalStyle"})
 TEXT_OID = 25
+_MASK = MASK.encode()
 TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114, 142, 705})   # text, varchar, char, name...
 # bool, int2/4/8, oid, float4/8, numeric, date, time(tz), timestamp(tz), interval, uuid
 PLAIN_BINARY_TYPES = frozenset({16, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1266, 1114,
@@ -148,6 +149,9 @@ class PostgresLayer:
         self._held: int | None = None
         self.masker = masker if masker is not None and masker.active else None
         self._results = _Results() if self.masker else None
+        self._compiled_for: list | None = None
+        self._mask_cols: list[tuple[int, str]] = []
+        self._scan_cols: list[int] = []
         self.refusing = ""   # set when the session can't go on: start-up gets this error
         self._pending: dict[int, tuple[bytes, str | None, Decision, int]] = {}
         self._queue: list[tuple[bytes, bytes]] = []
@@ -476,21 +480,27 @@ class PostgresLayer:
         if plan is None or len(plan) != len(values):
             # rows whose shape we don't know: nothing goes out unmasked
             plan = [("mask", "(unknown shape)", 0)] * len(values)
-        out = []
-        for value, (mode, rule, _fmt) in zip(values, plan):
-            if value is None or mode == "pass":
-                out.append(value)
-            elif mode == "mask":
-                self.masker.count_column(rule)
-                out.append(MASK.encode())
-            else:
+        if plan is not self._compiled_for:
+            # per result shape, not per row: which columns to blank, which to scan
+            self._compiled_for = plan
+            self._mask_cols = [(i, f"{p[1]}:column") for i, p in enumerate(plan)
+                               if p[0] == "mask"]
+            self._scan_cols = [i for i, p in enumerate(plan) if p[0] == "scan"]
+        counts = self.masker.counts
+        for i, key in self._mask_cols:
+            if values[i] is not None:
+                values[i] = _MASK
+                counts[key] = counts.get(key, 0) + 1
+        scan = self.masker.scan_bytes
+        for i in self._scan_cols:
+            value = values[i]
+            if value is not None:
                 try:
-                    text, _hits = self.masker.scan(value.decode())
-                    out.append(text.encode())
+                    values[i] = scan(value)
                 except UnicodeDecodeError:
                     self.masker.count_column("(undecodable)")
-                    out.append(MASK.encode())
-        return out
+                    values[i] = _MASK
+        return values
 
     def _auth(self, body: bytes, raw: bytes) -> list[Action]:
         code, data = m.parse_authentication(body)

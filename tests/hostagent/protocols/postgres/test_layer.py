@@ -156,3 +156,25 @@ def test_bytes_sent_in_the_clear_after_ssl_request_are_refused():
         layer = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t", client_tls=True)
         with pytest.raises(ProtocolError, match="before the TLS handshake"):
             layer.client_data(ssl_request() + extra)
+
+
+def test_the_bytes_fast_path_masks_exactly_what_the_text_scan_masks():
+    from hypothesis import given, settings, strategies as st
+    from hostagent.masking import DETECTORS, MaskRule, Masker
+
+    masker = Masker((MaskRule("pii", detectors=tuple(DETECTORS)),))
+    samples = ["mail bob@example.com", "card 4111 1111 1111 1111", "ssn 123-45-6789",
+               "call +1 415 555 0100", "key AKIAABCDEFGHIJKLMNOP", "Authorization: BeArEr "
+               "abcdefghijklmnop123", "eyJhbGciOi.eyJzdWIiOi.c2lnbmF0dXJl", "no secrets",
+               "2026-11-24 03:00:00.123+00", "5d41402abc4b2a76b9719d911017c592", "é bob@x.org"]
+
+    @settings(max_examples=300)
+    @given(st.sampled_from(samples), st.text(max_size=30))
+    def check(sample, noise):
+        text = noise + " " + sample + " " + noise
+        try:
+            raw = text.encode()
+        except UnicodeEncodeError:
+            return
+        assert masker.scan_bytes(raw) == masker.scan(text)[0].encode()
+    check()
