@@ -3,6 +3,7 @@ spool -> shipper, BPF programs on a cgroup, the proxy they redirect to, kernel e
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 from agentgate.client import CollectorAddress
 from hostagent.config import HostAgentConfig
 from hostagent.intercept import cgroups
-from hostagent.intercept.identity import IdentityCache
+from hostagent.intercept.identity import IdentityCache, canonical_ip
 from hostagent.intercept.loader import Interceptor, InterceptError, KernelEvent
 from hostagent.approvals import Approver
 from hostagent.policy import load_policy
@@ -41,6 +42,14 @@ def build_targets(cfg: HostAgentConfig) -> Targets:
             listen = parse_hostport(t.listen)
             if not t.listen.rpartition(":")[2].isdigit():   # ":0" is fine: any free port
                 raise InterceptError(f"target {t.name}: 'listen' needs a port: {t.listen!r}")
+            try:
+                loopback = ipaddress.ip_address(canonical_ip(listen[0])).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise InterceptError(f"target {t.name}: 'listen' must be a loopback address "
+                                     f"(its clients are identified from this host's /proc; "
+                                     f"got {listen[0]!r})")
         names = tuple(dict.fromkeys([parse_hostport(a)[0] for a in t.addresses]
                                     + [t.server_name or "", listen[0] if listen else ""]
                                     + [h for h, _ in addrs]))

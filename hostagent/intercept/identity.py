@@ -151,7 +151,8 @@ def _socket_owner(peer: tuple, local: tuple) -> tuple[int, int] | None:
             continue
         for line in lines:
             f = line.split()
-            if (_proc_net_addr(f[1]), _proc_net_addr(f[2])) == want:
+            # inode 0: a socket with no owner any more (TIME_WAIT), not our client
+            if f[9] != "0" and (_proc_net_addr(f[1]), _proc_net_addr(f[2])) == want:
                 return int(f[7]), int(f[9])
     return None
 
@@ -175,7 +176,7 @@ def peer_identity(peer: tuple, local: tuple) -> dict:
     /proc: the socket's uid as the kernel keeps it, and the process holding it if one
     is found. Best effort, and marked so: `attested` says it was not the BPF record."""
     ident: dict = {"peer": f"{peer[0]}:{peer[1]}", "attested": "proc", "verified": False}
-    if not ipaddress.ip_address(peer[0].split("%")[0]).is_loopback:
+    if not ipaddress.ip_address(canonical_ip(peer[0])).is_loopback:
         ident["mismatch"] = "a remote peer: no process to attribute"
         return ident
     owner = _socket_owner(peer, local)

@@ -94,14 +94,14 @@ class Masker:
                 self._groups[group] = (r.name, name)
                 parts.append(f"(?P<{group}>{pattern.pattern})")
         self._combined = re.compile("|".join(parts)) if parts else None
-        # Could any detector match? Asked of the raw bytes of ASCII values (most values):
-        # a literal every match must contain (one C-level `in`), else the pattern itself
-        # over bytes, which on ASCII matches exactly where the str pattern would (\w, \d
-        # and \b agree there). A value that fails is passed on untouched, undecoded.
+        # Could any detector match? Asked of ASCII values (most values) before any
+        # rewriting: a literal every match must contain (one C-level `in`), else the
+        # str patterns themselves (not bytes patterns: \s differs on \x1c-\x1f). A
+        # value that fails is passed on untouched.
         names = {n for r in self.rules for n in r.detectors}
         self._hints = tuple(h for n in names for h in HINTS.get(n, ()))
         unhinted = [DETECTORS[n][0].pattern for n in sorted(names) if n not in HINTS]
-        self._any = re.compile("|".join(unhinted).encode()) if unhinted else None
+        self._any = re.compile("|".join(unhinted)) if unhinted else None
         self._active = bool(names)
 
     def _hit(self, rule: str, name: str) -> str:
@@ -134,15 +134,20 @@ class Masker:
         if not self._active:
             return value
         if value.isascii():
+            text = value.decode("ascii")
             if not any(h in value for h in self._hints) and (
-                    self._any is None or self._any.search(value) is None):
+                    self._any is None or self._any.search(text) is None):
                 return value
-            return self.scan(value.decode("ascii"))[0].encode("ascii")
+            return self.scan(text)[0].encode("ascii")
         return self.scan(value.decode())[0].encode()
 
     def count_column(self, rule: str) -> None:
         key = f"{rule}:column"
         self.counts[key] = self.counts.get(key, 0) + 1
+
+    @property
+    def column_rules(self) -> bool:
+        return any(r.columns for r in self.rules)
 
     @property
     def has_detectors(self) -> bool:

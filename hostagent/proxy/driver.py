@@ -150,6 +150,12 @@ class Proxy:
         else:
             target, upstreams = plain, list(plain.addresses)
             ident = await asyncio.to_thread(peer_identity, peer, writer.get_extra_info("sockname"))
+            if "uid" not in ident:
+                # nobody on this host to attribute it to: no credentials for it (fail closed)
+                self.refused += 1
+                log.warning("refused a connection to the %s listener from %s:%s: %s",
+                            plain.name, peer[0], peer[1], ident.get("mismatch", "unknown peer"))
+                return
         dst_host, dst_port = upstreams[0]
         dst = hostport(dst_host, dst_port)
         # the address the client dialed: its certificate (if it asks for TLS) names it
@@ -393,6 +399,10 @@ async def postgres_upstream_tls(reader, writer, target: Target, host: str) -> No
         return
     if answer != b"S":
         raise ConnectionError(f"unexpected answer {answer!r} to SSLRequest")
+    if len(reader._buffer):   # StreamReader has no public peek
+        # bytes after 'S' but before the handshake would be read as if TLS-protected
+        # (CVE-2021-23222): a man in the middle's, not the server's
+        raise ConnectionError("the server sent data before the TLS handshake")
     ctx = ssl.create_default_context(cafile=target.ca)
     if target.tls != "verify-full":
         ctx.check_hostname = False

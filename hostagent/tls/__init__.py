@@ -219,7 +219,8 @@ class LocalCA:
                 .sign(self.key, hashes.SHA256()))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        # load_cert_chain only takes paths; mkstemp makes the file 0600 in our 0700 dir.
+        # load_cert_chain only takes paths: mkstemp makes the file 0600 (the directory
+        # is 0755, ca.pem being public), and it is gone right after loading.
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".leaf-", suffix=".pem")
         try:
             with os.fdopen(fd, "wb") as f:

@@ -71,6 +71,20 @@ class Statement:
     # "column" where the table isn't known): masking follows a column through
     # aliases and expressions (SELECT lower(email) AS e)
     sources: tuple[tuple[str, frozenset[str]], ...] = ()
+    lineage: "Lineage | None" = None
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What masking needs beyond `sources`, to fail closed where names can't be
+    followed: every column the statement reads anywhere (subqueries included), whether
+    it reads whole rows (row_to_json(p), p.*::text), the result columns whose value is
+    opaque to us (a subquery, a whole row), and whether FROM renames columns (alias
+    lists, functions in FROM, joins with an alias), after which names prove nothing."""
+    columns: frozenset[str] = frozenset()        # "column" as written (qualifier dropped)
+    whole_rows: bool = False
+    opaque: frozenset[str] = frozenset()         # result names
+    renamed: bool = False
 
 
 class _Walk(Visitor):
@@ -204,6 +218,73 @@ def _scope(from_clause, ctes: dict) -> tuple[dict[str, str], dict[str, dict]]:
     return tables, derived
 
 
+def _lineage(stmt) -> Lineage:
+    relnames: set[str] = set()
+    columns: set[str] = set()
+    whole = False
+    renamed = False
+
+    class _All(Visitor):
+        def visit(self, ancestors, n):
+            nonlocal renamed
+            if isinstance(n, ast.RangeVar):
+                relnames.add(n.relname)
+                if n.alias:
+                    relnames.add(n.alias.aliasname)
+            elif isinstance(n, (ast.RangeFunction, ast.RangeTableFunc)):
+                renamed = True
+            elif isinstance(n, (ast.RangeSubselect, ast.JoinExpr)) and n.alias is not None:
+                renamed = renamed or bool(n.alias.colnames) or isinstance(n, ast.JoinExpr)
+            elif isinstance(n, ast.CommonTableExpr) and n.aliascolnames:
+                renamed = True
+    _All()(stmt)
+    opaque: set[str] = set()
+    targets = ()
+    if isinstance(stmt, ast.SelectStmt):
+        targets = stmt.targetList or ()
+    elif isinstance(stmt, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)):
+        ret = getattr(stmt, "returningClause", None)
+        targets = (ret.exprs or ()) if ret is not None else (getattr(stmt, "returningList", None) or ())
+    # a star as a whole result column is expanded by the server into named columns
+    top_stars = {id(t.val) for t in targets if isinstance(t, ast.ResTarget)
+                 and isinstance(t.val, ast.ColumnRef) and isinstance(t.val.fields[-1], ast.A_Star)}
+    refs: list[tuple[int, list[str]]] = []
+
+    class _Cols(Visitor):
+        def visit(self, ancestors, n):
+            if isinstance(n, ast.ColumnRef):
+                refs.append((id(n), [f.sval if isinstance(f, ast.String) else "*"
+                                     for f in n.fields]))
+    _Cols()(stmt)
+    for ident, parts in refs:
+        if (parts[-1] == "*" and ident not in top_stars) or (
+                len(parts) == 1 and parts[0] in relnames):
+            whole = True
+        if parts[-1] != "*":
+            columns.add(parts[-1])
+    for t in targets:
+        if not isinstance(t, ast.ResTarget):
+            continue
+        if isinstance(t.val, ast.ColumnRef):
+            f = t.val.fields
+            if len(f) == 1 and isinstance(f[0], ast.String) and f[0].sval in relnames:
+                opaque.add(t.name or f[0].sval)   # SELECT p FROM people p: a whole row
+            continue   # plain columns (and top-level stars) are followed by name
+        inner: list = []
+
+        class _Opaque(Visitor):
+            def visit(self, ancestors, n):
+                if isinstance(n, (ast.SubLink, ast.A_Star)) or (
+                        isinstance(n, ast.ColumnRef) and (
+                            isinstance(n.fields[-1], ast.A_Star) or
+                            (len(n.fields) == 1 and n.fields[0].sval in relnames))):
+                    inner.append(n)
+        _Opaque()(t.val)
+        if inner:
+            opaque.add(t.name or "?column?")
+    return Lineage(frozenset(columns), whole, frozenset(opaque), renamed)
+
+
 def _select_sources(node, ctes: dict | None = None) -> dict[str, frozenset[str]]:
     ctes = dict(ctes or {})
     if isinstance(node, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt)):
@@ -327,5 +408,6 @@ def _classify(sql: str) -> tuple[tuple[Statement, ...], tuple[tuple[int, int], .
                              tables=tuple(dict.fromkeys(walk.tables)),
                              functions=tuple(dict.fromkeys(walk.functions)),
                              flags=frozenset(walk.flags),
-                             sources=tuple(_select_sources(stmt.stmt).items())))
+                             sources=tuple(_select_sources(stmt.stmt).items()),
+                             lineage=_lineage(stmt.stmt)))
     return tuple(out), tuple(spans)

@@ -54,39 +54,51 @@ class _Results:
         self._stmt_plan: dict[str, list] = {}
         self._portal_plan: dict[str, list] = {}
         self._portal_stmt: dict[str, str] = {}
-        self._stmt_tables: dict[str | None, tuple[set, dict]] = {}
+        # Where each result's columns come from, snapshotted in client order: a
+        # pipeline may re-use a statement name (or the unnamed one) before the server
+        # has answered for the earlier text. None: unknown, every column is masked.
+        self._stmt_prov: dict[str, tuple | None] = {}
+        self._portal_prov: dict[str, tuple | None] = {}
         self._plan: list | None = None
-        self._tables: tuple[set, dict] = (set(), {})
 
     def client(self, kind: bytes, body: bytes) -> None:
         c = m.Cursor(body)
         if kind == b"Q":
-            self._expect.append(("query",))
+            self._expect.append(("query", None))
         elif kind == b"B":
             portal, stmt = c.cstr(), c.cstr()
             self._portal_stmt[portal] = stmt
             self._portal_plan.pop(portal, None)
+            self._portal_prov[portal] = self._stmt_prov.get(stmt)
         elif kind == b"D":
             what = body[:1]
             c.pos = 1
-            self._expect.append(("describe", what, c.cstr()))
+            name = c.cstr()
+            prov = (self._stmt_prov if what == b"S" else self._portal_prov).get(name)
+            self._expect.append(("describe", what, name, prov))
         elif kind == b"E":
             self._expect.append(("execute", c.cstr()))
         elif kind == b"S":
             self._expect.append(("sync",))
 
-    def tables_for(self, statement: str | None, tables: set, sources: dict) -> None:
-        """The tables a statement reads, and where its result columns come from."""
-        self._stmt_tables[statement] = (tables, sources)
-        if statement is None:
-            self._tables = (tables, sources)
+    def provenance(self, statement: str | None, prov: tuple | None) -> None:
+        """What a Query (statement None) or a Parse (its name) reads: (tables, sources,
+        lineages), or None when it can't be known."""
+        if statement is not None:
+            self._stmt_prov[statement] = prov
+            return
+        for i in range(len(self._expect) - 1, -1, -1):
+            if self._expect[i][0] == "query":
+                self._expect[i] = ("query", prov)
+                return
 
-    def current_tables(self) -> tuple[set, dict]:
-        front = self._expect[0] if self._expect else ("query",)
+    def current(self) -> tuple | None:
+        front = self._expect[0] if self._expect else ("query", None)
         if front[0] == "describe":
-            name = front[2] if front[1] == b"S" else self._portal_stmt.get(front[2], "")
-            return self._stmt_tables.get(name, (set(), {}))
-        return self._tables
+            return front[3]
+        if front[0] == "query":
+            return front[1]
+        return None
 
     def set_plan(self, plan: list) -> None:
         front = self._expect[0] if self._expect else ("query",)
@@ -119,6 +131,20 @@ class _Results:
                 self._expect.pop(0)
         elif kind == b"Z" and self._expect:
             self._expect.pop(0)
+
+
+def _provenance(statements) -> tuple | None:
+    """(tables, sources, lineages) of what a Query or Parse runs; None when some of it
+    is unknown: unparsed, or rows of a statement prepared or declared earlier."""
+    if not statements or any(st is None or st.lineage is None or
+                             st.kinds & {"EXECUTE", "FETCH"} for st in statements):
+        return None
+    sources: dict[str, set] = {}
+    for st in statements:
+        for name, cols in st.sources:
+            sources.setdefault(name, set()).update(cols)
+    tables = {t.rsplit(".", 1)[-1] for st in statements for t in st.tables}
+    return tables, sources, [st.lineage for st in statements]
 
 
 class PostgresLayer:
@@ -291,13 +317,8 @@ class PostgresLayer:
             decisions.append(Decision("deny", "(masking)", "COPY out of a masked target "
                                       "is refused"))
             out.append(Record(DECISION, decisions[-1].as_dict()))
-        if self._results is not None and statements and statements[0] is not None:
-            sources: dict[str, set] = {}
-            for st in statements:
-                for name, cols in st.sources:
-                    sources.setdefault(name, set()).update(cols)
-            self._results.tables_for(extended, {t.rsplit(".", 1)[-1] for st in statements
-                                                for t in st.tables}, sources)
+        if self._results is not None:
+            self._results.provenance(extended, _provenance(statements))
         # the strictest wins: deny, then review, then allow
         deny = next((d for d in decisions if d.action == "deny"), None)
         review = next((d for d in decisions if d.action == "review"), None)
@@ -431,14 +452,31 @@ class PostgresLayer:
     def _plan(self, cols: list[m.Column]) -> bytes:
         """Decide, per column, mask whole / scan with detectors / pass; a masked column
         becomes text, so any client (binary formats too) decodes the mask."""
-        tables, sources = self._results.current_tables()
+        prov = self._results.current()
+        if prov is not None:
+            tables, sources, lineages = prov
+            # Names can be followed only so far; a statement that reads a masked column
+            # (or whole rows) anywhere gets every result column not proven clean masked.
+            touches = any(lin.whole_rows or any(self._column_rule(tables, c) for c in lin.columns)
+                          for lin in lineages)
+            renamed = any(lin.renamed for lin in lineages)
+            opaque = set().union(*(lin.opaque for lin in lineages))
         plan = []
         for col in cols:
-            rule = self._column_rule(tables, col.name)
-            for src in sources.get(col.name, ()):   # through aliases and expressions
-                table, _, name = src.rpartition(".")
-                rule = rule or (self.masker.column_masked(table, name) if table
-                                else self._column_rule(tables, name))
+            if prov is None:
+                rule = "(unknown provenance)"
+            else:
+                rule = self._column_rule(tables, col.name)
+                for src in sources.get(col.name, ()):   # through aliases and expressions
+                    table, _, name = src.rpartition(".")
+                    rule = rule or (self.masker.column_masked(table, name) if table
+                                    else self._column_rule(tables, name))
+                if not rule and touches and (
+                        renamed or col.name in opaque or "?column?" in opaque or
+                        (col.table_oid == 0 and col.name not in sources)):
+                    # computed by the server under a name we can't follow (CASE,
+                    # coalesce, a cast, a subquery, a whole row, renamed columns)
+                    rule = "(derived from masked data)"
             if rule:
                 plan.append(("mask", rule, col.format))
             elif self.masker.has_detectors and (col.format == 0 or col.type_oid in TEXT_TYPES):
@@ -456,6 +494,8 @@ class PostgresLayer:
     def _column_rule(self, tables: set, column: str) -> str | None:
         """A column of unknown table is masked if any table the statement reads has
         it masked."""
+        if not self.masker.column_rules:
+            return None
         return next((r for t in (tables or {""}) for r in [self.masker.column_masked(t, column)]
                      if r), None)
 

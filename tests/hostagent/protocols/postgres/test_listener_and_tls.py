@@ -195,3 +195,18 @@ def test_plain_listener_terminates_tls_with_verify_full(listener, pg):  # noqa: 
                   f"sslrootcert={ca}", "-c", "\\conninfo", "-c", "SELECT count(*) FROM orders")
     assert p.returncode == 0, p.stderr
     assert "SSL connection" in p.stdout and p.stdout.strip().endswith("2")
+
+
+def test_a_listener_must_be_on_loopback(tmp_path, collector, pg):  # noqa: F811
+    h, echo = make_host(tmp_path, collector, pg, extra='listen = "0.0.0.0:0"')
+    h.config.write_text(h.config.read_text().replace("[intercept]",
+                                                     "[intercept]\nenabled = false", 1))
+    try:
+        p = subprocess.run([str(BIN / "agentgate-hostagent"), "serve", "--config",
+                            str(h.config)], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 1
+        assert "'listen' must be a loopback address" in p.stderr
+        assert "Traceback" not in p.stderr
+    finally:
+        h.cleanup()
+        echo.close()

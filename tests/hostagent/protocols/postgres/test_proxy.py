@@ -530,3 +530,20 @@ with psycopg.connect(host="127.0.0.1", port={pg.port}, dbname="shop", user="x") 
     assert update["rows_affected"] == 1
     # the recording never holds the unmasked value either
     assert "123-45-6789" not in repr(s["events"])
+
+
+def test_a_table_qualified_mask_follows_aliases_and_spares_other_tables(masked_host, pg, tmp_path):
+    (tmp_path / "policy.toml").write_text(POLICY + '[[masks]]\nname = "pii"\n'
+                                          'columns = ["people.ssn"]\n')
+    pg.sql("DROP TABLE IF EXISTS decoy; CREATE TABLE decoy (ssn text); "
+           "INSERT INTO decoy VALUES ('not-secret'); ALTER TABLE decoy OWNER TO app", db="shop")
+    p = run_py(masked_host, f'''
+import psycopg
+with psycopg.connect(host="127.0.0.1", port={pg.port}, dbname="shop", user="x",
+                     sslmode="disable") as conn:
+    for sql in ["SELECT ssn AS s FROM people", "SELECT coalesce(p.ssn, '') FROM people p",
+                "SELECT ssn FROM decoy", "SELECT row_to_json(p) FROM people p"]:
+        print(conn.execute(sql).fetchone()[0])
+''')
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["****", "****", "not-secret", "****"]
