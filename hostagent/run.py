@@ -54,10 +54,17 @@ def _child_setup(user, cgroup: Path | None = None, gate: int | None = None):
     """Runs in the child between fork and exec: enter the cgroup (or wait until the daemon
     has moved us), drop capabilities, become the user. Nothing runs unenrolled."""
     libc = ctypes.CDLL(None, use_errno=True)
+    # Everything that may take a lock is done here, before fork: the child of a
+    # threaded parent (gRPC, the fsync thread) deadlocks on a lock another thread held
+    # at fork time, e.g. NSS's in getgrouplist.
+    groups = os.getgrouplist(user.pw_name, user.pw_gid) if user is not None else None
+    procs = str(cgroup / "cgroup.procs") if cgroup is not None else None
 
     def setup():
-        if cgroup is not None:
-            (cgroup / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        if procs is not None:
+            fd = os.open(procs, os.O_WRONLY)
+            os.write(fd, b"%d\n" % os.getpid())
+            os.close(fd)
         if gate is not None:
             if os.read(gate, 1) != b"1":
                 os._exit(126)   # the daemon did not enroll us: never run unmonitored
@@ -69,7 +76,7 @@ def _child_setup(user, cgroup: Path | None = None, gate: int | None = None):
         if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             os._exit(126)
         if user is not None:
-            os.setgroups(os.getgrouplist(user.pw_name, user.pw_gid))
+            os.setgroups(groups)
             os.setgid(user.pw_gid)
             os.setuid(user.pw_uid)
     return setup
@@ -95,11 +102,12 @@ def _run_via_daemon(client: DaemonClient, argv: list[str], pw) -> int:
     # Fork by hand: the child must wait, before exec, until the daemon has moved it into
     # its cgroup, and subprocess.Popen returns only after the exec.
     r, w = os.pipe()
+    setup = _child_setup(pw, gate=r)   # before fork (see _child_setup)
     pid = os.fork()
     if pid == 0:
         try:
             os.close(w)
-            _child_setup(pw, gate=r)()
+            setup()
             os.execvp(argv[0], argv)
         except OSError as exc:
             os.write(2, f"agentgate run: cannot run {argv[0]}: {exc.strerror}\n".encode())
