@@ -8,7 +8,9 @@ answers, else one embedded on the default SQLite database).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
+import gc
 import logging
 import os
 import pwd
@@ -48,6 +50,21 @@ def _lookup_user(user: str | None):
         return pwd.getpwnam(user)
     except KeyError:
         raise InterceptError(f"no such user: {user}") from None
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """No garbage collection in a forked child before it execs: a collection there
+    may finalize gRPC's objects, whose finalizers join threads the child doesn't have
+    (it spins forever). subprocess does the same around its preexec_fn; uvloop's
+    spawn doesn't. The child inherits the disabled collector."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _child_setup(user, cgroup: Path | None = None, gate: int | None = None):
@@ -103,7 +120,11 @@ def _run_via_daemon(client: DaemonClient, argv: list[str], pw) -> int:
     # its cgroup, and subprocess.Popen returns only after the exec.
     r, w = os.pipe()
     setup = _child_setup(pw, gate=r)   # before fork (see _child_setup)
+    gc_enabled = gc.isenabled()
+    gc.disable()   # in the child until exec (see _no_gc)
     pid = os.fork()
+    if pid != 0 and gc_enabled:
+        gc.enable()
     if pid == 0:
         try:
             os.close(w)
@@ -183,7 +204,8 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
         run = RunSession(spool, host=cfg.host, argv=argv, user=pw.pw_name if pw else None,
                          cgroup=cg, group=group, mode=mode)
         try:
-            proc = await asyncio.create_subprocess_exec(*argv, preexec_fn=_child_setup(pw, cg))
+            with _no_gc():
+                proc = await asyncio.create_subprocess_exec(*argv, preexec_fn=_child_setup(pw, cg))
         except (OSError, subprocess.SubprocessError) as exc:
             why = getattr(exc, "strerror", None) or str(exc)
             run.end(None, reason=f"could not start: {why}")

@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from tests.hostagent.intercept.conftest import EchoServer, Host
-from tests.hostagent.protocols.postgres.test_proxy import POLICY, orders_exists, pg  # noqa: F401
+from tests.hostagent.protocols.postgres.test_proxy import make_host as proxy_host
+from tests.hostagent.protocols.postgres.test_proxy import orders_exists, pg  # noqa: F401
 from tests.support import BIN, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (eBPF, runuser)")
@@ -16,22 +16,8 @@ VENV_PY = str(BIN / "python")
 PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
 
 
-def make_host(tmp_path, collector, pg, extra: str = "") -> tuple[Host, EchoServer]:
-    echo = EchoServer()
-    h = Host(tmp_path, collector, echo)
-    secret = tmp_path / "pg-password"
-    secret.write_text("app-secret-pw\n")
-    policy = tmp_path / "policy.toml"
-    policy.write_text(POLICY)
-    h.config = h.write("pg", extra=f'''[[targets]]
-name = "orders-db"
-protocol = "postgres"
-address = "localhost:{pg.port}"
-user = "app"
-password_file = "{secret}"
-{extra}''')
-    h.config.write_text(f'policy = "{policy}"\n' + h.config.read_text())
-    return h, echo
+def make_host(tmp_path, collector, pg, extra: str = ""):  # noqa: F811
+    return proxy_host(tmp_path, collector, pg, host="localhost", extra=extra)
 
 
 @pytest.fixture

@@ -38,8 +38,9 @@ def pg():
     server.stop()
 
 
-@pytest.fixture
-def pghost(tmp_path, collector, pg):
+def make_host(tmp_path, collector, pg, *, host: str = "127.0.0.1",
+              extra: str = "") -> tuple[Host, EchoServer]:
+    """A host agent config with the orders-db target (injected credentials) and POLICY."""
     echo = EchoServer()
     h = Host(tmp_path, collector, echo)
     secret = tmp_path / "pg-password"           # root's alone: the agent can't read it
@@ -49,11 +50,17 @@ def pghost(tmp_path, collector, pg):
     h.config = h.write("pg", extra=f'''[[targets]]
 name = "orders-db"
 protocol = "postgres"
-address = "127.0.0.1:{pg.port}"
+address = "{host}:{pg.port}"
 user = "app"
 password_file = "{secret}"
-''')
+{extra}''')
     h.config.write_text(f'policy = "{policy}"\n' + h.config.read_text())
+    return h, echo
+
+
+@pytest.fixture
+def pghost(tmp_path, collector, pg):
+    h, echo = make_host(tmp_path, collector, pg)
     yield h
     h.cleanup()
     echo.close()
