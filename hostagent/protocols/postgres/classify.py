@@ -183,17 +183,48 @@ def _plpgsql_queries(tree) -> list[tuple[str, bool]]:
     return out
 
 
+class _Find(Visitor):
+    def __init__(self, types: tuple):
+        super().__init__()
+        self.types = types
+        self.found: list = []
+
+    def visit(self, ancestors, node):
+        if isinstance(node, self.types):
+            self.found.append(node)
+
+
+def _nodes(tree, *types) -> list:
+    """Every node of these types in `tree`, nested ones included, in tree order."""
+    find = _Find(types)
+    find(tree)
+    return find.found
+
+
+def _fields(ref: ast.ColumnRef) -> list[str]:
+    return [f.sval if isinstance(f, ast.String) else "*" for f in ref.fields]
+
+
+def _result_targets(stmt) -> tuple:
+    """The ResTargets that make a statement's result columns: a SELECT's list, or the
+    RETURNING of a write (pglast spells it returningClause from PostgreSQL 18 on)."""
+    if isinstance(stmt, ast.SelectStmt):
+        return tuple(stmt.targetList or ())
+    if isinstance(stmt, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)):
+        ret = getattr(stmt, "returningClause", None)
+        if ret is not None:
+            return tuple(ret.exprs or ())
+        return tuple(getattr(stmt, "returningList", None) or ())
+    return ()
+
+
 def _refs(node) -> set[tuple[str, str]]:
     """(qualifier, column) for every column reference in an expression; a whole-row
     reference (t.*, or a bare table name) counts as every column of it."""
     refs = set()
-
-    class _Cols(Visitor):
-        def visit(self, ancestors, n):
-            if isinstance(n, ast.ColumnRef):
-                parts = [f.sval if isinstance(f, ast.String) else "*" for f in n.fields]
-                refs.add(((parts[-2] if len(parts) > 1 else ""), parts[-1]))
-    _Cols()(node)
+    for ref in _nodes(node, ast.ColumnRef):
+        parts = _fields(ref)
+        refs.add(((parts[-2] if len(parts) > 1 else ""), parts[-1]))
     return refs
 
 
@@ -220,67 +251,44 @@ def _scope(from_clause, ctes: dict) -> tuple[dict[str, str], dict[str, dict]]:
 
 def _lineage(stmt) -> Lineage:
     relnames: set[str] = set()
+    renamed = False
+    for n in _nodes(stmt, ast.RangeVar, ast.RangeFunction, ast.RangeTableFunc,
+                    ast.RangeSubselect, ast.JoinExpr, ast.CommonTableExpr):
+        if isinstance(n, ast.RangeVar):
+            relnames.add(n.relname)
+            if n.alias:
+                relnames.add(n.alias.aliasname)
+        elif isinstance(n, (ast.RangeFunction, ast.RangeTableFunc)):
+            renamed = True
+        elif isinstance(n, (ast.RangeSubselect, ast.JoinExpr)) and n.alias is not None:
+            renamed = renamed or bool(n.alias.colnames) or isinstance(n, ast.JoinExpr)
+        elif isinstance(n, ast.CommonTableExpr) and n.aliascolnames:
+            renamed = True
+    targets = [t for t in _result_targets(stmt) if isinstance(t, ast.ResTarget)]
+    # a star as a whole result column is expanded by the server into named columns
+    top_stars = {id(t.val) for t in targets if isinstance(t.val, ast.ColumnRef)
+                 and isinstance(t.val.fields[-1], ast.A_Star)}
     columns: set[str] = set()
     whole = False
-    renamed = False
-
-    class _All(Visitor):
-        def visit(self, ancestors, n):
-            nonlocal renamed
-            if isinstance(n, ast.RangeVar):
-                relnames.add(n.relname)
-                if n.alias:
-                    relnames.add(n.alias.aliasname)
-            elif isinstance(n, (ast.RangeFunction, ast.RangeTableFunc)):
-                renamed = True
-            elif isinstance(n, (ast.RangeSubselect, ast.JoinExpr)) and n.alias is not None:
-                renamed = renamed or bool(n.alias.colnames) or isinstance(n, ast.JoinExpr)
-            elif isinstance(n, ast.CommonTableExpr) and n.aliascolnames:
-                renamed = True
-    _All()(stmt)
-    opaque: set[str] = set()
-    targets = ()
-    if isinstance(stmt, ast.SelectStmt):
-        targets = stmt.targetList or ()
-    elif isinstance(stmt, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)):
-        ret = getattr(stmt, "returningClause", None)
-        targets = (ret.exprs or ()) if ret is not None else (getattr(stmt, "returningList", None) or ())
-    # a star as a whole result column is expanded by the server into named columns
-    top_stars = {id(t.val) for t in targets if isinstance(t, ast.ResTarget)
-                 and isinstance(t.val, ast.ColumnRef) and isinstance(t.val.fields[-1], ast.A_Star)}
-    refs: list[tuple[int, list[str]]] = []
-
-    class _Cols(Visitor):
-        def visit(self, ancestors, n):
-            if isinstance(n, ast.ColumnRef):
-                refs.append((id(n), [f.sval if isinstance(f, ast.String) else "*"
-                                     for f in n.fields]))
-    _Cols()(stmt)
-    for ident, parts in refs:
-        if (parts[-1] == "*" and ident not in top_stars) or (
+    for ref in _nodes(stmt, ast.ColumnRef):
+        parts = _fields(ref)
+        if (parts[-1] == "*" and id(ref) not in top_stars) or (
                 len(parts) == 1 and parts[0] in relnames):
             whole = True
         if parts[-1] != "*":
             columns.add(parts[-1])
+    opaque: set[str] = set()
     for t in targets:
-        if not isinstance(t, ast.ResTarget):
-            continue
         if isinstance(t.val, ast.ColumnRef):
             f = t.val.fields
             if len(f) == 1 and isinstance(f[0], ast.String) and f[0].sval in relnames:
                 opaque.add(t.name or f[0].sval)   # SELECT p FROM people p: a whole row
             continue   # plain columns (and top-level stars) are followed by name
-        inner: list = []
-
-        class _Opaque(Visitor):
-            def visit(self, ancestors, n):
-                if isinstance(n, (ast.SubLink, ast.A_Star)) or (
-                        isinstance(n, ast.ColumnRef) and (
-                            isinstance(n.fields[-1], ast.A_Star) or
-                            (len(n.fields) == 1 and n.fields[0].sval in relnames))):
-                    inner.append(n)
-        _Opaque()(t.val)
-        if inner:
+        if any(isinstance(n, (ast.SubLink, ast.A_Star)) or (
+                isinstance(n, ast.ColumnRef) and (
+                    isinstance(n.fields[-1], ast.A_Star) or
+                    (len(n.fields) == 1 and n.fields[0].sval in relnames)))
+               for n in _nodes(t.val, ast.SubLink, ast.A_Star, ast.ColumnRef)):
             opaque.add(t.name or "?column?")
     return Lineage(frozenset(columns), whole, frozenset(opaque), renamed)
 
@@ -288,8 +296,7 @@ def _lineage(stmt) -> Lineage:
 def _select_sources(node, ctes: dict | None = None) -> dict[str, frozenset[str]]:
     ctes = dict(ctes or {})
     if isinstance(node, (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt)):
-        ret = getattr(node, "returningClause", None)
-        targets = (ret.exprs or ()) if ret is not None else (getattr(node, "returningList", None) or ())
+        targets = _result_targets(node)
         rel = node.relation
         tables, derived = {(rel.alias.aliasname if rel.alias else rel.relname): rel.relname}, {}
         if isinstance(node, ast.UpdateStmt) and node.fromClause:

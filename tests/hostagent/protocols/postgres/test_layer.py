@@ -9,10 +9,14 @@ from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres.layer import PostgresLayer
 
 
-def ready_layer() -> PostgresLayer:
-    layer = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t", user="app",
-                          password="pw")
-    layer.client_data(m.startup_message({"user": "x", "database": "d"}))
+def ready_layer(policy: Policy | None = None, startup: dict | None = None,
+                **kw) -> PostgresLayer:
+    """A layer past start-up (injected credentials, the server's AuthenticationOk,
+    BackendKeyData and ReadyForQuery), deciding by `policy`."""
+    policy = policy or Policy()
+    layer = PostgresLayer(decide=lambda r: decide(policy, r), target="t", user="app",
+                          password="pw", **kw)
+    layer.client_data(m.startup_message(startup or {"user": "x", "database": "d"}))
     layer.upstream_data(m.authentication(m.AUTH_OK) + m.frame(b"K", b"\0\0\0\1\0\0\0\2")
                         + m.ready_for_query())
     return layer
@@ -52,10 +56,7 @@ def test_a_held_statement_keeps_the_pipeline_behind_it_in_order():
     from hostagent.policy import Rule
     from hostagent.protocols import Hold, ToUpstream
     policy = Policy(rules=(Rule(name="r", action="review", statements=("DELETE",)),))
-    layer = PostgresLayer(decide=lambda r: decide(policy, r), target="t", user="app",
-                          password="pw")
-    layer.client_data(m.startup_message({"user": "x", "database": "d"}))
-    layer.upstream_data(m.authentication(m.AUTH_OK) + m.ready_for_query())
+    layer = ready_layer(policy)
     parse = m.frame(b"P", b"\0DELETE FROM t WHERE id = 1\0\0\0")
     rest = m.frame(b"B", b"\0\0\0\0\0\0\0\0") + m.frame(b"E", b"\0\0\0\0\0") + m.frame(b"S")
     actions = layer.client_data(parse + rest)
@@ -64,9 +65,7 @@ def test_a_held_statement_keeps_the_pipeline_behind_it_in_order():
     after = layer.decided(holds[0].key, True, "ok")
     sent = b"".join(a.data for a in after if isinstance(a, ToUpstream))
     assert sent == parse + rest                      # the statement, then the rest, in order
-    denied = PostgresLayer(decide=lambda r: decide(policy, r), target="t")
-    denied.client_data(m.startup_message({"user": "x"}))
-    denied.upstream_data(m.authentication(m.AUTH_OK) + m.ready_for_query())
+    denied = ready_layer(policy)
     (hold,) = [a for a in denied.client_data(parse + rest) if isinstance(a, Hold)]
     sent = b"".join(a.data for a in denied.decided(hold.key, False, "no")
                     if isinstance(a, ToUpstream))
@@ -92,11 +91,8 @@ def test_detectors():
 
 def masked_layer():
     from hostagent.masking import MaskRule, Masker
-    layer = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t", user="app",
-                          password="pw", masker=Masker((MaskRule("pii", columns=("ssn",)),)))
-    layer.client_data(m.startup_message({"user": "x", "options": "-c search_path=evil"}))
-    layer.upstream_data(m.authentication(m.AUTH_OK) + m.ready_for_query())
-    return layer
+    return ready_layer(startup={"user": "x", "options": "-c search_path=evil"},
+                       masker=Masker((MaskRule("pii", columns=("ssn",)),)))
 
 
 def test_masking_follows_extended_cycles_one_after_another():
@@ -185,12 +181,7 @@ def test_the_bytes_fast_path_masks_exactly_what_the_text_scan_masks():
 
 def people_layer():
     from hostagent.masking import MaskRule, Masker
-    layer = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t", user="app",
-                          password="pw",
-                          masker=Masker((MaskRule("pii", columns=("people.ssn",)),)))
-    layer.client_data(m.startup_message({"user": "x", "database": "d"}))
-    layer.upstream_data(m.authentication(m.AUTH_OK) + m.ready_for_query())
-    return layer
+    return ready_layer(masker=Masker((MaskRule("pii", columns=("people.ssn",)),)))
 
 
 def answer(layer, name: str, value: bytes, table_oid: int = 0) -> bytes:

@@ -1,19 +1,16 @@
 """Statement outputs for the recording, through the layer: each answer is tied to the
 statement that was sent (ids in send order, skipped ones after an error), samples stay
 within their bounds, and the per-session budget ends samples but not counts."""
-from hostagent.policy import Policy, decide
+from hostagent.policy import Policy
 from hostagent.protocols import Record, ToUpstream
 from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres.layer import PostgresLayer
 from hostagent.protocols.postgres.outputs import SampleLimits
+from tests.hostagent.protocols.postgres.test_layer import ready_layer
 
 
 def layer(samples=None) -> PostgresLayer:
-    lay = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t", user="app",
-                        password="pw", samples=samples)
-    lay.client_data(m.startup_message({"user": "x", "database": "d"}))
-    lay.upstream_data(m.authentication(m.AUTH_OK) + m.ready_for_query())
-    return lay
+    return ready_layer(samples=samples)
 
 
 def rowdesc(*names: str) -> bytes:
@@ -74,10 +71,7 @@ def test_samples_are_bounded_per_statement_and_per_session():
 def test_a_denied_statement_has_no_output_of_its_own():
     from hostagent.policy import Rule
     policy = Policy(rules=(Rule(name="no-drop", action="deny", statements=("DROP",)),))
-    lay = PostgresLayer(decide=lambda r: decide(policy, r), target="t", user="app",
-                        password="pw")
-    lay.client_data(m.startup_message({"user": "x", "database": "d"}))
-    lay.upstream_data(m.authentication(m.AUTH_OK) + m.ready_for_query())
+    lay = ready_layer(policy)
     token_q = [a for a in lay.client_data(m.frame(b"Q", b"DROP TABLE t\0"))
                if isinstance(a, ToUpstream)][0]
     token = token_q.data[5:-1].decode()
