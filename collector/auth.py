@@ -15,7 +15,6 @@ from typing import Awaitable, Callable
 import grpc
 
 from collector.config import Token
-from collector.storage import LOCAL_PRINCIPAL
 
 READERS = frozenset({"admin", "approver", "auditor"})
 HOSTAGENT = frozenset({"admin", "hostagent"})
@@ -45,9 +44,10 @@ class Principal:
     name: str
     role: str
     via: str  # "token", "mtls" or "local"
+    unix_users: tuple[str, ...] = ()  # the Unix accounts linked to a token (config)
 
 
-LOCAL_ADMIN = Principal(LOCAL_PRINCIPAL, "admin", "local")
+LOCAL_ADMIN = Principal("local", "admin", "local")  # every caller in open mode
 _current: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
 
 
@@ -72,7 +72,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 if scheme.lower() != "bearer" or not secret:
                     return None
                 tok = self._by_digest.get(hashlib.sha256(secret.encode()).digest())
-                return Principal(tok.name, tok.role, "token") if tok else None
+                return Principal(tok.name, tok.role, "token", tok.unix_users) if tok else None
         return LOCAL_ADMIN if self._open else None
 
     async def _authorize(self, context, method: str) -> Principal:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -9,6 +10,10 @@ from agentgate.client import is_loopback_target
 from agentgate.tomlconfig import ConfigError, Section, default_state_dir, read_secret, read_toml
 
 ROLES = ("admin", "approver", "auditor", "hostagent")
+DECIDERS = ("admin", "approver")
+# A Unix account as a host agent reports it: the passwd name, or the uid when it has none.
+_UNIX_USER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\$?")
+_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 DEFAULT_LISTEN = "127.0.0.1:7421"
 
 
@@ -17,6 +22,9 @@ class Token:
     name: str
     role: str
     sha256: bytes
+    # The Unix accounts this person acts as: "user" on any host, "user@host" on one host.
+    # Requests filed for these accounts are theirs, so they may not decide them.
+    unix_users: tuple[str, ...] = ()
 
 
 @dataclass
@@ -65,6 +73,7 @@ def _token(sec: Section) -> Token:
     secret = sec.get("token", str)
     digest_hex = sec.get("token_sha256", str)
     token_file = sec.path("token_file")
+    unix_users = _unix_users(sec, role)
     sec.done()
     given = [x for x in (secret, digest_hex, token_file) if x]
     if len(given) != 1:
@@ -74,14 +83,28 @@ def _token(sec: Section) -> Token:
     if secret:
         if len(secret) < 16:
             raise ConfigError(f"{sec.where}: token is too short (at least 16 characters)")
-        return Token(name, role, hashlib.sha256(secret.encode()).digest())
+        return Token(name, role, hashlib.sha256(secret.encode()).digest(), unix_users)
     try:
         digest = bytes.fromhex(digest_hex)
     except ValueError:
         digest = b""
     if len(digest) != 32:
         raise ConfigError(f"{sec.where}: 'token_sha256' must be 64 hex digits")
-    return Token(name, role, digest)
+    return Token(name, role, digest, unix_users)
+
+
+def _unix_users(sec: Section, role: str) -> tuple[str, ...]:
+    links = sec.get("unix_users", list, [])
+    if links and role not in DECIDERS:
+        raise ConfigError(f"{sec.where}: 'unix_users' is for roles that decide approvals "
+                          f"({', '.join(DECIDERS)}), not {role}")
+    for link in links:
+        user, at, host = str(link).partition("@")
+        if (not isinstance(link, str) or not _UNIX_USER.fullmatch(user)
+                or (at and not _HOST.fullmatch(host))):
+            raise ConfigError(f"{sec.where}: 'unix_users' entries are \"user\" or \"user@host\", "
+                              f"not {link!r}")
+    return tuple(links)
 
 
 def load_config(path: str | None) -> CollectorConfig:

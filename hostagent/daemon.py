@@ -3,8 +3,9 @@ interception on the agentgate cgroup tree with the proxy and the control socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import grp
-import json
 import logging
 import os
 import resource
@@ -12,14 +13,14 @@ import signal
 from pathlib import Path
 
 from agentgate.cli.output import fmt_bytes
+from hostagent import control
 from hostagent.config import HostAgentConfig
-from hostagent.control import ControlError, peer_uid, uid_of
 from hostagent.intercept import cgroups
-from hostagent.intercept.loader import preflight
+from hostagent.intercept.loader import InterceptError, preflight
 from hostagent.recording.recorder import close_orphans
 from hostagent.recording.spool import SpoolError
+from hostagent.recording.runs import RunSession, Runs, new_group
 from hostagent.registration import heartbeat_loop
-from hostagent.runs import RunSession, Runs, new_group
 from hostagent.stack import Stack, open_spool
 
 log = logging.getLogger("agentgate.hostagent")
@@ -27,6 +28,11 @@ BPFFS = Path("/sys/fs/bpf")
 
 
 class Daemon:
+    """Also the control socket's Handler: control.serve_client checks who asks, the
+    daemon enrolls and finishes."""
+
+    refusals = (cgroups.CgroupError, SpoolError)
+
     def __init__(self, cfg: HostAgentConfig):
         self.cfg = cfg
         self.runs = Runs()
@@ -34,7 +40,7 @@ class Daemon:
         self.root: Path | None = None
         self.control: asyncio.AbstractServer | None = None
         self.matched: Path | None = None
-        self.groups: dict[str, tuple[int, Path, int]] = {}   # run -> (uid, cgroup, id)
+        self.groups: dict[str, tuple[Path, int]] = {}   # run -> (cgroup, id)
         self._lost_logged = 0
         self._enrolled: dict[str, int | None] = {}   # unit/cgroup -> cgroup id attached
 
@@ -46,8 +52,6 @@ class Daemon:
         if cfg.intercept.enabled:
             preflight()   # refuse before anything starts: never half up, never unmonitored
         spool = await asyncio.to_thread(open_spool, cfg)
-        log.info("spool %s: %s in %d segment(s) to ship", cfg.spool.dir,
-                 fmt_bytes(spool.bytes_used()), spool.segment_count())
         self.stack = Stack(cfg, spool)
         self.stack.ship_to(cfg.collector)   # first: a full spool must drain whatever else fails
         orphans = close_orphans(spool)
@@ -62,12 +66,16 @@ class Daemon:
         self.stack._tasks.append(asyncio.create_task(
             heartbeat_loop(cfg.collector, cfg.host, cfg.state_dir, spool, capabilities=caps,
                            lost_events=self._lost_events)))
+        # Said once up: a daemon refusing to start says just why.
+        log.info("spool %s: %s in %d segment(s) to ship", cfg.spool.dir,
+                 fmt_bytes(spool.bytes_used()), spool.segment_count())
 
     async def _intercept(self) -> None:
         cfg = self.cfg.intercept
         self.root = cgroups.ensure_tree(cfg.tree)
-        await self.stack.intercept(port=cfg.proxy_port, mode=cfg.mode, pin_dir=BPFFS / cfg.tree,
-                                   on_event=self._kernel_event)
+        with _refuse_unbindable(f"proxy port {cfg.proxy_port}", "intercept.proxy_port"):
+            await self.stack.intercept(port=cfg.proxy_port, mode=cfg.mode,
+                                       pin_dir=BPFFS / cfg.tree, on_event=self._kernel_event)
         icpt = self.stack.icpt
         if cfg.uids or cfg.exes:
             self.matched = cgroups.tree_root(cfg.tree) / "matched"
@@ -88,7 +96,8 @@ class Daemon:
         sock.unlink(missing_ok=True)
         umask = os.umask(0o177)   # born root-only: no moment where others may connect
         try:
-            self.control = await asyncio.start_unix_server(self._client, path=str(sock))
+            self.control = await asyncio.start_unix_server(
+                lambda r, w: control.serve_client(r, w, self), path=str(sock))
         finally:
             os.umask(umask)
         os.chmod(sock, 0o660 if cfg.socket_group else 0o600)
@@ -170,76 +179,43 @@ class Daemon:
             except ProcessLookupError:
                 pass
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        uid = peer_uid(writer.get_extra_info("socket"))
-        mine: set[str] = set()     # runs this connection enrolled and has not finished
-        try:
-            while line := await reader.readline():
-                try:
-                    req = json.loads(line)
-                    reply = {"ok": True, **await self._handle(uid, req, mine)}
-                except (ControlError, cgroups.CgroupError, SpoolError, ValueError, KeyError,
-                        TypeError, OSError) as exc:
-                    reply = {"ok": False, "error": str(exc)}
-                writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            # `agentgate run` went away without finishing (killed, Ctrl-C): its agent
-            # must not outlive it unwatched, nor its session stay open.
-            for group in list(mine):
-                await self._finish(group, None, "agentgate run went away")
-
-    async def _handle(self, uid: int, req: dict, mine: set[str]) -> dict:
-        op = req.get("op")
+    def hello(self) -> dict:
         icpt = self.stack.icpt
-        if op == "hello":
-            return {"proxy_port": icpt.proxy_port, "tree": str(self.root), "mode": icpt.mode}
-        if op == "enroll":
-            pid = int(req["pid"])
-            if uid != 0 and uid_of(pid) != uid:
-                raise ControlError(f"uid {uid} may only enroll its own processes")
-            if uid != 0 and req.get("user"):
-                raise ControlError("only root may run an agent as another user")
-            group = new_group()
-            cg = cgroups.make_cgroup(self.root, f"run-{group}")
-            cgid = cgroups.cgroup_id(cg)
-            icpt.enroll(cgid)
-            try:
-                run = RunSession(self.stack.spool, host=self.cfg.host,
-                                 argv=[str(a) for a in req.get("argv", [])],
-                                 user=req.get("user"), cgroup=cg, group=group, mode=icpt.mode,
-                                 requested_by=f"uid {uid}")
-                cgroups.move(pid, cg)
-            except (cgroups.CgroupError, SpoolError):
-                icpt.unenroll(cgid)
-                await asyncio.to_thread(cgroups.remove, cg)
-                raise
-            self.runs.add(cgid, run)
-            self.groups[group] = (uid, cg, cgid)
-            mine.add(group)
-            return {"group": group, "cgroup": str(cg)}
-        if op == "finish":
-            group = str(req.get("group", ""))
-            if group not in mine:   # only the connection that enrolled it
-                raise ControlError(f"no run {group!r} of this connection")
-            exit_code = req.get("exit_code")
-            await self._finish(group, exit_code if isinstance(exit_code, int) else None, "exited")
-            return {}
-        raise ControlError(f"unknown op {op!r}")
+        return {"proxy_port": icpt.proxy_port, "tree": str(self.root), "mode": icpt.mode}
 
-    async def _finish(self, group: str, exit_code: int | None, reason: str) -> None:
-        _uid, cg, cgid = self.groups.pop(group)
+    async def enroll(self, pid: int, *, argv: list[str], user: str | None,
+                     requested_by: str) -> dict:
+        icpt = self.stack.icpt
+        group = new_group()
+        cg = cgroups.make_cgroup(self.root, f"run-{group}")
+        cgid = cgroups.cgroup_id(cg)
+        icpt.enroll(cgid)
+        try:
+            run = RunSession(self.stack.spool, host=self.cfg.host, argv=argv, user=user,
+                             cgroup=cg, group=group, mode=icpt.mode, requested_by=requested_by)
+            cgroups.move(pid, cg)
+        except (cgroups.CgroupError, SpoolError):
+            icpt.unenroll(cgid)
+            await asyncio.to_thread(cgroups.remove, cg)
+            raise
+        self.runs.add(cgid, run)
+        self.groups[group] = (cg, cgid)
+        return {"group": group, "cgroup": str(cg)}
+
+    async def finish(self, group: str, exit_code: int | None, reason: str) -> None:
+        if (entry := self.groups.pop(group, None)) is None:
+            return   # ended already: a run may be finished and then hung up on
+        cg, cgid = entry
         await asyncio.to_thread(cgroups.remove, cg)
         self.stack.icpt.unenroll(cgid)
         run = self.runs.pop(cgid)
         if run:
             await asyncio.sleep(0.1)   # let the ring buffer hand over the last events
+            # The proxy serves every run: only a count it can attribute is this run's.
+            refused_for = getattr(self.stack.proxy, "refused_for", None)
             try:
                 run.end(exit_code, reason=reason, lost=self.stack.icpt.lost_events(),
-                        refused=self.stack.proxy.refused)
+                        refused=refused_for(str(cg)) if refused_for else None)
             except SpoolError as exc:
                 log.error("cannot record the end of run %s: %s", group, exc)
 
@@ -253,6 +229,22 @@ class Daemon:
             # closed) until it is back. `agentgate-hostagent cleanup` removes them.
             await self.stack.close(detach=False)
             self.stack.spool.close()
+
+
+@contextlib.contextmanager
+def _refuse_unbindable(what: str, setting: str):
+    """A port we can't have is a one-line refusal naming it. Any other OSError goes on as
+    it is, not misread as this one (a file's error names its file, a bind's none)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES) or exc.filename is not None:
+            raise
+        if exc.errno == errno.EADDRINUSE:
+            why = f"is taken ({os.strerror(exc.errno)}): free it or change {setting}"
+        else:
+            why = f"cannot be bound ({os.strerror(exc.errno)}): change {setting}"
+        raise InterceptError(f"{what} {why}") from None
 
 
 async def serve(cfg: HostAgentConfig) -> None:

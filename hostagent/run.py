@@ -24,7 +24,7 @@ from hostagent.config import HostAgentConfig
 from hostagent.control import ControlError, DaemonClient
 from hostagent.intercept import cgroups
 from hostagent.intercept.loader import InterceptError, attached
-from hostagent.runs import RunSession, new_group
+from hostagent.recording.runs import RunSession, new_group
 from hostagent.stack import Stack, open_spool, run_loop
 
 log = logging.getLogger("agentgate.run")
@@ -217,6 +217,7 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
         await asyncio.to_thread(cgroups.remove, cg)   # what CMD left behind ends with it
         await stack.proxy.close()
         await asyncio.sleep(0.1)                      # the last events in the ring buffer
+        # This proxy served this run alone: every refusal it counted is the run's.
         run.end(rc, lost=stack.icpt.lost_events(), refused=stack.proxy.refused)
         if not await shipper.drain(10):
             log.warning("the collector %s has not taken everything; it stays in the spool %s "

@@ -3,9 +3,7 @@ spool -> shipper, BPF programs on a cgroup, the proxy they redirect to, kernel e
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
-import os
 import shutil
 import socket
 from pathlib import Path
@@ -13,13 +11,16 @@ from pathlib import Path
 from agentgate.client import CollectorAddress
 from hostagent.config import HostAgentConfig
 from hostagent.intercept import cgroups
-from hostagent.intercept.identity import IdentityCache, canonical_ip
+from hostagent.intercept.identity import IdentityCache
 from hostagent.intercept.loader import Interceptor, InterceptError, KernelEvent
 from hostagent.approvals import Approver
 from hostagent.policy import load_policy
-from hostagent.proxy.driver import (Proxy, Target, Targets, hostport, bind_pair, parse_hostport,
-                                   resolve)
-from hostagent.protocols.postgres.outputs import SampleLimits
+from hostagent.policy import check_against_targets
+from hostagent.protocols import registry
+from hostagent.proxy.driver import Proxy
+from hostagent.proxy.net import bind_pair, hostport, parse_hostport
+from hostagent.proxy.targets import Targets, build_targets
+from hostagent.recording.samples import SampleLimits
 from hostagent.recording.shipper import Shipper
 from hostagent.recording.spool import Spool
 from hostagent.tls import CAError, LocalCA
@@ -27,63 +28,15 @@ from hostagent.tls import CAError, LocalCA
 log = logging.getLogger("agentgate.hostagent")
 
 
-def build_targets(cfg: HostAgentConfig) -> Targets:
-    out = []
-    for t in cfg.targets:
-        addrs: list[tuple[str, int]] = []
-        for a in t.addresses:
-            host, port = parse_hostport(a)
-            try:
-                addrs += resolve(host, port)
-            except socket.gaierror as exc:
-                raise InterceptError(f"target {t.name}: cannot resolve {host}: {exc.strerror}") from None
-        listen = None
-        if t.listen:
-            listen = parse_hostport(t.listen)
-            if not t.listen.rpartition(":")[2].isdigit():   # ":0" is fine: any free port
-                raise InterceptError(f"target {t.name}: 'listen' needs a port: {t.listen!r}")
-            try:
-                loopback = ipaddress.ip_address(canonical_ip(listen[0])).is_loopback
-            except ValueError:
-                loopback = False
-            if not loopback:
-                raise InterceptError(f"target {t.name}: 'listen' must be a loopback address "
-                                     f"(its clients are identified from this host's /proc; "
-                                     f"got {listen[0]!r})")
-        names = tuple(dict.fromkeys([parse_hostport(a)[0] for a in t.addresses]
-                                    + [t.server_name or "", listen[0] if listen else ""]
-                                    + [h for h, _ in addrs]))
-        out.append(Target(t.name, t.protocol, tuple(addrs), user=t.user,
-                          password=_password(t), tls=t.tls, ca=t.ca, server_name=t.server_name,
-                          names=tuple(n for n in names if n), client_tls=t.client_tls,
-                          listen=listen))
-    return Targets(out)
-
-
 def local_ca(cfg: HostAgentConfig, targets: Targets) -> LocalCA | None:
     """The CA whose certificates the proxy presents to clients asking for TLS; made on
     first use. Only needed when some target offers TLS to its clients."""
-    if not any(t.client_tls == "offer" and t.protocol == "postgres" for t in targets.targets):
+    if not targets.need_ca():
         return None
     try:
         return LocalCA.load_or_create(cfg.ca_dir or Path(cfg.state_dir) / "ca")
     except (CAError, OSError) as exc:
         raise InterceptError(f"local CA: {exc}") from None
-
-
-def _password(t) -> str | None:
-    if t.password_file:
-        try:
-            return Path(t.password_file).read_text().rstrip("\n")
-        except OSError as exc:
-            raise InterceptError(f"target {t.name}: cannot read password_file "
-                                 f"{t.password_file}: {exc.strerror}") from None
-    if t.password_env:
-        if t.password_env not in os.environ:
-            raise InterceptError(f"target {t.name}: environment variable {t.password_env} "
-                                 "is not set")
-        return os.environ[t.password_env]
-    return None
 
 
 def resolvers(cfg: HostAgentConfig) -> list[tuple[str, int]]:
@@ -139,13 +92,16 @@ class Stack:
     def _proxy(self, targets: Targets, ca: LocalCA | None, **kw) -> Proxy:
         cfg = self.cfg
         policy = load_policy(cfg.policy_file) if cfg.policy_file else None
+        if policy is not None:
+            check_against_targets(policy, cfg.policy_protocols, cfg.policy_file)
         approver = Approver(self.shipper.address, policy.review_ttl_s if policy else 0) \
             if self.shipper else None
         rec = cfg.recording
         samples = SampleLimits(rows=rec.sample_rows, bytes=rec.sample_bytes,
                                session_bytes=rec.session_sample_bytes)
         return Proxy(policy=policy, approver=approver, spool=self.spool, host=cfg.host,
-                     targets=targets, ca=ca, samples=samples, **kw)
+                     targets=targets, ca=ca, samples=samples, raw=registry.get("tcp"),
+                     budget_bytes=cfg.budget_bytes, **kw)
 
     async def listen_plain(self) -> list[tuple[str, str, int]]:
         """The targets' plain listeners (`listen = "host:port"`), on the interception

@@ -1,6 +1,27 @@
 import pytest
 
-from tests.support import CollectorProc
+from tests.support import CollectorProc, logs
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "log_allows(*regexes): tracebacks or ERROR lines this "
+                            "test expects in the logs of the collector or host agent it starts")
+
+
+@pytest.fixture(autouse=True)
+def _check_logs(request):
+    """Fails the test if a process it started logged a traceback or an ERROR it did not
+    declare with @pytest.mark.log_allows. Autouse and outermost, so it reads the logs
+    after every other fixture has stopped its processes."""
+    logs.sources.clear()
+    yield
+    allowed = [regex for m in request.node.iter_markers("log_allows") for regex in m.args]
+    problems = logs.problems(allowed)
+    logs.sources.clear()
+    if problems:
+        pytest.fail("unexpected errors logged by the processes this test started (if the test "
+                    "causes them, declare them with @pytest.mark.log_allows(regex)):\n\n"
+                    + "\n\n".join(problems), pytrace=False)
 
 
 @pytest.fixture

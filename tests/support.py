@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -31,6 +32,49 @@ def wait_for(cond: Callable[[], object], timeout: float = 20.0, interval: float 
         time.sleep(interval)
 
 
+# What the processes a test starts must not log unless the test says it expects it: a
+# traceback, an exception asyncio dropped, an ERROR or CRITICAL record (the basicConfig
+# formats: "agentgate-collector: ERROR ...", "agentgate-hostagent: ERROR ..."; gRPC's C
+# core writes its own, "E1202 04:25:35.017845  27344 file.cc:12] ...").
+LOG_PROBLEM = re.compile(r"Traceback \(most recent call last\)|Task exception was never retrieved"
+                         r"|Exception in callback|^agentgate[\w-]*: (ERROR|CRITICAL) "
+                         r"|^[EF]\d{4} \d\d:\d\d:\d\d", re.M)
+LOG_RECORD = re.compile(r"^(agentgate[\w -]*: |[DIWEF]\d{4} \d\d:\d\d:\d\d)", re.M)
+
+
+def log_records(text: str) -> list[str]:
+    """Split a log into records; a traceback belongs to the record it follows (logging
+    writes it right after the message)."""
+    starts = [m.start() for m in LOG_RECORD.finditer(text)]
+    if starts[:1] != [0]:
+        starts.insert(0, 0)
+    parts = (text[a:b].rstrip() for a, b in zip(starts, starts[1:] + [len(text)]))
+    return [r for r in parts if r]
+
+
+class Logs:
+    """The logs of the processes the current test started (see _check_logs in conftest)."""
+
+    def __init__(self):
+        self.sources: dict[str, Callable[[], str]] = {}
+
+    def watch(self, name: str, read: Callable[[], str]) -> None:
+        self.sources[name] = read
+
+    def watch_file(self, path: Path) -> None:
+        self.watch(str(path), lambda: path.read_text(errors="replace") if path.exists() else "")
+
+    def problems(self, allowed: list[str]) -> list[str]:
+        """Records with a problem that no `allowed` regex finds (re.search on the whole
+        record, its traceback included)."""
+        return [f"{name}:\n{rec}" for name, read in self.sources.items()
+                for rec in log_records(read())
+                if LOG_PROBLEM.search(rec) and not any(re.search(a, rec, re.M) for a in allowed)]
+
+
+logs = Logs()
+
+
 @dataclass
 class CollectorProc:
     tmp: Path
@@ -49,6 +93,7 @@ class CollectorProc:
         ready = self.tmp / "collector.ready"
         ready.unlink(missing_ok=True)
         self.log = self.tmp / "collector.log"
+        logs.watch_file(self.log)
         args = [str(BIN / "agentgate-collector"), "--listen", listen or self.listen,
                 "--database", str(self.database), "--ready-file", str(ready)]
         if self.config:

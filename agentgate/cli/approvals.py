@@ -21,6 +21,11 @@ def approval_json(a: "pb.Approval") -> dict:
     }
 
 
+def requester(a: "pb.Approval") -> str:
+    """The Unix user the held command runs as, on the host whose agent filed it."""
+    return f"{a.requested_by or '?'}@{a.host}" if a.host else a.requested_by
+
+
 def _when(a: "pb.Approval") -> str:
     if a.state == pb.PENDING:
         return f"expires {fmt_time(a.expires_ns)}"
@@ -49,7 +54,7 @@ def list_(ctx: Ctx, pending, limit, as_json):
         click.echo("no pending approval requests" if pending else "no approval requests", err=True)
         return
     table(["ID", "STATE", "TARGET", "REQUESTED BY", "RULE", "COMMAND", "WHEN"],
-          [[a.id, state_name(a.state), a.target, a.requested_by, a.rule, clip(a.command, 50),
+          [[a.id, state_name(a.state), a.target, requester(a), a.rule, clip(a.command, 50),
             _when(a)] for a in resp.approvals])
 
 
@@ -64,7 +69,8 @@ def _decide(ctx: Ctx, approval_id: str, approve: bool, reason: str) -> None:
 @click.option("--reason", default="", help="Why (recorded with the decision).")
 @pass_ctx
 def approve(ctx: Ctx, approval_id, reason):
-    """Let a held command run. You may not approve a request of your own."""
+    """Let a held command run. Not a request of your own: one that runs as a Unix
+    account linked to your token (unix_users in the collector config)."""
     _decide(ctx, approval_id, True, reason)
 
 
@@ -88,7 +94,7 @@ def watch(ctx: Ctx, as_json):
             emit_json(approval_json(a))
             continue
         line = (f"{fmt_time(a.created_ns if a.state == pb.PENDING else a.decided_ns)}  {a.id}  "
-                f"{state_name(a.state):<9} {a.target}  {a.requested_by}  {clip(a.command, 60)}")
+                f"{state_name(a.state):<9} {a.target}  {requester(a)}  {clip(a.command, 60)}")
         if a.state == pb.PENDING:
             line += f"  (rule {a.rule or '-'}, expires {fmt_time(a.expires_ns)})"
         elif a.decided_by:

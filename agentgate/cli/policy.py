@@ -41,26 +41,26 @@ def check(file):
 @click.option("--json", "as_json", is_flag=True, help="An object with action, rule, reason.")
 def explain(file, target, sql, protocol, database, user, exe, as_json):
     """Show the decision for SQL and the rule that made it. With several statements, the
-    first that is not allowed decides (as the proxy does)."""
-    from hostagent.policy import Request, decide
+    strictest decides (deny, then review), as the proxy does."""
+    from hostagent.policy import decide
+    from hostagent.protocols.enforce import strictest
     from hostagent.protocols.postgres.classify import Unparseable, classify
+    from hostagent.protocols.postgres.requests import requests_for
     p = _load(file)
     identity = {"user": user, "exe": exe}
     try:
         statements = classify(sql)
-        requests = [Request(target=target, protocol=protocol, identity=identity,
-                            database=database, text=s.text, kinds=s.kinds, tables=s.tables,
-                            functions=s.functions, flags=s.flags) for s in statements]
     except Unparseable:
-        requests = [Request(target=target, protocol=protocol, identity=identity,
-                            database=database, text=sql, parsed=False)]
-    decisions = [decide(p, r) for r in requests]
-    final = next((d for d in decisions if d.action != "allow"), decisions[-1])
+        statements = [None]
+    if protocol != "postgres":
+        raise Failure("explain knows only postgres statements so far", EXIT_USAGE)
+    judged = [(fields, decide(p, req)) for req, fields in requests_for(
+        statements, sql, target=target, identity=identity, database=database)]
+    final = strictest(d for _, d in judged)
     if as_json:
         emit_json({**final.as_dict(), "statements": [
-            {"text": r.text, "kinds": sorted(r.kinds), "tables": list(r.tables),
-             "functions": list(r.functions), "flags": sorted(r.flags), **d.as_dict()}
-            for r, d in zip(requests, decisions)]})
+            {k: f[k] for k in ("text", "kinds", "tables", "functions", "flags")} | d.as_dict()
+            for f, d in judged]})
         return
     click.echo(f"{final.action} (rule {final.rule}){': ' + final.reason if final.reason else ''}")
     if final.would:

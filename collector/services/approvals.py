@@ -9,8 +9,9 @@ import grpc
 from agentgate.wire import pb, rpc
 from collector.auth import current_principal
 from collector.hub import Hub, Overflow
+from collector.requester import is_own_request, may_act_on
 from collector.services import approval_pb, run
-from collector.storage import FINAL_STATES, PENDING, ApprovalRow, Storage
+from collector.storage import FINAL_STATES, PENDING, ApprovalRow, Forbidden, Storage
 
 log = logging.getLogger("agentgate.collector")
 
@@ -41,12 +42,18 @@ class ApprovalsServicer(rpc.ApprovalsServicer):
         self.hub.expiry_changed.set()
         return approval_pb(row)
 
+    async def _visible(self, context, approval_id: str) -> ApprovalRow:
+        row = await run(context, self.store.get_approval, approval_id)
+        if not may_act_on(current_principal(), row):
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, _not_yours(approval_id))
+        return row
+
     async def Get(self, request, context):
-        return approval_pb(await run(context, self.store.get_approval, request.id))
+        return approval_pb(await self._visible(context, request.id))
 
     async def Watch(self, request, context):
         with self.hub.approvals.subscribe() as sub:
-            row = await run(context, self.store.get_approval, request.id)
+            row = await self._visible(context, request.id)
             yield approval_pb(row)
             while row.state not in FINAL_STATES:
                 try:
@@ -59,8 +66,13 @@ class ApprovalsServicer(rpc.ApprovalsServicer):
                     yield approval_pb(row)
 
     async def Cancel(self, request, context):
-        row = await run(context, self.store.cancel_approval, request.id,
-                        current_principal().name, time.time_ns())
+        who = current_principal()
+
+        def check(cur: ApprovalRow) -> None:
+            if not may_act_on(who, cur):
+                raise Forbidden(_not_yours(cur.id))
+        row = await run(context, self.store.cancel_approval, request.id, who.name,
+                        time.time_ns(), check)
         self._changed(row)
         return approval_pb(row)
 
@@ -73,8 +85,12 @@ class ApprovalsServicer(rpc.ApprovalsServicer):
         if not request.approve and not request.reason:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a denial needs a reason")
         who = current_principal()
+
+        def check(cur: ApprovalRow) -> None:
+            if is_own_request(who, cur):
+                raise Forbidden("you cannot decide your own request")
         row = await run(context, self.store.decide_approval, request.id, request.approve,
-                        request.reason, who.name, time.time_ns())
+                        request.reason, who.name, time.time_ns(), check)
         log.info("approval %s %s by %s", row.id, row.state, who.name)
         self._changed(row)
         return approval_pb(row)
@@ -90,6 +106,10 @@ class ApprovalsServicer(rpc.ApprovalsServicer):
                 except Overflow:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                         "approval watcher fell behind and was cut off")
+
+
+def _not_yours(approval_id: str) -> str:
+    return f"approval request {approval_id} was filed by another host agent"
 
 
 async def expire_loop(store: Storage, hub: Hub) -> None:

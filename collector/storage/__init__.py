@@ -7,14 +7,13 @@ them off the event loop.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from agentgate.events import Event
 
 # Approval states, as stored (the names are the wire enum's, lower-case).
 PENDING, APPROVED, DENIED, EXPIRED, CANCELLED = "pending", "approved", "denied", "expired", "cancelled"
 FINAL_STATES = frozenset({APPROVED, DENIED, EXPIRED, CANCELLED})
-LOCAL_PRINCIPAL = "local"   # every caller in open mode (no tokens, loopback only)
 
 
 class StorageError(Exception):
@@ -94,6 +93,9 @@ class AgentRow:
     lost_kernel_events: int = 0
 
 
+Check = Callable[[ApprovalRow], None]
+
+
 class Storage(Protocol):
     # recordings
     def ingest(self, events: Sequence[Event], owner: str = "") -> tuple[dict[str, int], list[Event]]:
@@ -109,9 +111,12 @@ class Storage(Protocol):
     def create_approval(self, row: ApprovalRow) -> ApprovalRow: ...
     def get_approval(self, approval_id: str) -> ApprovalRow: ...
     def list_approvals(self, pending_only: bool, limit: int) -> list[ApprovalRow]: ...
+    # `check` sees the pending record inside the transition and raises Forbidden to refuse
+    # it: who may decide or cancel is the servicer's rule, made atomic here.
     def decide_approval(self, approval_id: str, approve: bool, reason: str, decider: str,
-                        now_ns: int) -> ApprovalRow: ...
-    def cancel_approval(self, approval_id: str, by: str, now_ns: int) -> ApprovalRow: ...
+                        now_ns: int, check: Check | None = None) -> ApprovalRow: ...
+    def cancel_approval(self, approval_id: str, by: str, now_ns: int,
+                        check: Check | None = None) -> ApprovalRow: ...
     def expire_approvals(self, now_ns: int) -> list[ApprovalRow]: ...
     def next_expiry_ns(self) -> int | None: ...
 

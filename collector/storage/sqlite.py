@@ -17,9 +17,9 @@ from typing import Sequence
 
 from agentgate.tomlconfig import private_dir
 from agentgate.events import COMMAND, SESSION_END, SESSION_START, Event, unpack_payload
-from collector.storage import (APPROVED, CANCELLED, DENIED, EXPIRED, LOCAL_PRINCIPAL, PENDING, AgentRow,
-                               ApprovalRow, Conflict, Forbidden, NotFound, SessionFilter,
-                               SessionRow, StorageError)
+from collector.storage import (APPROVED, CANCELLED, DENIED, EXPIRED, PENDING, AgentRow, ApprovalRow,
+                               Check, Conflict, Forbidden, NotFound, SessionFilter, SessionRow,
+                               StorageError)
 
 SCHEMA_VERSION = 1
 
@@ -359,8 +359,8 @@ class SqliteStorage:
         sql += " ORDER BY created_ns DESC LIMIT ?"
         return [ApprovalRow(*r) for r in self._r().execute(sql, (limit or 100,))]
 
-    def _transition(self, approval_id: str, now_ns: int, check, new_state: str, by: str,
-                    reason: str) -> ApprovalRow:
+    def _transition(self, approval_id: str, now_ns: int, check: Check | None, new_state: str,
+                    by: str, reason: str) -> ApprovalRow:
         with self._wlock:
             c = self._w
             c.execute("BEGIN IMMEDIATE")
@@ -371,7 +371,8 @@ class SqliteStorage:
                     raise Conflict(f"approval request {approval_id} has expired")
                 if cur.state != PENDING:
                     raise Conflict(f"approval request {approval_id} is already {cur.state}")
-                check(cur)
+                if check is not None:
+                    check(cur)
                 c.execute("UPDATE approvals SET state = ?, decided_ns = ?, decided_by = ?, "
                           "decision_reason = ? WHERE id = ?",
                           (new_state, now_ns, by, reason, approval_id))
@@ -384,18 +385,13 @@ class SqliteStorage:
                             decision_reason=reason)
 
     def decide_approval(self, approval_id: str, approve: bool, reason: str, decider: str,
-                        now_ns: int) -> ApprovalRow:
-        def check(cur: ApprovalRow) -> None:
-            # The open mode's single local principal files requests (as the host agent)
-            # and decides them (as the admin): only the agent's own identity counts there.
-            own = {cur.requested_by} | ({cur.created_by} - {LOCAL_PRINCIPAL})
-            if decider in own:
-                raise Forbidden(f"{decider} may not decide their own request {approval_id}")
+                        now_ns: int, check: Check | None = None) -> ApprovalRow:
         return self._transition(approval_id, now_ns, check, APPROVED if approve else DENIED,
                                 decider, reason)
 
-    def cancel_approval(self, approval_id: str, by: str, now_ns: int) -> ApprovalRow:
-        return self._transition(approval_id, now_ns, lambda cur: None, CANCELLED, by,
+    def cancel_approval(self, approval_id: str, by: str, now_ns: int,
+                        check: Check | None = None) -> ApprovalRow:
+        return self._transition(approval_id, now_ns, check, CANCELLED, by,
                                 "cancelled by the requester")
 
     def expire_approvals(self, now_ns: int) -> list[ApprovalRow]:

@@ -1,14 +1,21 @@
 """Policy: ordered rules from a TOML file, and a pure decision function.
 
-(identity, target, protocol, database, statement) in, Decision out: no I/O, no clock,
-so the proxy can call it inline and `agentgate policy explain` can show exactly what
-the proxy would do. Every decision names the rule that made it.
+A protocol-neutral Request (target, protocol, the kernel's identity, an action, the
+resources it touches, named attributes) in, Decision out: no I/O, no clock, so the
+proxy can call it inline and `agentgate policy explain` can show exactly what the proxy
+would do. Every decision names the rule that made it.
+
+A rule's matchers are the generic ones (targets, protocols, users, exes, units,
+cgroups, match) plus those its protocols declare (PostgreSQL: databases, statements,
+tables, functions, flags); a protocol's Request carries its values under the same names
+in `attributes`. A rule naming a matcher no protocol has is refused at load.
 """
 from __future__ import annotations
 
 import fnmatch
 import re
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from agentgate.tomlconfig import ConfigError, Section, read_toml
 
@@ -28,12 +35,12 @@ class Rule:
     exes: tuple[str, ...] = ()
     units: tuple[str, ...] = ()
     cgroups: tuple[str, ...] = ()
-    databases: tuple[str, ...] = ()
-    statements: tuple[str, ...] = ()
-    tables: tuple[str, ...] = ()
-    functions: tuple[str, ...] = ()
-    flags: tuple[str, ...] = ()
     match: re.Pattern | None = None
+    # protocol matchers: (name, patterns), checked against Request.attributes[name]
+    matchers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    def fields(self) -> set[str]:
+        return {name for name, _ in self.matchers}
 
 
 @dataclass(frozen=True)
@@ -46,18 +53,17 @@ class Policy:
     masks: tuple = ()                 # hostagent.masking.MaskRule
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Request:
-    """What a decision looks at. `statement` is None for text that did not parse."""
+    """What a decision looks at. `parsed` is False for input that could not be parsed:
+    it takes the policy's `unparseable` decision, whatever the rules say."""
     target: str
     protocol: str
-    identity: dict = field(default_factory=dict)
-    database: str = ""
+    identity: Mapping = field(default_factory=dict)
+    action: str = ""                        # what it does, for people (kinds, a method)
+    resources: tuple[str, ...] = ()         # what it acts on (tables, paths, pods)
+    attributes: Mapping[str, object] = field(default_factory=dict)   # matcher -> values
     text: str = ""
-    kinds: frozenset[str] = frozenset()
-    tables: tuple[str, ...] = ()
-    functions: tuple[str, ...] = ()
-    flags: frozenset[str] = frozenset()
     parsed: bool = True
 
 
@@ -86,12 +92,14 @@ def _matches(rule: Rule, req: Request) -> bool:
         (rule.targets, [req.target]), (rule.protocols, [req.protocol]),
         (rule.users, [str(ident.get("user", "")), str(ident.get("uid", ""))]),
         (rule.exes, [str(ident.get("exe") or "")]), (rule.units, [str(ident.get("unit") or "")]),
-        (rule.cgroups, [str(ident.get("cgroup") or "")]), (rule.databases, [req.database]),
-        (rule.statements, list(req.kinds)), (rule.tables, list(req.tables)),
-        (rule.functions, list(req.functions)), (rule.flags, list(req.flags)),
+        (rule.cgroups, [str(ident.get("cgroup") or "")]),
     ]
     for patterns, values in checks:
         if patterns and not _any(patterns, values):
+            return False
+    attrs = req.attributes
+    for name, patterns in rule.matchers:
+        if not _any(patterns, attrs.get(name, ())):
             return False
     if rule.match is not None and not rule.match.search(normalize(req.text)):
         return False
@@ -117,8 +125,15 @@ def decide(policy: Policy, req: Request) -> Decision:
 
 # ---------------------------------------------------------------- loading
 
-_LISTS = ("targets", "protocols", "users", "exes", "units", "cgroups", "databases",
-          "statements", "tables", "functions", "flags")
+_GENERIC = ("targets", "protocols", "users", "exes", "units", "cgroups")
+
+
+def _patterns(sec: Section, key: str, where: str) -> tuple[str, ...]:
+    value = sec.get(key, (list, str), [])
+    value = [value] if isinstance(value, str) else value
+    if not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: '{key}' must be a list of strings")
+    return tuple(value)
 
 
 def _rule(sec: Section, seen: set[str]) -> Rule:
@@ -132,23 +147,53 @@ def _rule(sec: Section, seen: set[str]) -> Rule:
     action = sec.get("action", str, "")
     if action not in ACTIONS:
         raise ConfigError(f"{where}: 'action' must be one of {', '.join(ACTIONS)}")
-    fields = {}
-    for key in _LISTS:
-        value = sec.get(key, (list, str), [])
-        value = [value] if isinstance(value, str) else value
-        if not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: '{key}' must be a list of strings")
-        fields[key] = tuple(value)
-    fields["statements"] = tuple(s.upper() for s in fields["statements"])
+    from hostagent.protocols import registry
+    fields = {key: _patterns(sec, key, where) for key in _GENERIC}
+    unknown = [p for p in fields["protocols"] if p not in registry.PROTOCOLS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown protocol {unknown[0]!r} "
+                          f"(known: {', '.join(registry.names())})")
+    known = {f for spec in registry.all_specs() for f in spec.policy_fields}
+    matchers = tuple((key, _patterns(sec, key, where)) for key in sorted(known)
+                     if key in sec.data)
+    extra = sorted(set(sec.data) - known - set(_GENERIC) - {"name", "action", "reason", "match"})
+    if extra:
+        raise ConfigError(f"{where}: unknown matcher '{extra[0]}' (matchers: "
+                          f"{', '.join(sorted(set(_GENERIC) | known | {'match'}))})")
     pattern = sec.get("match", str, None)
     try:
         compiled = re.compile(pattern, re.IGNORECASE) if pattern else None
     except re.error as exc:
         raise ConfigError(f"{where}: 'match' is not a valid regex: {exc}") from None
     rule = Rule(name=name, action=action, reason=sec.get("reason", str, ""), match=compiled,
-                **fields)
+                matchers=matchers, **fields)
     sec.done()
+    _check_protocols(rule, where, list(rule.protocols) or registry.names())
     return rule
+
+
+def _check_protocols(rule: Rule, where: str, protocols: list[str]) -> None:
+    """A rule applies only to protocols that can answer all its matchers; if none of
+    those it may apply to can, it would never match: a mistake, said at load."""
+    from hostagent.protocols import registry
+    wanted = rule.fields()
+    if not wanted:
+        return
+    supported = registry.supported_fields(protocols)
+    if not any(wanted <= have for have in supported.values()):
+        missing = sorted(wanted - set().union(*supported.values())) or sorted(wanted)
+        raise ConfigError(f"{where}: matcher '{missing[0]}' is supported by none of its "
+                          f"protocols ({', '.join(sorted(protocols))})")
+
+
+def check_against_targets(policy: Policy, targets: dict[str, str], where: str) -> None:
+    """Each rule against the protocols of the targets it can apply to (name -> protocol)."""
+    for rule in policy.rules:
+        names = [t for t in targets if not rule.targets or _any(rule.targets, [t])]
+        protocols = sorted({targets[t] for t in names if not rule.protocols
+                            or targets[t] in rule.protocols})
+        if protocols:
+            _check_protocols(rule, f"{where} rule '{rule.name}'", protocols)
 
 
 def load_policy(path: str) -> Policy:

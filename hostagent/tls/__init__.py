@@ -174,22 +174,25 @@ class LocalCA:
             raise CAError(f"CA certificate {cp} expires {_not_after(cert):%Y-%m-%d}{redo}")
         return key, cert
 
-    def server_context(self, names: Iterable[str]) -> ssl.SSLContext:
+    def server_context(self, names: Iterable[str], alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
+        """A context presenting a leaf for `names`, offering `alpn`. Contexts are shared
+        by every session asking the same: callers must not change them."""
         # Keyed first by the names exactly as given, so a hit skips canonicalising them.
-        raw = tuple(names)
+        raw = (tuple(names), tuple(alpn))
         hit = self._cache.get(raw)
         if hit is None or hit[1] - _now().timestamp() <= _LEAF_MIN_LEFT:
             hit = self._canonical_entry(raw)
         return hit[0]
 
-    def _canonical_entry(self, raw: tuple[str, ...]) -> tuple[ssl.SSLContext, float]:
-        sans = _general_names(raw)
+    def _canonical_entry(self, raw: tuple) -> tuple[ssl.SSLContext, float]:
+        names, alpn = raw
+        sans = _general_names(names)
         if not sans:
             raise ValueError("server_context needs at least one non-empty name")
-        k = frozenset(sans)  # tuples and frozensets never compare equal: one dict holds both
+        k = (frozenset(sans), alpn)   # the set of names, whatever their order or spelling
         hit = self._cache.get(k)
         if hit is None or hit[1] - _now().timestamp() <= _LEAF_MIN_LEFT:
-            hit = self._mint_context(sans)
+            hit = self._mint_context(sans, alpn)
         for key in (k, raw):
             self._cache.pop(key, None)
             if len(self._cache) >= _CACHE_MAX:
@@ -197,7 +200,8 @@ class LocalCA:
             self._cache[key] = hit
         return hit
 
-    def _mint_context(self, sans: list[x509.GeneralName]) -> tuple[ssl.SSLContext, float]:
+    def _mint_context(self, sans: list[x509.GeneralName],
+                      alpn: tuple[str, ...] = ()) -> tuple[ssl.SSLContext, float]:
         if self._leaf_key is None:
             self._leaf_key = ec.generate_private_key(ec.SECP256R1())
         first = str(sans[0].value)
@@ -219,6 +223,8 @@ class LocalCA:
                 .sign(self.key, hashes.SHA256()))
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if alpn:
+            ctx.set_alpn_protocols(list(alpn))
         # load_cert_chain only takes paths: mkstemp makes the file 0600 (the directory
         # is 0755, ca.pem being public), and it is gone right after loading.
         fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".leaf-", suffix=".pem")

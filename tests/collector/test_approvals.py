@@ -9,17 +9,22 @@ import pytest
 
 from agentgate.client import open_channel
 from agentgate.wire import pb, rpc
+from tests.collector.test_server import one_line_error, start
 from tests.support import BIN, run_cli
 
-TOKENS = {
-    "root-admin": ("admin", "admin-token-0123456789"),
-    "bob": ("approver", "bob-token-0123456789"),
-    "carol": ("auditor", "carol-token-0123456789"),
-    "host-1": ("hostagent", "host1-token-0123456789"),
+TOKENS = {   # name: (role, token, unix_users)
+    "root-admin": ("admin", "admin-token-0123456789", []),
+    "bob": ("approver", "bob-token-0123456789", []),
+    "carol": ("auditor", "carol-token-0123456789", []),
+    "host-1": ("hostagent", "host1-token-0123456789", []),
+    "host-2": ("hostagent", "host2-token-0123456789", []),
+    "alice-ops": ("approver", "alice-token-0123456789", ["alice"]),
+    "dana-ops": ("approver", "dana-token-0123456789", ["dana@h1"]),
 }
 CONFIG = "approval_ttl_seconds = 60\n" + "".join(
     f'[[tokens]]\nname = "{name}"\nrole = "{role}"\ntoken = "{tok}"\n'
-    for name, (role, tok) in TOKENS.items())
+    f'unix_users = {json.dumps(links)}\n'
+    for name, (role, tok, links) in TOKENS.items())
 
 
 def tok(name):
@@ -31,21 +36,27 @@ def secured(collector_factory):
     return collector_factory(CONFIG).start()
 
 
+def approvals_stub(c, principal="host-1"):
+    md = (("authorization", f"Bearer {tok(principal)}"),) if principal else ()
+    return rpc.ApprovalsStub(open_channel(c.addr())), md
+
+
 def hostagent_stub(c):
-    return rpc.ApprovalsStub(open_channel(c.addr())), (("authorization", f"Bearer {tok('host-1')}"),)
+    return approvals_stub(c, "host-1")
 
 
-def create(c, requested_by="alice", ttl=0, command="DROP TABLE orders"):
-    stub, md = hostagent_stub(c)
+def create(c, requested_by="alice", ttl=0, command="DROP TABLE orders", host="build-1",
+           agent="host-1"):
+    stub, md = approvals_stub(c, agent)
     return stub.Create(pb.CreateApprovalRequest(
-        session_id="s-1", host="build-1", target="orders-db", protocol="postgres",
+        session_id="s-1", host=host, target="orders-db", protocol="postgres",
         command=command, requested_by=requested_by, rule="no-ddl", reason="schema change",
         ttl_seconds=ttl), metadata=md, timeout=10)
 
 
-def watch(c, approval_id):
+def watch(c, approval_id, agent="host-1"):
     """Collect the states a host agent's Watch stream reports, in a thread."""
-    stub, md = hostagent_stub(c)
+    stub, md = approvals_stub(c, agent)
     states = queue.Queue()
 
     def run():
@@ -92,12 +103,105 @@ def test_deny_needs_a_reason_and_reaches_the_host_agent(secured):
     assert states.get(timeout=10) == pb.DENIED
 
 
-def test_nobody_decides_their_own_request(secured):
-    a = create(secured, requested_by="bob")
-    r = run_cli("approvals", "approve", a.id, collector=secured, token=tok("bob"))
-    assert r.returncode == 4 and "own request" in r.stderr
+def approve(c, approval_id, principal):
+    return run_cli("approvals", "approve", approval_id, collector=c, token=tok(principal))
+
+
+def refused_as_own(r):
+    return r.returncode == 4 and "you cannot decide your own request" in r.stderr
+
+
+def test_a_token_linked_to_a_unix_user_cannot_decide_that_users_requests(secured):
+    mine = [create(secured, requested_by="alice"),
+            create(secured, requested_by="alice", host="h7", agent="host-2")]  # any host
+    for a in mine:
+        assert refused_as_own(approve(secured, a.id, "alice-ops"))
+        r = run_cli("approvals", "deny", a.id, "--reason", "x", collector=secured,
+                    token=tok("alice-ops"))
+        assert refused_as_own(r)
+        assert len(r.stderr.strip().splitlines()) == 1
     stub, md = hostagent_stub(secured)
-    assert stub.Get(pb.ApprovalRef(id=a.id), metadata=md).state == pb.PENDING
+    assert stub.Get(pb.ApprovalRef(id=mine[0].id), metadata=md).state == pb.PENDING
+    theirs = create(secured, requested_by="bob")
+    r = approve(secured, theirs.id, "alice-ops")
+    assert r.returncode == 0 and "approved by alice-ops" in r.stdout
+    assert approve(secured, mine[1].id, "bob").returncode == 0   # someone else decides
+
+
+def test_a_user_at_host_link_covers_that_host_only(secured):
+    on_h1 = create(secured, requested_by="dana", host="h1")
+    assert refused_as_own(approve(secured, on_h1.id, "dana-ops"))
+    elsewhere = create(secured, requested_by="dana", host="build-1")
+    assert approve(secured, elsewhere.id, "dana-ops").returncode == 0
+
+
+def test_a_token_named_like_a_unix_user_is_not_that_user(secured):
+    # Token names and Unix user names are different namespaces: only unix_users links them.
+    a = create(secured, requested_by="bob")
+    r = approve(secured, a.id, "bob")
+    assert r.returncode == 0 and "approved by bob" in r.stdout
+
+
+def test_the_principal_that_filed_a_request_cannot_decide_it(secured):
+    a = create(secured, requested_by="svc", agent="root-admin")   # admins may file too
+    assert refused_as_own(approve(secured, a.id, "root-admin"))
+    assert approve(secured, a.id, "bob").returncode == 0
+
+
+def test_in_open_mode_the_local_admin_decides_what_the_local_host_agent_filed(collector):
+    for user in ("ci-bot", "local"):   # "local" is the open-mode principal's name, not a user
+        a = create(collector, requested_by=user, agent=None)
+        assert a.created_by == "local"
+        r = run_cli("approvals", "approve", a.id, collector=collector)
+        assert r.returncode == 0 and "approved by local" in r.stdout, r.stderr
+
+
+def test_a_host_agent_watches_and_cancels_only_its_own_requests(secured):
+    a = create(secured)                       # filed by host-1
+    other, md = approvals_stub(secured, "host-2")
+    for call in (other.Cancel, other.Get):
+        with pytest.raises(grpc.RpcError) as err:
+            call(pb.ApprovalRef(id=a.id), metadata=md, timeout=10)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert err.value.details() == f"approval request {a.id} was filed by another host agent"
+    with pytest.raises(grpc.RpcError) as err:
+        list(other.Watch(pb.ApprovalRef(id=a.id), metadata=md, timeout=10))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    # the request is untouched, and its own host agent follows and cancels it
+    states = watch(secured, a.id)
+    assert states.get(timeout=10) == pb.PENDING
+    stub, md = hostagent_stub(secured)
+    assert stub.Cancel(pb.ApprovalRef(id=a.id), metadata=md, timeout=10).state == pb.CANCELLED
+    assert states.get(timeout=10) == pb.CANCELLED and states.get(timeout=10) is None
+    # the other roles are not bound: readers follow any request, admins cancel any
+    b = create(secured, agent="host-2")
+    reader, md = approvals_stub(secured, "carol")
+    assert next(iter(reader.Watch(pb.ApprovalRef(id=b.id), metadata=md, timeout=10))).id == b.id
+    admin, md = approvals_stub(secured, "root-admin")
+    done = admin.Cancel(pb.ApprovalRef(id=b.id), metadata=md, timeout=10)
+    assert done.state == pb.CANCELLED and done.decided_by == "root-admin"
+
+
+TOKEN_A = '[[tokens]]\nname = "a"\ntoken = "0123456789abcdefg"\n'
+
+
+@pytest.mark.parametrize("links, fragment", [
+    ('["alice", ""]', "not ''"),
+    ('["al ice"]', "not 'al ice'"),
+    ('["alice@"]', "not 'alice@'"),
+    ('["@h1"]', "not '@h1'"),
+    ('["a@b@c"]', "not 'a@b@c'"),
+    ("[42]", "not 42"),
+    ('"alice"', "'unix_users' must be list"),
+])
+def test_bad_unix_users_are_one_line_config_errors(tmp_path, links, fragment):
+    text = f'{TOKEN_A}role = "approver"\nunix_users = {links}\n'
+    one_line_error(start(tmp_path, text), "[[tokens]] #1", fragment)
+
+
+def test_unix_users_only_on_roles_that_decide(tmp_path):
+    text = f'{TOKEN_A}role = "hostagent"\nunix_users = ["root"]\n'
+    one_line_error(start(tmp_path, text), "'unix_users' is for roles that decide", "not hostagent")
 
 
 def test_expired_requests_cannot_be_approved(secured):

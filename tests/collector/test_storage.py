@@ -61,10 +61,15 @@ def test_session_summary_and_text_search(store):
 def test_approval_transitions(store):
     row = store.create_approval(ApprovalRow(id="", state="pending", command="DROP", requested_by="al",
                                             created_by="host-1", created_ns=1, expires_ns=100))
+
+    def refuse(cur):
+        assert cur.id == row.id and cur.state == "pending"
+        raise Forbidden("no")
     with pytest.raises(Forbidden):
-        store.decide_approval(row.id, True, "", "al", 50)
+        store.decide_approval(row.id, True, "", "al", 50, refuse)
     with pytest.raises(Forbidden):
-        store.decide_approval(row.id, True, "", "host-1", 50)
+        store.cancel_approval(row.id, "host-2", 50, refuse)
+    assert store.get_approval(row.id).state == "pending"
     done = store.decide_approval(row.id, False, "no", "bob", 50)
     assert (done.state, done.decided_by, done.decision_reason) == ("denied", "bob", "no")
     with pytest.raises(Conflict, match="already denied"):
@@ -81,18 +86,6 @@ def test_approval_transitions(store):
     assert store.get_approval(late.id).state == "expired"
     assert [r.id for r in store.expire_approvals(200)] == [soon.id]
     assert store.next_expiry_ns() is None
-
-
-def test_open_mode_local_admin_may_decide_what_the_local_host_agent_filed(store):
-    row = store.create_approval(ApprovalRow(id="", state="pending", command="DROP",
-                                            requested_by="ci-bot", created_by="local",
-                                            created_ns=1, expires_ns=100))
-    assert store.decide_approval(row.id, True, "", "local", 50).state == "approved"
-    own = store.create_approval(ApprovalRow(id="", state="pending", command="DROP",
-                                            requested_by="local", created_by="local",
-                                            created_ns=1, expires_ns=100))
-    with pytest.raises(Forbidden):
-        store.decide_approval(own.id, True, "", "local", 50)
 
 
 def test_undecodable_payloads_are_stored_not_fatal(store):

@@ -1,3 +1,29 @@
-"""PostgreSQL wire protocol v3, sans-IO: framing, the messages the proxy inspects or
-writes, and the SCRAM-SHA-256 client used to authenticate upstream with injected
-credentials. (The inspecting layer itself plugs into the proxy driver next.)"""
+"""PostgreSQL wire protocol v3: every statement parsed (pglast) and judged before it
+runs, results masked as they stream, credentials injected, TLS on both legs.
+
+Modules: messages (framing), auth (SCRAM/md5 upstream), classify (what a statement
+does), requests (statements as policy requests), outputs (what each answer recorded),
+layer (the sans-IO state machine the driver runs)."""
+from __future__ import annotations
+
+from hostagent.protocols.options import (CLIENT_TLS, CREDENTIALS, UPSTREAM_TLS,
+                                         check_credentials, with_password)
+from hostagent.protocols.registry import ProtocolSpec
+
+
+def _layer(ctx):
+    from hostagent.protocols.postgres.layer import PostgresLayer
+    return PostgresLayer.for_session(ctx)
+
+
+PROTOCOL = ProtocolSpec(
+    name="postgres",
+    summary="PostgreSQL v3: statements judged, rows masked, credentials injected",
+    options=CREDENTIALS + UPSTREAM_TLS + CLIENT_TLS,
+    layer=_layer,
+    needs_ca=lambda opts: opts.client_tls == "offer",
+    policy_fields=("databases", "statements", "tables", "functions", "flags"),
+    idle_timeout=8 * 3600.0,   # an idle psql or pool connection is normal
+    check=check_credentials,
+    prepare=with_password,
+)

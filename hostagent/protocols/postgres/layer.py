@@ -1,5 +1,9 @@
 """The PostgreSQL layer: sans-IO, between the agent and the server.
 
+- The server's leg: SSLRequest first unless the target's `tls` is disable; 'S' -> TLS
+  (verified in verify-full), 'N' -> plaintext only where the mode allows, bytes sent
+  before the handshake refused (CVE-2021-23222). The client's start-up waits meanwhile;
+  if the server's leg fails, the client's start-up is answered with a FATAL error.
 - Startup: an SSLRequest is answered with TLS terminated by the proxy (a certificate
   from the host agent's local CA naming the original host) when the target offers it,
   else declined; GSSENCRequest is always declined. The agent's StartupMessage goes upstream with
@@ -20,15 +24,21 @@ from __future__ import annotations
 import secrets
 from typing import Callable
 
-from agentgate.events import COMMAND, DECISION, OUTPUT
-from hostagent.masking import MASK, Masker
-from hostagent.policy import Decision, Request
-from hostagent.protocols import (Action, Close, Hold, ProtocolError, Record, StartTls, ToClient,
-                                 ToUpstream)
+from agentgate.events import COMMAND, OUTPUT
+from hostagent.masking import MASK, Masker, for_target
+from hostagent.policy import Decision, Request, decide
+from hostagent.protocols.api import (CLIENT, Aborted, ApprovalDecided, Close, Command,
+                                     DataReceived, EofReceived, Event, HoldPending,
+                                     ProtocolError, Record, SessionContext, Start,
+                                     StartClientTls, StartUpstreamTls, TlsEstablished, TlsFailed,
+                                     ToClient, ToUpstream)
+from hostagent.protocols.enforce import Enforcer
 from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres.auth import ScramSha256, md5_password
 from hostagent.protocols.postgres.classify import Unparseable, classify
 from hostagent.protocols.postgres.outputs import Outputs, SampleLimits
+from hostagent.protocols.postgres.requests import requests_for
+from hostagent.protocols.postgres.results import Results, provenance
 
 MAX_RECORDED_PARAM = 1024
 # Start-up parameters passed on. Others (`options`, `replication`, ...) could change what
@@ -44,109 +54,6 @@ PLAIN_BINARY_TYPES = frozenset({16, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 
                                 1184, 1186, 2950})
 
 
-class _Results:
-    """Which result shape the rows coming back belong to, following the client's
-    messages in order (simple queries carry their RowDescription; an extended Execute
-    uses the one its statement or portal was described with)."""
-
-    def __init__(self):
-        self._expect: list[tuple] = []            # client order: describe/execute/sync/query
-        self._stmt_plan: dict[str, list] = {}
-        self._portal_plan: dict[str, list] = {}
-        self._portal_stmt: dict[str, str] = {}
-        # Where each result's columns come from, snapshotted in client order: a
-        # pipeline may re-use a statement name (or the unnamed one) before the server
-        # has answered for the earlier text. None: unknown, every column is masked.
-        self._stmt_prov: dict[str, tuple | None] = {}
-        self._portal_prov: dict[str, tuple | None] = {}
-        self._plan: list | None = None
-
-    def client(self, kind: bytes, body: bytes) -> None:
-        c = m.Cursor(body)
-        if kind == b"Q":
-            self._expect.append(("query", None))
-        elif kind == b"B":
-            portal, stmt = c.cstr(), c.cstr()
-            self._portal_stmt[portal] = stmt
-            self._portal_plan.pop(portal, None)
-            self._portal_prov[portal] = self._stmt_prov.get(stmt)
-        elif kind == b"D":
-            what = body[:1]
-            c.pos = 1
-            name = c.cstr()
-            prov = (self._stmt_prov if what == b"S" else self._portal_prov).get(name)
-            self._expect.append(("describe", what, name, prov))
-        elif kind == b"E":
-            self._expect.append(("execute", c.cstr()))
-        elif kind == b"S":
-            self._expect.append(("sync",))
-
-    def provenance(self, statement: str | None, prov: tuple | None) -> None:
-        """What a Query (statement None) or a Parse (its name) reads: (tables, sources,
-        lineages), or None when it can't be known."""
-        if statement is not None:
-            self._stmt_prov[statement] = prov
-            return
-        for i in range(len(self._expect) - 1, -1, -1):
-            if self._expect[i][0] == "query":
-                self._expect[i] = ("query", prov)
-                return
-
-    def current(self) -> tuple | None:
-        front = self._expect[0] if self._expect else ("query", None)
-        if front[0] == "describe":
-            return front[3]
-        if front[0] == "query":
-            return front[1]
-        return None
-
-    def set_plan(self, plan: list) -> None:
-        front = self._expect[0] if self._expect else ("query",)
-        if front[0] == "describe":
-            self._expect.pop(0)
-            (self._stmt_plan if front[1] == b"S" else self._portal_plan)[front[2]] = plan
-        self._plan = plan
-
-    def plan(self) -> list | None:
-        front = self._expect[0] if self._expect else ("query",)
-        if front[0] == "execute":
-            portal = front[1]
-            return self._portal_plan.get(portal) or self._stmt_plan.get(
-                self._portal_stmt.get(portal, ""))
-        return self._plan
-
-    def done(self) -> None:
-        if self._expect and self._expect[0][0] == "execute":
-            self._expect.pop(0)
-
-    def upstream(self, kind: bytes) -> None:
-        if kind in (b"n", b"t") and self._expect and self._expect[0][0] == "describe":
-            if kind == b"n":
-                self._expect.pop(0)
-        elif kind in (b"s", b"I") and self._expect and self._expect[0][0] == "execute":
-            self._expect.pop(0)
-        elif kind == b"E":
-            # the server skips the rest up to Sync
-            while self._expect and self._expect[0][0] not in ("sync", "query"):
-                self._expect.pop(0)
-        elif kind == b"Z" and self._expect:
-            self._expect.pop(0)
-
-
-def _provenance(statements) -> tuple | None:
-    """(tables, sources, lineages) of what a Query or Parse runs; None when some of it
-    is unknown: unparsed, or rows of a statement prepared or declared earlier."""
-    if not statements or any(st is None or st.lineage is None or
-                             st.kinds & {"EXECUTE", "FETCH"} for st in statements):
-        return None
-    sources: dict[str, set] = {}
-    for st in statements:
-        for name, cols in st.sources:
-            sources.setdefault(name, set()).update(cols)
-    tables = {t.rsplit(".", 1)[-1] for st in statements for t in st.tables}
-    return tables, sources, [st.lineage for st in statements]
-
-
 class PostgresLayer:
     name = "postgres"
 
@@ -154,68 +61,177 @@ class PostgresLayer:
                  identity: dict | None = None, user: str | None = None,
                  password: str | None = None, max_message: int = m.DEFAULT_MAX_MESSAGE,
                  cancel_keys: dict | None = None, masker: Masker | None = None,
-                 client_tls: bool = False, samples: SampleLimits | None = None):
-        self.decide = decide
+                 client_tls: bool = False, client_names: tuple[str, ...] = ("localhost",),
+                 samples: SampleLimits | None = None, tls: str = "disable",
+                 ca: str | None = None, server_name: str = ""):
+        self.enforcer = Enforcer(decide)
         self.outputs = Outputs(samples)
         self.client_tls = client_tls   # may answer SSLRequest with 'S' (the driver has a CA)
+        self.client_names = client_names
         self.client_tls_on = False
         self.target = target
         self.identity = identity or {}
         self.user = user
         self.password = password
+        self.tls, self.ca, self.server_name = tls, ca, server_name
         self.client = m.FrameReader(startup=True, max_message=max_message)
         self.upstream = m.FrameReader(max_message=max_message)
         self.state = "startup"
+        # upstream leg: connecting -> (ssl_request -> handshake ->) ready
+        self.upstream_phase = "connecting"
+        self._waiting: list[Command] = []      # for the server once its leg is ready
         self.database = ""
         self.upstream_user = ""
         self.tx_status = b"I"
         self._scram: ScramSha256 | None = None
         self._denials: dict[str, bytes] = {}   # token -> our ErrorResponse
-        self._counter = 0
-        self._held: int | None = None
         self.masker = masker if masker is not None and masker.active else None
-        self._results = _Results() if self.masker else None
+        self._results = Results() if self.masker else None
         self._compiled_for: list | None = None
         self._mask_cols: list[tuple[int, str]] = []
         self._scan_cols: list[int] = []
         self.refusing = ""   # set when the session can't go on: start-up gets this error
-        self._pending: dict[int, tuple[bytes, str | None, Decision, int]] = {}
-        self._queue: list[tuple[bytes, bytes]] = []
+        self._startup_seen = False
         # Shared by all sessions to this target: the key the agent holds -> the server's.
         # The agent never learns the server's key; a cancel from it is mapped back.
         self.cancel_keys = cancel_keys if cancel_keys is not None else {}
         self.client_key: tuple[int, int] | None = None
 
-    # ------------------------------------------------------------------ client side
+    @classmethod
+    def for_session(cls, ctx: SessionContext) -> "PostgresLayer":
+        opts, policy = ctx.options, ctx.policy
+        return cls(decide=lambda req: decide(policy, req), target=ctx.target.name,
+                   identity=ctx.identity, user=opts.user, password=opts.get("password"),
+                   cancel_keys=ctx.shared.setdefault("cancel_keys", {}),
+                   masker=for_target(policy.masks, ctx.target.name),
+                   client_tls=ctx.tls_available and opts.client_tls == "offer",
+                   client_names=tuple(dict.fromkeys((*ctx.target.names, ctx.dialed))),
+                   samples=ctx.samples, tls=opts.tls, ca=opts.ca,
+                   server_name=opts.server_name or "")
 
-    def client_data(self, data: bytes) -> list[Action]:
-        out: list[Action] = []
-        for kind, body in self.client.receive_data(data):
-            if out and isinstance(out[-1], StartTls):
-                # bytes sent in the clear after SSLRequest would be taken as if they
-                # came through TLS (CVE-2021-23214): the client must wait for 'S'
-                raise ProtocolError("data after SSLRequest before the TLS handshake")
-            out += self._from_client(kind, body)
-        if out and isinstance(out[-1], StartTls) and self.client.buffered:
-            raise ProtocolError("data after SSLRequest before the TLS handshake")
-        return out
+    # ------------------------------------------------------------------ events
 
-    def client_eof(self) -> list[Action]:
+    def handle(self, event: Event) -> list[Command]:
+        kind = type(event)
+        if kind is DataReceived:
+            if event.side == CLIENT:
+                return self.client_data(event.data)
+            return self.upstream_data(event.data)
+        if kind is Start:
+            return self._start(event)
+        if kind is HoldPending:
+            return self._held_notice(event)
+        if kind is ApprovalDecided:
+            return self.decided(event.key, event.approved, event.reason)
+        if kind is TlsEstablished:
+            return self._tls_up(event)
+        if kind is TlsFailed:
+            if event.side == CLIENT:
+                return [Close(f"client TLS handshake failed: {event.error}")]
+            return self._refuse_session(f"agentgate: upstream TLS failed ({self.tls}): "
+                                        f"{event.error}")
+        if kind is Aborted:
+            self.close()
+            return [Close(event.reason, m.error_response(f"agentgate: {event.reason}",
+                                                         "53100", "FATAL"))]
+        if kind is EofReceived and event.side == CLIENT:
+            self.close()
         return []
 
-    def refusal(self, message: str) -> bytes:
-        """What the client gets when the proxy must end the session (e.g. the spool
-        is full): an error it can show, as the server would send it."""
-        return m.error_response(message, "53100", "FATAL")
+    def buffered(self) -> int:
+        return (self.client.buffered + self.upstream.buffered
+                + self.enforcer.deferred_bytes()
+                + sum(len(c.data) for c in self._waiting if isinstance(c, ToUpstream)))
 
     def close(self) -> None:
         """The session is over: its cancel key goes with it."""
         if self.client_key is not None:
             self.cancel_keys.pop(self.client_key, None)
+            self.client_key = None
 
-    def _from_client(self, kind: bytes, body: bytes) -> list[Action]:
-        if self._held is not None:
-            self._queue.append((kind, body))   # nothing overtakes a held statement
+    # ------------------------------------------------------------------ the upstream leg
+
+    def _start(self, event: Start) -> list[Command]:
+        """The server's leg: TLS asked for with SSLRequest unless the target disables it;
+        what the client sends meanwhile waits."""
+        if self.tls == "disable":
+            self.upstream_phase = "ready"
+            return []
+        self.upstream_phase = "ssl_request"
+        if not self.server_name:
+            self.server_name = event.upstream[0]
+        return [ToUpstream(m.untyped(m._I32.pack(m.SSL_REQUEST)))]
+
+    def _ssl_answer(self, data: bytes) -> list[Command]:
+        answer, rest = data[:1], data[1:]
+        if answer == b"N" and not rest:
+            if self.tls in ("require", "verify-full"):
+                return self._refuse_session(f"agentgate: upstream TLS failed ({self.tls}): "
+                                            "the server does not offer TLS")
+            return self._upstream_ready()
+        if answer == b"S" and not rest:
+            self.upstream_phase = "handshake"
+            verify = self.tls == "verify-full"
+            return [StartUpstreamTls(self.server_name, verify=verify, ca=self.ca)]
+        if answer == b"S":
+            # bytes after 'S' but before the handshake would be read as if TLS-protected
+            # (CVE-2021-23222): a man in the middle's, not the server's
+            why = "the server sent data before the TLS handshake"
+        else:
+            why = f"unexpected answer {data[:16]!r} to SSLRequest"
+        return self._refuse_session(f"agentgate: upstream TLS failed ({self.tls}): {why}")
+
+    def _tls_up(self, event: TlsEstablished) -> list[Command]:
+        rec = Record("tls", {"side": event.side, "version": event.version,
+                             **({"sni": event.sni} if event.sni else {})})
+        if event.side == CLIENT:
+            return [rec]
+        return [rec] + self._upstream_ready()
+
+    def _upstream_ready(self) -> list[Command]:
+        self.upstream_phase = "ready"
+        waiting, self._waiting = self._waiting, []
+        return waiting
+
+    def _to_server(self, commands: list[Command]) -> list[Command]:
+        """Start-up traffic waits until the server's leg is ready (TLS or not)."""
+        if self.upstream_phase == "ready":
+            return commands
+        self._waiting += commands
+        return []
+
+    def _refuse_session(self, message: str) -> list[Command]:
+        """The session can't go on: the client's start-up gets this error (now, or when
+        it comes; after its own TLS if it asks)."""
+        self.refusing = message
+        self.upstream_phase = "refused"
+        self._waiting.clear()
+        if self._startup_seen:
+            return [Close(message, self.refusal(message))]
+        return []
+
+    # ------------------------------------------------------------------ client side
+
+    def client_data(self, data: bytes) -> list[Command]:
+        out: list[Command] = []
+        for kind, body in self.client.receive_data(data):
+            if out and isinstance(out[-1], StartClientTls):
+                # bytes sent in the clear after SSLRequest would be taken as if they
+                # came through TLS (CVE-2021-23214): the client must wait for 'S'
+                raise ProtocolError("data after SSLRequest before the TLS handshake")
+            out += self._from_client(kind, body)
+        if out and isinstance(out[-1], StartClientTls) and self.client.buffered:
+            raise ProtocolError("data after SSLRequest before the TLS handshake")
+        return out
+
+    def refusal(self, message: str) -> bytes:
+        """What the client gets when the proxy must end the session: an error it can
+        show, as the server would send it."""
+        return m.error_response(message, "53100", "FATAL")
+
+    def _from_client(self, kind: bytes, body: bytes) -> list[Command]:
+        if self.enforcer.holding:
+            self.enforcer.defer((kind, body))   # nothing overtakes a held statement
             return []
         if kind == b"":
             return self._untyped(body)
@@ -245,32 +261,34 @@ class PostgresLayer:
         if kind == b"F":
             # A function called by OID carries no SQL to judge, and its result can't be
             # masked: refused (the server answers it with an error, as for a denial).
+            refusal = Decision("deny", "(function call)", "function calls by OID are not allowed")
+            _, records = self.enforcer.judge([], extra=[refusal])
             return [Record(COMMAND, {"text": "<function call by OID>", "protocol": "function"}),
-                    Record(DECISION, {"action": "deny", "rule": "(function call)",
-                                      "reason": "function calls by OID are not allowed"})] + \
-                self._refuse(Decision("deny", "(function call)",
-                                      "function calls by OID are not allowed"), None)
+                    *records] + self._refuse(refusal, None)
         return [ToUpstream(raw)]
 
-    def _untyped(self, body: bytes) -> list[Action]:
+    def _untyped(self, body: bytes) -> list[Command]:
         msg = m.parse_untyped(body)
         if isinstance(msg, m.SpecialRequest):
             if msg.code == m.SSL_REQUEST and self.client_tls and not self.client_tls_on \
                     and self.state == "startup":
                 self.client_tls_on = True
-                return [ToClient(b"S"), StartTls()]
+                return [ToClient(b"S"), StartClientTls(self.client_names)]
             if msg.code in (m.SSL_REQUEST, m.GSSENC_REQUEST):
                 return [ToClient(b"N")]   # declined: the client goes on in the clear
             real = self.cancel_keys.get((msg.pid, msg.secret))
             if real is None:
                 return [Record("cancel", {"matched": False}), Close("cancel with an unknown key")]
-            return [Record("cancel", {"matched": True}),
-                    ToUpstream(m.cancel_request(*real)),
-                    Close("cancel request forwarded")]
+            if self.refusing:
+                return [Record("cancel", {"matched": True, "forwarded": False}),
+                        Close(self.refusing)]
+            return [Record("cancel", {"matched": True})] + self._to_server(
+                [ToUpstream(m.cancel_request(*real)), Close("cancel request forwarded")])
         if self.state != "startup":
             raise ProtocolError("a second startup message")
+        self._startup_seen = True
         if self.refusing:
-            return [ToClient(self.refusal(self.refusing)), Close(self.refusing)]
+            return [Close(self.refusing, self.refusal(self.refusing))]
         dropped = sorted(k for k in msg.params if k not in STARTUP_PARAMS)
         params = {k: v for k, v in msg.params.items() if k in STARTUP_PARAMS}
         client_user = params.get("user", "")
@@ -284,52 +302,32 @@ class PostgresLayer:
                                    "application_name": params.get("application_name", ""),
                                    "credentials": "injected" if self.password is not None
                                    else "client's own", "dropped_params": dropped,
-                                   "client_tls": self.client_tls_on}),
-                ToUpstream(m.startup_message(params, msg.version))]
+                                   "client_tls": self.client_tls_on})] + \
+            self._to_server([ToUpstream(m.startup_message(params, msg.version))])
 
-    def _statement(self, text: str, raw: bytes, extended: str | None) -> list[Action]:
+    def _statement(self, text: str, raw: bytes, extended: str | None) -> list[Command]:
         try:
             statements = classify(text)
         except Unparseable:
             statements = [None]
         return self._judged(text, raw, extended, statements)
 
-    def _judged(self, text: str, raw: bytes, extended: str | None, statements) -> list[Action]:
-        out: list[Action] = []
-        decisions = []
-        for st in statements or [None]:
-            req = (Request(target=self.target, protocol="postgres", identity=self.identity,
-                           database=self.database, text=text, parsed=False)
-                   if st is None else
-                   Request(target=self.target, protocol="postgres", identity=self.identity,
-                           database=self.database, text=st.text, kinds=st.kinds,
-                           tables=st.tables, functions=st.functions, flags=st.flags))
-            decision = self.decide(req)
-            out.append(Record(COMMAND, {
-                "text": req.text, "kinds": sorted(req.kinds), "tables": list(req.tables),
-                "functions": list(req.functions), "flags": sorted(req.flags),
-                "database": self.database, "statement": extended,
-                "protocol": "simple" if extended is None else "extended"}))
-            out.append(Record(DECISION, decision.as_dict()))
-            decisions.append(decision)
+    def _judged(self, text: str, raw: bytes, extended: str | None, statements) -> list[Command]:
+        commands = requests_for(statements, text, target=self.target, identity=self.identity,
+                                database=self.database, extended=extended)
+        extra = []
         if self.masker and any("copy_out" in (st.flags if st else ()) for st in statements):
             # COPY TO STDOUT bypasses row-by-row masking: refused, never leaked
-            decisions.append(Decision("deny", "(masking)", "COPY out of a masked target "
-                                      "is refused"))
-            out.append(Record(DECISION, decisions[-1].as_dict()))
+            extra.append(Decision("deny", "(masking)", "COPY out of a masked target "
+                                  "is refused"))
+        verdict, out = self.enforcer.judge(commands, extra)
         if self._results is not None:
-            self._results.provenance(extended, _provenance(statements))
-        # the strictest wins: deny, then review, then allow
-        deny = next((d for d in decisions if d.action == "deny"), None)
-        review = next((d for d in decisions if d.action == "review"), None)
-        if deny is not None:
-            return out + self._refuse(deny, extended)
-        if review is not None:
-            self._counter += 1
-            key = self._counter
-            self._held = key
-            self._pending[key] = (raw, extended, review, len(statements))
-            return out + [Hold(key, text, review.rule, review.reason)]
+            self._results.provenance(extended, provenance(statements))
+        if verdict.action == "deny":
+            return out + self._refuse(verdict, extended)
+        if verdict.action == "review":
+            pending = (raw, extended, len(statements))
+            return out + [self.enforcer.hold(pending, verdict, text)]
         return out + [self._forward(raw, extended, len(statements))]
 
     def _forward(self, raw: bytes, extended: str | None, statements: int) -> ToUpstream:
@@ -338,7 +336,7 @@ class PostgresLayer:
             return ToUpstream(raw, self.outputs.sent_query(statements))
         return ToUpstream(raw)
 
-    def _refuse(self, decision: Decision, extended: str | None) -> list[Action]:
+    def _refuse(self, decision: Decision, extended: str | None) -> list[Command]:
         """Send the server a statement it rejects itself (a unique token, a syntax error):
         its own error handling then keeps the session and transaction state right, and
         the error it returns is rewritten into ours."""
@@ -349,38 +347,42 @@ class PostgresLayer:
             return [ToUpstream(m.frame(b"Q", token.encode() + b"\0"), self.outputs.sent_query(1))]
         return [ToUpstream(m.frame(b"P", extended.encode() + b"\0" + token.encode() + b"\0\0\0"))]
 
-    def held_notice(self, approval_id: str, expires: str) -> bytes:
-        key = self._held
-        _raw, _ext, decision, _n = self._pending[key]
-        return m.notice_response(f'agentgate: held for approval {approval_id} (rule '
-                                 f'"{decision.rule}": {decision.reason}); expires {expires}')
+    def _held_notice(self, event: HoldPending) -> list[Command]:
+        decision = self.enforcer.held(event.key)
+        if decision is None:
+            return []
+        return [ToClient(m.notice_response(
+            f'agentgate: held for approval {event.approval_id} (rule "{decision.rule}": '
+            f'{decision.reason}); expires {event.expires}'))]
 
-    def decided(self, key: int, approved: bool, reason: str) -> list[Action]:
+    def decided(self, key: int, approved: bool, reason: str) -> list[Command]:
         """The answer to a Hold: run the statement, or refuse it; then what the client sent
         meanwhile (an extended-protocol pipeline) goes on in order."""
-        raw, extended, decision, statements = self._pending.pop(key)
-        self._held = None
+        released = self.enforcer.release(key)
+        if released is None:
+            return []
+        (raw, extended, statements), decision = released
         if approved:
-            out: list[Action] = [self._forward(raw, extended, statements)]
+            out: list[Command] = [self._forward(raw, extended, statements)]
         else:
             out = self._refuse(Decision("deny", decision.rule, reason), extended)
-        queued, self._queue = self._queue, []
-        for kind, body in queued:
+        for kind, body in self.enforcer.take_deferred():
             out += self._from_client(kind, body)
         return out
 
     # ------------------------------------------------------------------ server side
 
-    def upstream_data(self, data: bytes) -> list[Action]:
-        out: list[Action] = []
+    def upstream_data(self, data: bytes) -> list[Command]:
+        if self.upstream_phase != "ready":
+            if self.upstream_phase == "ssl_request":
+                return self._ssl_answer(data)
+            raise ProtocolError(f"the server spoke during {self.upstream_phase}")
+        out: list[Command] = []
         for kind, body in self.upstream.receive_data(data):
             out += self._from_upstream(kind, body)
         return out
 
-    def upstream_eof(self) -> list[Action]:
-        return []
-
-    def _from_upstream(self, kind: bytes, body: bytes) -> list[Action]:
+    def _from_upstream(self, kind: bytes, body: bytes) -> list[Command]:
         raw = m.frame(kind, body)
         if self.state == "auth" and kind == b"R":
             return self._auth(body, raw)
@@ -542,7 +544,7 @@ class PostgresLayer:
                     values[i] = _MASK
         return values
 
-    def _auth(self, body: bytes, raw: bytes) -> list[Action]:
+    def _auth(self, body: bytes, raw: bytes) -> list[Command]:
         code, data = m.parse_authentication(body)
         if code == m.AUTH_OK:
             return [ToClient(raw)]

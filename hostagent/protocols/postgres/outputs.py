@@ -9,18 +9,12 @@ an id; the driver times it from its send to the answer carrying the same id.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+
+from hostagent.recording.samples import SampleLimits
 
 # Command tags whose count is rows changed, not rows returned
 CHANGING = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "COPY"})
 MAX_VALUE_CHARS = 256
-
-
-@dataclass(frozen=True)
-class SampleLimits:
-    rows: int = 10                 # rows kept per statement
-    bytes: int = 4096              # rendered bytes kept per statement
-    session_bytes: int = 1 << 20   # all samples of a session; then only counts are kept
 
 
 class _Group:

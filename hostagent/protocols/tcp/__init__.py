@@ -1,21 +1,15 @@
-"""Raw TCP: no parsing; every chunk is recorded (as `data` events) and passed on."""
+"""Raw TCP, the explicit relay: no parsing; every chunk is recorded (as `data` events)
+and passed on. Only a target that says `protocol = "tcp"` (or a non-target connection
+in the interceptor's `record` mode) gets it: an unknown protocol is a config error."""
 from __future__ import annotations
 
-from agentgate.events import DATA
-from hostagent.protocols import Action, Record, ToClient, ToUpstream
+from hostagent.protocols.registry import ProtocolSpec
 
 
-class RawTcp:
-    name = "tcp"
+def _layer(ctx):
+    from hostagent.protocols.tcp.layer import RawTcp
+    return RawTcp()
 
-    def client_data(self, data: bytes) -> list[Action]:
-        return [Record(DATA, {"dir": "in", "data": data}), ToUpstream(data)]
 
-    def upstream_data(self, data: bytes) -> list[Action]:
-        return [Record(DATA, {"dir": "out", "data": data}), ToClient(data)]
-
-    def client_eof(self) -> list[Action]:
-        return []
-
-    def upstream_eof(self) -> list[Action]:
-        return []
+PROTOCOL = ProtocolSpec(name="tcp", summary="raw relay, every byte recorded", layer=_layer,
+                        idle_timeout=3600.0)

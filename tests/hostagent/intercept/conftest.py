@@ -12,7 +12,7 @@ import pytest
 from agentgate.events import unpack_payload
 from collector.storage import SessionFilter
 from collector.storage.sqlite import SqliteStorage
-from tests.support import BIN
+from tests.support import BIN, logs
 
 AGENT = Path(__file__).with_name("agent.py")
 PYTHON = "/usr/bin/python3"
@@ -24,7 +24,7 @@ class EchoServer:
     """Answers each line with 'echo: <line>' on 127.0.0.1 and ::1 (same port)."""
 
     def __init__(self):
-        from hostagent.proxy.driver import bind_pair
+        from hostagent.proxy.net import bind_pair
         self.socks = bind_pair(0, privileged=False)
         self.port = self.socks[0].getsockname()[1]
         self.peers = []
@@ -59,6 +59,16 @@ def echo():
     e.close()
 
 
+class _Run(subprocess.Popen):
+    """Hands the stderr that communicate() read to the test's log check (the test reads
+    the pipe, so nothing else can)."""
+
+    def communicate(self, *args, **kw):
+        out, err = super().communicate(*args, **kw)
+        self.on_stderr(err)
+        return out, err
+
+
 class Host:
     """A host agent config of the test's own (own cgroup tree, socket, state), and ways
     to run agents under it."""
@@ -73,6 +83,8 @@ class Host:
         self.public.chmod(0o755)
         self.configs = []
         self.config = self.write("main", mode)
+        self.runs = 0
+        logs.watch_file(tmp / "daemon.log")     # where test_daemon's Daemon sends stderr
 
     def write(self, name: str, mode: str = "deny", extra: str = "") -> Path:
         cfg = self.tmp / f"{name}.toml"
@@ -104,14 +116,22 @@ address = ["127.0.0.1:{self.echo.port}", "[::1]:{self.echo.port}"]
             args += ["--mode", mode]
         p = subprocess.run(args + ["--", PYTHON, str(AGENT), " ".join(agent_cmd)],
                            capture_output=True, text=True, timeout=timeout)
+        self._watch_run(p.stderr)
         return p.returncode, [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")], p.stderr
 
     def popen(self, *agent_cmd: str, user: str | None = None, config: Path | None = None):
         args = [str(BIN / "agentgate"), "run", "--config", str(config or self.config)]
         if user:
             args += ["--user", user]
-        return subprocess.Popen(args + ["--", PYTHON, str(AGENT), " ".join(agent_cmd)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = _Run(args + ["--", PYTHON, str(AGENT), " ".join(agent_cmd)],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p.on_stderr = self._watch_run
+        return p
+
+    def _watch_run(self, stderr: str | None) -> None:
+        """The in-process stack of `agentgate run` logs to its stderr."""
+        self.runs += 1
+        logs.watch(f"{self.tmp} agentgate run #{self.runs} stderr", lambda: stderr or "")
 
     def sessions(self, protocol: str | None = None) -> list[dict]:
         store = SqliteStorage(self.collector.database)

@@ -331,7 +331,7 @@ def test_leaf_never_outlives_ca(tmp_path, monkeypatch):
     ca = LocalCA.load_or_create(tmp_path / "ca")
     monkeypatch.setattr(tls, "_now", lambda: ca.cert.not_valid_after_utc - dt.timedelta(days=3))
     ctx = ca.server_context([DNS])
-    assert ca._cache[frozenset([x509.DNSName(DNS)])] == (
+    assert ca._cache[(frozenset([x509.DNSName(DNS)]), ())] == (
         ctx, ca.cert.not_valid_after_utc.timestamp())
 
 

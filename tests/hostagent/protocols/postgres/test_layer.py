@@ -1,24 +1,41 @@
-"""The PostgreSQL layer on its own: any bytes from a client end in a ProtocolError at
-worst (the driver closes that session only), never another exception."""
+"""The PostgreSQL layer on its own, through the contract (hostagent/protocols/api.py):
+scripts of events in and commands out, and any bytes from a client end in a
+ProtocolError at worst (the driver closes that session only), never another exception."""
+import struct
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hostagent.policy import Policy, decide
-from hostagent.protocols import ProtocolError
+from hostagent.policy import Policy, Rule, decide
+from hostagent.protocols import (Aborted, ApprovalDecided, Close, DataReceived, Hold,
+                                 HoldPending, ProtocolError, Record, Start, StartClientTls,
+                                 StartUpstreamTls, TlsEstablished, TlsFailed, ToClient,
+                                 ToUpstream)
 from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres.layer import PostgresLayer
+from tests.hostagent.protocols.playbook import (CLIENT, UPSTREAM, Playbook, feed, record,
+                                                sends, to_client, to_upstream)
+
+SERVER = ("10.1.2.3", 5432)
+
+
+def new_layer(policy: Policy | None = None, **kw) -> PostgresLayer:
+    """A layer whose server leg is connected (plaintext unless `tls` says otherwise)."""
+    policy = policy or Policy()
+    layer = PostgresLayer(decide=lambda r: decide(policy, r), target="t", **kw)
+    layer.handle(Start(SERVER))
+    return layer
 
 
 def ready_layer(policy: Policy | None = None, startup: dict | None = None,
                 **kw) -> PostgresLayer:
     """A layer past start-up (injected credentials, the server's AuthenticationOk,
     BackendKeyData and ReadyForQuery), deciding by `policy`."""
-    policy = policy or Policy()
-    layer = PostgresLayer(decide=lambda r: decide(policy, r), target="t", user="app",
-                          password="pw", **kw)
-    layer.client_data(m.startup_message(startup or {"user": "x", "database": "d"}))
-    layer.upstream_data(m.authentication(m.AUTH_OK) + m.frame(b"K", b"\0\0\0\1\0\0\0\2")
-                        + m.ready_for_query())
+    layer = new_layer(policy, user="app", password="pw", **kw)
+    feed(layer, CLIENT, m.startup_message(startup or {"user": "x", "database": "d"}))
+    feed(layer, UPSTREAM, m.authentication(m.AUTH_OK) + m.frame(b"K", b"\0\0\0\1\0\0\0\2")
+         + m.ready_for_query())
     return layer
 
 
@@ -29,7 +46,7 @@ def test_malformed_client_messages_raise_only_protocol_errors(msgs):
     layer = ready_layer()
     data = b"".join(m.frame(bytes([k]), body) for k, body in msgs)
     try:
-        layer.client_data(data)
+        feed(layer, CLIENT, data)
     except ProtocolError:
         pass
 
@@ -37,9 +54,9 @@ def test_malformed_client_messages_raise_only_protocol_errors(msgs):
 @settings(max_examples=200)
 @given(st.binary(max_size=120))
 def test_truncated_or_garbage_startup_raises_only_protocol_errors(data):
-    layer = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t")
+    layer = new_layer()
     try:
-        layer.client_data(data)
+        feed(layer, CLIENT, data)
     except ProtocolError:
         pass
 
@@ -53,23 +70,38 @@ def test_the_agent_gets_a_stand_in_backend_key():
 
 
 def test_a_held_statement_keeps_the_pipeline_behind_it_in_order():
-    from hostagent.policy import Rule
-    from hostagent.protocols import Hold, ToUpstream
-    policy = Policy(rules=(Rule(name="r", action="review", statements=("DELETE",)),))
-    layer = ready_layer(policy)
+    policy = Policy(rules=(Rule(name="r", action="review", matchers=(("statements", ("DELETE",)),)),))
     parse = m.frame(b"P", b"\0DELETE FROM t WHERE id = 1\0\0\0")
     rest = m.frame(b"B", b"\0\0\0\0\0\0\0\0") + m.frame(b"E", b"\0\0\0\0\0") + m.frame(b"S")
-    actions = layer.client_data(parse + rest)
-    holds = [a for a in actions if isinstance(a, Hold)]
-    assert len(holds) == 1 and not any(isinstance(a, ToUpstream) for a in actions)
-    after = layer.decided(holds[0].key, True, "ok")
-    sent = b"".join(a.data for a in after if isinstance(a, ToUpstream))
-    assert sent == parse + rest                      # the statement, then the rest, in order
+    notice = sends(ToClient, lambda b: b.startswith(b"N") and b"held for approval ap-1" in b,
+                   "a NoticeResponse naming the approval")
+    assert (Playbook(ready_layer(policy))
+            >> DataReceived(CLIENT, parse + rest)
+            << record("command", text="DELETE FROM t WHERE id = 1", protocol="extended")
+            << record("decision", action="review", rule="r")
+            << Hold(1, "DELETE FROM t WHERE id = 1", "r", "")
+            >> HoldPending(1, "ap-1", "12:00:00")
+            << notice
+            >> ApprovalDecided(1, True, "ok")
+            << ToUpstream(parse)                      # the statement, then the rest, in order
+            << record("bind", statement="", portal="")
+            << ToUpstream(m.frame(b"B", b"\0\0\0\0\0\0\0\0"))
+            << ToUpstream(m.frame(b"E", b"\0\0\0\0\0"), (1,))
+            << ToUpstream(m.frame(b"S")))
     denied = ready_layer(policy)
-    (hold,) = [a for a in denied.client_data(parse + rest) if isinstance(a, Hold)]
-    sent = b"".join(a.data for a in denied.decided(hold.key, False, "no")
-                    if isinstance(a, ToUpstream))
+    (hold,) = [a for a in feed(denied, CLIENT, parse + rest) if isinstance(a, Hold)]
+    sent = to_upstream(denied.handle(ApprovalDecided(hold.key, False, "no")))
     assert b"DELETE" not in sent and b"agentgate_denied_" in sent and sent.endswith(rest)
+    # a decision for a key that is not held changes nothing
+    assert denied.handle(ApprovalDecided(99, True, "")) == []
+
+
+def test_an_aborted_session_gets_a_fatal_error_and_closes():
+    layer = ready_layer()
+    (close,) = layer.handle(Aborted("idle for 5 s: session closed"))
+    assert isinstance(close, Close) and close.final.startswith(b"E")
+    assert b"FATAL" in close.final and b"idle for 5 s" in close.final
+    assert layer.cancel_keys == {}                 # its cancel key went with it
 
 
 def test_detectors():
@@ -96,62 +128,157 @@ def masked_layer():
 
 
 def test_masking_follows_extended_cycles_one_after_another():
-    from hostagent.protocols import ToClient
     layer = masked_layer()
     col = m.Column("ssn", 1234, 3, 25, -1, -1, 0)
     for _ in range(3):   # the same statement again and again
-        layer.client_data(m.frame(b"P", b"\0SELECT ssn FROM users\0\0\0")
-                          + m.frame(b"B", b"\0\0\0\0\0\0\0\0") + m.frame(b"D", b"P\0")
-                          + m.frame(b"E", b"\0\0\0\0\0") + m.frame(b"S"))
-        out = layer.upstream_data(m.frame(b"1") + m.frame(b"2") + m.row_description([col])
-                                  + m.data_row([b"123-45-6789"]) + m.frame(b"C", b"SELECT 1\0")
-                                  + m.ready_for_query())
-        sent = b"".join(a.data for a in out if isinstance(a, ToClient))
+        feed(layer, CLIENT, m.frame(b"P", b"\0SELECT ssn FROM users\0\0\0")
+             + m.frame(b"B", b"\0\0\0\0\0\0\0\0") + m.frame(b"D", b"P\0")
+             + m.frame(b"E", b"\0\0\0\0\0") + m.frame(b"S"))
+        sent = to_client(feed(layer, UPSTREAM, m.frame(b"1") + m.frame(b"2")
+                              + m.row_description([col]) + m.data_row([b"123-45-6789"])
+                              + m.frame(b"C", b"SELECT 1\0") + m.ready_for_query()))
         assert b"123-45-6789" not in sent and b"****" in sent
 
 
 def test_startup_options_are_dropped_and_function_calls_refused():
-    from hostagent.protocols import Record, ToUpstream
-    layer = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t")
-    actions = layer.client_data(m.startup_message({"user": "x", "options": "-c search_path=evil",
-                                                   "replication": "database"}))
-    startup = next(a for a in actions if isinstance(a, Record))
-    assert startup.fields["dropped_params"] == ["options", "replication"]
-    sent = next(a for a in actions if isinstance(a, ToUpstream)).data
-    assert b"search_path" not in sent and b"replication" not in sent
-    layer.upstream_data(m.authentication(m.AUTH_OK) + m.ready_for_query())
-    out = layer.client_data(m.frame(b"F", b"\0\0\x04\xd2\0\0\0\0\0\0"))
-    sent = b"".join(a.data for a in out if isinstance(a, ToUpstream))
-    assert sent.startswith(b"Q") and b"agentgate_denied_" in sent   # never the call
+    layer = new_layer()
+    startup = m.startup_message({"user": "x", "options": "-c search_path=evil",
+                                 "replication": "database"})
+    assert (Playbook(layer)
+            >> DataReceived(CLIENT, startup)
+            << record("startup", user="x", dropped_params=["options", "replication"],
+                      credentials="client's own")
+            << ToUpstream(m.startup_message({"user": "x"})))
+    feed(layer, UPSTREAM, m.authentication(m.AUTH_OK) + m.ready_for_query())
+    assert (Playbook(layer)
+            >> DataReceived(CLIENT, m.frame(b"F", b"\0\0\x04\xd2\0\0\0\0\0\0"))
+            << record("command", text="<function call by OID>")
+            << record("decision", action="deny", rule="(function call)")
+            << sends(ToUpstream, lambda b: b.startswith(b"Q") and b"agentgate_denied_" in b,
+                     "a statement the server rejects, never the call"))
 
 
 def ssl_request() -> bytes:
-    import struct
     return m.untyped(struct.pack("!i", m.SSL_REQUEST))
 
 
 def test_ssl_request_is_terminated_when_offered_and_declined_otherwise():
-    from hostagent.protocols import StartTls, ToClient
-    offered = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t", client_tls=True)
-    assert offered.client_data(ssl_request()) == [ToClient(b"S"), StartTls()]
-    # inside TLS the client goes on with its StartupMessage; a second request is declined
-    assert offered.client_data(ssl_request()) == [ToClient(b"N")]
-    offered.client_data(m.startup_message({"user": "x", "database": "d"}))
+    offered = new_layer(client_tls=True, client_names=("db.example", "10.1.2.3"))
+    assert (Playbook(offered)
+            >> DataReceived(CLIENT, ssl_request())
+            << ToClient(b"S") << StartClientTls(("db.example", "10.1.2.3"))
+            >> TlsEstablished(CLIENT, "TLSv1.3", None, "db.example")
+            << record("tls", side="client", version="TLSv1.3", sni="db.example")
+            # inside TLS the client goes on with its StartupMessage; a second request is declined
+            >> DataReceived(CLIENT, ssl_request())
+            << ToClient(b"N"))
+    feed(offered, CLIENT, m.startup_message({"user": "x", "database": "d"}))
     assert offered.state == "auth"
-    declined = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t")
-    assert declined.client_data(ssl_request()) == [ToClient(b"N")]
-    gss = m.untyped(__import__("struct").pack("!i", m.GSSENC_REQUEST))
-    assert PostgresLayer(decide=lambda r: decide(Policy(), r), target="t",
-                         client_tls=True).client_data(gss) == [ToClient(b"N")]
+    assert feed(new_layer(), CLIENT, ssl_request()) == [ToClient(b"N")]
+    gss = m.untyped(struct.pack("!i", m.GSSENC_REQUEST))
+    assert feed(new_layer(client_tls=True), CLIENT, gss) == [ToClient(b"N")]
+    failed = new_layer(client_tls=True)
+    feed(failed, CLIENT, ssl_request())
+    (close,) = failed.handle(TlsFailed(CLIENT, "unknown ca"))
+    assert isinstance(close, Close) and "unknown ca" in close.reason
 
 
 def test_bytes_sent_in_the_clear_after_ssl_request_are_refused():
-    import pytest
     startup = m.startup_message({"user": "x", "database": "d"})
     for extra in (startup, startup[:3]):   # a whole message, or part of one
-        layer = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t", client_tls=True)
+        layer = new_layer(client_tls=True)
         with pytest.raises(ProtocolError, match="before the TLS handshake"):
-            layer.client_data(ssl_request() + extra)
+            feed(layer, CLIENT, ssl_request() + extra)
+
+
+# ---------------------------------------------------------------- the server's leg
+
+STARTUP = m.startup_message({"user": "x", "database": "d"})
+
+
+def fresh(tls: str, **kw) -> PostgresLayer:
+    return PostgresLayer(decide=lambda r: decide(Policy(), r), target="t", user="app",
+                         password="pw", tls=tls, **kw)
+
+
+@pytest.mark.parametrize("mode,verify", [("prefer", False), ("require", False),
+                                         ("verify-full", True)])
+def test_upstream_tls_is_asked_for_and_the_startup_waits_for_it(mode, verify):
+    assert (Playbook(fresh(mode, ca="/etc/ca.pem"))
+            >> Start(SERVER)
+            << ToUpstream(ssl_request())
+            >> DataReceived(CLIENT, STARTUP)            # the client speaks first: it waits
+            << record("startup", user="x", upstream_user="app", credentials="injected")
+            >> DataReceived(UPSTREAM, b"S")
+            << StartUpstreamTls("10.1.2.3", verify=verify, ca="/etc/ca.pem")
+            >> TlsEstablished(UPSTREAM, "TLSv1.3")
+            << record("tls", side="upstream", version="TLSv1.3")
+            << ToUpstream(m.startup_message({"user": "app", "database": "d"})))
+
+
+def test_prefer_goes_on_in_the_clear_when_the_server_declines():
+    assert (Playbook(fresh("prefer", server_name="db.example"))
+            >> Start(SERVER) << ToUpstream(ssl_request())
+            >> DataReceived(UPSTREAM, b"N")
+            >> DataReceived(CLIENT, STARTUP)
+            << record("startup") << ToUpstream(m.startup_message({"user": "app",
+                                                                  "database": "d"})))
+
+
+def refused(text: str):
+    return sends(ToClient, lambda b: b.startswith(b"E") and b"FATAL" in b and text.encode() in b,
+                 f"a FATAL error saying {text!r}")
+
+
+@pytest.mark.parametrize("answer,why", [
+    (b"N", "the server does not offer TLS"),
+    (b"S" + STARTUP[:5], "the server sent data before the TLS handshake"),
+    (b"X", "unexpected answer"),
+])
+def test_a_server_that_can_not_be_trusted_gets_nothing(answer, why):
+    layer = fresh("require")
+    assert (Playbook(layer)
+            >> Start(SERVER) << ToUpstream(ssl_request())
+            >> DataReceived(UPSTREAM, answer)
+            >> DataReceived(CLIENT, STARTUP)            # never sent on: an error instead
+            << Match_close(why))
+    # the client asked for TLS first: it gets it, then the error
+    layer = fresh("require", client_tls=True)
+    assert (Playbook(layer)
+            >> Start(SERVER) << ToUpstream(ssl_request())
+            >> DataReceived(CLIENT, ssl_request()) << ToClient(b"S") << StartClientTls
+            >> DataReceived(UPSTREAM, answer)
+            >> TlsEstablished(CLIENT, "TLSv1.3") << record("tls", side="client")
+            >> DataReceived(CLIENT, STARTUP) << Match_close(why))
+
+
+def Match_close(why: str):
+    from tests.hostagent.protocols.playbook import Match
+    return Match(f"Close(final=FATAL {why!r})",
+                 lambda c: isinstance(c, Close) and why in c.reason
+                 and c.final.startswith(b"E") and why.encode() in c.final)
+
+
+def test_a_failed_upstream_handshake_refuses_a_waiting_client():
+    layer = fresh("verify-full")
+    assert (Playbook(layer)
+            >> Start(SERVER) << ToUpstream(ssl_request())
+            >> DataReceived(CLIENT, STARTUP) << record("startup")
+            >> DataReceived(UPSTREAM, b"S") << StartUpstreamTls
+            >> TlsFailed(UPSTREAM, "certificate verify failed: self-signed certificate")
+            << Match_close("certificate verify failed"))
+
+
+def test_a_cancel_request_waits_for_the_server_leg_too():
+    first = ready_layer()
+    (fake, real), = first.cancel_keys.items()
+    cancel = m.cancel_request(*fake)
+    layer = fresh("prefer", cancel_keys=first.cancel_keys)
+    assert (Playbook(layer)
+            >> Start(SERVER) << ToUpstream(ssl_request())
+            >> DataReceived(CLIENT, cancel) << record("cancel", matched=True)
+            >> DataReceived(UPSTREAM, b"N")
+            << ToUpstream(m.cancel_request(*real)) << Close)
 
 
 def test_the_bytes_fast_path_masks_exactly_what_the_text_scan_masks():
@@ -185,11 +312,9 @@ def people_layer():
 
 
 def answer(layer, name: str, value: bytes, table_oid: int = 0) -> bytes:
-    from hostagent.protocols import ToClient
-    out = layer.upstream_data(m.row_description([m.Column(name, table_oid, 3 if table_oid else 0,
-                                                          25, -1, -1, 0)])
-                              + m.data_row([value]) + m.frame(b"C", b"SELECT 1\0"))
-    return b"".join(a.data for a in out if isinstance(a, ToClient))
+    return to_client(feed(layer, UPSTREAM, m.row_description(
+        [m.Column(name, table_oid, 3 if table_oid else 0, 25, -1, -1, 0)])
+        + m.data_row([value]) + m.frame(b"C", b"SELECT 1\0")))
 
 
 SECRET = b"123-45-6789"
@@ -198,7 +323,7 @@ SECRET = b"123-45-6789"
 def test_a_pipelined_statement_does_not_lend_its_shape_to_the_one_before():
     # simple queries: the second (harmless) text must not decide how the first is masked
     layer = people_layer()
-    layer.client_data(m.frame(b"Q", b"SELECT ssn AS s FROM people\0")
+    feed(layer, CLIENT, m.frame(b"Q", b"SELECT ssn AS s FROM people\0")
                       + m.frame(b"Q", b"SELECT 1\0"))
     assert SECRET not in answer(layer, "s", SECRET, table_oid=4242)
     # extended: the unnamed statement re-parsed before the server answered
@@ -207,12 +332,9 @@ def test_a_pipelined_statement_does_not_lend_its_shape_to_the_one_before():
     for sql in (b"SELECT ssn AS s FROM people", b"SELECT 1"):
         ext += (m.frame(b"P", b"\0" + sql + b"\0\0\0") + m.frame(b"B", b"\0\0\0\0\0\0\0\0")
                 + m.frame(b"D", b"P\0") + m.frame(b"E", b"\0\0\0\0\0"))
-    layer.client_data(ext + m.frame(b"S"))
-    layer.upstream_data(m.frame(b"1") + m.frame(b"2"))
+    feed(layer, CLIENT, ext + m.frame(b"S"))
+    feed(layer, UPSTREAM, m.frame(b"1") + m.frame(b"2"))
     assert SECRET not in answer(layer, "s", SECRET, table_oid=4242)
-
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("sql,name,oid", [
@@ -232,7 +354,7 @@ import pytest  # noqa: E402
 ])
 def test_shapes_whose_names_cannot_be_followed_are_masked(sql, name, oid):
     layer = people_layer()
-    layer.client_data(m.frame(b"Q", sql.encode() + b"\0"))
+    feed(layer, CLIENT, m.frame(b"Q", sql.encode() + b"\0"))
     assert SECRET not in answer(layer, name, SECRET, table_oid=oid), sql
 
 
@@ -241,5 +363,5 @@ def test_shapes_whose_names_cannot_be_followed_are_masked(sql, name, oid):
                                       ("SELECT ssn FROM orders", "ssn")])
 def test_clean_columns_stay_readable(sql, name):
     layer = people_layer()
-    layer.client_data(m.frame(b"Q", sql.encode() + b"\0"))
+    feed(layer, CLIENT, m.frame(b"Q", sql.encode() + b"\0"))
     assert b"visible" in answer(layer, name, b"visible", table_oid=4242 if name != "lower" else 0)

@@ -5,7 +5,8 @@ from hostagent.policy import Policy
 from hostagent.protocols import Record, ToUpstream
 from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres.layer import PostgresLayer
-from hostagent.protocols.postgres.outputs import SampleLimits
+from hostagent.recording.samples import SampleLimits
+from tests.hostagent.protocols.playbook import CLIENT, UPSTREAM, feed
 from tests.hostagent.protocols.postgres.test_layer import ready_layer
 
 
@@ -27,9 +28,9 @@ def starts(actions) -> tuple:
 
 def test_a_query_with_two_statements_gets_two_outputs_with_samples_and_counts():
     lay = layer()
-    sent = starts(lay.client_data(m.frame(b"Q", b"SELECT 'a'; UPDATE t SET x = 1\0")))
+    sent = starts(feed(lay, CLIENT, m.frame(b"Q", b"SELECT 'a'; UPDATE t SET x = 1\0")))
     assert len(sent) == 2
-    acts = lay.upstream_data(rowdesc("v") + m.data_row([b"a"]) + m.frame(b"C", b"SELECT 1\0")
+    acts = feed(lay, UPSTREAM, rowdesc("v") + m.data_row([b"a"]) + m.frame(b"C", b"SELECT 1\0")
                              + m.frame(b"C", b"UPDATE 3\0") + m.ready_for_query())
     first, second = outputs(acts)
     assert first.stop == sent[0] and second.stop == sent[1]
@@ -43,10 +44,10 @@ def test_an_error_in_a_pipeline_skips_the_rest_of_its_sync_group():
     batch = b"".join([m.frame(b"P", b"\0SELECT 1\0\0\0"), m.frame(b"B", b"\0\0\0\0\0\0\0\0"),
                       m.frame(b"E", b"\0\0\0\0\0"), m.frame(b"E", b"\0\0\0\0\0"), m.frame(b"S"),
                       m.frame(b"E", b"\0\0\0\0\0"), m.frame(b"S")])
-    sent = starts(lay.client_data(batch))
+    sent = starts(feed(lay, CLIENT, batch))
     assert len(sent) == 3
     err = m.error_response("division by zero", "22012")
-    acts = lay.upstream_data(m.frame(b"1") + m.frame(b"2") + err + m.ready_for_query()
+    acts = feed(lay, UPSTREAM, m.frame(b"1") + m.frame(b"2") + err + m.ready_for_query()
                              + m.frame(b"C", b"SELECT 1\0") + m.ready_for_query())
     failed, ok = outputs(acts)
     assert failed.stop == sent[0] and failed.fields["sqlstate"] == "22012"
@@ -55,14 +56,14 @@ def test_an_error_in_a_pipeline_skips_the_rest_of_its_sync_group():
 
 def test_samples_are_bounded_per_statement_and_per_session():
     lay = layer(SampleLimits(rows=2, bytes=4096, session_bytes=10))
-    lay.client_data(m.frame(b"Q", b"SELECT v FROM t\0"))
+    feed(lay, CLIENT, m.frame(b"Q", b"SELECT v FROM t\0"))
     rows = b"".join(m.data_row([b"abc"]) for _ in range(5))
-    (out,) = outputs(lay.upstream_data(rowdesc("v") + rows + m.frame(b"C", b"SELECT 5\0")
+    (out,) = outputs(feed(lay, UPSTREAM, rowdesc("v") + rows + m.frame(b"C", b"SELECT 5\0")
                                        + m.ready_for_query()))
     assert out.fields["sample"] == [["abc"], ["abc"]] and out.fields["sample_truncated"]
     assert out.fields["rows_returned"] == 5
-    lay.client_data(m.frame(b"Q", b"SELECT v FROM t\0"))
-    (out,) = outputs(lay.upstream_data(rowdesc("v") + rows + m.frame(b"C", b"SELECT 5\0")
+    feed(lay, CLIENT, m.frame(b"Q", b"SELECT v FROM t\0"))
+    (out,) = outputs(feed(lay, UPSTREAM, rowdesc("v") + rows + m.frame(b"C", b"SELECT 5\0")
                                        + m.ready_for_query()))
     assert out.fields["sample_capped"] and "sample" not in out.fields   # budget spent
     assert out.fields["rows_returned"] == 5
@@ -70,11 +71,11 @@ def test_samples_are_bounded_per_statement_and_per_session():
 
 def test_a_denied_statement_has_no_output_of_its_own():
     from hostagent.policy import Rule
-    policy = Policy(rules=(Rule(name="no-drop", action="deny", statements=("DROP",)),))
+    policy = Policy(rules=(Rule(name="no-drop", action="deny", matchers=(("statements", ("DROP",)),)),))
     lay = ready_layer(policy)
-    token_q = [a for a in lay.client_data(m.frame(b"Q", b"DROP TABLE t\0"))
+    token_q = [a for a in feed(lay, CLIENT, m.frame(b"Q", b"DROP TABLE t\0"))
                if isinstance(a, ToUpstream)][0]
     token = token_q.data[5:-1].decode()
-    acts = lay.upstream_data(m.error_response(f'syntax error at or near "{token}"', "42601")
+    acts = feed(lay, UPSTREAM, m.error_response(f'syntax error at or near "{token}"', "42601")
                              + m.ready_for_query())
     assert outputs(acts) == []

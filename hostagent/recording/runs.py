@@ -9,11 +9,14 @@ import shlex
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agentgate.events import SESSION_END, SESSION_START
-from hostagent.intercept.loader import KernelEvent
 from hostagent.recording.recorder import SessionRecorder
 from hostagent.recording.spool import Spool, SpoolError
+
+if TYPE_CHECKING:   # recording needs no kernel: only the shape of its events
+    from hostagent.intercept.loader import KernelEvent
 
 log = logging.getLogger("agentgate.hostagent")
 
@@ -68,9 +71,13 @@ class RunSession:
             return False
         return True
 
-    def end(self, exit_code: int | None, *, lost: int = 0, refused: int = 0,
+    def end(self, exit_code: int | None, *, lost: int = 0, refused: int | None = None,
             reason: str = "exited") -> None:
-        end = {"reason": reason, "exit_code": exit_code, "refused_connections": refused}
+        """`refused`: connections the proxy refused for this run; None when it can't tell
+        whose they were (then a count is left out rather than borrowed from other runs)."""
+        end = {"reason": reason, "exit_code": exit_code}
+        if refused is not None:
+            end["refused_connections"] = refused
         if self.suppressed:
             end["events_suppressed"] = self.suppressed
         if lost:

@@ -1,0 +1,32 @@
+"""PostgreSQL statements as protocol-neutral policy requests: the statement kinds are
+the action, the tables the resources, and every PostgreSQL matcher (databases,
+statements, tables, functions, flags) an attribute under its own name."""
+from __future__ import annotations
+
+from hostagent.policy import Request
+
+
+def requests_for(statements, text: str, *, target: str, identity: dict, database: str,
+                 extended: str | None = None) -> list[tuple[Request, dict]]:
+    """One (Request, command record) per statement; a statement that did not parse
+    (None) is one unparsed request for the whole text."""
+    out = []
+    for st in statements or [None]:
+        if st is None:
+            req = Request(target=target, protocol="postgres", identity=identity, text=text,
+                          attributes={"databases": (database,)}, parsed=False)
+            kinds: list = []
+            tables = functions = flags = ()
+        else:
+            kinds = sorted(st.kinds)
+            tables, functions, flags = st.tables, st.functions, st.flags
+            req = Request(target=target, protocol="postgres", identity=identity, text=st.text,
+                          action=" ".join(kinds), resources=tables,
+                          attributes={"databases": (database,), "statements": st.kinds,
+                                      "tables": tables, "functions": functions,
+                                      "flags": flags})
+        out.append((req, {"text": req.text, "kinds": kinds, "tables": list(tables),
+                          "functions": list(functions), "flags": sorted(flags),
+                          "database": database, "statement": extended,
+                          "protocol": "simple" if extended is None else "extended"}))
+    return out

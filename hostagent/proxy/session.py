@@ -1,0 +1,352 @@
+"""One proxied connection: the two legs, the layer, and the order of things.
+
+Events go into the layer one at a time and its commands are performed at once, in
+order, without awaiting: bytes for a leg whose TLS handshake is pending wait in that
+leg's queue, handshakes and approvals run as tasks that feed their outcome back as
+events. So nothing another event causes can overtake what the layer already said.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+
+from agentgate.events import APPROVAL
+from hostagent.protocols.api import (CLIENT, UPSTREAM, Aborted, ApprovalDecided, Close,
+                                     DataReceived, EofReceived, Handoff, Hold, HoldPending,
+                                     ProtocolError, Record, Start, StartClientTls,
+                                     StartUpstreamTls, TlsEstablished, TlsFailed, ToClient,
+                                     ToUpstream)
+from hostagent.proxy.net import CONNECT_TIMEOUT
+from hostagent.recording.spool import SpoolError
+
+log = logging.getLogger("agentgate.proxy")
+READ_SIZE = 64 << 10
+DRAIN_ABOVE = 256 << 10   # a peer this far behind makes the other side wait (backpressure)
+CLOSE_GRACE = 5.0         # for final bytes to reach a client that reads slowly
+
+
+class Side:
+    """One leg: its streams, whether it may be read, what waits for its handshake."""
+
+    def __init__(self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.name = name
+        self.reader = reader
+        self.writer = writer
+        self.readable = asyncio.Event()
+        self.readable.set()
+        self.handshaking = False
+        self.queued: list[bytes] = []
+        self.eof = False
+
+    def write(self, data: bytes) -> None:
+        if self.handshaking:
+            self.queued.append(data)
+        else:
+            self.writer.write(data)
+
+    def holding(self) -> int:
+        return (self.writer.transport.get_write_buffer_size() + sum(map(len, self.queued))
+                + len(self.reader._buffer))   # StreamReader has no public size
+
+    def behind(self) -> bool:
+        return self.writer.transport.get_write_buffer_size() > DRAIN_ABOVE
+
+
+class Session:
+    def __init__(self, proxy, ctx, layer, recorder, client: Side, upstream: Side,
+                 upstream_addr: tuple[str, int]):
+        self.proxy = proxy
+        self.ctx = ctx
+        self.layer = layer
+        self.recorder = recorder
+        self.client = client
+        self.upstream = upstream
+        self.sides = {CLIENT: client, UPSTREAM: upstream}
+        self.upstream_addr = upstream_addr
+        self.counts = {"bytes_in": 0, "bytes_out": 0}
+        self.reason: str | None = None
+        self.ended = asyncio.Event()
+        self.tasks: set[asyncio.Task] = set()
+        self.holds = 0
+        self.started: dict[int, int] = {}   # statement id -> when it went upstream
+        self.last = asyncio.get_running_loop().time()
+        self.held_bytes = 0                 # charged to the proxy's budget
+        self._aborting = False
+        self._spool_failed = False
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self) -> str:
+        self.feed(Start(self.upstream_addr))
+        for side in (self.client, self.upstream):
+            self._spawn(self._pump(side))
+        await self.ended.wait()
+        for t in list(self.tasks):
+            t.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.proxy.budget.update(self.held_bytes, 0)
+        self.held_bytes = 0
+        try:   # final bytes (an error the client should see) get a moment to leave
+            await asyncio.wait_for(self.client.writer.drain(), CLOSE_GRACE)
+        except (OSError, asyncio.TimeoutError, ConnectionError):
+            pass
+        self.upstream.writer.close()
+        return self.reason or "closed"
+
+    def finish(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.ended.set()
+
+    def idle_since(self, now: float) -> float:
+        return 0.0 if self.holds or self.ended.is_set() else now - self.last
+
+    def abort(self, reason: str) -> None:
+        """End the session with the protocol's own error (idle, over budget, spool)."""
+        if self.ended.is_set() or self._aborting:
+            return
+        self._aborting = True
+        self.feed(Aborted(reason))
+        self.finish(reason)
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._reap)
+
+    def _reap(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, (ConnectionError, OSError)):
+            self.finish(f"connection reset: {exc}")
+        elif exc is not None:
+            log.error("session %s failed", self.recorder.session_id, exc_info=exc)
+            self.finish(f"internal error: {exc!r}")
+
+    async def _pump(self, side: Side) -> None:
+        reader, key = side.reader, "bytes_in" if side is self.client else "bytes_out"
+        loop = asyncio.get_running_loop()
+        while True:
+            if not side.readable.is_set():
+                await side.readable.wait()   # a handshake or a hold on this leg
+            data = await reader.read(READ_SIZE)
+            if self.ended.is_set():
+                return
+            if not data:
+                break
+            self.counts[key] += len(data)
+            self.last = loop.time()
+            self.feed(DataReceived(side.name, data))
+            if self.client.behind():
+                await self.client.writer.drain()
+            if self.upstream.behind():
+                await self.upstream.writer.drain()
+        side.eof = True
+        self.feed(EofReceived(side.name))
+        other = self.upstream if side is self.client else self.client
+        if not self.ended.is_set():
+            if other.writer.can_write_eof() and not other.handshaking:
+                other.writer.write_eof()   # a half-close: the other way keeps flowing
+            if other.eof:
+                self.finish("client closed" if other is self.client else "upstream closed")
+            elif self.reason is None:
+                self.reason = f"{side.name} closed"
+
+    # ------------------------------------------------------------------ layer in, commands out
+
+    def feed(self, event) -> None:
+        if self.ended.is_set():
+            return
+        try:
+            commands = self.layer.handle(event)
+        except ProtocolError as exc:
+            self.finish(f"protocol error: {exc}")
+            return
+        try:
+            self.perform(commands)
+        except SpoolError as exc:
+            self._spool_failure(exc)
+            return
+        self._charge()
+
+    def _spool_failure(self, exc: SpoolError) -> None:
+        """Nothing runs unrecorded: the layer refuses with its protocol's error (its own
+        records are dropped: they can't be stored either) and the session ends."""
+        log.error("session %s: recording failed, session closed: %s",
+                  self.recorder.session_id, exc)
+        self._spool_failed = True
+        self.abort(f"refused, the recording could not be stored ({exc})")
+        self.finish(f"recording failed, session closed: {exc}")
+
+    def _charge(self) -> None:
+        now = self.layer.buffered() + self.client.holding() + self.upstream.holding()
+        before, self.held_bytes = self.held_bytes, now
+        if not self.proxy.budget.update(before, now):
+            self.abort("over the host agent's memory budget: session closed")
+
+    def perform(self, commands) -> None:
+        # A batch's bytes for each leg go out in one write (one syscall, not one per
+        # message), after every Record before them is in the spool: record before execute.
+        up: list[bytes] = []
+        down: list[bytes] = []
+        records: list[tuple[str, dict]] = []
+        handoff = None
+
+        def flush() -> None:
+            if records:
+                if not self._spool_failed:
+                    self.recorder.record_many(records)
+                records.clear()
+            if up:
+                self.upstream.write(b"".join(up) if len(up) > 1 else up[0])
+                up.clear()
+            if down:
+                self.client.write(b"".join(down) if len(down) > 1 else down[0])
+                down.clear()
+
+        for cmd in commands:
+            t = type(cmd)
+            if t is Record:
+                if cmd.stop is None:
+                    records.append((cmd.kind, cmd.fields))
+                else:
+                    records.append((cmd.kind, {**cmd.fields,
+                                               "duration_us": self._elapsed(cmd.stop)}))
+            elif t is ToUpstream:
+                if cmd.starts:
+                    now = time.monotonic_ns()
+                    for sid in cmd.starts:
+                        self.started[sid] = now
+                up.append(cmd.data)
+            elif t is ToClient:
+                down.append(cmd.data)
+            elif t is Close:
+                if cmd.final:
+                    down.append(cmd.final)
+                flush()
+                self.finish(cmd.reason)
+                return
+            elif t is StartClientTls or t is StartUpstreamTls:
+                flush()
+                self._start_tls(cmd)
+            elif t is Hold:
+                flush()
+                self.holds += 1
+                self.client.readable.clear()
+                self._spawn(self._hold(cmd))
+            elif t is Handoff:
+                handoff = cmd
+            else:
+                raise TypeError(f"not a command: {cmd!r}")
+        flush()
+        if handoff is not None:
+            self.layer = handoff.layer
+            self.feed(Start(self.upstream_addr))
+            if handoff.client_data:
+                self.feed(DataReceived(CLIENT, handoff.client_data))
+            if handoff.upstream_data:
+                self.feed(DataReceived(UPSTREAM, handoff.upstream_data))
+
+    def _elapsed(self, sid: int) -> int | None:
+        """Microseconds since statement sid went upstream. Answers come in the order
+        statements were sent, so older ids still waiting were skipped by the server
+        (after an error): they are dropped, which keeps the table small."""
+        started = self.started
+        t = started.pop(sid, None)
+        while started and next(iter(started)) < sid:
+            del started[next(iter(started))]
+        return None if t is None else (time.monotonic_ns() - t) // 1000
+
+    # ------------------------------------------------------------------ TLS on a leg
+
+    def _start_tls(self, cmd) -> None:
+        side = self.client if type(cmd) is StartClientTls else self.upstream
+        side.readable.clear()
+        if side.reader._buffer:
+            # read in the clear after the layer asked for TLS, before the handshake:
+            # it would be taken as if it came through TLS (CVE-2021-23214/23222)
+            self.finish(f"{side.name} sent data before the TLS handshake")
+            return
+        # From this moment the leg's bytes are TLS records for the handshake: they must
+        # stay in the kernel until the TLS protocol is in place (the handshake task
+        # starts a loop turn later), not land in the plaintext reader.
+        side.writer.transport.pause_reading()
+        side.handshaking = True
+        self._spawn(self._handshake(side, cmd))
+
+    async def _handshake(self, side: Side, cmd) -> None:
+        try:
+            if side is self.client:
+                if self.proxy.ca is None:
+                    raise ssl.SSLError("no local CA to terminate TLS with")
+                await side.writer.start_tls(self.proxy.client_tls(cmd.names, cmd.alpn),
+                                            ssl_handshake_timeout=CONNECT_TIMEOUT)
+            else:
+                ctx = self.proxy.upstream_tls(cmd.verify, cmd.ca, cmd.alpn)
+                await side.writer.start_tls(ctx, server_hostname=cmd.server_name or None,
+                                            ssl_handshake_timeout=CONNECT_TIMEOUT)
+        except (ssl.SSLError, ssl.CertificateError, OSError, asyncio.TimeoutError,
+                ValueError, ConnectionError) as exc:
+            side.handshaking = False
+            side.queued.clear()
+            self.feed(TlsFailed(side.name, _tls_error(exc)))
+            if side is self.client:   # nothing more can reach the client
+                self.finish(f"client TLS handshake failed: {_tls_error(exc)}")
+            # the server's leg stays unread: the layer answers its client (e.g. an error
+            # for its start-up) and closes
+            return
+        side.handshaking = False
+        queued, side.queued = side.queued, []
+        for data in queued:
+            side.writer.write(data)
+        obj = side.writer.get_extra_info("ssl_object")
+        side.readable.set()
+        self.feed(TlsEstablished(side.name, obj.version(), obj.selected_alpn_protocol(),
+                                 getattr(obj, "agentgate_sni", None)))
+
+    # ------------------------------------------------------------------ approvals
+
+    async def _hold(self, hold: Hold) -> None:
+        """Ask for approval; this session's client waits (only this one). Fail closed:
+        if no approval can be asked for or awaited, the command is refused."""
+        from hostagent.approvals import when
+        try:
+            ap, error = await self.proxy.ask_approval(self, hold)
+            if ap is None:
+                self.recorder.record(APPROVAL, {"state": "unavailable", "error": error})
+                self.feed(ApprovalDecided(hold.key, False, f"{hold.reason} (needs approval, "
+                                          f"which could not be requested: {error})"))
+                return
+            self.recorder.record(APPROVAL, {"id": ap.id, "state": "pending", "rule": hold.rule,
+                                            "expires_ns": ap.expires_ns})
+            self.feed(HoldPending(hold.key, ap.id, when(ap.expires_ns)))
+            try:
+                state, by, why = await self.proxy.approver.wait(ap.id)
+            except Exception as exc:
+                state, by, why = "unavailable", "", str(exc)
+            self.recorder.record(APPROVAL, {"id": ap.id, "state": state, "decided_by": by,
+                                            "reason": why})
+            if state == "approved":
+                self.feed(ApprovalDecided(hold.key, True, why))
+            else:
+                what = {"denied": f"denied by {by}",
+                        "expired": "not approved in time"}.get(state, state)
+                self.feed(ApprovalDecided(hold.key, False, f"{hold.reason} (approval {ap.id} "
+                                          f"{what}{': ' + why if why else ''})"))
+        except SpoolError as exc:
+            self._spool_failure(exc)
+        finally:
+            self.holds -= 1
+            if not self.holds:
+                self.client.readable.set()
+
+
+def _tls_error(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "timed out"
+    return getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc) \
+        or type(exc).__name__

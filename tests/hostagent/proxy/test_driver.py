@@ -1,0 +1,417 @@
+"""The I/O driver with a fake layer, on real loopback sockets under uvloop: TLS on each
+leg, a hold, abort, half-close, backpressure from a slow reader, a layer that raises
+ProtocolError (only that session ends), the memory budget and the idle timeout.
+
+The fake protocol is line-based: the client's "TLS" asks for TLS towards it, "HOLD x"
+is held for approval, "BAD" is a protocol error, "BIG" makes the layer buffer a lot;
+anything else is recorded and relayed. With `upstream_tls`, the layer starts TLS
+towards the server at connect (as HTTPS will)."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import uvloop
+
+from hostagent.protocols.api import (CLIENT, Aborted, ApprovalDecided, Close, DataReceived,
+                                     EofReceived, Handoff, Hold, HoldPending, ProtocolError,
+                                     Record, Start, StartClientTls, StartUpstreamTls,
+                                     TlsEstablished, TlsFailed, ToClient, ToUpstream)
+from hostagent.protocols.registry import Options, ProtocolSpec
+from hostagent.proxy.driver import Proxy
+from hostagent.proxy.targets import Target, Targets
+from hostagent.recording.spool import Spool
+from hostagent.tls import LocalCA
+from tests.certs import CA
+from tests.support import wait_for
+
+
+class FakeLayer:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        self.buf = b""
+        self.big = 0
+        self.holding = False
+
+    def buffered(self) -> int:
+        return len(self.buf) + self.big
+
+    def handle(self, event):
+        t = type(event)
+        if t is Start:
+            if self.ctx.options.get("upstream_tls"):
+                return [StartUpstreamTls("localhost", verify=True, ca=self.ctx.options["ca"])]
+            return []
+        if t is DataReceived and event.side == CLIENT:
+            self.buf += event.data
+            return self.lines()
+        if t is DataReceived:
+            return [ToClient(event.data)]
+        if t is TlsEstablished:
+            return [Record("tls", {"side": event.side, "version": event.version,
+                                   "sni": event.sni}), ToClient(b"tls up " + event.side.encode()
+                                                                + b"\n")]
+        if t is TlsFailed:
+            return [Close(f"TLS failed: {event.error}")]
+        if t is HoldPending:
+            return [ToClient(f"held {event.approval_id}\n".encode())]
+        if t is ApprovalDecided:
+            self.holding = False   # what came behind the hold goes on now, in order
+            return [ToUpstream(b"approved\n" if event.approved else b"refused\n")] + self.lines()
+        if t is Aborted:
+            return [Close(event.reason, f"ERR {event.reason}\n".encode())]
+        if t is EofReceived:
+            return [Record("eof", {"side": event.side})]
+        return []
+
+    def lines(self):
+        out = []
+        while b"\n" in self.buf and not self.holding:
+            line, _, self.buf = self.buf.partition(b"\n")
+            out += self.line(line)
+        return out
+
+    def line(self, line: bytes):
+        if line == b"TLS":
+            return [ToClient(b"OK\n"), StartClientTls(("localhost", "127.0.0.1"))]
+        if line.startswith(b"HOLD"):
+            self.holding = True
+            return [Record("command", {"text": line.decode()}), Hold(1, line.decode(), "r", "why")]
+        if line == b"BAD":
+            raise ProtocolError("bad line")
+        if line == b"BIG":
+            self.big = 10 << 20
+            return [ToClient(b"big\n")]
+        if line == b"UPGRADE":
+            return [ToClient(b"switching\n"), Handoff(Upper(), client_data=b"rest\n")]
+        return [Record("command", {"text": line.decode()}), ToUpstream(line + b"\n")]
+
+
+class Upper:
+    """A child layer after a Handoff: upper-cases what the client sends."""
+
+    def handle(self, event):
+        if type(event) is DataReceived and event.side == CLIENT:
+            return [ToUpstream(event.data.upper())]
+        if type(event) is DataReceived:
+            return [ToClient(event.data)]
+        if type(event) is Aborted:
+            return [Close(event.reason)]
+        return []
+
+    def buffered(self) -> int:
+        return 0
+
+
+SPEC = ProtocolSpec(name="fake", summary="test", layer=FakeLayer, idle_timeout=3600)
+RAW = ProtocolSpec(name="tcp", summary="raw", layer=FakeLayer)
+
+
+class Approver:
+    def __init__(self):
+        self.decision = asyncio.get_event_loop().create_future()
+
+    async def ask(self, **kw):
+        @dataclass
+        class Ap:
+            id: str = "ap-7"
+            expires_ns: int = 2_000_000_000_000_000_000
+        self.asked = kw
+        return Ap()
+
+    async def wait(self, approval_id):
+        return await self.decision
+
+
+class Upstream:
+    """A line echo server, optionally TLS, that can stop reading (backpressure)."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None):
+        self.tls = tls
+        self.got = bytearray()
+        self.eof = asyncio.Event()
+        self.reading = asyncio.Event()
+        self.reading.set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0, ssl=self.tls)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def serve(self, reader, writer):
+        while True:
+            await self.reading.wait()
+            data = await reader.read(65536)
+            if not data:
+                self.eof.set()
+                writer.write(b"bye\n")
+                await writer.drain()
+                writer.close()
+                return
+            self.got += data
+            writer.write(b"echo " + data)
+            await writer.drain()
+
+
+@pytest.fixture
+def env(tmp_path):
+    return tmp_path
+
+
+async def proxy_for(tmp: Path, port: int, *, options=None, budget=256 << 20, idle=3600.0,
+                    approver=None):
+    spool = Spool(tmp / "spool")
+    target = Target("fake-t", "fake", (("127.0.0.1", port),), spec=SPEC,
+                    options=Options(options or {}), names=("localhost",), idle_timeout=idle)
+    ca = LocalCA.load_or_create(tmp / "ca")
+    proxy = Proxy(lookup=lambda h, p: None, identify=lambda r: {}, spool=spool, host="h",
+                  targets=Targets([target]), raw=RAW, ca=ca, budget_bytes=budget,
+                  approver=approver)
+    sock = socket.create_server(("127.0.0.1", 0))
+    sock.setblocking(False)
+    await proxy.listen_plain(target, sock)
+    return proxy, sock.getsockname()[1], spool, ca
+
+
+def events(spool: Spool) -> list[tuple[str, dict]]:
+    """Everything recorded (the spool closed first; it is opened again to read)."""
+    again = Spool(spool.dir)
+    try:
+        out, pos = [], again.start()
+        while True:
+            batch, pos = again.read(pos)
+            if not batch:
+                return [(e.kind, e.fields()) for e in out]
+            out += batch
+    finally:
+        again.close()
+
+
+def run(coro):
+    return uvloop.run(asyncio.wait_for(coro, 60))
+
+
+async def line(reader) -> bytes:
+    return await asyncio.wait_for(reader.readline(), 10)
+
+
+def test_tls_on_both_legs_and_bytes_in_order(tmp_path):
+    async def main():
+        test_ca = CA(tmp_path / "test-ca")
+        cert, key = test_ca.issue("localhost", server=True)
+        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_ctx.load_cert_chain(cert, key)
+        up = Upstream(server_ctx)
+        port = await up.start()
+        proxy, pport, spool, ca = await proxy_for(tmp_path, port, options={
+            "upstream_tls": True, "ca": str(test_ca.pem)})
+        r, w = await asyncio.open_connection("127.0.0.1", pport)
+        w.write(b"TLS\n")
+        assert await line(r) == b"OK\n"
+        client_ctx = ssl.create_default_context(cafile=str(ca.cert_path))
+        await w.start_tls(client_ctx, server_hostname="localhost")
+        got = {await line(r), await line(r)}   # both legs report, in either order
+        assert got == {b"tls up client\n", b"tls up upstream\n"}
+        w.write(b"one\ntwo\n")
+        got = await line(r) + await line(r)   # the echo server prefixes each read it gets
+        assert got.replace(b"echo ", b"") == b"one\ntwo\n"
+        w.close()
+        await proxy.close()
+        spool.close()
+        tls = [f for k, f in events(spool) if k == "tls"]
+        assert {t["side"] for t in tls} == {"client", "upstream"}
+        assert next(t for t in tls if t["side"] == "client")["sni"] == "localhost"
+    run(main())
+
+
+def test_unverifiable_upstream_fails_closed(tmp_path):
+    async def main():
+        other = CA(tmp_path / "other")
+        cert, key = other.issue("localhost", server=True)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert, key)
+        up = Upstream(ctx)
+        port = await up.start()
+        trusted = CA(tmp_path / "trusted")
+        proxy, pport, spool, _ = await proxy_for(tmp_path, port, options={
+            "upstream_tls": True, "ca": str(trusted.pem)})
+        r, w = await asyncio.open_connection("127.0.0.1", pport)
+        w.write(b"secret\n")
+        assert await asyncio.wait_for(r.read(), 10) == b""    # closed, nothing relayed
+        await proxy.close()
+        spool.close()
+        assert not up.got
+        (end,) = [f for k, f in events(spool) if k == "session_end"]
+        assert "TLS failed" in end["reason"]
+    run(main())
+
+
+def test_hold_waits_for_the_approval_and_the_rest_waits_behind_it(tmp_path):
+    async def main():
+        up = Upstream()
+        port = await up.start()
+        approver = Approver()
+        proxy, pport, spool, _ = await proxy_for(tmp_path, port, approver=approver)
+        r, w = await asyncio.open_connection("127.0.0.1", pport)
+        w.write(b"HOLD rm -rf\nafter\n")
+        assert await line(r) == b"held ap-7\n"
+        await asyncio.sleep(0.2)
+        assert not up.got                      # nothing overtook the hold
+        assert approver.asked["command"] == "HOLD rm -rf"
+        approver.decision.set_result(("approved", "alice", "ok"))
+        got = await line(r) + await line(r)   # the echo server prefixes each read it gets
+        assert got.replace(b"echo ", b"") == b"approved\nafter\n"
+        w.close()
+        await proxy.close()
+        spool.close()
+        states = [f["state"] for k, f in events(spool) if k == "approval"]
+        assert states == ["pending", "approved"]
+    run(main())
+
+
+def test_half_close_keeps_the_other_direction_flowing(tmp_path):
+    async def main():
+        up = Upstream()
+        port = await up.start()
+        proxy, pport, spool, _ = await proxy_for(tmp_path, port)
+        r, w = await asyncio.open_connection("127.0.0.1", pport)
+        w.write(b"last\n")
+        w.write_eof()
+        assert await line(r) == b"echo last\n"
+        assert await line(r) == b"bye\n"       # the server answered after our EOF
+        assert await asyncio.wait_for(r.read(), 10) == b""
+        await proxy.close()
+        spool.close()
+        kinds = [k for k, _ in events(spool)]
+        assert kinds.count("eof") == 2
+        (end,) = [f for k, f in events(spool) if k == "session_end"]
+        assert end["reason"] == "client closed"
+    run(main())
+
+
+def test_a_protocol_error_ends_that_session_only(tmp_path):
+    async def main():
+        up = Upstream()
+        port = await up.start()
+        proxy, pport, spool, _ = await proxy_for(tmp_path, port)
+        r1, w1 = await asyncio.open_connection("127.0.0.1", pport)
+        r2, w2 = await asyncio.open_connection("127.0.0.1", pport)
+        w1.write(b"BAD\n")
+        assert await asyncio.wait_for(r1.read(), 10) == b""
+        w2.write(b"fine\n")
+        assert await line(r2) == b"echo fine\n"
+        w2.close()
+        await proxy.close()
+        spool.close()
+        reasons = [f["reason"] for k, f in events(spool) if k == "session_end"]
+        assert "protocol error: bad line" in reasons
+    run(main())
+
+
+def test_a_slow_reader_holds_the_sender_back(tmp_path):
+    async def main():
+        up = Upstream()
+        port = await up.start()
+        proxy, pport, spool, _ = await proxy_for(tmp_path, port)
+        r, w = await asyncio.open_connection("127.0.0.1", pport)
+        up.reading.clear()                       # the server stops reading
+        chunk = b"x" * 65535 + b"\n"
+        sent = 0
+
+        async def flood():
+            nonlocal sent
+            while True:
+                w.write(chunk)
+                await w.drain()
+                sent += len(chunk)
+
+        task = asyncio.create_task(flood())
+        # the proxy stops reading us once the server is DRAIN_ABOVE behind: we stall
+        await asyncio.sleep(1.0)
+        stalled = sent
+        await asyncio.sleep(1.0)
+        assert sent == stalled and sent < 64 << 20
+        (session,) = proxy.sessions
+        assert session.upstream.writer.transport.get_write_buffer_size() < 8 << 20
+        task.cancel()
+        up.reading.set()
+        w.close()
+        await proxy.close()
+        spool.close()
+    run(main())
+
+
+def test_over_the_memory_budget_only_the_greedy_session_is_closed(tmp_path):
+    async def main():
+        up = Upstream()
+        port = await up.start()
+        proxy, pport, spool, _ = await proxy_for(tmp_path, port, budget=4 << 20)
+        r1, w1 = await asyncio.open_connection("127.0.0.1", pport)
+        r2, w2 = await asyncio.open_connection("127.0.0.1", pport)
+        w2.write(b"hello\n")
+        assert await line(r2) == b"echo hello\n"
+        w1.write(b"BIG\n")
+        data = await asyncio.wait_for(r1.read(), 10)
+        assert data.startswith(b"big\n") and b"ERR over the host agent's memory budget" in data
+        w2.write(b"still\n")
+        assert await line(r2) == b"echo still\n"
+        assert proxy.budget.used < 4 << 20      # what the closed session held is released
+        w2.close()
+        await proxy.close()
+        spool.close()
+    run(main())
+
+
+def test_an_idle_session_gets_its_protocols_error(tmp_path):
+    async def main():
+        up = Upstream()
+        port = await up.start()
+        proxy, pport, spool, _ = await proxy_for(tmp_path, port, idle=1.0)
+        r, w = await asyncio.open_connection("127.0.0.1", pport)
+        data = await asyncio.wait_for(r.read(), 10)
+        assert data == b"ERR idle for 1 s: session closed\n"
+        await proxy.close()
+        spool.close()
+    run(main())
+
+
+def test_a_layer_hands_the_connection_to_a_child(tmp_path):
+    async def main():
+        up = Upstream()
+        port = await up.start()
+        proxy, pport, spool, _ = await proxy_for(tmp_path, port)
+        r, w = await asyncio.open_connection("127.0.0.1", pport)
+        w.write(b"UPGRADE\n")
+        assert await line(r) == b"switching\n"
+        assert await line(r) == b"echo REST\n"     # what the parent read past: the child's
+        w.write(b"more\n")
+        assert await line(r) == b"echo MORE\n"
+        w.close()
+        await proxy.close()
+        spool.close()
+    run(main())
+
+
+def test_the_spool_failing_refuses_with_the_protocols_error(tmp_path):
+    async def main():
+        from hostagent.recording.spool import SpoolError
+        up = Upstream()
+        port = await up.start()
+        proxy, pport, spool, _ = await proxy_for(tmp_path, port)
+        r, w = await asyncio.open_connection("127.0.0.1", pport)
+        w.write(b"first\n")
+        assert await line(r) == b"echo first\n"
+
+        def full(events):
+            raise SpoolError("spool is full")
+        spool.append_many = full
+        w.write(b"second\n")
+        data = await asyncio.wait_for(r.read(), 10)
+        assert data.startswith(b"ERR refused, the recording could not be stored")
+        await asyncio.sleep(0.1)
+        assert b"second" not in up.got           # nothing ran unrecorded
+        await proxy.close()
+    run(main())
