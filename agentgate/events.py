@@ -15,7 +15,9 @@ import msgpack
 
 GENESIS = bytes(32)
 
-# Kinds every producer and reader agree on; producers may add more.
+# Every kind a recording can hold, and its fields: the one list producers (the proxy,
+# each protocol, run sessions) and readers (collector, replay, export) share. A test
+# holds the producers to it; the README lists it.
 SESSION_START = "session_start"
 COMMAND = "command"
 DECISION = "decision"
@@ -23,7 +25,37 @@ APPROVAL = "approval"
 OUTPUT = "output"
 DATA = "data"
 SESSION_END = "session_end"
-KINDS = (SESSION_START, COMMAND, DECISION, APPROVAL, OUTPUT, DATA, SESSION_END)
+
+EVENT_KINDS: dict[str, tuple[str, str]] = {
+    # kind: (who records it, its fields)
+    SESSION_START: ("all", "host, target, protocol, destination, process (the kernel's "
+                    "identity), agent, session_group, mode, layer, via"),
+    COMMAND: ("protocols", "text, plus the protocol's: kinds, tables, functions, flags, "
+              "database, statement, protocol (postgres)"),
+    DECISION: ("protocols", "action (allow|deny|review), rule, reason, would (audit mode)"),
+    APPROVAL: ("proxy", "id, state (pending|approved|denied|expired|unavailable), rule, "
+               "expires_ns, decided_by, reason, error"),
+    OUTPUT: ("protocols", "summary, rows_returned, rows_affected, duration_us, columns, "
+             "sample, sample_capped, masked, sqlstate, error"),
+    DATA: ("tcp", "dir (in|out), data (bytes)"),
+    SESSION_END: ("all", "reason, bytes_in, bytes_out; runs: exit_code, "
+                  "refused_connections, incomplete, lost_events, events_suppressed"),
+    "tls": ("protocols", "side (client|upstream), version, sni"),
+    "startup": ("postgres", "user, database, upstream_user, application_name, credentials, "
+                "dropped_params, client_tls"),
+    "bind": ("postgres", "statement, portal, params (each cut at 1 KiB), formats"),
+    "cancel": ("postgres", "matched, forwarded"),
+    "exec": ("run", "pid, uid, comm, filename"),
+    "exit": ("run", "pid, uid, comm"),
+    "connect_denied": ("run", "pid, uid, comm, address"),
+    "connect_direct": ("run", "pid, uid, comm, address"),
+    "udp_denied": ("run", "pid, uid, comm, address"),
+    "socket_denied": ("run", "pid, uid, comm"),
+    "bind_denied": ("run", "pid, uid, comm, address"),
+    "exec_outside": ("run", "pid, uid, comm, filename"),
+    "events_suppressed": ("run", "count"),
+}
+KINDS = tuple(EVENT_KINDS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,6 +145,10 @@ def load_config(path: str | None) -> HostAgentConfig:
     for t in root.tables("targets"):
         cfg.targets.append(_target(t, names))
     cfg.policy_protocols = {t.name: t.protocol for t in cfg.targets}
+    if cfg.policy_file:   # every rule must be able to match something it may apply to
+        from hostagent.policy import check_against_targets, load_policy
+        check_against_targets(load_policy(cfg.policy_file), cfg.policy_protocols,
+                              cfg.policy_file)
     root.done()
     if cfg.spool.max_bytes < cfg.spool.segment_bytes:
         raise ConfigError(f"{path}: spool max_bytes must be at least segment_bytes")

@@ -15,7 +15,6 @@ from hostagent.intercept.identity import IdentityCache
 from hostagent.intercept.loader import Interceptor, InterceptError, KernelEvent
 from hostagent.approvals import Approver
 from hostagent.policy import load_policy
-from hostagent.policy import check_against_targets
 from hostagent.protocols import registry
 from hostagent.proxy.driver import Proxy
 from hostagent.proxy.net import bind_pair, hostport, parse_hostport
@@ -92,8 +91,6 @@ class Stack:
     def _proxy(self, targets: Targets, ca: LocalCA | None, **kw) -> Proxy:
         cfg = self.cfg
         policy = load_policy(cfg.policy_file) if cfg.policy_file else None
-        if policy is not None:
-            check_against_targets(policy, cfg.policy_protocols, cfg.policy_file)
         approver = Approver(self.shipper.address, policy.review_ttl_s if policy else 0) \
             if self.shipper else None
         rec = cfg.recording

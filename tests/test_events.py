@@ -44,3 +44,19 @@ def test_missing_and_reordered_events_are_detected():
 def test_first_event_must_start_at_genesis():
     evs = chain()
     assert not verify_chain(evs[1:]).ok
+
+
+def test_every_kind_the_host_agent_records_is_declared():
+    """Producers may not invent kinds the collector, replay and export don't know."""
+    import re
+    from pathlib import Path
+
+    from agentgate import events
+    from hostagent.intercept.loader import EVENT_NAMES
+    root = Path(__file__).resolve().parent.parent / "hostagent"
+    used = set(EVENT_NAMES.values())
+    for path in root.rglob("*.py"):
+        text = path.read_text()
+        used |= set(re.findall(r'(?:Record|record)\("([a-z_]+)"', text))
+        used |= {getattr(events, c) for c in re.findall(r'(?:Record|record)\(([A-Z_]+)\b', text)}
+    assert used and used <= set(events.EVENT_KINDS), used - set(events.EVENT_KINDS)

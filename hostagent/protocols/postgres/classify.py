@@ -5,7 +5,6 @@ about. Text that does not parse raises Unparseable; the caller decides (deny by
 default)."""
 from __future__ import annotations
 
-import functools
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -13,6 +12,8 @@ from dataclasses import dataclass, field, replace
 from pglast import ast, parse_plpgsql, parse_sql
 from pglast.parser import ParseError, scan
 from pglast.visitors import Skip, Visitor
+
+from hostagent.protocols.cache import TextCache
 
 # node type -> statement kind
 KINDS = {
@@ -376,11 +377,23 @@ def _shape(sql: str) -> str | None:
     return "".join(parts)
 
 
-@functools.lru_cache(maxsize=4096)
+_cache = TextCache()
+
+
 def classify(sql: str) -> tuple[Statement, ...]:
     """One Statement per top-level statement in `sql` (a simple Query may hold many).
-    Pure, so cached: agents send the same statements again and again, often with only
-    the numbers changed (a tokenizer pass, ~5 us, instead of a parse, ~200 us)."""
+    Pure, so cached (bounded by bytes): agents send the same statements again and again,
+    often with only the numbers changed (a tokenizer pass, ~5 us, instead of a parse,
+    ~200 us)."""
+    hit = _cache.get(sql)
+    if hit is not None:
+        return hit
+    out = _classify_uncached(sql)
+    _cache.put(sql, out, 2 * len(sql))   # the text, and the statements made of it
+    return out
+
+
+def _classify_uncached(sql: str) -> tuple[Statement, ...]:
     key = _shape(sql) if len(sql) < 4096 else None
     hit = _shapes.get(key) if key is not None else None
     if hit is not None:

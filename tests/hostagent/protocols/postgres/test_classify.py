@@ -88,3 +88,18 @@ def test_string_literals_are_never_blanked_out():
     one = classify("SELECT pg_sleep(1) FROM t WHERE x = 'a'")
     two = classify("SELECT pg_sleep(2) FROM t WHERE x = 'b'; DROP TABLE t")
     assert len(one) == 1 and len(two) == 2 and "DROP" in two[1].kinds
+
+
+def test_the_statement_cache_is_bounded_by_bytes():
+    from hostagent.protocols.cache import TextCache
+    cache = TextCache(max_entries=1000, max_bytes=1000, max_item=400)
+    for i in range(50):
+        cache.put(f"SELECT {i} -- " + "x" * 90, i, 100)
+    assert cache.bytes <= 1000 and len(cache) == 10
+    cache.put("y" * 500, "too big", 500)            # never kept
+    assert cache.get("y" * 500) is None and cache.get(f"SELECT 49 -- {'x' * 90}") == 49
+    # the classifier's own cache: a flood of distinct long statements stays bounded
+    from hostagent.protocols.postgres import classify as c
+    for i in range(500):   # 500 x 40 KB kept would be 20 MB
+        classify(f"SELECT {i} AS n, '{'z' * 20_000}' AS pad")
+    assert len(c._cache) > 100 and c._cache.bytes <= c._cache.max_bytes
