@@ -87,6 +87,7 @@ socket = "{d}/none.sock"
 max_bytes = {4 << 30}
 [[targets]]
 name = "echo"
+protocol = "tcp"
 address = ["127.0.0.1:{eport}", "127.0.0.1:{kport}"]
 ''')
         try:

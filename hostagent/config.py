@@ -165,9 +165,12 @@ def _target(t: Section, names: set[str]) -> TargetConfig:
     if name in names:
         raise ConfigError(f"{where}: the name is used twice")
     names.add(name)
-    # omitted: the raw relay, as before; named: it must be one we parse (never a typo
-    # relayed unparsed)
-    spec = _protocol(t.get("protocol", str, "tcp"), where)
+    # always named, and one we know: a typo or an omission is never relayed unjudged
+    protocol = t.get("protocol", str, None)
+    if protocol is None:
+        raise ConfigError(f"{where}: a target needs 'protocol' (one of "
+                          f"{', '.join(registry.names())}; tcp relays raw bytes, unjudged)")
+    spec = _protocol(protocol, where)
     addrs = t.get("address", (str, list))
     target = TargetConfig(name=name, protocol=spec.name,
                           addresses=[addrs] if isinstance(addrs, str) else list(addrs or []),

@@ -188,12 +188,17 @@ def _check_protocols(rule: Rule, where: str, protocols: list[str]) -> None:
 
 def check_against_targets(policy: Policy, targets: dict[str, str], where: str) -> None:
     """Each rule against the protocols of the targets it can apply to (name -> protocol)."""
+    from hostagent.protocols import registry
     for rule in policy.rules:
         names = [t for t in targets if not rule.targets or _any(rule.targets, [t])]
         protocols = sorted({targets[t] for t in names if not rule.protocols
                             or targets[t] in rule.protocols})
         if protocols:
             _check_protocols(rule, f"{where} rule '{rule.name}'", protocols)
+            if rule.targets and not any(registry.get(p).judges for p in protocols):
+                raise ConfigError(f"{where} rule '{rule.name}': it can apply only to targets "
+                                  f"relayed raw ({', '.join(protocols)}), which no rule "
+                                  f"judges")
 
 
 def load_policy(path: str) -> Policy:

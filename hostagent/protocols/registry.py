@@ -76,6 +76,7 @@ class ProtocolSpec:
     needs_ca: Callable[[Options], bool] = lambda opts: False
     policy_fields: tuple[str, ...] = ()  # rule matchers beyond GENERIC_FIELDS and `match`
     idle_timeout: float = 3600.0         # seconds without a byte either way
+    judges: bool = True                  # consults the policy (tcp: a raw relay, never)
     check: Callable[[Options, str], None] | None = None     # cross-option rules at load
     prepare: Callable[[Options, str], Options] | None = None  # at start: read secrets
     fields: dict = field(default_factory=dict)               # documentation only

@@ -100,6 +100,9 @@ class Proxy:
                       plain: Target | None = None) -> None:
         task = asyncio.current_task()
         self.active.add(task)
+        # nothing is read before the session knows its protocol: one that owns the wire
+        # (serve) takes the socket with every byte still in the kernel
+        writer.transport.pause_reading()
         try:
             await self._session(reader, writer, plain)
         except Exception:
@@ -176,6 +179,7 @@ class Proxy:
                 reason = await self._serve(spec, ctx, reader, writer, up_reader, up_writer,
                                            recorder)
                 return
+            writer.transport.resume_reading()
             session = Session(self, ctx, spec.layer(ctx), recorder,
                               Side("client", reader, writer),
                               Side("upstream", up_reader, up_writer), addr)

@@ -38,13 +38,15 @@ class Side:
         self.readable.set()
         self.handshaking = False
         self.queued: list[bytes] = []
-        self.eof = False
+        self.eof = False           # read EOF from it
+        self.eof_sent = False      # half-closed it
 
     def write(self, data: bytes) -> None:
         if self.handshaking:
             self.queued.append(data)
-        else:
+        elif not self.writer.transport.is_closing() and not self.eof_sent:
             self.writer.write(data)
+        # else: the leg is half-closed or gone; the session's end says why
 
     def holding(self) -> int:
         return (self.writer.transport.get_write_buffer_size() + sum(map(len, self.queued))
@@ -151,6 +153,7 @@ class Session:
         if not self.ended.is_set():
             if other.writer.can_write_eof() and not other.handshaking:
                 other.writer.write_eof()   # a half-close: the other way keeps flowing
+                other.eof_sent = True
             if other.eof:
                 self.finish("client closed" if other is self.client else "upstream closed")
             elif self.reason is None:
@@ -183,7 +186,9 @@ class Session:
         self.finish(f"recording failed, session closed: {exc}")
 
     def _charge(self) -> None:
-        now = self.layer.buffered() + self.client.holding() + self.upstream.holding()
+        # statements in flight cost a little each: a pipeline that never syncs is charged
+        now = (self.layer.buffered() + self.client.holding() + self.upstream.holding()
+               + 64 * len(self.started))
         before, self.held_bytes = self.held_bytes, now
         if not self.proxy.budget.update(before, now):
             self.abort("over the host agent's memory budget: session closed")

@@ -57,8 +57,11 @@ def test_agents_list_shows_a_running_host_agent(collector, tmp_path):
                    f'[collector]\naddress = "{collector.address}"\n[intercept]\nenabled = false\n')
     r = run_cli("agents", "list", collector=collector)
     assert r.returncode == 0 and "no host agents" in r.stderr
+    daemon_log = tmp_path / "daemon.log"
     p = subprocess.Popen([str(BIN / "agentgate-hostagent"), "serve", "--config", str(cfg)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=open(daemon_log, "w"), text=True)
+    from tests.support import logs
+    logs.watch_file(daemon_log)
     try:
         def listed():
             out = run_cli("agents", "list", "--json", collector=collector)
@@ -70,4 +73,4 @@ def test_agents_list_shows_a_running_host_agent(collector, tmp_path):
         assert (tmp_path / "state" / "agent-id").read_text().strip() == agent["agent_id"]
     finally:
         p.terminate()
-        assert p.wait(20) == 0, p.stderr.read()
+        assert p.wait(20) == 0, daemon_log.read_text()

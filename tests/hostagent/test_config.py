@@ -65,9 +65,9 @@ def test_an_option_the_protocol_does_not_have_is_refused(tmp_path):
     assert "not both" in msg
 
 
-def test_omitting_the_protocol_is_the_raw_relay_as_before(tmp_path):
-    cfg = load_config(str(write(tmp_path, '[[targets]]\nname = "x"\naddress = "h:1"\n')))
-    assert cfg.targets[0].protocol == "tcp"
+def test_a_target_must_name_its_protocol(tmp_path):
+    msg = error(tmp_path, '[[targets]]\nname = "x"\naddress = "h:1"\n')
+    assert "target 'x': a target needs 'protocol'" in msg and "tcp relays raw bytes" in msg
 
 
 def test_a_rule_that_no_protocol_of_its_targets_can_match_is_refused(tmp_path):
@@ -81,6 +81,9 @@ statements = ["DROP"]
     raw = '[[targets]]\nname = "raw-cache"\nprotocol = "tcp"\naddress = "h:6379"\n'
     msg = error(tmp_path, raw, policy)
     assert "rule 'no-drop'" in msg and "matcher 'statements'" in msg and "(tcp)" in msg
+    # a rule that would only ever meet raw relays can never judge anything
+    msg = error(tmp_path, raw, '[[rules]]\nname = "r"\naction = "deny"\ntargets = ["raw-*"]\n')
+    assert "rule 'r': it can apply only to targets relayed raw (tcp)" in msg
     # the same rule is fine where it can apply to a PostgreSQL target
     ok = raw + PG.format(protocol="postgres", extra="").replace('"orders-db"', '"raw-db"')
     assert load_config(str(write(tmp_path, ok, policy))).targets[1].name == "raw-db"

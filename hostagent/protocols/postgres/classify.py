@@ -184,22 +184,23 @@ def _plpgsql_queries(tree) -> list[tuple[str, bool]]:
     return out
 
 
-class _Find(Visitor):
-    def __init__(self, types: tuple):
-        super().__init__()
-        self.types = types
-        self.found: list = []
-
-    def visit(self, ancestors, node):
-        if isinstance(node, self.types):
-            self.found.append(node)
-
-
 def _nodes(tree, *types) -> list:
-    """Every node of these types in `tree`, nested ones included, in tree order."""
-    find = _Find(types)
-    find(tree)
-    return find.found
+    """Every node of these types in `tree`, nested ones included. A plain walk of the
+    nodes' slots: a pglast Visitor per call costs time in the size of the whole list it
+    sits in, which made wide SELECT lists quadratic (one agent could stall the loop)."""
+    out, stack = [], [tree]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, (list, tuple)):
+            stack.extend(n)
+        elif isinstance(n, ast.Node):
+            if isinstance(n, types):
+                out.append(n)
+            for attr in n.__slots__:
+                v = getattr(n, attr, None)
+                if isinstance(v, (ast.Node, list, tuple)):
+                    stack.append(v)
+    return out
 
 
 def _fields(ref: ast.ColumnRef) -> list[str]:

@@ -41,6 +41,7 @@ from hostagent.protocols.postgres.requests import requests_for
 from hostagent.protocols.postgres.results import Results, provenance
 
 MAX_RECORDED_PARAM = 1024
+MAX_CLASSIFIED = 1 << 20        # characters of statement text the parser is given
 # Start-up parameters passed on. Others (`options`, `replication`, ...) could change what
 # the server does beyond policy's view (e.g. `-c search_path=...`): dropped, recorded.
 STARTUP_PARAMS = frozenset({"user", "database", "application_name",
@@ -136,11 +137,14 @@ class PostgresLayer:
                                                          "53100", "FATAL"))]
         if kind is EofReceived and event.side == CLIENT:
             self.close()
+            if self._waiting:   # gone before the server's leg was ready: nothing to send
+                self._waiting.clear()
+                return [Close("client closed during start-up")]
         return []
 
     def buffered(self) -> int:
         return (self.client.buffered + self.upstream.buffered
-                + self.enforcer.deferred_bytes()
+                + self.enforcer.deferred_bytes() + 256 * len(self._denials)
                 + sum(len(c.data) for c in self._waiting if isinstance(c, ToUpstream)))
 
     def close(self) -> None:
@@ -238,7 +242,7 @@ class PostgresLayer:
         raw = m.frame(kind, body)
         if self.state != "ready":
             if self.state == "auth" and self.password is None and kind == b"p":
-                return [ToUpstream(raw)]   # pass-through authentication
+                return self._to_server([ToUpstream(raw)])   # pass-through authentication
             raise ProtocolError(f"message {kind!r} before the session is ready")
         if self._results is not None:
             self._results.client(kind, body)
@@ -307,6 +311,10 @@ class PostgresLayer:
 
     def _statement(self, text: str, raw: bytes, extended: str | None) -> list[Command]:
         try:
+            if len(text) > MAX_CLASSIFIED:
+                # parsing runs on the proxy's loop, in time linear in the text: past this
+                # a statement is judged unparseable rather than stall every session
+                raise Unparseable("too long to judge")
             statements = classify(text)
         except Unparseable:
             statements = [None]

@@ -1,6 +1,7 @@
 """Raw TCP, the explicit relay: no parsing; every chunk is recorded (as `data` events)
 and passed on. Only a target that says `protocol = "tcp"` (or a non-target connection
-in the interceptor's `record` mode) gets it: an unknown protocol is a config error."""
+in the interceptor's `record` mode) gets it: an unknown or omitted protocol is a config
+error, and so is a rule that could apply to tcp targets alone."""
 from __future__ import annotations
 
 from hostagent.protocols.registry import ProtocolSpec
@@ -12,4 +13,4 @@ def _layer(ctx):
 
 
 PROTOCOL = ProtocolSpec(name="tcp", summary="raw relay, every byte recorded", layer=_layer,
-                        idle_timeout=3600.0)
+                        idle_timeout=3600.0, judges=False)

@@ -114,7 +114,7 @@ def test_an_unreachable_target_looks_refused_to_the_agent(host):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()                     # nothing listens there now
-    cfg = host.write("down", extra=f'[[targets]]\nname = "down"\naddress = "127.0.0.1:{port}"\n')
+    cfg = host.write("down", extra=f'[[targets]]\nname = "down"\nprotocol = "tcp"\naddress = "127.0.0.1:{port}"\n')
     rc, out, err = host.run("connect", "127.0.0.1", str(port), config=cfg, user="nobody")
     assert rc == 0 and not out[0]["ok"] and out[0]["error"] in ("ECONNRESET", "EPIPE"), out
     (s,) = host.sessions("tcp")

@@ -415,3 +415,41 @@ def test_the_spool_failing_refuses_with_the_protocols_error(tmp_path):
         assert b"second" not in up.got           # nothing ran unrecorded
         await proxy.close()
     run(main())
+
+
+async def serve_upper(ctx, client_sock, connect_upstream, record):
+    """A protocol whose library owns the wire (as asyncssh will for SSH): it gets the
+    client's socket and a way to reach the target."""
+    reader, writer = await asyncio.open_connection(sock=client_sock)
+    up_r, up_w = await connect_upstream()
+    line = await reader.readline()
+    record("command", {"text": line.decode().strip()})
+    up_w.write(line.upper())
+    writer.write(await up_r.readline())
+    await writer.drain()
+    writer.close()
+    up_w.close()
+    return "served"
+
+
+def test_a_protocol_that_owns_the_wire_gets_the_socket(tmp_path):
+    async def main():
+        up = Upstream()
+        port = await up.start()
+        spool = Spool(tmp_path / "spool")
+        spec = ProtocolSpec(name="owned", summary="test", serve=serve_upper)
+        target = Target("t", "owned", (("127.0.0.1", port),), spec=spec)
+        proxy = Proxy(lookup=lambda h, p: None, identify=lambda r: {}, spool=spool, host="h",
+                      targets=Targets([target]), raw=RAW)
+        sock = socket.create_server(("127.0.0.1", 0))
+        sock.setblocking(False)
+        await proxy.listen_plain(target, sock)
+        r, w = await asyncio.open_connection("127.0.0.1", sock.getsockname()[1])
+        w.write(b"hello\n")
+        assert await line(r) == b"echo HELLO\n"
+        await proxy.close()
+        spool.close()
+        evs = events(spool)
+        assert ("command", {"text": "hello"}) in evs
+        assert [f["reason"] for k, f in evs if k == "session_end"] == ["served"]
+    run(main())

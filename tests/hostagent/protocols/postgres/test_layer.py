@@ -365,3 +365,36 @@ def test_clean_columns_stay_readable(sql, name):
     layer = people_layer()
     feed(layer, CLIENT, m.frame(b"Q", sql.encode() + b"\0"))
     assert b"visible" in answer(layer, name, b"visible", table_oid=4242 if name != "lower" else 0)
+
+
+def test_the_agents_own_password_waits_for_the_servers_tls_too():
+    layer = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t", tls="verify-full")
+    password = m.frame(b"p", b"agents-own-secret\0")
+    assert (Playbook(layer)
+            >> Start(SERVER) << ToUpstream(ssl_request())
+            >> DataReceived(CLIENT, STARTUP + password)   # nothing leaves before TLS
+            << record("startup", credentials="client's own")
+            >> DataReceived(UPSTREAM, b"S") << StartUpstreamTls
+            >> TlsEstablished(UPSTREAM, "TLSv1.3") << record("tls", side="upstream")
+            << ToUpstream(STARTUP) << ToUpstream(password))
+
+
+def test_a_client_gone_during_start_up_sends_nothing_later():
+    from hostagent.protocols import EofReceived
+    layer = fresh("require")
+    assert (Playbook(layer)
+            >> Start(SERVER) << ToUpstream(ssl_request())
+            >> DataReceived(CLIENT, STARTUP) << record("startup")
+            >> EofReceived(CLIENT) << Close("client closed during start-up")
+            >> DataReceived(UPSTREAM, b"S") << StartUpstreamTls
+            >> TlsEstablished(UPSTREAM, "TLSv1.3") << record("tls", side="upstream"))
+
+
+def test_a_statement_too_long_to_judge_takes_the_unparseable_decision():
+    from hostagent.protocols.postgres.layer import MAX_CLASSIFIED
+    layer = ready_layer()
+    text = "SELECT " + "1," * (MAX_CLASSIFIED // 2) + "1"
+    out = feed(layer, CLIENT, m.frame(b"Q", text.encode() + b"\0"))
+    decision = next(c for c in out if isinstance(c, Record) and c.kind == "decision")
+    assert decision.fields["rule"] == "(unparseable)" and decision.fields["action"] == "deny"
+    assert text.encode() not in to_upstream(out)

@@ -9,7 +9,7 @@ import pytest
 
 from tests.hostagent.protocols.postgres.test_proxy import make_host as proxy_host
 from tests.hostagent.protocols.postgres.test_proxy import orders_exists, pg  # noqa: F401
-from tests.support import BIN, wait_for
+from tests.support import BIN, logs, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (eBPF, runuser)")
 VENV_PY = str(BIN / "python")
@@ -92,6 +92,7 @@ class Daemon:
         self.proc = subprocess.Popen([str(BIN / "agentgate-hostagent"), "serve", "--config",
                                       str(cfg)], stderr=subprocess.PIPE, text=True)
         threading.Thread(target=self._read, daemon=True).start()
+        logs.watch("agentgate-hostagent (listeners)", lambda: "".join(self.lines))
         line = wait_for(lambda: next((ln for ln in self.lines if "plain listener on" in ln),
                                      None) or self.proc.poll() is not None,
                         timeout=60, what="the plain listener")

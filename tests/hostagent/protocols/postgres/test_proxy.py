@@ -264,7 +264,7 @@ with psycopg.connect(host="127.0.0.1", port={pg.port}, dbname="shop", user="x") 
     assert any(c.startswith("COPY orders") for c in commands)
 
 
-def test_statements_are_kept_while_the_collector_is_down(pghost, pg):
+def test_statements_are_kept_while_the_collector_is_down(pghost, pg, tmp_path):
     pghost.collector.kill()
     cfg = pghost.config
     p = psql(pghost, pg, "SELECT 'while down'")
@@ -274,8 +274,11 @@ def test_statements_are_kept_while_the_collector_is_down(pghost, pg):
     # The run shipped nothing (no collector) and left its spool. A host agent started on
     # the same spool, with the collector back, delivers it.
     pghost.collector.restart()
+    daemon_log = tmp_path / "daemon.log"
     daemon = subprocess.Popen([str(BIN / "agentgate-hostagent"), "serve", "--config", str(cfg)],
-                              stderr=subprocess.DEVNULL)
+                              stderr=open(daemon_log, "w"))
+    from tests.support import logs
+    logs.watch_file(daemon_log)
     try:
         from tests.support import wait_for
         wait_for(lambda: any(f.get("text") == "SELECT 'while down'"
