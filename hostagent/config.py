@@ -78,7 +78,6 @@ class HostAgentConfig:
     host: str = field(default_factory=socket.gethostname)
     state_dir: str = field(default_factory=lambda: str(default_state_dir()))
     ca_dir: str = ""                   # the local CA enrolled clients trust (state_dir/ca)
-    policy_protocols: dict = field(default_factory=dict)   # target name -> protocol
     budget_bytes: int = 256 << 20      # bytes all sessions together may hold buffered
 
 
@@ -144,11 +143,10 @@ def load_config(path: str | None) -> HostAgentConfig:
     names: set[str] = set()
     for t in root.tables("targets"):
         cfg.targets.append(_target(t, names))
-    cfg.policy_protocols = {t.name: t.protocol for t in cfg.targets}
     if cfg.policy_file:   # every rule must be able to match something it may apply to
         from hostagent.policy import check_against_targets, load_policy
-        check_against_targets(load_policy(cfg.policy_file), cfg.policy_protocols,
-                              cfg.policy_file)
+        check_against_targets(load_policy(cfg.policy_file),
+                              {t.name: t.protocol for t in cfg.targets}, cfg.policy_file)
     root.done()
     if cfg.spool.max_bytes < cfg.spool.segment_bytes:
         raise ConfigError(f"{path}: spool max_bytes must be at least segment_bytes")

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from agentgate.tomlconfig import ConfigError, Section, read_toml
+from hostagent.protocols import registry
 
 ACTIONS = ("allow", "deny", "review")
 DEFAULT_RULE = "(default)"
@@ -147,7 +148,6 @@ def _rule(sec: Section, seen: set[str]) -> Rule:
     action = sec.get("action", str, "")
     if action not in ACTIONS:
         raise ConfigError(f"{where}: 'action' must be one of {', '.join(ACTIONS)}")
-    from hostagent.protocols import registry
     fields = {key: _patterns(sec, key, where) for key in _GENERIC}
     unknown = [p for p in fields["protocols"] if p not in registry.PROTOCOLS]
     if unknown:
@@ -175,7 +175,6 @@ def _rule(sec: Section, seen: set[str]) -> Rule:
 def _check_protocols(rule: Rule, where: str, protocols: list[str]) -> None:
     """A rule applies only to protocols that can answer all its matchers; if none of
     those it may apply to can, it would never match: a mistake, said at load."""
-    from hostagent.protocols import registry
     wanted = rule.fields()
     if not wanted:
         return
@@ -188,7 +187,6 @@ def _check_protocols(rule: Rule, where: str, protocols: list[str]) -> None:
 
 def check_against_targets(policy: Policy, targets: dict[str, str], where: str) -> None:
     """Each rule against the protocols of the targets it can apply to (name -> protocol)."""
-    from hostagent.protocols import registry
     for rule in policy.rules:
         names = [t for t in targets if not rule.targets or _any(rule.targets, [t])]
         protocols = sorted({targets[t] for t in names if not rule.protocols

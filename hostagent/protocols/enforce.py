@@ -34,6 +34,7 @@ class Enforcer:
         self._key = 0
         self._held: dict[int, tuple[Any, Decision]] = {}
         self._deferred: list = []
+        self.deferred_bytes = 0   # what the deferred input holds (the memory budget)
 
     def judge(self, commands: Iterable[tuple[Request, dict]],
               extra: Iterable[Decision] = ()) -> tuple[Decision, list[Record]]:
@@ -73,15 +74,11 @@ class Enforcer:
         """What was held under `key` (None for a key not ours: ignored)."""
         return self._held.pop(key, None)
 
-    def defer(self, item: Any) -> None:
+    def defer(self, item: Any, size: int) -> None:
         """Client input that arrived behind an open hold: nothing overtakes it."""
         self._deferred.append(item)
+        self.deferred_bytes += size
 
     def take_deferred(self) -> list:
-        items, self._deferred = self._deferred, []
+        items, self._deferred, self.deferred_bytes = self._deferred, [], 0
         return items
-
-    def deferred_bytes(self) -> int:
-        return sum(len(i[1]) if isinstance(i, tuple) and len(i) > 1 and
-                   isinstance(i[1], (bytes, bytearray, memoryview)) else 0
-                   for i in self._deferred)

@@ -19,10 +19,6 @@ PROTOCOLS: dict[str, str] = {
     "postgres": "hostagent.protocols.postgres",
 }
 
-# Rule matchers every protocol has: who, where, and the command's text.
-GENERIC_FIELDS = ("targets", "protocols", "users", "exes", "units", "cgroups")
-
-
 @dataclass(frozen=True)
 class Option:
     """One target option: checked at load, with one-line errors naming file and target."""
@@ -74,7 +70,7 @@ class ProtocolSpec:
     layer: Callable | None = None        # SessionContext -> Layer (sans-IO)
     serve: Callable | None = None        # async (context, client_socket, connect_upstream)
     needs_ca: Callable[[Options], bool] = lambda opts: False
-    policy_fields: tuple[str, ...] = ()  # rule matchers beyond GENERIC_FIELDS and `match`
+    policy_fields: tuple[str, ...] = ()  # rule matchers beyond the generic ones (policy)
     idle_timeout: float = 3600.0         # seconds without a byte either way
     judges: bool = True                  # consults the policy (tcp: a raw relay, never)
     check: Callable[[Options, str], None] | None = None     # cross-option rules at load
@@ -121,5 +117,5 @@ def _either(choices: tuple) -> str:
 
 
 def supported_fields(protocols: list[str]) -> dict[str, set[str]]:
-    """Which rule matchers each protocol can answer."""
-    return {p: set(GENERIC_FIELDS) | set(get(p).policy_fields) for p in protocols}
+    """Which protocol matchers each protocol can answer (the generic ones, all can)."""
+    return {p: set(get(p).policy_fields) for p in protocols}

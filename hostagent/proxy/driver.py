@@ -23,7 +23,7 @@ from hostagent.policy import Policy
 from hostagent.protocols.api import SessionContext
 from hostagent.protocols.registry import ProtocolSpec
 from hostagent.proxy.budget import Budget
-from hostagent.proxy.net import CONNECT_TIMEOUT, connect_any, hostport, reset
+from hostagent.proxy.net import connect_any, hostport, reset
 from hostagent.proxy.session import READ_SIZE, Session, Side
 from hostagent.proxy.targets import Target, Targets
 from hostagent.recording.recorder import SessionRecorder
@@ -111,10 +111,12 @@ class Proxy:
             self.active.discard(task)
             writer.close()
 
-    async def _refuse(self, peer, local, why: str) -> None:
+    async def _refuse(self, peer, local, why: str, ident: dict | None = None) -> None:
+        """Count a refusal, against the refused process's cgroup (a run's own count)."""
         self.refused += 1
         log.warning("refused a connection from %s: %s", hostport(*peer[:2]), why)
-        ident = await asyncio.to_thread(peer_identity, peer, local)
+        if ident is None:
+            ident = await asyncio.to_thread(peer_identity, peer, local)
         self._refused_by[ident.get("cgroup") or ""] += 1
 
     async def _who(self, writer, plain: Target | None):
@@ -126,7 +128,7 @@ class Proxy:
             if "uid" not in ident:
                 # nobody on this host to attribute it to: no credentials for it (fail closed)
                 await self._refuse(peer, local, f"to the {plain.name} listener: "
-                                   f"{ident.get('mismatch', 'unknown peer')}")
+                                   f"{ident.get('mismatch', 'unknown peer')}", ident)
                 return None
             return plain, list(plain.addresses), ident
         rec = self.lookup(peer[0], peer[1])
@@ -169,15 +171,14 @@ class Proxy:
             self.on_session(recorder.session_id)
         reason, counts = "client closed", {}
         try:
+            if spec.serve is not None:   # it connects upstream itself, when it is ready to
+                reason = await self._serve(spec, ctx, writer, upstreams, recorder)
+                return
             try:
                 up_reader, up_writer, addr = await connect_any(upstreams, READ_SIZE)
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = f"upstream unreachable: {exc or 'timeout'}"
                 reset(writer)   # the client sees a refused connection, not a clean EOF
-                return
-            if spec.serve is not None:
-                reason = await self._serve(spec, ctx, reader, writer, up_reader, up_writer,
-                                           recorder)
                 return
             writer.transport.resume_reading()
             session = Session(self, ctx, spec.layer(ctx), recorder,
@@ -195,16 +196,15 @@ class Proxy:
             except SpoolError as exc:
                 log.error("cannot record the end of session %s: %s", recorder.session_id, exc)
 
-    async def _serve(self, spec, ctx, reader, writer, up_reader, up_writer, recorder) -> str:
+    async def _serve(self, spec, ctx, writer, upstreams, recorder) -> str:
         """A protocol whose library owns the wire (SSH with asyncssh) gets the client's
         socket itself and a way to reach the target; it records through `record`."""
-        up_writer.close()
         sock = writer.get_extra_info("socket")
         client = socket.socket(fileno=socket.dup(sock.fileno()))
         writer.transport.abort()
 
         async def connect_upstream():
-            r, w, _ = await connect_any(list(ctx.target.addresses), READ_SIZE)
+            r, w, _ = await connect_any(upstreams, READ_SIZE)
             return r, w
 
         try:

@@ -183,7 +183,6 @@ class Session:
                   self.recorder.session_id, exc)
         self._spool_failed = True
         self.abort(f"refused, the recording could not be stored ({exc})")
-        self.finish(f"recording failed, session closed: {exc}")
 
     def _charge(self) -> None:
         # statements in flight cost a little each: a pipeline that never syncs is charged

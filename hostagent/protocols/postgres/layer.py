@@ -133,8 +133,7 @@ class PostgresLayer:
                                         f"{event.error}")
         if kind is Aborted:
             self.close()
-            return [Close(event.reason, m.error_response(f"agentgate: {event.reason}",
-                                                         "53100", "FATAL"))]
+            return [Close(event.reason, self.refusal(f"agentgate: {event.reason}"))]
         if kind is EofReceived and event.side == CLIENT:
             self.close()
             if self._waiting:   # gone before the server's leg was ready: nothing to send
@@ -144,7 +143,7 @@ class PostgresLayer:
 
     def buffered(self) -> int:
         return (self.client.buffered + self.upstream.buffered
-                + self.enforcer.deferred_bytes() + 256 * len(self._denials)
+                + self.enforcer.deferred_bytes + 256 * len(self._denials)
                 + sum(len(c.data) for c in self._waiting if isinstance(c, ToUpstream)))
 
     def close(self) -> None:
@@ -235,7 +234,7 @@ class PostgresLayer:
 
     def _from_client(self, kind: bytes, body: bytes) -> list[Command]:
         if self.enforcer.holding:
-            self.enforcer.defer((kind, body))   # nothing overtakes a held statement
+            self.enforcer.defer((kind, body), len(body))   # nothing overtakes a hold
             return []
         if kind == b"":
             return self._untyped(body)

@@ -14,7 +14,6 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import uvloop
 
 from hostagent.protocols.api import (CLIENT, Aborted, ApprovalDecided, Close, DataReceived,
@@ -27,7 +26,6 @@ from hostagent.proxy.targets import Target, Targets
 from hostagent.recording.spool import Spool
 from hostagent.tls import LocalCA
 from tests.certs import CA
-from tests.support import wait_for
 
 
 class FakeLayer:
@@ -154,11 +152,6 @@ class Upstream:
             self.got += data
             writer.write(b"echo " + data)
             await writer.drain()
-
-
-@pytest.fixture
-def env(tmp_path):
-    return tmp_path
 
 
 async def proxy_for(tmp: Path, port: int, *, options=None, budget=256 << 20, idle=3600.0,

@@ -14,8 +14,8 @@ from hostagent.protocols import (Aborted, ApprovalDecided, Close, DataReceived, 
                                  ToUpstream)
 from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres.layer import PostgresLayer
-from tests.hostagent.protocols.playbook import (CLIENT, UPSTREAM, Playbook, feed, record,
-                                                sends, to_client, to_upstream)
+from tests.hostagent.protocols.playbook import (CLIENT, UPSTREAM, Match, Playbook, feed,
+                                                record, sends, to_client, to_upstream)
 
 SERVER = ("10.1.2.3", 5432)
 
@@ -225,11 +225,6 @@ def test_prefer_goes_on_in_the_clear_when_the_server_declines():
                                                                   "database": "d"})))
 
 
-def refused(text: str):
-    return sends(ToClient, lambda b: b.startswith(b"E") and b"FATAL" in b and text.encode() in b,
-                 f"a FATAL error saying {text!r}")
-
-
 @pytest.mark.parametrize("answer,why", [
     (b"N", "the server does not offer TLS"),
     (b"S" + STARTUP[:5], "the server sent data before the TLS handshake"),
@@ -241,7 +236,7 @@ def test_a_server_that_can_not_be_trusted_gets_nothing(answer, why):
             >> Start(SERVER) << ToUpstream(ssl_request())
             >> DataReceived(UPSTREAM, answer)
             >> DataReceived(CLIENT, STARTUP)            # never sent on: an error instead
-            << Match_close(why))
+            << closed_with(why))
     # the client asked for TLS first: it gets it, then the error
     layer = fresh("require", client_tls=True)
     assert (Playbook(layer)
@@ -249,11 +244,11 @@ def test_a_server_that_can_not_be_trusted_gets_nothing(answer, why):
             >> DataReceived(CLIENT, ssl_request()) << ToClient(b"S") << StartClientTls
             >> DataReceived(UPSTREAM, answer)
             >> TlsEstablished(CLIENT, "TLSv1.3") << record("tls", side="client")
-            >> DataReceived(CLIENT, STARTUP) << Match_close(why))
+            >> DataReceived(CLIENT, STARTUP) << closed_with(why))
 
 
-def Match_close(why: str):
-    from tests.hostagent.protocols.playbook import Match
+def closed_with(why: str):
+    """Close whose final bytes are a FATAL error saying `why`."""
     return Match(f"Close(final=FATAL {why!r})",
                  lambda c: isinstance(c, Close) and why in c.reason
                  and c.final.startswith(b"E") and why.encode() in c.final)
@@ -266,7 +261,7 @@ def test_a_failed_upstream_handshake_refuses_a_waiting_client():
             >> DataReceived(CLIENT, STARTUP) << record("startup")
             >> DataReceived(UPSTREAM, b"S") << StartUpstreamTls
             >> TlsFailed(UPSTREAM, "certificate verify failed: self-signed certificate")
-            << Match_close("certificate verify failed"))
+            << closed_with("certificate verify failed"))
 
 
 def test_a_cancel_request_waits_for_the_server_leg_too():
