@@ -51,6 +51,8 @@ class TlsEstablished:
     version: str
     alpn: str | None = None
     sni: str | None = None     # the name the client asked for (client side only)
+    # the server's certificate, DER (upstream side only): channel binding hashes it
+    peer_cert: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -309,8 +309,9 @@ class Session:
             side.writer.write(data)
         obj = side.writer.get_extra_info("ssl_object")
         side.readable.set()
+        peer = obj.getpeercert(binary_form=True) if side is self.upstream else None
         self.feed(TlsEstablished(side.name, obj.version(), obj.selected_alpn_protocol(),
-                                 getattr(obj, "agentgate_sni", None)))
+                                 getattr(obj, "agentgate_sni", None), peer))
 
     # ------------------------------------------------------------------ approvals
 
