@@ -40,11 +40,15 @@ EVENT_KINDS: dict[str, tuple[str, str]] = {
     DATA: ("tcp", "dir (in|out), data (bytes)"),
     SESSION_END: ("all", "reason, bytes_in, bytes_out; runs: exit_code, "
                   "refused_connections, incomplete, lost_events, events_suppressed"),
-    "tls": ("protocols", "side (client|upstream), version, sni"),
+    "tls": ("protocols", "side (client|upstream), version, sni, verified (upstream)"),
     "startup": ("postgres", "user, database, upstream_user, application_name, credentials, "
-                "dropped_params, client_tls"),
+                "refused, dropped_params, client_tls"),
     "bind": ("postgres", "statement, portal, params (each cut at 1 KiB), formats"),
     "cancel": ("postgres", "matched, forwarded"),
+    "auth": ("postgres", "method (scram-sha-256[-plus], md5, cleartext, none), "
+             "channel_binding, server_verified (certificate, scram...)"),
+    "catalog": ("postgres", "error, masking (the catalog could not be read: masks follow "
+                "column names only)"),
     "exec": ("run", "pid, uid, comm, filename"),
     "exit": ("run", "pid, uid, comm"),
     "connect_denied": ("run", "pid, uid, comm, address"),

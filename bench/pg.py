@@ -179,6 +179,7 @@ protocol = "postgres"
 address = "127.0.0.1:{pg.port}"
 user = "app"
 password_file = "{secret}"
+tls = "disable"
 """)
             return cfg
 

@@ -61,6 +61,8 @@ class TargetConfig:
     addresses: list[str]
     listen: str | None = None          # a plain listener (host:port) proxying to this
                                        # target, for processes not redirected by eBPF
+    listen_allow: list[tuple[str, str]] | None = None   # who it serves: (kind, value)
+                                       # pairs (ALLOW_KINDS); None: root alone
     idle_timeout: float | None = None  # seconds; None: the protocol's default
     options: Options = field(default_factory=lambda: Options({}))
     where: str = ""                    # for messages: file and target
@@ -155,6 +157,52 @@ def load_config(path: str | None) -> HostAgentConfig:
     return cfg
 
 
+# What a plain listener's `listen_allow` entries name ("kind:value"): any one that
+# matches the connecting process admits it. Without the key, root alone is served.
+ALLOW_KINDS = {
+    "user": "a user name (the socket's owner, as the kernel keeps it)",
+    "uid": "a user id",
+    "group": "a group name (the process's real or supplementary groups)",
+    "gid": "a group id",
+    "unit": "a systemd system unit or slice the process runs in (.service, .scope, .slice)",
+}
+UNIT_SUFFIXES = (".service", ".scope", ".slice")
+
+
+def parse_listen_allow(entries, where: str) -> list[tuple[str, str]]:
+    """`listen_allow = ["user:alice", "uid:1001", "group:ci", "gid:998",
+    "unit:ci-runner.service"]` -> [(kind, value)]. Names are looked up when the daemon
+    starts (hostagent.proxy.targets), not here."""
+    if not isinstance(entries, list):
+        raise ConfigError(f"{where}: 'listen_allow' must be a list of entries like "
+                          f'"user:alice", not {type(entries).__name__}')
+    if not entries:
+        raise ConfigError(f"{where}: 'listen_allow' is empty, so nobody could connect "
+                          f"(leave it out to serve root alone, or remove 'listen')")
+    kinds = ", ".join(f"{k}:" for k in ALLOW_KINDS)
+    out = []
+    for entry in entries:
+        if not isinstance(entry, str):
+            raise ConfigError(f"{where}: 'listen_allow' entries are strings like "
+                              f'"user:alice", not {entry!r}')
+        kind, sep, value = entry.partition(":")
+        kind, value = kind.strip(), value.strip()
+        if not sep or kind not in ALLOW_KINDS:
+            raise ConfigError(f"{where}: listen_allow entry {entry!r}: start it with what "
+                              f"it names: {kinds}")
+        if not value:
+            raise ConfigError(f"{where}: listen_allow entry {entry!r}: nothing after "
+                              f"'{kind}:' ({ALLOW_KINDS[kind]})")
+        if kind in ("uid", "gid") and not (value.isascii() and value.isdigit()):
+            raise ConfigError(f"{where}: listen_allow entry {entry!r}: a {kind} is a "
+                              f"number (for a name, say {'user' if kind == 'uid' else 'group'}:)")
+        if kind == "unit" and ("/" in value or not value.endswith(UNIT_SUFFIXES)):
+            raise ConfigError(f"{where}: listen_allow entry {entry!r}: a unit's full name, "
+                              f"ending in .service, .scope or .slice")
+        out.append((kind, value))
+    return out
+
+
 def _target(t: Section, names: set[str]) -> TargetConfig:
     name = t.get("name", str, "")
     where = f"{t.where} target '{name}'" if name else t.where
@@ -174,6 +222,13 @@ def _target(t: Section, names: set[str]) -> TargetConfig:
                           addresses=[addrs] if isinstance(addrs, str) else list(addrs or []),
                           listen=t.get("listen", str, None),
                           idle_timeout=t.get("idle_timeout", float, None), where=where)
+    t._seen.add("listen_allow")   # type checked below: the message names the target
+    allow = t.data.get("listen_allow")
+    if allow is not None:
+        if not target.listen:
+            raise ConfigError(f"{where}: 'listen_allow' is for a plain listener: "
+                              f"give 'listen' too")
+        target.listen_allow = parse_listen_allow(allow, where)
     if not target.addresses or not all(isinstance(a, str) and a for a in target.addresses):
         raise ConfigError(f"{where}: a target needs 'address' (host:port, or a list of them)")
     if target.idle_timeout is not None and target.idle_timeout <= 0:

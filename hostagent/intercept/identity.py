@@ -193,11 +193,57 @@ def peer_identity(peer: tuple, local: tuple) -> dict:
         proc = psutil.Process(pid)
         with proc.oneshot():
             cg = cgroups.cgroup_of(pid) or ""
-            ident.update(pid=pid, gid=proc.gids().real, comm=_safe(proc.name),
+            found = dict(pid=pid, gid=proc.gids().real, comm=_safe(proc.name),
                          exe=_safe(proc.exe), argv=_safe(proc.cmdline), cwd=_safe(proc.cwd),
-                         cgroup=cg, unit=cgroups.unit_of(cg), container=cgroups.container_of(cg),
-                         ppid=proc.ppid())
-        ident["group"] = _name(grp.getgrgid, ident["gid"])
+                         cgroup=cg, unit=cgroups.unit_of(cg),
+                         container=cgroups.container_of(cg), ppid=proc.ppid())
     except psutil.Error:
         ident["exited"] = True
+        return ident
+    status = _status(pid)
+    # read last: what was read above belongs to a process that, after it, still holds the
+    # socket as that user (not one that took a freed pid meanwhile)
+    if status is None or uid not in status[0] or not _holds(pid, inode):
+        ident["exited"] = True
+        return ident
+    found["gids"] = status[1]
+    ident.update(found)
+    ident["group"] = _name(grp.getgrgid, ident["gid"])
     return ident
+
+
+def _status(pid: int) -> tuple[tuple[int, ...], list[int]] | None:
+    """(uids, gids) of a process from /proc/<pid>/status: its real, effective, saved and
+    fs uids; its real gid and supplementary groups. Not the effective gid: a setgid
+    program holds that, and a socket it inherited from its user with it."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    uids, real, groups = (), None, []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key == "Uid":
+            uids = tuple(int(v) for v in value.split())
+        elif key == "Gid":
+            real = int(value.split()[0])
+        elif key == "Groups":
+            groups = [int(v) for v in value.split()]
+    if real is None:
+        return None
+    return uids, list(dict.fromkeys([real, *groups]))
+
+
+def _holds(pid: int, inode: int) -> bool:
+    target = f"socket:[{inode}]"
+    try:
+        fds = list(os.scandir(f"/proc/{pid}/fd"))
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(fd.path) == target:
+                return True
+        except OSError:
+            continue
+    return False

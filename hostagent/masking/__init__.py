@@ -141,6 +141,16 @@ class Masker:
             return self.scan(text)[0].encode("ascii")
         return self.scan(value.decode())[0].encode()
 
+    def column_masked_anywhere(self, column: str) -> str | None:
+        """The rule masking a column of this name in any table (for values whose table
+        the server does not name)."""
+        name = column.lower()
+        for r in self.rules:
+            for pattern in r.columns:
+                if fnmatch.fnmatchcase(name, pattern.lower().rsplit(".", 1)[-1]):
+                    return r.name
+        return None
+
     def count_column(self, rule: str) -> None:
         key = f"{rule}:column"
         self.counts[key] = self.counts.get(key, 0) + 1

@@ -9,6 +9,24 @@ A rule's matchers are the generic ones (targets, protocols, users, exes, units,
 cgroups, match) plus those its protocols declare (PostgreSQL: databases, statements,
 tables, functions, flags); a protocol's Request carries its values under the same names
 in `attributes`. A rule naming a matcher no protocol has is refused at load.
+
+What can't be known. A request the protocol could not parse (`parsed=False`) takes the
+policy's `unparseable` decision, whatever the rules say. A request that parsed but runs
+something whose effect can't be known from its text names why in `unknown` (PostgreSQL:
+`dynamic_sql` for SQL computed when it runs, `untrusted_language` for code in a language
+we can't read, `changes_parsing` for settings after which the server reads texts
+differently from us). The rules judge what is known as usual; then, unless the first rule that
+matches is an allow rule whose `flags` names each of those explicitly (the exact flag,
+not a glob), the stricter of that decision and `unparseable` is taken. So with
+`unparseable = "deny"`, computed dynamic SQL is refused unless, e.g.,
+
+    [[rules]]
+    name = "migrations-may-run-dynamic-sql"
+    action = "allow"
+    users = ["migrator"]
+    flags = ["dynamic_sql"]
+
+comes first among the rules that match it.
 """
 from __future__ import annotations
 
@@ -57,7 +75,9 @@ class Policy:
 @dataclass(frozen=True, slots=True)
 class Request:
     """What a decision looks at. `parsed` is False for input that could not be parsed:
-    it takes the policy's `unparseable` decision, whatever the rules say."""
+    it takes the policy's `unparseable` decision, whatever the rules say. `unknown`
+    names (as flags) what it runs that can't be known from its text: see the module's
+    docstring."""
     target: str
     protocol: str
     identity: Mapping = field(default_factory=dict)
@@ -66,6 +86,7 @@ class Request:
     attributes: Mapping[str, object] = field(default_factory=dict)   # matcher -> values
     text: str = ""
     parsed: bool = True
+    unknown: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,14 +132,33 @@ def normalize(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
+_RANK = {"allow": 0, "review": 1, "deny": 2}
+
+
+def _allows_unknown(rule: Rule | None, unknown: tuple[str, ...]) -> bool:
+    """An allow rule that names each of these flags itself (not through a glob)."""
+    if rule is None or rule.action != "allow":
+        return False
+    named = {p.lower() for name, patterns in rule.matchers if name == "flags" for p in patterns}
+    return all(flag.lower() in named for flag in unknown)
+
+
 def decide(policy: Policy, req: Request) -> Decision:
     if not req.parsed:
         decision = Decision(policy.unparseable, UNPARSEABLE_RULE,
                             "the statement could not be parsed")
     else:
-        decision = next((Decision(r.action, r.name, r.reason) for r in policy.rules
-                         if _matches(r, req)),
-                        Decision(policy.default, DEFAULT_RULE, "no rule matched"))
+        rule = next((r for r in policy.rules if _matches(r, req)), None)
+        decision = (Decision(rule.action, rule.name, rule.reason) if rule is not None else
+                    Decision(policy.default, DEFAULT_RULE, "no rule matched"))
+        if req.unknown and not _allows_unknown(rule, req.unknown):
+            named = ", ".join(f'"{f}"' for f in req.unknown)
+            unknown = Decision(policy.unparseable, UNPARSEABLE_RULE,
+                               f"what it runs can't be known from its text "
+                               f"({', '.join(req.unknown)}); only an allow rule with "
+                               f"flags = [{named}] lets it through")
+            if _RANK[unknown.action] > _RANK[decision.action]:
+                decision = unknown
     if policy.audit and decision.action != "allow":
         return Decision("allow", decision.rule, decision.reason, would=decision.action)
     return decision

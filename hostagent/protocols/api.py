@@ -83,8 +83,17 @@ class Aborted:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class SideAnswered:
+    """What a side connection (OpenSide) found: its layer's Answer, or why it has none
+    (`error`: refused, unreachable, timed out, closed before answering)."""
+    key: int
+    value: Any = None
+    error: str = ""
+
+
 Event = (Start | DataReceived | EofReceived | TlsEstablished | TlsFailed | HoldPending
-         | ApprovalDecided | Aborted)
+         | ApprovalDecided | Aborted | SideAnswered)
 
 
 # ------------------------------------------------------------------ commands out
@@ -157,8 +166,26 @@ class Handoff:
     upstream_data: bytes = b""
 
 
+@dataclass(frozen=True, slots=True)
+class OpenSide:
+    """Open another connection to this session's server, for the proxy's own use (e.g.
+    PostgreSQL's catalog, to learn where result columns come from). `layer` runs it: it
+    gets Start, the server's DataReceived/EofReceived and its TLS events, and may answer
+    with ToUpstream, StartUpstreamTls, Answer and Close; nothing of it reaches the client
+    or the recording. Its Answer comes back to this session's layer as SideAnswered."""
+    key: int
+    layer: Any
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A side connection's result (see OpenSide)."""
+    value: Any
+
+
 Command = (ToUpstream | ToClient | Record | StartClientTls | StartUpstreamTls | Hold | Close
-           | Handoff)
+           | Handoff | OpenSide | Answer)
 Action = Command   # the name the first PostgreSQL layer used
 
 

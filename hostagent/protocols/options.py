@@ -12,12 +12,27 @@ CREDENTIALS = (
     Option("user", help="the user the proxy authenticates upstream as (injected)"),
     Option("password_file", path=True, help="file holding the injected password (root's)"),
     Option("password_env", help="environment variable of the host agent holding it"),
+    Option("weak_password_auth", default="refuse", choices=("refuse", "allow"),
+           help="refuse: the injected password is answered to a cleartext or md5 request "
+                "only over TLS that verified the server (tls = \"verify-full\"), else the "
+                "session is refused (a cleartext password, or an md5 answer, is reusable by "
+                "whoever receives it); allow: answer it over any leg (e.g. a loopback "
+                "server without TLS)"),
 )
+# The default is verify-full: the injected credentials go only to a server that proved
+# who it is. libpq's `prefer` is a compatibility default: a man in the middle answers
+# SSLRequest with 'N' and owns the session. A server without TLS is an explicit opt-out.
 UPSTREAM_TLS = (
-    Option("tls", default="prefer", choices=("disable", "prefer", "require", "verify-full"),
-           help="TLS towards the server"),
+    Option("tls", default="verify-full",
+           choices=("disable", "prefer", "require", "verify-full"),
+           help="TLS towards the server. verify-full (default): the certificate must chain "
+                "to `ca` (or the system store) and name `server_name`; require: encrypted, "
+                "not verified, so the injected credentials go only through "
+                "SCRAM-SHA-256-PLUS (channel binding); prefer, disable: no protection from "
+                "a man in the middle (explicit opt-outs, e.g. a loopback server)"),
     Option("ca", path=True, help="CA file to verify the server with (default: system store)"),
-    Option("server_name", help="name to verify the server's certificate against"),
+    Option("server_name", help="name to verify the server's certificate against (default: "
+                               "the host of the target's first address)"),
 )
 CLIENT_TLS = (
     Option("client_tls", default="offer", choices=("offer", "decline"),

@@ -31,6 +31,7 @@ from hostagent.recording.spool import Spool, SpoolError
 
 log = logging.getLogger("agentgate.proxy")
 SWEEP_EVERY = 1.0   # seconds between idle checks
+REFUSALS_RECORDED, REFUSALS_WINDOW = 20, 60.0   # per listener and user: recorded, seconds
 
 
 class Proxy:
@@ -58,6 +59,7 @@ class Proxy:
         self.sessions: set[Session] = set()
         self.refused = 0
         self._refused_by: collections.Counter[str] = collections.Counter()
+        self._refusals: dict[tuple, list] = {}     # (listener, uid): [since, count, unrecorded]
         self._upstream_ctx: dict[tuple, ssl.SSLContext] = {}
         self._sweeper: asyncio.Task | None = None
 
@@ -70,9 +72,11 @@ class Proxy:
         self._sweep_start()
 
     async def listen_plain(self, target: Target, sock: socket.socket) -> None:
-        """A listener for one target without eBPF (tests, hosts without it): whoever
-        connects is proxied to the target. Who they are comes from /proc, best effort:
-        unlike a redirect, not attested by the kernel at connect()."""
+        """A listener for one target without eBPF (tests, hosts without it): a process
+        the target's `listen_allow` admits (root alone by default) is proxied to it;
+        anyone else is refused before a byte goes upstream, and the refusal recorded.
+        Who they are comes from /proc: the socket's owner as the kernel keeps it, and
+        the process holding it (unlike a redirect, not attested at connect())."""
         async def accept(reader, writer):
             await self._accept(reader, writer, target)
         self.servers.append(await asyncio.start_server(accept, sock=sock, limit=READ_SIZE))
@@ -111,13 +115,47 @@ class Proxy:
             self.active.discard(task)
             writer.close()
 
-    async def _refuse(self, peer, local, why: str, ident: dict | None = None) -> None:
-        """Count a refusal, against the refused process's cgroup (a run's own count)."""
+    async def _refuse(self, peer, local, why: str, ident: dict | None = None,
+                      listener: Target | None = None) -> None:
+        """Count a refusal, against the refused process's cgroup (a run's own count). At
+        a plain listener it is recorded too: a session that starts and ends, refused."""
         self.refused += 1
-        log.warning("refused a connection from %s: %s", hostport(*peer[:2]), why)
         if ident is None:
             ident = await asyncio.to_thread(peer_identity, peer, local)
         self._refused_by[ident.get("cgroup") or ""] += 1
+        if listener is None:
+            log.warning("refused a connection from %s: %s", hostport(*peer[:2]), why)
+            return
+        # bounded per target and user: refusals must not fill the spool (recording fails
+        # closed: a full spool would stop every agent's sessions)
+        now = asyncio.get_running_loop().time()
+        key = (listener.name, ident.get("uid"))
+        w = self._refusals.get(key)
+        if w is None or now - w[0] >= REFUSALS_WINDOW:
+            w = self._refusals[key] = [now, 0, w[2] if w else 0]
+        w[1] += 1
+        if w[1] > REFUSALS_RECORDED:
+            w[2] += 1
+            if w[1] == REFUSALS_RECORDED + 1:
+                log.warning("refused %s at the %s listener %d times in %g s: further "
+                            "refusals counted, not recorded, for now", summary(ident),
+                            listener.name, REFUSALS_RECORDED, REFUSALS_WINDOW)
+            return
+        if w[2]:
+            why += f" ({w[2]} more refusals of this user not recorded before this one)"
+            w[2] = 0
+        log.warning("refused a connection from %s (%s): %s", hostport(*peer[:2]),
+                    summary(ident), why)
+        dst = hostport(*listener.addresses[0])
+        start = {"host": self.host, "target": listener.name, "protocol": listener.spec.name,
+                 "destination": dst, "process": ident, "session_group": self.session_group,
+                 "mode": "target", "layer": listener.spec.name, "via": "listener",
+                 "agent": summary(ident)}
+        try:
+            SessionRecorder(self.spool).record_many([(SESSION_START, start),
+                                                     (SESSION_END, {"reason": f"refused: {why}"})])
+        except SpoolError as exc:
+            log.error("cannot record a refused connection to %s: %s", listener.name, exc)
 
     async def _who(self, writer, plain: Target | None):
         """(target, upstream addresses, identity), or None when refused."""
@@ -127,10 +165,15 @@ class Proxy:
             ident = await asyncio.to_thread(peer_identity, peer, local)
             if "uid" not in ident:
                 # nobody on this host to attribute it to: no credentials for it (fail closed)
-                await self._refuse(peer, local, f"to the {plain.name} listener: "
-                                   f"{ident.get('mismatch', 'unknown peer')}", ident)
-                return None
-            return plain, list(plain.addresses), ident
+                why = f"{ident.get('mismatch', 'unknown peer')}: nobody to attribute it to"
+            else:
+                allowed_by = plain.listen_allow.admits(ident)
+                if allowed_by:
+                    ident["allowed_by"] = allowed_by
+                    return plain, list(plain.addresses), ident
+                why = plain.listen_allow.refusal(ident)
+            await self._refuse(peer, local, f"at the {plain.name} listener: {why}", ident, plain)
+            return None
         rec = self.lookup(peer[0], peer[1])
         if rec is None:
             await asyncio.sleep(0)   # the client's sock_ops update may trail by a hair

@@ -13,12 +13,12 @@ import ssl
 import time
 
 from agentgate.events import APPROVAL
-from hostagent.protocols.api import (CLIENT, UPSTREAM, Aborted, ApprovalDecided, Close,
-                                     DataReceived, EofReceived, Handoff, Hold, HoldPending,
-                                     ProtocolError, Record, Start, StartClientTls,
-                                     StartUpstreamTls, TlsEstablished, TlsFailed, ToClient,
-                                     ToUpstream)
-from hostagent.proxy.net import CONNECT_TIMEOUT
+from hostagent.protocols.api import (CLIENT, UPSTREAM, Aborted, Answer, ApprovalDecided,
+                                     Close, DataReceived, EofReceived, Handoff, Hold,
+                                     HoldPending, OpenSide, ProtocolError, Record, SideAnswered,
+                                     Start, StartClientTls, StartUpstreamTls, TlsEstablished,
+                                     TlsFailed, ToClient, ToUpstream)
+from hostagent.proxy.net import CONNECT_TIMEOUT, connect_any
 from hostagent.recording.spool import SpoolError
 
 log = logging.getLogger("agentgate.proxy")
@@ -244,6 +244,8 @@ class Session:
                 self._spawn(self._hold(cmd))
             elif t is Handoff:
                 handoff = cmd
+            elif t is OpenSide:
+                self._spawn(self._side(cmd))
             else:
                 raise TypeError(f"not a command: {cmd!r}")
         flush()
@@ -312,6 +314,65 @@ class Session:
         peer = obj.getpeercert(binary_form=True) if side is self.upstream else None
         self.feed(TlsEstablished(side.name, obj.version(), obj.selected_alpn_protocol(),
                                  getattr(obj, "agentgate_sni", None), peer))
+
+    # ------------------------------------------------------------------ side connections
+
+    async def _side(self, cmd: OpenSide) -> None:
+        """Run a side layer on its own connection to this session's server; its Answer
+        (or why there is none) goes back to the session's layer. Nothing of it reaches
+        the client; its bytes are bounded by the side layer itself."""
+        writer = None
+        answer: list = []
+        try:
+            async with asyncio.timeout(cmd.timeout):
+                reader, writer, _ = await connect_any([self.upstream_addr], READ_SIZE)
+                error = await self._run_side(cmd.layer, reader, writer, answer)
+        except TimeoutError:   # (an OSError too: first)
+            error = f"side connection timed out after {cmd.timeout:g} s"
+        except (OSError, ConnectionError) as exc:
+            error = f"side connection failed: {exc}"
+        except ProtocolError as exc:
+            error = f"side connection: protocol error: {exc}"
+        finally:
+            if writer is not None:
+                writer.close()
+        if answer:
+            self.feed(SideAnswered(cmd.key, answer[0]))
+        else:
+            self.feed(SideAnswered(cmd.key, None, error or "closed without an answer"))
+
+    async def _run_side(self, layer, reader, writer, answer: list) -> str:
+        pending = list(layer.handle(Start(self.upstream_addr)))
+        while True:
+            while pending:
+                cmd = pending.pop(0)
+                t = type(cmd)
+                if t is ToUpstream:
+                    writer.write(cmd.data)
+                elif t is Answer:
+                    answer[:] = [cmd.value]
+                elif t is Close:
+                    return cmd.reason
+                elif t is StartUpstreamTls:
+                    try:
+                        await writer.start_tls(
+                            self.proxy.upstream_tls(cmd.verify, cmd.ca, cmd.alpn),
+                            server_hostname=cmd.server_name or None,
+                            ssl_handshake_timeout=CONNECT_TIMEOUT)
+                    except (ssl.SSLError, ssl.CertificateError, ValueError) as exc:
+                        pending = list(layer.handle(TlsFailed(UPSTREAM, _tls_error(exc))))
+                        continue
+                    obj = writer.get_extra_info("ssl_object")
+                    pending += layer.handle(TlsEstablished(
+                        UPSTREAM, obj.version(), obj.selected_alpn_protocol(), None,
+                        obj.getpeercert(binary_form=True)))
+                elif t is not Record:   # a side connection is not the session's record
+                    raise TypeError(f"not a side connection's command: {cmd!r}")
+            data = await reader.read(READ_SIZE)
+            pending = list(layer.handle(DataReceived(UPSTREAM, data) if data
+                                        else EofReceived(UPSTREAM)))
+            if not data and not pending:
+                return "the server closed the side connection"
 
     # ------------------------------------------------------------------ approvals
 

@@ -111,3 +111,59 @@ def test_the_daemon_refuses_a_typo_in_one_line(tmp_path):
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and "unknown protocol 'postgress'" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+LISTENER = PG.format(protocol="postgres", extra='listen = "127.0.0.1:0"\n{allow}')
+
+
+@pytest.mark.parametrize("allow,expect", [
+    ('listen_allow = []', "'listen_allow' is empty, so nobody could connect"),
+    ('listen_allow = "user:alice"', "'listen_allow' must be a list of entries like "
+                                    '"user:alice", not str'),
+    ('listen_allow = [1001]', 'entries are strings like "user:alice", not 1001'),
+    ('listen_allow = ["alice"]', "listen_allow entry 'alice': start it with what it names: "
+                                 "user:, uid:, group:, gid:, unit:"),
+    ('listen_allow = ["usr:alice"]', "listen_allow entry 'usr:alice': start it with"),
+    ('listen_allow = ["user:"]', "listen_allow entry 'user:': nothing after 'user:'"),
+    ('listen_allow = ["uid:alice"]', "listen_allow entry 'uid:alice': a uid is a number "
+                                     "(for a name, say user:)"),
+    ('listen_allow = ["gid:-1"]', "listen_allow entry 'gid:-1': a gid is a number"),
+    ('listen_allow = ["unit:ci-runner"]', "listen_allow entry 'unit:ci-runner': a unit's full "
+                                          "name, ending in .service, .scope or .slice"),
+    ('listen_allow = ["unit:a.slice/b.service"]', "a unit's full name"),
+])
+def test_listen_allow_is_checked_at_load_in_one_line(tmp_path, allow, expect):
+    msg = error(tmp_path, LISTENER.format(allow=allow))
+    assert "target 'orders-db'" in msg and expect in msg, msg
+
+
+def test_listen_allow_needs_a_listener(tmp_path):
+    msg = error(tmp_path, PG.format(protocol="postgres", extra='listen_allow = ["uid:0"]'))
+    assert "target 'orders-db': 'listen_allow' is for a plain listener: give 'listen' too" in msg
+
+
+def test_listen_allow_names_are_resolved_at_start_and_root_alone_is_the_default(tmp_path):
+    from hostagent.intercept.loader import InterceptError
+    from hostagent.proxy.targets import ROOT_ONLY, build_targets
+    default = build_targets(load_config(str(write(tmp_path, LISTENER.format(allow="")))))
+    assert default.targets[0].listen_allow is ROOT_ONLY
+    assert ROOT_ONLY.entries == ("uid:0",)
+    assert ROOT_ONLY.admits({"uid": 0}) == "uid:0" and ROOT_ONLY.admits({"uid": 1}) is None
+    cfg = load_config(str(write(tmp_path, LISTENER.format(
+        allow='listen_allow = ["user:nobody", "uid:1001", "group:root", " gid : 998 ", '
+              '"unit:ci-runner.service", "unit:ci.slice"]'))))
+    assert cfg.targets[0].listen_allow == [("user", "nobody"), ("uid", "1001"),
+                                           ("group", "root"), ("gid", "998"),
+                                           ("unit", "ci-runner.service"), ("unit", "ci.slice")]
+    allow = build_targets(cfg).targets[0].listen_allow
+    assert allow.uids == ((65534, "user:nobody"), (1001, "uid:1001"))
+    assert allow.gids == ((0, "group:root"), (998, "gid:998"))
+    assert allow.units == (("ci-runner.service", "unit:ci-runner.service"),
+                           ("ci.slice", "unit:ci.slice"))
+    for entry, what in (("user:no-such-user-x", "user"), ("group:no-such-group-x", "group")):
+        cfg = load_config(str(write(tmp_path, LISTENER.format(
+            allow=f'listen_allow = ["uid:0", "{entry}"]'))))
+        with pytest.raises(InterceptError) as exc:
+            build_targets(cfg)
+        assert str(exc.value) == (f"target orders-db: listen_allow entry '{entry}': "
+                                  f"no such {what} on this host")

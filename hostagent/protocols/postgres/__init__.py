@@ -1,7 +1,8 @@
 """PostgreSQL wire protocol v3: every statement parsed (pglast) and judged before it
 runs, results masked as they stream, credentials injected, TLS on both legs.
 
-Modules: messages (framing), auth (SCRAM/md5 upstream), classify (what a statement
+Modules: messages (framing), auth (upstream login: SCRAM-SHA-256(-PLUS), md5, cleartext,
+only to a server that showed it is the real one), classify (what a statement
 does), requests (statements as policy requests), outputs (what each answer recorded),
 layer (the sans-IO state machine the driver runs)."""
 from __future__ import annotations

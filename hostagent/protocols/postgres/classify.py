@@ -1,63 +1,26 @@
 """What a SQL text does, judged by a real parser (libpg_query via pglast), not by its
-first keyword: every statement in it, the statements nested in CTEs and in DO blocks
-(PL/pgSQL), the tables and functions it touches, and the risky shapes policy cares
-about. Text that does not parse raises Unparseable; the caller decides (deny by
-default)."""
+first keyword: every statement in it and everything each can do (effects.py: nested
+statements, bodies, rule actions, MERGE actions, known dynamic SQL, see plpgsql.py), the
+tables and functions it touches, the risky shapes policy cares about (flags), what it
+runs that can't be known from its text (`unknown`), and where its result columns come
+from (for masking). Text that does not parse, or runs SQL that does not, raises
+Unparseable; the caller decides (deny by default)."""
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass, field, replace
 
-from pglast import ast, parse_plpgsql, parse_sql
+from pglast import ast, parse_sql
 from pglast.parser import ParseError, scan
 from pglast.visitors import Skip, Visitor
 
 from hostagent.protocols.cache import TextCache
+from hostagent.protocols.postgres.effects import FILE_FUNCTIONS, KINDS, SQL_FUNCTIONS, Unparseable
+from hostagent.protocols.postgres.effects import Walk as _Walk
+from hostagent.protocols.postgres.effects import find_nodes as _nodes
+from hostagent.protocols.postgres.effects import statement_kind as _kind
 
-# node type -> statement kind
-KINDS = {
-    "SelectStmt": "SELECT", "InsertStmt": "INSERT", "UpdateStmt": "UPDATE",
-    "DeleteStmt": "DELETE", "MergeStmt": "MERGE", "TruncateStmt": "TRUNCATE",
-    "DropStmt": "DROP", "AlterTableStmt": "ALTER", "AlterObjectSchemaStmt": "ALTER",
-    "RenameStmt": "ALTER", "AlterDatabaseStmt": "ALTER", "AlterRoleStmt": "ALTER",
-    "CreateStmt": "CREATE", "CreateTableAsStmt": "CREATE", "IndexStmt": "CREATE",
-    "ViewStmt": "CREATE", "CreateFunctionStmt": "CREATE", "CreateRoleStmt": "CREATE",
-    "CreatedbStmt": "CREATE", "CreateSchemaStmt": "CREATE", "CreateExtensionStmt": "CREATE",
-    "DropdbStmt": "DROP", "DropRoleStmt": "DROP", "CopyStmt": "COPY", "DoStmt": "DO",
-    "CallStmt": "CALL", "VariableSetStmt": "SET", "VariableShowStmt": "SHOW",
-    "GrantStmt": "GRANT", "GrantRoleStmt": "GRANT", "TransactionStmt": "TRANSACTION",
-    "ExplainStmt": "EXPLAIN", "PrepareStmt": "PREPARE", "ExecuteStmt": "EXECUTE",
-    "DeallocateStmt": "DEALLOCATE", "VacuumStmt": "VACUUM", "LockStmt": "LOCK",
-    "ListenStmt": "LISTEN", "NotifyStmt": "NOTIFY", "AlterSystemStmt": "ALTER",
-}
-# Functions that read or write the server's files or run programs.
-FILE_FUNCTIONS = frozenset({"pg_read_file", "pg_read_binary_file", "pg_ls_dir", "pg_stat_file",
-                            "lo_import", "lo_export", "lo_get", "lo_put", "pg_file_write",
-                            "pg_ls_logdir", "pg_ls_waldir", "pg_ls_tmpdir", "pg_ls_archive_statusdir",
-                            "dblink", "dblink_exec"})
-SQL_FUNCTIONS = frozenset({"query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema",
-                           "table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema",
-                           "cursor_to_xml", "schema_to_xml", "database_to_xml", "dblink",
-                           "dblink_exec", "dblink_open", "dblink_send_query"})
-
-
-def _kind(node_name: str) -> str:
-    """A statement node's kind: the known ones by name, the rest by their verb."""
-    if node_name in KINDS:
-        return KINDS[node_name]
-    for verb in ("Create", "Alter", "Drop", "Grant", "Reassign", "Comment", "Security",
-                 "Import", "Refresh", "Reindex", "Cluster", "Load", "Discard", "Checkpoint"):
-        if node_name.startswith(verb):
-            return verb.upper()
-    return node_name.removesuffix("Stmt").upper()
-
-
-_ASSIGN = re.compile(r'^\s*[\w."\[\]]+\s*:?=\s*')
-
-
-class Unparseable(Exception):
-    pass
+__all__ = ["classify", "Statement", "Lineage", "Unparseable", "KINDS", "FILE_FUNCTIONS",
+           "SQL_FUNCTIONS"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +36,12 @@ class Statement:
     # aliases and expressions (SELECT lower(email) AS e)
     sources: tuple[tuple[str, frozenset[str]], ...] = ()
     lineage: "Lineage | None" = None
+    # flags naming what it runs that can't be known from its text (dynamic_sql,
+    # untrusted_language): policy gives it the `unparseable` decision unless allowed
+    unknown: frozenset[str] = frozenset()
+    # every column it names, in bodies and dynamic SQL too (what masking must know it
+    # may read)
+    reads: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -86,121 +55,6 @@ class Lineage:
     whole_rows: bool = False
     opaque: frozenset[str] = frozenset()         # result names
     renamed: bool = False
-
-
-class _Walk(Visitor):
-    def __init__(self):
-        super().__init__()
-        self.kinds: set[str] = set()
-        self.tables: list[str] = []
-        self.functions: list[str] = []
-        self.flags: set[str] = set()
-
-    def visit(self, ancestors, node):
-        name = type(node).__name__
-        if name.endswith("Stmt") and name != "RawStmt":
-            self.kinds.add(_kind(name))
-        if isinstance(node, ast.RangeVar):
-            self.tables.append(".".join(p for p in (node.schemaname, node.relname) if p))
-            if node.schemaname:
-                self.tables.append(node.relname)   # a rule on the bare name still matches
-        elif isinstance(node, ast.FuncCall):
-            fname = ".".join(s.sval for s in node.funcname if isinstance(s, ast.String))
-            self.functions.append(fname)
-            bare = fname.rsplit(".", 1)[-1].lower()
-            if bare in FILE_FUNCTIONS:
-                self.flags.add("server_files")
-            if bare in SQL_FUNCTIONS:
-                self.flags.add("dynamic_sql")   # runs SQL (or reads tables) we can't see
-        elif isinstance(node, (ast.DeleteStmt, ast.UpdateStmt)) and node.whereClause is None:
-            self.flags.add("no_where")
-        elif isinstance(node, ast.CopyStmt):
-            if node.is_program:
-                self.flags.add("copy_program")
-            elif node.filename:
-                self.flags.add("server_files")
-            elif not node.is_from:
-                self.flags.add("copy_out")
-        elif isinstance(node, ast.DropStmt) and node.removeType is not None:
-            for obj in node.objects or ():
-                if isinstance(obj, tuple) and all(isinstance(p, ast.String) for p in obj):
-                    self.tables.append(".".join(p.sval for p in obj))
-        elif isinstance(node, ast.DoStmt):
-            self._do_block(node)
-
-    def _do_block(self, node: ast.DoStmt) -> None:
-        body, language = "", "plpgsql"
-        for arg in node.args or ():
-            if arg.defname == "as":
-                body = arg.arg.sval
-            elif arg.defname == "language":
-                language = arg.arg.sval
-        if language != "plpgsql":
-            self.flags.add("untrusted_language")
-            return
-        try:
-            tree = parse_plpgsql(f"CREATE FUNCTION f() RETURNS void AS $agq${body}$agq$ "
-                                 "LANGUAGE plpgsql")
-        except ParseError:
-            self.flags.add("unparseable_block")
-            return
-        for query, dynamic in _plpgsql_queries(tree):
-            if dynamic:
-                self.flags.add("dynamic_sql")
-                continue
-            inner = None
-            rhs = _ASSIGN.sub("", query, count=1)
-            # a statement, an expression, or the right side of an assignment
-            for text in (query, f"SELECT {query}", f"SELECT {rhs}"):
-                try:
-                    inner = parse_sql(text)
-                    break
-                except ParseError:
-                    continue
-            if inner is None:
-                self.flags.add("unparseable_block")
-                continue
-            self(inner)
-
-
-def _plpgsql_queries(tree) -> list[tuple[str, bool]]:
-    """(query text, is dynamic) for every SQL statement and expression in a PL/pgSQL tree:
-    statements, FOR ... IN queries, assignments, conditions, RETURN and RAISE arguments."""
-    out: list[tuple[str, bool]] = []
-
-    def walk(value):
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                if key in ("PLpgSQL_stmt_dynexecute", "PLpgSQL_stmt_dynfors"):
-                    out.append(("", True))
-                elif key == "PLpgSQL_expr" and isinstance(inner, dict) and "query" in inner:
-                    out.append((inner["query"], False))
-                else:
-                    walk(inner)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-    walk(tree if not isinstance(tree, str) else json.loads(tree))
-    return out
-
-
-def _nodes(tree, *types) -> list:
-    """Every node of these types in `tree`, nested ones included. A plain walk of the
-    nodes' slots: a pglast Visitor per call costs time in the size of the whole list it
-    sits in, which made wide SELECT lists quadratic (one agent could stall the loop)."""
-    out, stack = [], [tree]
-    while stack:
-        n = stack.pop()
-        if isinstance(n, (list, tuple)):
-            stack.extend(n)
-        elif isinstance(n, ast.Node):
-            if isinstance(n, types):
-                out.append(n)
-            for attr in n.__slots__:
-                v = getattr(n, attr, None)
-                if isinstance(v, (ast.Node, list, tuple)):
-                    stack.append(v)
-    return out
 
 
 def _fields(ref: ast.ColumnRef) -> list[str]:
@@ -415,14 +269,13 @@ def _classify(sql: str) -> tuple[tuple[Statement, ...], tuple[tuple[int, int], .
         raise Unparseable(str(exc)) from None
     out, spans = [], []
     for stmt in raw:
-        walk = _Walk()
-        walk(stmt.stmt)
-        if "unparseable_block" in walk.flags:
-            # part of it can't be read: the whole text is judged as unparseable
-            raise Unparseable("a procedural block contains code the parser can't read")
         kind = _kind(type(stmt.stmt).__name__)
         start = stmt.stmt_location or 0
         end = start + stmt.stmt_len if stmt.stmt_len else len(sql)
+        walk = _Walk()
+        # any part of it that can't be read (a body, a known dynamic text) raises
+        # Unparseable: the whole text is judged as unparseable
+        walk.statement(stmt.stmt, sql[start:end])
         spans.append((start, end))
         out.append(Statement(kind=kind, text=sql[start:end].strip(),
                              kinds=frozenset(walk.kinds | {kind}),
@@ -430,5 +283,6 @@ def _classify(sql: str) -> tuple[tuple[Statement, ...], tuple[tuple[int, int], .
                              functions=tuple(dict.fromkeys(walk.functions)),
                              flags=frozenset(walk.flags),
                              sources=tuple(_select_sources(stmt.stmt).items()),
-                             lineage=_lineage(stmt.stmt)))
+                             lineage=_lineage(stmt.stmt), unknown=frozenset(walk.unknown),
+                             reads=frozenset(walk.columns)))
     return tuple(out), tuple(spans)

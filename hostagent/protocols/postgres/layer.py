@@ -21,20 +21,25 @@
 """
 from __future__ import annotations
 
+import fnmatch
 import secrets
+from dataclasses import replace
+import weakref
 from typing import Callable
 
 from agentgate.events import COMMAND, OUTPUT
 from hostagent.masking import MASK, Masker, for_target
 from hostagent.policy import Decision, Request, decide
 from hostagent.protocols.api import (CLIENT, Aborted, ApprovalDecided, Close, Command,
-                                     DataReceived, EofReceived, Event, HoldPending,
-                                     ProtocolError, Record, SessionContext, Start,
+                                     DataReceived, EofReceived, Event, HoldPending, OpenSide,
+                                     ProtocolError, Record, SessionContext, SideAnswered, Start,
                                      StartClientTls, StartUpstreamTls, TlsEstablished, TlsFailed,
                                      ToClient, ToUpstream)
 from hostagent.protocols.enforce import Enforcer
 from hostagent.protocols.postgres import messages as m
-from hostagent.protocols.postgres.auth import ScramSha256, md5_password
+from hostagent.protocols.postgres.catalog import CatalogCache, CatalogFetch
+from hostagent.protocols.postgres.names import SearchPath, parse_path
+from hostagent.protocols.postgres.auth import AuthRefused, UpstreamAuth
 from hostagent.protocols.postgres.classify import Unparseable, classify
 from hostagent.protocols.postgres.outputs import Outputs, SampleLimits
 from hostagent.protocols.postgres.requests import requests_for
@@ -47,12 +52,91 @@ MAX_CLASSIFIED = 1 << 20        # characters of statement text the parser is giv
 STARTUP_PARAMS = frozenset({"user", "database", "application_name",
                             "fallback_application_name", "client_encoding", "DateStyle",
                             "TimeZone", "extra_float_digits", "IntervalStyle"})
+# statements that only read: anything else that reads a masked column is refused
+READ_KINDS = frozenset({"SELECT", "EXPLAIN", "PREPARE", "DECLARECURSOR", "SHOW"})
+# functions that store or send a value where masks don't reach
+EMITTING_FUNCTIONS = frozenset({
+    "pg_notify", "set_config", "setval", "lo_from_bytea", "lo_create", "lo_put", "lowrite",
+    "lo_import", "lo_export", "pg_logical_emit_message", "dblink", "dblink_exec",
+    "dblink_send_query", "dblink_open", "pg_file_write", "pg_advisory_lock",
+    "pg_advisory_xact_lock", "pg_try_advisory_lock", "pg_try_advisory_xact_lock",
+    "pg_advisory_lock_shared", "pg_try_advisory_lock_shared", "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_xact_lock_shared", "txid_current", "pg_catalog.set_config"})
 TEXT_OID = 25
+# Client encodings whose multibyte characters can end in a byte that reads as `\` or a
+# quote (PostgreSQL's client-only encodings, with the aliases it accepts): the server
+# would split a statement where the parser (UTF-8) sees one string. Refused, as is
+# standard_conforming_strings = off (backslashes escaping quotes in plain strings).
+UNSAFE_ENCODINGS = frozenset({
+    "sjis", "mskanji", "shiftjis", "win932", "windows932", "shiftjis2004", "big5",
+    "win950", "windows950", "gbk", "win936", "windows936", "uhc", "win949", "windows949",
+    "gb18030", "johab"})
+
+
+def _parsing_hazard(name: str, value: str) -> str | None:
+    """Why a setting the server reports (or a client asks for) would make the server
+    read statements otherwise than the parser that judged them."""
+    if name.lower() == "client_encoding" and \
+            "".join(c for c in value.lower() if c.isalnum()) in UNSAFE_ENCODINGS:
+        return f"client_encoding {value} is refused: statements are judged as UTF-8"
+    if name.lower() == "standard_conforming_strings" and value.lower() != "on":
+        return "standard_conforming_strings must stay on: statements are judged with it"
+    return None
+# statements after which the catalog's names may have changed
+CATALOG_KINDS = frozenset({"CREATE", "ALTER", "DROP", "DO", "CALL", "IMPORT", "REFRESH"})
 _MASK = MASK.encode()
 TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114, 142, 705})   # text, varchar, char, name...
 # bool, int2/4/8, oid, float4/8, numeric, date, time(tz), timestamp(tz), interval, uuid
 PLAIN_BINARY_TYPES = frozenset({16, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1266, 1114,
                                 1184, 1186, 2950})
+
+
+# error and notice fields that can quote data: withheld while masked columns are read
+_QUOTING = frozenset("MDHWqp")
+
+
+def _withheld(fields: dict[str, str]) -> dict[str, str]:
+    out = {k: v for k, v in fields.items() if k not in _QUOTING}
+    out["M"] = (f"agentgate: the server's message is withheld: the statement reads masked "
+                f"columns (SQLSTATE {fields.get('C', '?')})")
+    return out
+
+
+def _qualified_tables(policy) -> bool:
+    return any("." in p for r in policy.rules for name, pats in r.matchers
+               if name == "tables" for p in pats)
+
+
+def _allow(_req: Request) -> Decision:
+    return Decision("allow", "(agentgate catalog)", "the proxy's own query")
+
+
+class ServerKey(tuple):
+    """The server's backend key (pid, secret) behind a stand-in the agent holds, with the
+    uid of the session it belongs to and the session itself, weakly: a key whose
+    session is gone maps to nothing, however the session ended."""
+
+    def __new__(cls, pid: int, secret: int, uid: int | None = None, layer=None):
+        key = super().__new__(cls, (pid, secret))
+        key.uid = uid
+        key._layer = weakref.ref(layer) if layer is not None else None
+        return key
+
+    def live(self) -> bool:
+        return self._layer is None or self._layer() is not None
+
+
+def new_cancel_key(keys: dict) -> tuple[int, int]:
+    """A stand-in backend key: a positive pid and a secret, 62 random bits together,
+    unused among `keys`. Sessions whose layers are gone are swept from time to time."""
+    n = len(keys)
+    if n >= 64 and not n & (n - 1):
+        for k in [k for k, v in keys.items() if isinstance(v, ServerKey) and not v.live()]:
+            del keys[k]
+    while True:
+        fake = (secrets.randbelow((1 << 31) - 1) + 1, secrets.randbits(32) - (1 << 31))
+        if fake not in keys:
+            return fake
 
 
 class PostgresLayer:
@@ -64,9 +148,23 @@ class PostgresLayer:
                  cancel_keys: dict | None = None, masker: Masker | None = None,
                  client_tls: bool = False, client_names: tuple[str, ...] = ("localhost",),
                  samples: SampleLimits | None = None, tls: str = "disable",
-                 ca: str | None = None, server_name: str = ""):
+                 ca: str | None = None, server_name: str = "",
+                 catalogs: CatalogCache | None = None, weak_password_auth: str = "refuse",
+                 wants_catalog: bool = False):
         self.enforcer = Enforcer(decide)
         self.outputs = Outputs(samples)
+        # Where result columns come from (catalog.py): the target's shared snapshots,
+        # this session's, and upstream messages held while one is read
+        self.catalogs = catalogs
+        self.catalog = None
+        self._catalog_tried: set[int] = set()   # table OIDs a fresh read didn't know
+        self._catalog_failed = -1               # the generation whose read failed
+        self._stalled: list[tuple[bytes, bytes]] | None = None
+        self._stalled_bytes = 0
+        self._ddl_in_tx = False
+        self._fetching = False
+        self.wants_catalog = wants_catalog   # policy names schema-qualified tables
+        self.names: SearchPath | None = None
         self.client_tls = client_tls   # may answer SSLRequest with 'S' (the driver has a CA)
         self.client_names = client_names
         self.client_tls_on = False
@@ -84,7 +182,9 @@ class PostgresLayer:
         self.database = ""
         self.upstream_user = ""
         self.tx_status = b"I"
-        self._scram: ScramSha256 | None = None
+        # the server's authentication, answered with the injected password (auth.py)
+        self.upstream_auth = UpstreamAuth(password or "", target=target, tls=tls,
+                                          weak_password_auth=weak_password_auth)
         self._denials: dict[str, bytes] = {}   # token -> our ErrorResponse
         self.masker = masker if masker is not None and masker.active else None
         self._results = Results() if self.masker else None
@@ -93,8 +193,9 @@ class PostgresLayer:
         self._scan_cols: list[int] = []
         self.refusing = ""   # set when the session can't go on: start-up gets this error
         self._startup_seen = False
-        # Shared by all sessions to this target: the key the agent holds -> the server's.
-        # The agent never learns the server's key; a cancel from it is mapped back.
+        # Shared by the sessions of this target alone (a key issued for another target
+        # is unknown here): the key the agent holds -> the server's (a ServerKey). The
+        # agent never learns the server's key; a cancel from it is mapped back.
         self.cancel_keys = cancel_keys if cancel_keys is not None else {}
         self.client_key: tuple[int, int] | None = None
 
@@ -104,11 +205,15 @@ class PostgresLayer:
         return cls(decide=lambda req: decide(policy, req), target=ctx.target.name,
                    identity=ctx.identity, user=opts.user, password=opts.get("password"),
                    cancel_keys=ctx.shared.setdefault("cancel_keys", {}),
+                   catalogs=ctx.shared.setdefault("catalogs", CatalogCache()),
+                   wants_catalog=_qualified_tables(policy),
                    masker=for_target(policy.masks, ctx.target.name),
                    client_tls=ctx.tls_available and opts.client_tls == "offer",
                    client_names=tuple(dict.fromkeys((*ctx.target.names, ctx.dialed))),
                    samples=ctx.samples, tls=opts.tls, ca=opts.ca,
-                   server_name=opts.server_name or "")
+                   # the certificate must name the host the target is configured with
+                   server_name=opts.server_name or next(iter(ctx.target.names), ""),
+                   weak_password_auth=opts.get("weak_password_auth") or "refuse")
 
     # ------------------------------------------------------------------ events
 
@@ -122,6 +227,8 @@ class PostgresLayer:
             return self._start(event)
         if kind is HoldPending:
             return self._held_notice(event)
+        if kind is SideAnswered:
+            return self._catalog_read(event)
         if kind is ApprovalDecided:
             return self.decided(event.key, event.approved, event.reason)
         if kind is TlsEstablished:
@@ -142,7 +249,7 @@ class PostgresLayer:
         return []
 
     def buffered(self) -> int:
-        return (self.client.buffered + self.upstream.buffered
+        return (self.client.buffered + self.upstream.buffered + self._stalled_bytes
                 + self.enforcer.deferred_bytes + 256 * len(self._denials)
                 + sum(len(c.data) for c in self._waiting if isinstance(c, ToUpstream)))
 
@@ -169,8 +276,12 @@ class PostgresLayer:
         answer, rest = data[:1], data[1:]
         if answer == b"N" and not rest:
             if self.tls in ("require", "verify-full"):
-                return self._refuse_session(f"agentgate: upstream TLS failed ({self.tls}): "
-                                            "the server does not offer TLS")
+                # a man in the middle's first move; a server that really has no TLS (a
+                # loopback one) is the target's explicit opt-out
+                return self._refuse_session(
+                    f"agentgate: upstream TLS failed ({self.tls}): the server does not offer "
+                    f'TLS; for a server without TLS set tls = "disable" on target '
+                    f'"{self.target}"')
             return self._upstream_ready()
         if answer == b"S" and not rest:
             self.upstream_phase = "handshake"
@@ -189,6 +300,11 @@ class PostgresLayer:
                              **({"sni": event.sni} if event.sni else {})})
         if event.side == CLIENT:
             return [rec]
+        # what the server's authentication may rely on: a verified certificate, and the
+        # certificate SCRAM-SHA-256-PLUS binds to
+        verified = self.tls == "verify-full"
+        self.upstream_auth.tls_up(event.peer_cert, verified)
+        rec.fields["verified"] = verified
         return [rec] + self._upstream_ready()
 
     def _upstream_ready(self) -> list[Command]:
@@ -280,8 +396,20 @@ class PostgresLayer:
             if msg.code in (m.SSL_REQUEST, m.GSSENC_REQUEST):
                 return [ToClient(b"N")]   # declined: the client goes on in the clear
             real = self.cancel_keys.get((msg.pid, msg.secret))
+            if isinstance(real, ServerKey) and not real.live():   # its session ended
+                self.cancel_keys.pop((msg.pid, msg.secret), None)
+                real = None
             if real is None:
-                return [Record("cancel", {"matched": False}), Close("cancel with an unknown key")]
+                return [Record("cancel", {"matched": False}),
+                        Close("cancel with a key no live session of this target holds")]
+            uid = self.identity.get("uid")
+            owner = getattr(real, "uid", None)
+            if owner is not None and uid != owner:
+                # a key is the capability PostgreSQL trusts; here it is good only in the
+                # hands of the user whose session it is (as the kernel tells us)
+                return [Record("cancel", {"matched": True, "forwarded": False}),
+                        Close(f"cancel refused: the key is uid {owner}'s session's, "
+                              f"sent by uid {uid}")]
             if self.refusing:
                 return [Record("cancel", {"matched": True, "forwarded": False}),
                         Close(self.refusing)]
@@ -294,6 +422,12 @@ class PostgresLayer:
             return [Close(self.refusing, self.refusal(self.refusing))]
         dropped = sorted(k for k in msg.params if k not in STARTUP_PARAMS)
         params = {k: v for k, v in msg.params.items() if k in STARTUP_PARAMS}
+        hazard = next((h for k, v in params.items() for h in [_parsing_hazard(k, v)] if h), None)
+        if hazard:
+            message = f"agentgate: {hazard}"
+            self.refusing = message
+            return [Record("startup", {"user": params.get("user", ""), "refused": hazard}),
+                    Close(message, self.refusal(message))]
         client_user = params.get("user", "")
         self.database = params.get("database", client_user)
         if self.user:
@@ -320,14 +454,24 @@ class PostgresLayer:
         return self._judged(text, raw, extended, statements)
 
     def _judged(self, text: str, raw: bytes, extended: str | None, statements) -> list[Command]:
-        commands = requests_for(statements, text, target=self.target, identity=self.identity,
-                                database=self.database, extended=extended)
+        commands = self._resolved(requests_for(
+            statements, text, target=self.target, identity=self.identity,
+            database=self.database, extended=extended))
+        for st in statements:
+            self.names.after(st, in_transaction=self.tx_status != b"I" or any(
+                s is not None and "TRANSACTION" in s.kinds for s in statements))
         extra = []
+        laundering = self._copies_masked(statements) if self._results is not None else None
+        if laundering:
+            extra.append(Decision("deny", "(masking)", laundering))
         if self.masker and any("copy_out" in (st.flags if st else ()) for st in statements):
             # COPY TO STDOUT bypasses row-by-row masking: refused, never leaked
             extra.append(Decision("deny", "(masking)", "COPY out of a masked target "
                                   "is refused"))
         verdict, out = self.enforcer.judge(commands, extra)
+        if self._results is not None and verdict.action != "deny" and any(
+                st is None or st.kinds & CATALOG_KINDS for st in statements):
+            self._ddl_in_tx = True   # the catalog is read again once it has run
         if self._results is not None:
             self._results.provenance(extended, provenance(statements))
         if verdict.action == "deny":
@@ -384,23 +528,141 @@ class PostgresLayer:
             if self.upstream_phase == "ssl_request":
                 return self._ssl_answer(data)
             raise ProtocolError(f"the server spoke during {self.upstream_phase}")
+        return self._upstream_frames(self.upstream.receive_data(data))
+
+    def _upstream_frames(self, frames) -> list[Command]:
         out: list[Command] = []
-        for kind, body in self.upstream.receive_data(data):
+        for i, (kind, body) in enumerate(frames):
+            if self._stalled is not None:
+                self._stalled += frames[i:]
+                self._stalled_bytes += sum(len(b) + 64 for _, b in frames[i:])
+                break
+            if kind == b"Z" and self.state == "auth" and self._can_read_catalog() \
+                    and self._current_catalog() is None:
+                # the session starts once the catalog is known (the search path, where
+                # result columns come from): its first statement is judged with it
+                self._stalled = list(frames[i:])
+                self._stalled_bytes = sum(len(b) + 64 for _, b in self._stalled)
+                out += self._fetch_catalog()
+                break
+            if kind == b"T" and self._results is not None and self._catalog_needed(body):
+                # a result from relations the snapshot doesn't know: held (this and all
+                # that follows) until the catalog has been read again
+                self._stalled = list(frames[i:])
+                self._stalled_bytes = sum(len(b) + 64 for _, b in self._stalled)
+                out += self._fetch_catalog()
+                break
             out += self._from_upstream(kind, body)
+            if out and type(out[-1]) is Close:
+                break   # nothing the server said after that counts
         return out
+
+    # ------------------------------------------------------------------ the catalog
+
+    def _can_read_catalog(self) -> bool:
+        # the side connection logs in with the injected credentials; without them
+        # (the agent's own password passes through) masks follow names alone
+        return (self.catalogs is not None and self.password is not None
+                and (self.wants_catalog or (self.masker is not None and self.masker.column_rules))
+                and self._catalog_failed != self.catalogs.generation)
+
+    def _current_catalog(self):
+        cat = self.catalog
+        if cat is not None and cat.generation == self.catalogs.generation:
+            return cat
+        cat = self.catalog = self.catalogs.get(self.database)
+        return cat
+
+    def _catalog_needed(self, body: bytes) -> bool:
+        if not self._can_read_catalog():
+            return False
+        cat = self._current_catalog()
+        for col in m.parse_row_description(body):
+            if col.table_oid and (cat is None or not cat.knows(col.table_oid, col.column)) \
+                    and col.table_oid not in self._catalog_tried:
+                return True
+        return False
+
+    def _resolved(self, commands):
+        """Unqualified table names also as the relations the search path finds."""
+        cat = self._current_catalog() if self.catalogs is not None else None
+        if self.names is None:
+            self.names = SearchPath(self.upstream_user or self.database)
+            if cat is not None:
+                self.names.learned_initial(parse_path(cat.search_path))
+        out = []
+        for req, rec in commands:
+            tables = req.attributes.get("tables") if req.parsed else None
+            if tables and any("." not in t for t in tables):
+                resolved = self.names.resolve(tables, cat)
+                req = replace(req, resources=resolved,
+                              attributes={**req.attributes, "tables": resolved})
+                rec = {**rec, "tables": list(resolved)}
+            out.append((req, rec))
+        return out
+
+    def _fetch_catalog(self) -> list[Command]:
+        if self._fetching:
+            return []
+        self._fetching = True
+        twin = type(self)(decide=_allow, target=self.target, user=self.upstream_user,
+                          password=self.password, tls=self.tls, ca=self.ca,
+                          server_name=self.server_name,
+                          weak_password_auth=self.upstream_auth.weak)
+        return [OpenSide(0, CatalogFetch(twin, self.upstream_user, self.database,
+                                         self.catalogs.generation))]
+
+    def _catalog_read(self, event: SideAnswered) -> list[Command]:
+        self._fetching = False
+        out: list[Command] = []
+        if event.value is not None:
+            self.catalog = event.value
+            self.catalogs.put(self.database, event.value)
+        else:
+            # masks follow names alone until DDL makes another read worth trying
+            self._catalog_failed = self.catalogs.generation
+            out.append(Record("catalog", {"error": event.error,
+                                          "masking": "by column names only"}))
+        stalled, self._stalled, self._stalled_bytes = self._stalled or [], None, 0
+        cat = self.catalog
+        for kind, body in stalled[:1]:
+            if kind == b"T":   # what even a fresh read doesn't know is not asked again
+                self._catalog_tried.update(
+                    c.table_oid for c in m.parse_row_description(body)
+                    if c.table_oid and (cat is None or not cat.knows(c.table_oid, c.column)))
+        return out + self._upstream_frames(stalled)
 
     def _from_upstream(self, kind: bytes, body: bytes) -> list[Command]:
         raw = m.frame(kind, body)
         if self.state == "auth" and kind == b"R":
             return self._auth(body, raw)
+        if self.state == "auth" and self.password is not None and not self.upstream_auth.ok \
+                and kind not in b"ENv":
+            # a server (or a relay) that skips authentication never proved it knows the
+            # password: nothing it says reaches the client as a session
+            message = (f"agentgate: the server sent {kind!r} before authenticating "
+                       f"(target {self.target!r})")
+            self.refusing, self.upstream_phase = message, "refused"
+            return [Close(message, m.error_response(message, "28000", "FATAL"))]
+        if kind == b"S":
+            c = m.Cursor(body)
+            hazard = _parsing_hazard(c.cstr(), c.cstr())
+            if hazard:   # set by the role, the database, or a statement we let through
+                message = f"agentgate: {hazard}"
+                self.refusing, self.upstream_phase = message, "refused"
+                return [Close(message, self.refusal(message))]
         if kind == b"K":
-            real = m.parse_backend_key(body)
-            fake = (secrets.randbits(31), secrets.randbits(31))
+            real = ServerKey(*m.parse_backend_key(body), self.identity.get("uid"), self)
+            self.close()   # a second key replaces the first
+            fake = new_cancel_key(self.cancel_keys)
             self.cancel_keys[fake] = real
             self.client_key = fake
             return [ToClient(m.backend_key_data(*fake))]
         if kind == b"Z":
             self.tx_status = body[:1] or b"I"
+            if self._ddl_in_tx and self.tx_status == b"I":
+                self._ddl_in_tx = False   # committed (or not): what the catalog says changed
+                self.catalogs.invalidate()
             self.state = "ready"
             self._denials.clear()   # a denial the server skipped (after an earlier error)
             self.outputs.ready()
@@ -410,21 +672,25 @@ class PostgresLayer:
             if self.state != "ready":
                 return [ToClient(raw), Close("upstream refused the session")]
             fields = m.parse_fields(body)
+            denial = next((t for t in self._denials if t in fields.get("M", "")), None)
             if self._results is not None:
+                if denial is None and self._running_reads_masked():
+                    fields = _withheld(fields)
                 self._results.upstream(kind)
             message = fields.get("M", "")
             sid, out = self.outputs.error(fields.get("C", ""), message)
-            for token, ours in list(self._denials.items()):
-                if token in message:   # our denial: its decision is the record
-                    del self._denials[token]
-                    return [ToClient(ours)]
+            if denial is not None:   # our denial: its decision is the record
+                return [ToClient(self._denials.pop(denial))]
             reply = self._mask_fields(b"E", fields) if self._results is not None else raw
             if self._results is not None:
                 out["error"] = self.masker.scan(message)[0]
             out["summary"] = f"ERROR {out['sqlstate']}: {out['error']}"
             return [Record(OUTPUT, out, stop=sid), ToClient(reply)]
         elif kind == b"N" and self._results is not None:
-            return [ToClient(self._mask_fields(b"N", m.parse_fields(body)))]
+            fields = m.parse_fields(body)
+            if self._running_reads_masked():
+                fields = _withheld(fields)
+            return [ToClient(self._mask_fields(b"N", fields))]
         elif kind == b"A" and self._results is not None:
             return [ToClient(self._mask_notification(body))]
         elif kind == b"D":
@@ -462,17 +728,21 @@ class PostgresLayer:
         """Decide, per column, mask whole / scan with detectors / pass; a masked column
         becomes text, so any client (binary formats too) decodes the mask."""
         prov = self._results.current()
+        cat = self._current_catalog() if self.catalogs is not None else None
+        exact = cat.masked(self.masker) if cat is not None else None
         if prov is not None:
-            tables, sources, lineages = prov
+            tables, sources, lineages, functions = prov
             # Names can be followed only so far; a statement that reads a masked column
             # (or whole rows) anywhere gets every result column not proven clean masked.
-            touches = any(lin.whole_rows or any(self._column_rule(tables, c) for c in lin.columns)
-                          for lin in lineages)
+            touches = self._reads_masked(prov)
             renamed = any(lin.renamed for lin in lineages)
             opaque = set().union(*(lin.opaque for lin in lineages))
         plan = []
         for col in cols:
-            if prov is None:
+            if exact is not None and col.table_oid and cat.knows(col.table_oid, col.column):
+                # the server says which relation's column this is: its rule, and only it
+                rule = exact.rule(col.table_oid, col.column)
+            elif prov is None:
                 rule = "(unknown provenance)"
             else:
                 rule = self._column_rule(tables, col.name)
@@ -486,6 +756,13 @@ class PostgresLayer:
                     # computed by the server under a name we can't follow (CASE,
                     # coalesce, a cast, a subquery, a whole row, renamed columns)
                     rule = "(derived from masked data)"
+                if not rule and col.table_oid == 0:
+                    # no table says where it is from: a masked column's name (from a
+                    # function's row, a VALUES list) or code of the database's own,
+                    # which may read anything, mask it
+                    rule = self.masker.column_masked_anywhere(col.name) or (
+                        "(computed by the database's own functions)"
+                        if cat is not None and functions & cat.user_functions else None)
             if rule:
                 plan.append(("mask", rule, col.format))
             elif self.masker.has_detectors and (col.format == 0 or col.type_oid in TEXT_TYPES):
@@ -499,6 +776,70 @@ class PostgresLayer:
         out = [m.Column(c.name, c.table_oid, c.column, TEXT_OID, -1, -1, c.format)
                if p[0] == "mask" else c for c, p in zip(cols, plan)]
         return m.row_description(out)
+
+    def _reads_masked(self, prov) -> bool:
+        """Whether a statement reads masked columns (or whole rows, or what we can't see:
+        a procedural body, a procedure), by the names it uses."""
+        tables, _sources, lineages, _functions = prov
+        return any(lin.whole_rows or
+                   any(self._column_rule(tables, c) for c in lin.columns)
+                   for lin in lineages)
+
+    def _copies_masked(self, statements) -> str | None:
+        """Why a statement that reads masked columns would carry their values somewhere
+        masks don't reach (another table, a view or function made of them, a setting,
+        a notification, a large object), or None. Such statements are refused: masks
+        apply to results, so the values must not leave any other way."""
+        if not self.masker.column_rules:
+            return None
+        cat = self._current_catalog() if self.catalogs is not None else None
+        for st in statements:
+            if st is None or st.lineage is None:
+                continue
+            if st.unknown:
+                return (f"what it runs can't be known ({', '.join(sorted(st.unknown))}), "
+                        "so it may read masked columns and carry them anywhere")
+            if "trigger" in st.flags and any(self._may_hold_masked(t) for t in st.tables):
+                return ("a trigger on a table with masked columns would hand its rows to "
+                        "code that can store them anywhere")
+            read = st.lineage.columns | st.reads
+            tables = {t.rsplit(".", 1)[-1] for t in st.tables}
+            rules = [r for c in read for r in [self._column_rule(tables, c)] if r]
+            if not rules and not (st.lineage.whole_rows and tables):
+                continue
+            what = sorted(st.kinds - READ_KINDS)
+            if what:
+                return (f"a {' '.join(what)} statement may not read masked columns "
+                        f"(rule {rules[0] if rules else 'whole rows'}): their values "
+                        "would leave unmasked")
+            funcs = {f.rsplit(".", 1)[-1].lower() for f in st.functions}
+            emitting = funcs & EMITTING_FUNCTIONS
+            if cat is not None:
+                emitting |= funcs & cat.user_functions
+            if emitting or "select_into" in st.flags:
+                return (f"a statement that reads masked columns may not pass them to "
+                        f"{', '.join(sorted(emitting)) or 'SELECT INTO'}")
+        return None
+
+    def _may_hold_masked(self, table: str) -> bool:
+        bare = table.rsplit(".", 1)[-1].lower()
+        for r in self.masker.rules:
+            for pattern in r.columns:
+                parts = pattern.lower().split(".")
+                if len(parts) == 1 or fnmatch.fnmatchcase(bare, parts[-2]):
+                    return True
+        return False
+
+    def _running_reads_masked(self) -> bool:
+        """Errors and notices quote values ('invalid input syntax for type integer:
+        "<the value>"', RAISE NOTICE '%', r.ssn): while a statement that reads masked
+        columns runs, or one we can't see into, their text is withheld."""
+        if not self.masker.column_rules:
+            return False
+        prov = self._results.running()
+        if prov is False:
+            return False
+        return prov is None or self._reads_masked(prov)
 
     def _column_rule(self, tables: set, column: str) -> str | None:
         """A column of unknown table is masked if any table the statement reads has
@@ -552,27 +893,24 @@ class PostgresLayer:
         return values
 
     def _auth(self, body: bytes, raw: bytes) -> list[Command]:
+        """The server's Authentication requests, answered with the injected password under
+        auth.UpstreamAuth's rules (principle 9); AuthenticationOk reaches the client only
+        once the server has shown it is the real one. Anything else refuses the session:
+        a FATAL error naming why (and the option that would change it), which is also the
+        session's recorded close reason."""
         code, data = m.parse_authentication(body)
-        if code == m.AUTH_OK:
-            return [ToClient(raw)]
         if self.password is None:
             return [ToClient(raw)]   # the client answers for itself
-        if code == m.AUTH_SASL:
-            if "SCRAM-SHA-256" not in m.sasl_mechanisms(data):
-                return [Close(f"upstream offers no supported SASL mechanism: {data!r}")]
-            self._scram = ScramSha256(self.password)
-            return [ToUpstream(m.sasl_initial_response(self._scram.mechanism,
-                                                       self._scram.client_first()))]
-        if code == m.AUTH_SASL_CONTINUE and self._scram:
-            return [ToUpstream(m.sasl_response(self._scram.client_final(data)))]
-        if code == m.AUTH_SASL_FINAL and self._scram:
-            self._scram.verify_server_final(data)
-            return []
-        if code == m.AUTH_MD5:
-            return [ToUpstream(m.password_message(md5_password(self.upstream_user,
-                                                               self.password, data)))]
-        if code == m.AUTH_CLEARTEXT:
-            return [ToUpstream(m.password_message(self.password))]
-        return [ToClient(m.error_response(f"agentgate: unsupported upstream authentication "
-                                          f"method {code}", "28000", "FATAL")),
-                Close(f"unsupported upstream authentication method {code}")]
+        if self.upstream_phase == "refused":
+            return []                # already refused (frames from the same read)
+        try:
+            if code == m.AUTH_OK:
+                self.upstream_auth.authenticated()
+                return [Record("auth", self.upstream_auth.summary()), ToClient(raw)]
+            reply = self.upstream_auth.answer(code, data, self.upstream_user)
+        except AuthRefused as exc:
+            message = f"agentgate: {exc}"
+            self.refusing = message
+            self.upstream_phase = "refused"
+            return [Close(message, m.error_response(message, "28000", "FATAL"))]
+        return [ToUpstream(reply)] if reply is not None else []

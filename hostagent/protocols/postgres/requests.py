@@ -1,6 +1,9 @@
 """PostgreSQL statements as protocol-neutral policy requests: the statement kinds are
 the action, the tables the resources, and every PostgreSQL matcher (databases,
-statements, tables, functions, flags) an attribute under its own name."""
+statements, tables, functions, flags) an attribute under its own name. What a statement
+runs that can't be known from its text (Statement.unknown: computed dynamic SQL, code
+in another language) goes in Request.unknown: policy gives it the `unparseable`
+decision unless an allow rule names those flags."""
 from __future__ import annotations
 
 from hostagent.policy import Request
@@ -16,17 +19,19 @@ def requests_for(statements, text: str, *, target: str, identity: dict, database
             req = Request(target=target, protocol="postgres", identity=identity, text=text,
                           attributes={"databases": (database,)}, parsed=False)
             kinds: list = []
-            tables = functions = flags = ()
+            tables = functions = flags = unknown = ()
         else:
             kinds = sorted(st.kinds)
             tables, functions, flags = st.tables, st.functions, st.flags
+            unknown = tuple(sorted(getattr(st, "unknown", ())))
             req = Request(target=target, protocol="postgres", identity=identity, text=st.text,
                           action=" ".join(kinds), resources=tables,
                           attributes={"databases": (database,), "statements": st.kinds,
                                       "tables": tables, "functions": functions,
-                                      "flags": flags})
+                                      "flags": flags}, unknown=unknown)
         out.append((req, {"text": req.text, "kinds": kinds, "tables": list(tables),
                           "functions": list(functions), "flags": sorted(flags),
+                          "unknown": list(unknown),
                           "database": database, "statement": extended,
                           "protocol": "simple" if extended is None else "extended"}))
     return out

@@ -2,7 +2,11 @@
 what masking needs to follow a result through the extended protocol's pipeline."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from hostagent.protocols.postgres import messages as m
+
+OPAQUE_CODE = frozenset({"CALL"})
 
 
 class Results:
@@ -61,6 +65,19 @@ class Results:
             return front[1]
         return None
 
+    def running(self) -> tuple | None | bool:
+        """The provenance of what the server is running now (for its errors and
+        notices): a query's or an executed portal's; None when unknown; False when no
+        statement runs (errors of Parse, Bind, Sync)."""
+        front = self._expect[0] if self._expect else ("sync",)
+        if front[0] == "query":
+            return front[1]
+        if front[0] == "execute":
+            return self._portal_prov.get(front[1])
+        if front[0] == "describe":
+            return front[3]
+        return False
+
     def set_plan(self, plan: list) -> None:
         front = self._expect[0] if self._expect else ("query",)
         if front[0] == "describe":
@@ -105,4 +122,10 @@ def provenance(statements) -> tuple | None:
         for name, cols in st.sources:
             sources.setdefault(name, set()).update(cols)
     tables = {t.rsplit(".", 1)[-1] for st in statements for t in st.tables}
-    return tables, sources, [st.lineage for st in statements]
+    # code we can't see into (a procedure, computed SQL) may read anything: as whole
+    # rows; blocks and bodies read what they name
+    lineages = [replace(st.lineage, whole_rows=True) if st.kinds & OPAQUE_CODE or st.unknown
+                else replace(st.lineage, columns=st.lineage.columns | st.reads)
+                for st in statements]
+    functions = {f.rsplit(".", 1)[-1].lower() for st in statements for f in st.functions}
+    return tables, sources, lineages, functions

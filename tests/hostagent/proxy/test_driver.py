@@ -22,7 +22,7 @@ from hostagent.protocols.api import (CLIENT, Aborted, ApprovalDecided, Close, Da
                                      TlsEstablished, TlsFailed, ToClient, ToUpstream)
 from hostagent.protocols.registry import Options, ProtocolSpec
 from hostagent.proxy.driver import Proxy
-from hostagent.proxy.targets import Target, Targets
+from hostagent.proxy.targets import ROOT_ONLY, ListenAllow, Target, Targets
 from hostagent.recording.spool import Spool
 from hostagent.tls import LocalCA
 from tests.certs import CA
@@ -130,6 +130,7 @@ class Upstream:
 
     def __init__(self, tls: ssl.SSLContext | None = None):
         self.tls = tls
+        self.accepted = 0
         self.got = bytearray()
         self.eof = asyncio.Event()
         self.reading = asyncio.Event()
@@ -140,6 +141,7 @@ class Upstream:
         return self.server.sockets[0].getsockname()[1]
 
     async def serve(self, reader, writer):
+        self.accepted += 1
         while True:
             await self.reading.wait()
             data = await reader.read(65536)
@@ -155,10 +157,11 @@ class Upstream:
 
 
 async def proxy_for(tmp: Path, port: int, *, options=None, budget=256 << 20, idle=3600.0,
-                    approver=None):
+                    approver=None, allow: ListenAllow = ROOT_ONLY):
     spool = Spool(tmp / "spool")
     target = Target("fake-t", "fake", (("127.0.0.1", port),), spec=SPEC,
-                    options=Options(options or {}), names=("localhost",), idle_timeout=idle)
+                    options=Options(options or {}), names=("localhost",), idle_timeout=idle,
+                    listen_allow=allow)
     ca = LocalCA.load_or_create(tmp / "ca")
     proxy = Proxy(lookup=lambda h, p: None, identify=lambda r: {}, spool=spool, host="h",
                   targets=Targets([target]), raw=RAW, ca=ca, budget_bytes=budget,
@@ -446,3 +449,186 @@ def test_a_protocol_that_owns_the_wire_gets_the_socket(tmp_path):
         assert ("command", {"text": "hello"}) in evs
         assert [f["reason"] for k, f in evs if k == "session_end"] == ["served"]
     run(main())
+
+
+# ---------------------------------------------------------------- who a plain listener serves
+
+def allow(*entries: str) -> ListenAllow:
+    from types import SimpleNamespace
+    from hostagent.config import parse_listen_allow
+    from hostagent.proxy.targets import resolve_allow
+    return resolve_allow(SimpleNamespace(name="fake-t",
+                                         listen_allow=parse_listen_allow(list(entries), "t")))
+
+
+def test_listen_allow_matches_the_socket_owner_its_groups_and_system_units():
+    a = allow("user:nobody", "uid:1001", "group:root", "gid:998", "unit:ci-runner.service",
+              "unit:ci.slice")
+    proc = {"pid": 42, "gids": [1000], "cgroup": "/"}
+    assert a.admits({"uid": 65534}) == "user:nobody"      # no process needed for these
+    assert a.admits({"uid": 1001, **proc}) == "uid:1001"
+    assert a.admits({"uid": 1000, **proc}) is None
+    assert a.admits({"uid": 1000, **proc, "gids": [1000, 0]}) == "group:root"
+    assert a.admits({"uid": 1000, **proc, "gids": [998]}) == "gid:998"
+    # groups and units are the process's: without one found, they can't match
+    assert a.admits({"uid": 1000, "gids": [998], "cgroup": "/system.slice/ci-runner.service"}) \
+        is None
+    unit = {"uid": 1000, "pid": 42, "gids": [1000]}
+    assert a.admits({**unit, "cgroup": "/system.slice/ci-runner.service"}) \
+        == "unit:ci-runner.service"
+    assert a.admits({**unit, "cgroup": "/system.slice/ci-runner.service/job/x.scope"}) \
+        == "unit:ci-runner.service"                         # its delegated subtree too
+    assert a.admits({**unit, "cgroup": "/ci.slice/ci-other.slice/build.service"}) \
+        == "unit:ci.slice"
+    # a user's own manager lets its user name cgroups anything: not a system unit
+    spoof = "/user.slice/user-1000.slice/user@1000.service/app.slice/ci-runner.service"
+    assert a.admits({**unit, "cgroup": spoof}) is None
+    assert a.admits({**unit, "cgroup": "/system.slice/other.service/ci-runner.service"}) is None
+    assert a.admits({**unit, "cgroup": "/ci-runner.service.d/x"}) is None
+    why = a.refusal({**unit, "user": "eve", "exe": "/usr/bin/psql", "cgroup": spoof})
+    assert why.startswith("user eve (uid 1000, pid 42, /usr/bin/psql, gids 1000, cgroup " + spoof)
+    assert why.endswith(") is not in listen_allow (user:nobody, uid:1001, group:root, gid:998, "
+                        "unit:ci-runner.service, unit:ci.slice)")
+    assert "no process found" in a.refusal({"uid": 1000, "mismatch": "the socket is gone"})
+
+
+def test_the_peer_identity_of_a_plain_connection_has_its_groups(tmp_path):
+    """A client as nobody with a supplementary group and a setgid-like effective gid: the
+    socket's owner, the process holding it, its real gid and supplementary groups from
+    /proc, and not its effective gid."""
+    import os
+    import subprocess
+    import pytest
+    from hostagent.intercept.identity import peer_identity
+    if os.geteuid() != 0:
+        pytest.skip("needs root (setpriv)")
+    srv = socket.create_server(("127.0.0.1", 0))
+    code = (f"import socket, sys; s = socket.create_connection(('127.0.0.1', "
+            f"{srv.getsockname()[1]})); print('up', flush=True); sys.stdin.read()")
+    child = subprocess.Popen(["setpriv", "--reuid=65534", "--rgid=65534", "--egid=5",
+                              "--groups=22", "--", "/usr/bin/python3", "-c", code],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "up\n"
+        conn, peer = srv.accept()
+        ident = peer_identity(peer, conn.getsockname())
+        conn.close()
+    finally:
+        child.communicate("", timeout=30)
+        srv.close()
+    assert ident["uid"] == 65534 and ident["user"] == "nobody"
+    assert ident["pid"] == child.pid and ident["gid"] == 65534
+    assert ident["gids"] == [65534, 22]                  # not 5: the effective gid
+
+
+def test_a_plain_listener_refuses_whom_listen_allow_does_not_name_and_records_it(
+        tmp_path, caplog):
+    """The test runs as root: a listener for uid 4242 alone refuses it before anything
+    goes upstream, and the refusal is a recorded session that starts and ends."""
+    async def main():
+        up = Upstream()
+        port = await up.start()
+        proxy, pport, spool, _ = await proxy_for(tmp_path, port, allow=allow("uid:4242"))
+        r, w = await asyncio.open_connection("127.0.0.1", pport)
+        w.write(b"secret\n")
+        try:
+            assert await asyncio.wait_for(r.read(), 10) == b""    # closed, nothing relayed
+        except ConnectionResetError:
+            pass                                  # closed with our bytes unread
+        await proxy.close()
+        spool.close()
+        assert up.accepted == 0 and not up.got                # no connection upstream
+        assert proxy.refused == 1
+        evs = events(spool)
+        assert [k for k, _ in evs] == ["session_start", "session_end"]
+        start, end = evs[0][1], evs[1][1]
+        assert start["target"] == "fake-t" and start["via"] == "listener"
+        assert start["process"]["uid"] == 0 and start["process"]["user"] == "root"
+        # (the test's own process is the client: the proxy doesn't take itself for one)
+        assert end["reason"].startswith("refused: at the fake-t listener: user root (uid 0")
+        assert end["reason"].endswith(") is not in listen_allow (uid:4242)")
+    run(main())
+    assert any("refused a connection" in r.message and r.levelname == "WARNING"
+               for r in caplog.records)
+
+
+def test_root_alone_is_served_by_default_and_the_admitting_entry_is_recorded(tmp_path):
+    async def main():
+        up = Upstream()
+        port = await up.start()
+        proxy, pport, spool, _ = await proxy_for(tmp_path, port)     # no listen_allow
+        r, w = await asyncio.open_connection("127.0.0.1", pport)
+        w.write(b"hello\n")
+        assert await line(r) == b"echo hello\n"
+        w.close()
+        await proxy.close()
+        spool.close()
+        start = next(f for k, f in events(spool) if k == "session_start")
+        assert start["process"]["allowed_by"] == "uid:0"
+    run(main())
+
+
+def test_a_unit_entry_admits_a_system_units_process_and_not_a_users_namesake(
+        tmp_path, monkeypatch):
+    """Without systemd here, the identity /proc would give is stood in for: the same
+    connection, as a process of ci-runner.service, then of a user's unit of that name."""
+    import hostagent.proxy.driver as driver
+    seen = {}
+
+    def fake_identity(peer, local):
+        return {"peer": f"{peer[0]}:{peer[1]}", "attested": "proc", "uid": 1234,
+                "user": "ci", "pid": 99, "gids": [1234], "exe": "/usr/bin/psql",
+                "cgroup": seen["cgroup"]}
+    monkeypatch.setattr(driver, "peer_identity", fake_identity)
+
+    async def main():
+        up = Upstream()
+        port = await up.start()
+        proxy, pport, spool, _ = await proxy_for(tmp_path, port,
+                                                 allow=allow("unit:ci-runner.service"))
+        seen["cgroup"] = "/system.slice/ci-runner.service"
+        r, w = await asyncio.open_connection("127.0.0.1", pport)
+        w.write(b"hello\n")
+        assert await line(r) == b"echo hello\n"
+        w.close()
+        seen["cgroup"] = "/user.slice/user-1234.slice/user@1234.service/app.slice/" \
+                         "ci-runner.service"
+        r, w = await asyncio.open_connection("127.0.0.1", pport)
+        assert await asyncio.wait_for(r.read(), 10) == b""
+        await proxy.close()
+        spool.close()
+        assert up.accepted == 1
+        starts = [f for k, f in events(spool) if k == "session_start"]
+        ends = [f["reason"] for k, f in events(spool) if k == "session_end"]
+        assert starts[0]["process"]["allowed_by"] == "unit:ci-runner.service"
+        assert any(e.startswith("refused: at the fake-t listener: user ci (uid 1234") and
+                   "cgroup /user.slice/" in e for e in ends), ends
+    run(main())
+
+
+def test_refusals_recorded_are_bounded_per_user(tmp_path, monkeypatch, caplog):
+    """A refused user can't fill the spool (a full spool stops every agent's sessions):
+    past the bound, refusals are counted, and the count goes with the next recorded one."""
+    import hostagent.proxy.driver as driver
+    monkeypatch.setattr(driver, "REFUSALS_RECORDED", 3)
+
+    async def main():
+        up = Upstream()
+        port = await up.start()
+        proxy, pport, spool, _ = await proxy_for(tmp_path, port, allow=allow("uid:4242"))
+        for _ in range(6):
+            r, w = await asyncio.open_connection("127.0.0.1", pport)
+            assert await asyncio.wait_for(r.read(), 10) == b""
+            w.close()
+        assert proxy.refused == 6
+        key = ("fake-t", 0)
+        proxy._refusals[key][0] -= driver.REFUSALS_WINDOW      # a minute later
+        r, w = await asyncio.open_connection("127.0.0.1", pport)
+        assert await asyncio.wait_for(r.read(), 10) == b""
+        await proxy.close()
+        spool.close()
+        ends = [f["reason"] for k, f in events(spool) if k == "session_end"]
+        assert len(ends) == 4
+        assert "(3 more refusals of this user not recorded before this one)" in ends[-1]
+    run(main())
+    assert any("further refusals counted, not recorded" in r.message for r in caplog.records)

@@ -393,3 +393,243 @@ def test_a_statement_too_long_to_judge_takes_the_unparseable_decision():
     decision = next(c for c in out if isinstance(c, Record) and c.kind == "decision")
     assert decision.fields["rule"] == "(unparseable)" and decision.fields["action"] == "deny"
     assert text.encode() not in to_upstream(out)
+
+
+# ---------------------------------------------------------------- the server's authentication:
+# the injected password goes only to the real server
+
+def server_cert() -> bytes:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "db.example")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1).not_valid_before(now)
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+CERT = server_cert()
+UP_STARTUP = m.startup_message({"user": "app", "database": "d"})
+
+
+def authenticating(tls: str = "disable", answer: bytes = b"S", cert: bytes = CERT,
+                   **kw) -> PostgresLayer:
+    """A layer with injected credentials (app / pw) whose start-up went to the server,
+    over TLS unless `tls` is disable (or the server answered `answer` N): next, the
+    server's authentication."""
+    layer = fresh(tls, **kw)
+    layer.handle(Start(SERVER))
+    if tls != "disable":
+        feed(layer, UPSTREAM, answer)
+        if answer == b"S":
+            layer.handle(TlsEstablished(UPSTREAM, "TLSv1.3", peer_cert=cert))
+    assert to_upstream(feed(layer, CLIENT, STARTUP)) == UP_STARTUP
+    return layer
+
+
+def sasl(*mechanisms: str) -> bytes:
+    return m.authentication(m.AUTH_SASL, b"".join(x.encode() + b"\0" for x in mechanisms) + b"\0")
+
+
+def refused_with(why: str):
+    """Close whose final bytes are a FATAL (28000) saying `why`: nothing else goes out."""
+    return Match(f"Close(final=FATAL 28000 {why!r})",
+                 lambda c: isinstance(c, Close) and why in c.reason
+                 and c.final.startswith(b"E") and b"FATAL" in c.final
+                 and b"C28000" in c.final and why.encode() in c.final)
+
+
+def scram_exchange(layer, server_cert: bytes | None = None, mechanisms=("SCRAM-SHA-256",)):
+    """The server's first two SCRAM steps, played by an independent SCRAM server:
+    (the server, the client-first body, the server-final message it would send)."""
+    from tests.hostagent.protocols.postgres.test_auth import ScramServer
+    server = ScramServer("pw", server_cert)
+    (initial,) = feed(layer, UPSTREAM, sasl(*mechanisms))
+    assert isinstance(initial, ToUpstream) and initial.data[:1] == b"p"
+    server_first = server.first(bytes(initial.data[5:]))
+    (final,) = feed(layer, UPSTREAM, m.authentication(m.AUTH_SASL_CONTINUE, server_first))
+    return server, server.final(bytes(final.data[5:]))
+
+
+AUTH_OK = m.authentication(m.AUTH_OK)
+
+
+def test_authentication_ok_before_the_servers_scram_proof_is_refused():
+    layer = authenticating()
+    scram_exchange(layer)           # the server never sends SASLFinal: a man in the middle
+    assert (Playbook(layer)
+            >> DataReceived(UPSTREAM, AUTH_OK)
+            << refused_with("accepted the login without proving it knows the password"))
+    assert layer.refusing and "never came" in layer.refusing
+    # with the rest of its start-up in the same read: the Close comes first (the driver
+    # performs nothing after a Close)
+    layer = authenticating()
+    scram_exchange(layer)
+    out = feed(layer, UPSTREAM, AUTH_OK + m.frame(b"K", b"\0\0\0\1\0\0\0\2")
+               + m.ready_for_query())
+    assert isinstance(out[0], Close) and "without proving" in out[0].reason
+    # right after the SCRAM exchange started
+    layer = authenticating()
+    out = feed(layer, UPSTREAM, sasl("SCRAM-SHA-256") + AUTH_OK)
+    assert isinstance(out[-1], Close) and "never finished" in out[-1].reason
+    assert to_client(out) == b""
+    # no exchange at all (trust) over a leg the target chose not to protect: nothing
+    # of the credential was sent
+    assert feed(authenticating(), UPSTREAM, AUTH_OK)[-1] == ToClient(AUTH_OK)
+
+
+def test_a_wrong_server_signature_is_refused():
+    layer = authenticating()
+    scram_exchange(layer)
+    wrong = m.authentication(m.AUTH_SASL_FINAL, b"v=" + base64_of(b"\0" * 32))
+    assert (Playbook(layer)
+            >> DataReceived(UPSTREAM, wrong + AUTH_OK)
+            << refused_with("signature is wrong: not the real server"))
+
+
+def base64_of(data: bytes) -> bytes:
+    import base64
+    return base64.b64encode(data)
+
+
+def test_a_verified_scram_exchange_lets_authentication_ok_through():
+    layer = authenticating()
+    _, server_final = scram_exchange(layer)
+    assert (Playbook(layer)
+            >> DataReceived(UPSTREAM, m.authentication(m.AUTH_SASL_FINAL, server_final))
+            >> DataReceived(UPSTREAM, AUTH_OK)
+            << record("auth", method="SCRAM-SHA-256", server_verified="scram")
+            << ToClient(AUTH_OK))
+    assert layer.upstream_auth.summary() == {"method": "SCRAM-SHA-256", "channel_binding": "",
+                                             "server_verified": "scram"}
+    # a second exchange, or AuthenticationOk again, is not the server's to start
+    assert isinstance(feed(layer, UPSTREAM, sasl("SCRAM-SHA-256"))[-1], Close)
+
+
+@pytest.mark.parametrize("tls", ["verify-full", "require", "prefer"])
+def test_scram_sha_256_plus_binds_to_the_certificate_tls_ended_at(tls):
+    layer = authenticating(tls)
+    server, server_final = scram_exchange(layer, CERT, ("SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"))
+    assert server.mechanism == "SCRAM-SHA-256-PLUS"
+    assert server.gs2 == "p=tls-server-end-point,,"
+    feed(layer, UPSTREAM, m.authentication(m.AUTH_SASL_FINAL, server_final))
+    assert feed(layer, UPSTREAM, AUTH_OK)[-1] == ToClient(AUTH_OK)
+    assert layer.upstream_auth.channel_binding == "tls-server-end-point"
+    # relayed by someone whose TLS presented another certificate: the server's check fails
+    relayed = authenticating(tls, cert=server_cert())
+    with pytest.raises(AssertionError, match="channel binding check failed"):
+        scram_exchange(relayed, CERT, ("SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"))
+
+
+def test_without_plus_the_gs2_flag_tells_a_real_server_about_the_downgrade():
+    over_tls = authenticating("verify-full")
+    server, _ = scram_exchange(over_tls)
+    assert server.gs2 == "y,," and server.mechanism == "SCRAM-SHA-256"
+    plaintext = authenticating("disable")
+    server, _ = scram_exchange(plaintext, mechanisms=("SCRAM-SHA-256", "SCRAM-SHA-256-PLUS"))
+    assert server.gs2 == "n,,"     # nothing to bind to without TLS
+    # unverified TLS: channel binding is what shows the server is real, or nothing goes
+    layer = authenticating("require")
+    assert (Playbook(layer)
+            >> DataReceived(UPSTREAM, sasl("SCRAM-SHA-256"))
+            << refused_with('tls = "require" does not verify'))
+    assert 'tls = "verify-full"' in layer.refusing
+    trust = authenticating("require")
+    assert (Playbook(trust) >> DataReceived(UPSTREAM, AUTH_OK)
+            << refused_with("asked for no password"))
+
+
+@pytest.mark.parametrize("code,kind", [(m.AUTH_CLEARTEXT, "cleartext"), (m.AUTH_MD5, "md5")])
+@pytest.mark.parametrize("tls,answer,over", [
+    ("disable", b"S", 'a connection without TLS (tls = "disable")'),
+    ("prefer", b"N", 'a connection without TLS (tls = "prefer")'),
+    ("prefer", b"S", 'TLS that does not verify the server (tls = "prefer")'),
+    ("require", b"S", 'TLS that does not verify the server (tls = "require")'),
+])
+def test_cleartext_and_md5_go_only_to_a_verified_server(code, kind, tls, answer, over):
+    request = m.authentication(code, b"salt" if code == m.AUTH_MD5 else b"")
+    layer = authenticating(tls, answer)
+    assert (Playbook(layer)
+            >> DataReceived(UPSTREAM, request)
+            << refused_with(f"asked for a {kind} password over {over}"))
+    assert 'weak_password_auth = "allow"' in layer.refusing
+    assert "\n" not in layer.refusing
+    # verified by its certificate, or the target opted in: answered
+    for ok in (authenticating("verify-full"),
+               authenticating(tls, answer, weak_password_auth="allow")):
+        (sent,) = feed(ok, UPSTREAM, request)
+        assert isinstance(sent, ToUpstream) and sent.data[:1] == b"p"
+        assert (b"pw\0" if kind == "cleartext" else b"md5") in sent.data
+        assert feed(ok, UPSTREAM, AUTH_OK)[-1] == ToClient(AUTH_OK)
+        assert ok.upstream_auth.method == kind
+
+
+def test_a_server_without_tls_is_an_explicit_opt_out():
+    layer = fresh("verify-full")
+    assert (Playbook(layer)
+            >> Start(SERVER) << ToUpstream(ssl_request())
+            >> DataReceived(UPSTREAM, b"N")
+            >> DataReceived(CLIENT, STARTUP)
+            << closed_with('the server does not offer TLS; for a server without TLS set '
+                           'tls = "disable" on target "t"'))
+
+
+def test_the_upstream_tls_record_says_whether_the_server_was_verified():
+    for tls, verified in (("verify-full", True), ("require", False)):
+        layer = fresh(tls)
+        layer.handle(Start(SERVER))
+        feed(layer, UPSTREAM, b"S")
+        (rec,) = layer.handle(TlsEstablished(UPSTREAM, "TLSv1.3", peer_cert=CERT))
+        assert rec.fields == {"side": "upstream", "version": "TLSv1.3", "verified": verified}
+
+
+def test_the_agents_own_authentication_still_passes_through():
+    layer = PostgresLayer(decide=lambda r: decide(Policy(), r), target="t")
+    layer.handle(Start(SERVER))
+    feed(layer, CLIENT, STARTUP)
+    md5 = m.authentication(m.AUTH_MD5, b"salt")
+    assert feed(layer, UPSTREAM, md5) == [ToClient(md5)]
+
+
+def test_a_server_that_skips_authentication_gets_no_session():
+    # injected credentials: ReadyForQuery (or anything but an answer, an error, a notice)
+    # before AuthenticationOk is a relay that never proved it knows the password
+    layer = new_layer(user="app", password="pw")
+    feed(layer, CLIENT, m.startup_message({"user": "x", "database": "d"}))
+    out = feed(layer, UPSTREAM, m.frame(b"S", b"a\0b\0") + m.ready_for_query()
+               + m.frame(b"K", b"\0\0\0\1\0\0\0\2"))
+    assert isinstance(out[-1], Close) and "before authenticating" in out[-1].reason
+    assert m.ready_for_query() not in to_client(out) and layer.cancel_keys == {}
+
+
+@pytest.mark.parametrize("encoding", ["SJIS", "sjis", "Shift_JIS", "WIN932", "BIG5", "GBK",
+                                      "gb18030", "UHC", "JOHAB"])
+def test_client_encodings_the_parser_can_not_follow_are_refused(encoding):
+    # in SJIS, 0x95 0x5c is one character: the server would end a string at the quote the
+    # parser (reading UTF-8) sees escaped, and run what follows
+    layer = new_layer(user="app", password="pw")
+    out = feed(layer, CLIENT, m.startup_message({"user": "x", "client_encoding": encoding}))
+    assert isinstance(out[-1], Close) and b"client_encoding" in out[-1].final
+    assert not to_upstream(out)
+
+
+@pytest.mark.parametrize("name,value", [("client_encoding", "SJIS"),
+                                        ("standard_conforming_strings", "off")])
+def test_a_server_reading_statements_otherwise_ends_the_session(name, value):
+    # a role or database default, or a SET the server reports: fail closed
+    layer = ready_layer()
+    out = feed(layer, UPSTREAM, m.frame(b"S", name.encode() + b"\0" + value.encode() + b"\0"))
+    assert isinstance(out[-1], Close) and name.encode() in out[-1].final
+
+
+def test_safe_encodings_pass():
+    for enc in ("UTF8", "LATIN1", "SQL_ASCII", "EUC_JP"):
+        layer = new_layer(user="app", password="pw")
+        out = feed(layer, CLIENT, m.startup_message({"user": "x", "client_encoding": enc}))
+        assert b"client_encoding" in to_upstream(out), enc

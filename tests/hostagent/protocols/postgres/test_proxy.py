@@ -47,12 +47,16 @@ def make_host(tmp_path, collector, pg, *, host: str = "127.0.0.1",
     secret.write_text("app-secret-pw\n")
     policy = tmp_path / "policy.toml"
     policy.write_text(POLICY)
+    # the test server has no TLS (loopback): an explicit opt-out, unless `extra` says
+    tls = "" if any(ln.split("=")[0].strip() == "tls" for ln in extra.splitlines()) \
+        else 'tls = "disable"'
     h.config = h.write("pg", extra=f'''[[targets]]
 name = "orders-db"
 protocol = "postgres"
 address = "{host}:{pg.port}"
 user = "app"
 password_file = "{secret}"
+{tls}
 {extra}''')
     h.config.write_text(f'policy = "{policy}"\n' + h.config.read_text())
     return h, echo
@@ -557,3 +561,23 @@ with psycopg.connect(host="127.0.0.1", port={pg.port}, dbname="shop", user="x",
 ''')
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == ["****", "****", "not-secret", "****"]
+
+
+def test_settings_that_would_make_the_server_read_statements_otherwise_are_refused(pghost, pg):
+    # SJIS: the server would end a string where the parser sees an escaped quote
+    args = [str(BIN / "agentgate"), "run", "--config", str(pghost.config), "--user", "nobody",
+            "--", "psql", "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(pg.port), "-U", "x",
+            "-d", "shop", "-c", "SELECT 1"]
+    env = {"PATH": os.environ["PATH"], "PGCONNECT_TIMEOUT": "10", "PGSSLMODE": "disable"}
+    p = subprocess.run(args, capture_output=True, text=True, timeout=60,
+                       env={**env, "PGCLIENTENCODING": "SJIS"})
+    assert p.returncode != 0 and "client_encoding SJIS is refused" in p.stderr, p.stderr
+    # a database default the server reports at start-up: refused too (fail closed)
+    pg.sql("ALTER DATABASE shop SET standard_conforming_strings = off")
+    try:
+        p = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+        assert p.returncode != 0 and "standard_conforming_strings" in p.stderr, p.stderr
+    finally:
+        pg.sql("ALTER DATABASE shop RESET standard_conforming_strings")
+    p = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 0 and p.stdout.strip() == "1", p.stderr

@@ -1,0 +1,233 @@
+"""Where result columns come from, as the server knows it.
+
+A RowDescription names, for each column that is a plain reference to a table's (or a
+view's) column, the relation's OID and the column's number, followed by the server
+through aliases, joins, subqueries and CTEs. Mapped through the catalog to
+schema.table.column, column mask rules apply exactly: an alias of a masked column is
+masked, a same-named column of another table is not. Views count as reading the columns
+they are built on (pg_depend), so a view over a masked column is masked whole.
+
+The catalog is read on a side connection the proxy opens itself, with the injected
+credentials (never in the agent's session, whose settings the agent controls), by
+`CatalogFetch`: a scripted client driving a twin of the session's own layer, so the
+side connection authenticates under exactly the same rules (TLS, SCRAM). One snapshot
+per target and database is shared by its sessions; DDL run through the proxy drops it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hostagent.protocols.api import (CLIENT, Answer, Close, DataReceived, Record, Start,
+                                     StartUpstreamTls, ToClient, ToUpstream)
+from hostagent.protocols.postgres import messages as m
+
+# Everything qualified, search_path pinned: the injected role's settings (which an agent
+# may have changed with ALTER ROLE ... SET) must not redirect what these read.
+CATALOG_SQL = (
+    "SET search_path = pg_catalog; SET statement_timeout = '10s'; "
+    "SELECT c.oid, c.relkind, n.nspname, c.relname, a.attnum, a.attname "
+    "FROM pg_catalog.pg_attribute a "
+    "JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) a.attrelid "
+    "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
+    "WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f') AND a.attnum OPERATOR(pg_catalog.>) 0 "
+    "AND NOT a.attisdropped AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+    "AND n.nspname NOT LIKE 'pg\\_toast%' ORDER BY 1, 5; "
+    "SELECT DISTINCT r.ev_class, d.refobjid, d.refobjsubid "
+    "FROM pg_catalog.pg_depend d "
+    "JOIN pg_catalog.pg_rewrite r ON r.oid OPERATOR(pg_catalog.=) d.objid "
+    "WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
+    "AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass "
+    "AND d.refobjsubid OPERATOR(pg_catalog.>) 0 "
+    "AND r.ev_class OPERATOR(pg_catalog.<>) d.refobjid; "
+    "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p "
+    "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace "
+    "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema'); "
+    # the path a session of this role starts with (before our SET)
+    "SELECT reset_val FROM pg_catalog.pg_settings "
+    "WHERE name OPERATOR(pg_catalog.=) 'search_path'")
+MAX_CATALOG_BYTES = 64 << 20     # a catalog bigger than this is not held: names only
+
+
+@dataclass(frozen=True)
+class Relation:
+    schema: str
+    name: str
+    kind: str                     # pg_class.relkind: r table, v view, m matview, ...
+    columns: tuple[str, ...]      # by attnum - 1 ("" for a dropped number)
+
+
+@dataclass
+class Catalog:
+    """One database's relations as the side connection saw them."""
+    relations: dict[int, Relation]
+    view_reads: dict[int, frozenset[tuple[int, int]]]   # view oid -> (oid, attnum) it reads
+    user_functions: frozenset[str]                      # names outside pg_catalog
+    search_path: str = '"$user", public'                # a new session's
+    generation: int = 0
+    _masks: dict = field(default_factory=dict)
+
+    def schemas_of(self, name: str) -> set[str]:
+        """The schemas holding a relation of this name."""
+        index = self._masks.get("schemas")
+        if index is None:
+            index = self._masks["schemas"] = {}
+            for rel in self.relations.values():
+                index.setdefault(rel.name.lower(), set()).add(rel.schema)
+        return index.get(name, set())
+
+    def knows(self, oid: int, attnum: int) -> bool:
+        rel = self.relations.get(oid)
+        return rel is not None and 0 < attnum <= len(rel.columns) and bool(rel.columns[attnum - 1])
+
+    def masked(self, masker) -> "MaskedColumns":
+        """Which columns this masker masks, worked out once per set of rules."""
+        key = masker.rules
+        found = self._masks.get(key)
+        if found is None:
+            found = self._masks[key] = MaskedColumns.build(self, masker)
+        return found
+
+
+@dataclass(frozen=True)
+class MaskedColumns:
+    columns: dict[tuple[int, int], str]    # (oid, attnum) -> rule
+    views: dict[int, str]                  # a view reading masked data -> rule: all masked
+
+    @classmethod
+    def build(cls, catalog: Catalog, masker) -> "MaskedColumns":
+        columns: dict[tuple[int, int], str] = {}
+        for oid, rel in catalog.relations.items():
+            for i, name in enumerate(rel.columns):
+                if name:
+                    rule = (masker.column_masked(rel.name, name) or
+                            masker.column_masked(f"{rel.schema}.{rel.name}", name))
+                    if rule:
+                        columns[(oid, i + 1)] = rule
+        views: dict[int, str] = {}
+        changed = True
+        while changed:   # views over views: until nothing more is found
+            changed = False
+            for view, reads in catalog.view_reads.items():
+                if view in views:
+                    continue
+                for col in reads:
+                    rule = columns.get(col) or views.get(col[0])
+                    if rule:
+                        views[view] = rule
+                        changed = True
+                        break
+        return cls(columns, views)
+
+    def rule(self, oid: int, attnum: int) -> str | None:
+        return self.views.get(oid) or self.columns.get((oid, attnum))
+
+
+class CatalogCache:
+    """A target's catalog snapshots, one per database, shared by its sessions. DDL run
+    through the proxy bumps the generation: snapshots older than it are read again
+    before a result that needs them is masked."""
+
+    def __init__(self):
+        self.generation = 0
+        self._by_db: dict[str, Catalog] = {}
+
+    def get(self, database: str) -> Catalog | None:
+        return self._by_db.get(database)
+
+    def put(self, database: str, catalog: Catalog) -> None:
+        if catalog.generation == self.generation:   # else DDL ran while it was read
+            self._by_db[database] = catalog
+
+    def invalidate(self) -> None:
+        self.generation += 1
+        self._by_db.clear()
+
+
+def build(results: list[list[list[bytes | None]]], generation: int) -> Catalog:
+    """A Catalog from CATALOG_SQL's four results (text format)."""
+    if len(results) != 4:
+        raise ValueError(f"expected 4 results, got {len(results)}")
+    cols: dict[int, tuple[str, str, str, dict[int, str]]] = {}
+    for oid, kind, schema, rel, attnum, att in results[0]:
+        entry = cols.setdefault(int(oid), (schema.decode(), rel.decode(), kind.decode(), {}))
+        entry[3][int(attnum)] = att.decode()
+    relations = {}
+    for oid, (schema, rel, kind, atts) in cols.items():
+        width = max(atts)
+        relations[oid] = Relation(schema, rel, kind,
+                                  tuple(atts.get(i, "") for i in range(1, width + 1)))
+    view_reads: dict[int, set] = {}
+    for view, ref, sub in results[1]:
+        view_reads.setdefault(int(view), set()).add((int(ref), int(sub)))
+    functions = frozenset(name.decode() for (name,) in results[2])
+    path = results[3][0][0].decode() if results[3] and results[3][0][0] is not None else ""
+    return Catalog(relations, {k: frozenset(v) for k, v in view_reads.items()}, functions,
+                   path, generation)
+
+
+class CatalogFetch:
+    """A side-connection layer (see api.OpenSide): logs in through `twin` (a fresh
+    PostgresLayer with the target's credentials and TLS rules, no policy, no masks),
+    runs CATALOG_SQL, answers with a Catalog and says goodbye. Anything unexpected ends
+    it without an answer: the session then masks by names alone."""
+
+    def __init__(self, twin, user: str, database: str, generation: int):
+        self.twin = twin
+        self.generation = generation
+        self.startup = m.startup_message({"user": user, "database": database,
+                                          "application_name": "agentgate catalog"})
+        self.reader = m.FrameReader()
+        self.results: list[list] = []
+        self.size = 0
+        self.asked = False
+
+    def handle(self, event) -> list:
+        out = self._filter(self.twin.handle(event))
+        if type(event) is Start:
+            out += self._filter(self.twin.handle(DataReceived(CLIENT, self.startup)))
+        return out
+
+    def buffered(self) -> int:
+        return self.size + self.reader.buffered
+
+    def _filter(self, commands) -> list:
+        out = []
+        for cmd in commands:
+            t = type(cmd)
+            if t is ToUpstream or t is StartUpstreamTls:
+                out.append(cmd)
+            elif t is ToClient:
+                out += self._from_server(cmd.data)
+            elif t is Close:
+                out.append(Close(f"catalog: {cmd.reason}"))
+            elif t is not Record:
+                out.append(Close(f"catalog: unexpected {t.__name__}"))
+            if out and type(out[-1]) is Close:
+                break
+        return out
+
+    def _from_server(self, data: bytes) -> list:
+        out: list = []
+        for kind, body in self.reader.receive_data(data):
+            if kind == b"E":
+                return [Close("catalog query failed: " + m.parse_fields(body).get("M", "?"))]
+            if kind == b"T":
+                self.results.append([])
+            elif kind == b"D":
+                self.size += len(body) + 64
+                if self.size > MAX_CATALOG_BYTES:
+                    return [Close("catalog too large to hold")]
+                self.results[-1].append(m.parse_data_row(body))
+            elif kind == b"Z":
+                if not self.asked:
+                    self.asked = True
+                    out += self._filter(self.twin.handle(DataReceived(
+                        CLIENT, m.frame(b"Q", CATALOG_SQL.encode() + b"\0"))))
+                else:
+                    try:
+                        catalog = build(self.results, self.generation)
+                    except (ValueError, TypeError, AttributeError) as exc:
+                        return [Close(f"catalog unreadable: {exc}")]
+                    return [Answer(catalog), ToUpstream(m.frame(b"X")),
+                            Close("catalog read")]
+        return out
