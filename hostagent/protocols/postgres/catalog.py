@@ -37,14 +37,23 @@ CATALOG_SQL = (
     "JOIN pg_catalog.pg_rewrite r ON r.oid OPERATOR(pg_catalog.=) d.objid "
     "WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
     "AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass "
-    "AND d.refobjsubid OPERATOR(pg_catalog.>) 0 "
     "AND r.ev_class OPERATOR(pg_catalog.<>) d.refobjid; "
     "SELECT DISTINCT p.proname FROM pg_catalog.pg_proc p "
     "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace "
     "WHERE n.nspname NOT IN ('pg_catalog', 'information_schema'); "
     # the path a session of this role starts with (before our SET)
     "SELECT reset_val FROM pg_catalog.pg_settings "
-    "WHERE name OPERATOR(pg_catalog.=) 'search_path'")
+    "WHERE name OPERATOR(pg_catalog.=) 'search_path'; "
+    # views calling functions of the database's own (which may read anything)
+    "SELECT DISTINCT r.ev_class FROM pg_catalog.pg_depend d "
+    "JOIN pg_catalog.pg_rewrite r ON r.oid OPERATOR(pg_catalog.=) d.objid "
+    "JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) d.refobjid "
+    "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace "
+    "WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_rewrite'::pg_catalog.regclass "
+    "AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass "
+    "AND n.nspname NOT IN ('pg_catalog', 'information_schema'); "
+    # a parent's (or partitioned table's) scan returns its children's rows
+    "SELECT inhrelid, inhparent FROM pg_catalog.pg_inherits")
 MAX_CATALOG_BYTES = 64 << 20     # a catalog bigger than this is not held: names only
 
 
@@ -60,9 +69,11 @@ class Relation:
 class Catalog:
     """One database's relations as the side connection saw them."""
     relations: dict[int, Relation]
-    view_reads: dict[int, frozenset[tuple[int, int]]]   # view oid -> (oid, attnum) it reads
+    view_reads: dict[int, frozenset[tuple[int, int]]]   # view -> (oid, attnum; 0: all) read
     user_functions: frozenset[str]                      # names outside pg_catalog
     search_path: str = '"$user", public'                # a new session's
+    view_calls: frozenset[int] = frozenset()            # views calling user functions
+    parents: dict[int, frozenset[int]] = field(default_factory=dict)   # inheritance
     generation: int = 0
     _masks: dict = field(default_factory=dict)
 
@@ -92,31 +103,48 @@ class Catalog:
 class MaskedColumns:
     columns: dict[tuple[int, int], str]    # (oid, attnum) -> rule
     views: dict[int, str]                  # a view reading masked data -> rule: all masked
+    names: frozenset[str]                  # relations (by name) holding masked data
 
     @classmethod
     def build(cls, catalog: Catalog, masker) -> "MaskedColumns":
         columns: dict[tuple[int, int], str] = {}
-        for oid, rel in catalog.relations.items():
+        rels = catalog.relations
+        for oid, rel in rels.items():
             for i, name in enumerate(rel.columns):
                 if name:
                     rule = (masker.column_masked(rel.name, name) or
                             masker.column_masked(f"{rel.schema}.{rel.name}", name))
                     if rule:
                         columns[(oid, i + 1)] = rule
-        views: dict[int, str] = {}
+        changed = True
+        while changed:   # a parent's column of a masked child's column name, up the tree
+            changed = False
+            for (oid, num), rule in list(columns.items()):
+                name = rels[oid].columns[num - 1]
+                for parent in catalog.parents.get(oid, ()):
+                    cols = rels[parent].columns if parent in rels else ()
+                    if name in cols and (parent, cols.index(name) + 1) not in columns:
+                        columns[(parent, cols.index(name) + 1)] = rule
+                        changed = True
+        masked_rels = {oid for oid, _ in columns}
+        views: dict[int, str] = {v: "(view over the database's own functions)"
+                                 for v in catalog.view_calls} if masker.column_rules else {}
         changed = True
         while changed:   # views over views: until nothing more is found
             changed = False
             for view, reads in catalog.view_reads.items():
                 if view in views:
                     continue
-                for col in reads:
-                    rule = columns.get(col) or views.get(col[0])
+                for oid, num in reads:
+                    # num 0: the whole row (SELECT p::text FROM people p)
+                    rule = views.get(oid) or (columns.get((oid, num)) if num else next(
+                        (r for (o, _), r in columns.items() if o == oid), None))
                     if rule:
                         views[view] = rule
                         changed = True
                         break
-        return cls(columns, views)
+        names = frozenset(rels[o].name.lower() for o in masked_rels | set(views) if o in rels)
+        return cls(columns, views, names)
 
     def rule(self, oid: int, attnum: int) -> str | None:
         return self.views.get(oid) or self.columns.get((oid, attnum))
@@ -144,9 +172,9 @@ class CatalogCache:
 
 
 def build(results: list[list[list[bytes | None]]], generation: int) -> Catalog:
-    """A Catalog from CATALOG_SQL's four results (text format)."""
-    if len(results) != 4:
-        raise ValueError(f"expected 4 results, got {len(results)}")
+    """A Catalog from CATALOG_SQL's six results (text format)."""
+    if len(results) != 6:
+        raise ValueError(f"expected 6 results, got {len(results)}")
     cols: dict[int, tuple[str, str, str, dict[int, str]]] = {}
     for oid, kind, schema, rel, attnum, att in results[0]:
         entry = cols.setdefault(int(oid), (schema.decode(), rel.decode(), kind.decode(), {}))
@@ -161,8 +189,12 @@ def build(results: list[list[list[bytes | None]]], generation: int) -> Catalog:
         view_reads.setdefault(int(view), set()).add((int(ref), int(sub)))
     functions = frozenset(name.decode() for (name,) in results[2])
     path = results[3][0][0].decode() if results[3] and results[3][0][0] is not None else ""
+    view_calls = frozenset(int(v) for (v,) in results[4])
+    parents: dict[int, set] = {}
+    for child, parent in results[5]:
+        parents.setdefault(int(child), set()).add(int(parent))
     return Catalog(relations, {k: frozenset(v) for k, v in view_reads.items()}, functions,
-                   path, generation)
+                   path, view_calls, {k: frozenset(v) for k, v in parents.items()}, generation)
 
 
 class CatalogFetch:

@@ -42,6 +42,9 @@ class Statement:
     # every column it names, in bodies and dynamic SQL too (what masking must know it
     # may read)
     reads: frozenset[str] = frozenset()
+    # it holds code that runs later or elsewhere (a block, a function or procedure body),
+    # whose names resolve when it runs
+    code: bool = False
 
 
 @dataclass(frozen=True)
@@ -284,5 +287,5 @@ def _classify(sql: str) -> tuple[tuple[Statement, ...], tuple[tuple[int, int], .
                              flags=frozenset(walk.flags),
                              sources=tuple(_select_sources(stmt.stmt).items()),
                              lineage=_lineage(stmt.stmt), unknown=frozenset(walk.unknown),
-                             reads=frozenset(walk.columns)))
+                             reads=frozenset(walk.columns), code=walk.code))
     return tuple(out), tuple(spans)

@@ -166,6 +166,7 @@ class Walk:
         self.flags: set[str] = set()
         self.unknown: set[str] = set()
         self.columns: set[str] = set()   # every column named, bodies included (masking)
+        self.code = False                # it holds code (a block, a function body)
         self.depth = 0
         self._text = text            # the source of the statement walked (its root)
         self._root = None
@@ -353,6 +354,7 @@ class Walk:
     # ---- node handlers
 
     def _do(self, node: ast.DoStmt) -> None:
+        self.code = True
         body, language = "", "plpgsql"
         for arg in node.args or ():
             if arg.defname == "as":
@@ -367,6 +369,7 @@ class Walk:
                       "LANGUAGE plpgsql")
 
     def _create_function(self, node: ast.CreateFunctionStmt) -> None:
+        self.code = True
         language, body = None, None
         for opt in node.options or ():
             if opt.defname == "language":

@@ -38,6 +38,7 @@ from hostagent.protocols.api import (CLIENT, Aborted, ApprovalDecided, Close, Co
 from hostagent.protocols.enforce import Enforcer
 from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres.catalog import CatalogCache, CatalogFetch
+from hostagent.protocols.postgres.effects import SQL_FUNCTIONS
 from hostagent.protocols.postgres.names import SearchPath, parse_path
 from hostagent.protocols.postgres.auth import AuthRefused, UpstreamAuth
 from hostagent.protocols.postgres.classify import Unparseable, classify
@@ -54,6 +55,11 @@ STARTUP_PARAMS = frozenset({"user", "database", "application_name",
                             "TimeZone", "extra_float_digits", "IntervalStyle"})
 # statements that only read: anything else that reads a masked column is refused
 READ_KINDS = frozenset({"SELECT", "EXPLAIN", "PREPARE", "DECLARECURSOR", "SHOW"})
+# statements whose errors can quote the rows they write
+WRITE_KINDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "ALTER", "CREATE"})
+# planner statistics: most common values, histogram bounds
+STATS_VIEWS = frozenset({"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic",
+                         "pg_statistic_ext_data"})
 # functions that store or send a value where masks don't reach
 EMITTING_FUNCTIONS = frozenset({
     "pg_notify", "set_config", "setval", "lo_from_bytea", "lo_create", "lo_put", "lowrite",
@@ -456,7 +462,7 @@ class PostgresLayer:
     def _judged(self, text: str, raw: bytes, extended: str | None, statements) -> list[Command]:
         commands = self._resolved(requests_for(
             statements, text, target=self.target, identity=self.identity,
-            database=self.database, extended=extended))
+            database=self.database, extended=extended), statements, bool(extended))
         for st in statements:
             self.names.after(st, in_transaction=self.tx_status != b"I" or any(
                 s is not None and "TRANSACTION" in s.kinds for s in statements))
@@ -583,18 +589,21 @@ class PostgresLayer:
                 return True
         return False
 
-    def _resolved(self, commands):
-        """Unqualified table names also as the relations the search path finds."""
+    def _resolved(self, commands, statements, named: bool):
+        """Unqualified table names also as the relations the search path finds: now,
+        or, for what runs later (a named prepared statement, PREPARE, a body), wherever
+        a later path may find them."""
         cat = self._current_catalog() if self.catalogs is not None else None
         if self.names is None:
             self.names = SearchPath(self.upstream_user or self.database)
             if cat is not None:
                 self.names.learned_initial(parse_path(cat.search_path))
         out = []
-        for req, rec in commands:
+        for (req, rec), st in zip(commands, list(statements) or [None]):
             tables = req.attributes.get("tables") if req.parsed else None
             if tables and any("." not in t for t in tables):
-                resolved = self.names.resolve(tables, cat)
+                later = named or st is None or st.code or "PREPARE" in st.kinds
+                resolved = self.names.resolve(tables, cat, later)
                 req = replace(req, resources=resolved,
                               attributes={**req.attributes, "tables": resolved})
                 rec = {**rec, "tables": list(resolved)}
@@ -731,15 +740,20 @@ class PostgresLayer:
         cat = self._current_catalog() if self.catalogs is not None else None
         exact = cat.masked(self.masker) if cat is not None else None
         if prov is not None:
-            tables, sources, lineages, functions = prov
+            tables, sources, lineages, functions, _kinds = prov
             # Names can be followed only so far; a statement that reads a masked column
             # (or whole rows) anywhere gets every result column not proven clean masked.
             touches = self._reads_masked(prov)
             renamed = any(lin.renamed for lin in lineages)
             opaque = set().union(*(lin.opaque for lin in lineages))
+        failed = self._catalog_failed == self.catalogs.generation if self.catalogs else False
+        runs_sql = prov is not None and bool(prov[3] & SQL_FUNCTIONS)
         plan = []
         for col in cols:
-            if exact is not None and col.table_oid and cat.knows(col.table_oid, col.column):
+            if failed:
+                # where columns come from can't be known: nothing is proven clean
+                rule = "(catalog unavailable)"
+            elif exact is not None and col.table_oid and cat.knows(col.table_oid, col.column):
                 # the server says which relation's column this is: its rule, and only it
                 rule = exact.rule(col.table_oid, col.column)
             elif prov is None:
@@ -758,11 +772,11 @@ class PostgresLayer:
                     rule = "(derived from masked data)"
                 if not rule and col.table_oid == 0:
                     # no table says where it is from: a masked column's name (from a
-                    # function's row, a VALUES list) or code of the database's own,
-                    # which may read anything, mask it
+                    # function's row, a VALUES list), SQL run from text, or code of the
+                    # database's own, which may read anything, mask it
                     rule = self.masker.column_masked_anywhere(col.name) or (
-                        "(computed by the database's own functions)"
-                        if cat is not None and functions & cat.user_functions else None)
+                        "(computed by SQL we can't follow)" if runs_sql or (
+                            cat is not None and functions & cat.user_functions) else None)
             if rule:
                 plan.append(("mask", rule, col.format))
             elif self.masker.has_detectors and (col.format == 0 or col.type_oid in TEXT_TYPES):
@@ -780,7 +794,7 @@ class PostgresLayer:
     def _reads_masked(self, prov) -> bool:
         """Whether a statement reads masked columns (or whole rows, or what we can't see:
         a procedural body, a procedure), by the names it uses."""
-        tables, _sources, lineages, _functions = prov
+        tables, _sources, lineages, _functions, _kinds = prov
         return any(lin.whole_rows or
                    any(self._column_rule(tables, c) for c in lin.columns)
                    for lin in lineages)
@@ -799,9 +813,19 @@ class PostgresLayer:
             if st.unknown:
                 return (f"what it runs can't be known ({', '.join(sorted(st.unknown))}), "
                         "so it may read masked columns and carry them anywhere")
-            if "trigger" in st.flags and any(self._may_hold_masked(t) for t in st.tables):
+            holding = [t for t in st.tables if self._may_hold_masked(t)]
+            if holding and "trigger" in st.flags:
                 return ("a trigger on a table with masked columns would hand its rows to "
                         "code that can store them anywhere")
+            if holding and st.code:
+                return (f"code (a block or a function body) that reads {holding[0]}, which "
+                        "has masked columns, could carry them anywhere")
+            if holding and st.kinds & {"ALTER"}:
+                return (f"{holding[0]} has masked columns: changing it (renames, "
+                        "inheritance, partitions) could take its values out of the masks")
+            stats = sorted({t.rsplit(".", 1)[-1].lower() for t in st.tables} & STATS_VIEWS)
+            if stats:
+                return f"{stats[0]} quotes column values (planner statistics)"
             read = st.lineage.columns | st.reads
             tables = {t.rsplit(".", 1)[-1] for t in st.tables}
             rules = [r for c in read for r in [self._column_rule(tables, c)] if r]
@@ -822,7 +846,12 @@ class PostgresLayer:
         return None
 
     def _may_hold_masked(self, table: str) -> bool:
+        """Whether a relation of this name has masked columns: as the catalog says, or
+        (a relation it doesn't know) as the rules' table patterns allow."""
         bare = table.rsplit(".", 1)[-1].lower()
+        cat = self._current_catalog() if self.catalogs is not None else None
+        if cat is not None and cat.schemas_of(bare):
+            return bare in cat.masked(self.masker).names
         for r in self.masker.rules:
             for pattern in r.columns:
                 parts = pattern.lower().split(".")
@@ -839,7 +868,10 @@ class PostgresLayer:
         prov = self._results.running()
         if prov is False:
             return False
-        return prov is None or self._reads_masked(prov)
+        if prov is None or self._reads_masked(prov):
+            return True
+        # a write's errors quote whole rows ("Failing row contains (...)")
+        return bool(prov[4] & WRITE_KINDS) and any(self._may_hold_masked(t) for t in prov[0])
 
     def _column_rule(self, tables: set, column: str) -> str | None:
         """A column of unknown table is masked if any table the statement reads has

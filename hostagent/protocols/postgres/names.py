@@ -92,16 +92,18 @@ class SearchPath:
                 elif node.kind != 0:
                     self.path = None
 
-    def resolve(self, tables, catalog=None) -> tuple[str, ...]:
+    def resolve(self, tables, catalog=None, later: bool = False) -> tuple[str, ...]:
         """`tables` with every unqualified name also as schema.name: the schema the
-        path finds it in (per the catalog), else every schema it may be in."""
+        path finds it in (per the catalog), else every schema it may be in. `later`:
+        the names resolve when it runs, under a path we can't know now (a prepared
+        statement, a function body)."""
         out = list(tables)
         for t in tables:
             if "." in t:
                 continue
             bare = t.lower()
             have = (catalog.schemas_of(bare) if catalog is not None else None)
-            if self.path is not None:
+            if self.path is not None and not later:
                 path = ["pg_catalog", *self._schemas(self.path)]
                 if have is not None:
                     first = next((s for s in path if s in have), None)

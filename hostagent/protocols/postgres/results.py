@@ -128,4 +128,5 @@ def provenance(statements) -> tuple | None:
                 else replace(st.lineage, columns=st.lineage.columns | st.reads)
                 for st in statements]
     functions = {f.rsplit(".", 1)[-1].lower() for st in statements for f in st.functions}
-    return tables, sources, lineages, functions
+    kinds = frozenset().union(*(st.kinds for st in statements))
+    return tables, sources, lineages, functions, kinds

@@ -115,3 +115,57 @@ def test_masked_values_leak_through_no_error_notice_or_notification(host, pg):
     assert out[6].startswith("'not-secret'")   # the INSERT never ran
     assert '"bob"' in out[7]                  # errors of unmasked reads are untouched
     assert SECRET not in recorded(host)
+
+
+def test_the_red_teams_routes_stay_closed(host, pg):
+    # made by a DBA, not through the proxy: a parent table, views over whole rows and
+    # over a function of the database's own
+    pg.sql("DROP TABLE IF EXISTS parent CASCADE; CREATE TABLE parent (id int, name text, "
+           "ssn text); ALTER TABLE people INHERIT parent; "
+           "CREATE OR REPLACE VIEW wv AS SELECT p::text AS z FROM people p; "
+           "CREATE OR REPLACE FUNCTION first_ssn() RETURNS text LANGUAGE sql "
+           "AS 'SELECT ssn FROM people LIMIT 1'; "
+           "CREATE OR REPLACE VIEW fv AS SELECT first_ssn() AS z; "
+           "ALTER TABLE parent OWNER TO app; ALTER VIEW wv OWNER TO app; "
+           "ALTER VIEW fv OWNER TO app; ALTER TABLE people ALTER name SET NOT NULL; "
+           "ANALYZE people", db="shop")
+    try:
+        out = each(host, pg, [
+            "SELECT ssn FROM parent",
+            "SELECT z FROM wv",
+            "SELECT z FROM fv",
+            "SELECT query_to_xml('select ssn from people', true, false, '')",
+            "SELECT first_ssn()",
+            "UPDATE people SET name = NULL WHERE id = 1",
+            "SELECT histogram_bounds FROM pg_stats WHERE tablename = 'people'",
+            "ALTER TABLE people RENAME COLUMN ssn TO s2",
+            "DO $$DECLARE r record; BEGIN SELECT * INTO r FROM people; "
+            "PERFORM set_config('x.y', r::text, false); END$$",
+            "SELECT name FROM people",
+        ])
+    finally:
+        pg.sql("ALTER TABLE people NO INHERIT parent; DROP TABLE parent; DROP VIEW wv; "
+               "DROP VIEW fv; DROP FUNCTION first_ssn(); "
+               "ALTER TABLE people ALTER name DROP NOT NULL", db="shop")
+    assert SECRET not in "\n".join(out), out
+    assert [line.split(" [")[0] for line in out[:5]] == ["'****'"] * 5, out
+    assert out[5].startswith("NotNullViolation 23502 agentgate: the server's message is "
+                             "withheld"), out[5]
+    for line in out[6:9]:
+        assert line.startswith('InsufficientPrivilege 42501 agentgate: denied by rule '
+                               '"(masking)"'), line
+    assert out[9].startswith("'bob'")
+    assert SECRET not in recorded(host)
+
+
+def test_masks_fail_closed_when_the_catalog_can_not_be_read(host, pg):
+    # the agent owns the database: it may limit its connections, and the proxy's side
+    # connection is then refused
+    pg.sql("ALTER DATABASE shop CONNECTION LIMIT 1")
+    try:
+        out = each(host, pg, ["SELECT tax FROM tax_view", "SELECT name FROM people"])
+    finally:
+        pg.sql("ALTER DATABASE shop CONNECTION LIMIT -1")
+    assert [line.split(" [")[0] for line in out] == ["'****'", "'****'"], out
+    events = [k for s in host.sessions("postgres") for k, _ in s["events"]]
+    assert "catalog" in events
