@@ -2,9 +2,12 @@
 runs, results masked as they stream, credentials injected, TLS on both legs.
 
 Modules: messages (framing), auth (upstream login: SCRAM-SHA-256(-PLUS), md5, cleartext,
-only to a server that showed it is the real one), classify (what a statement
-does), requests (statements as policy requests), outputs (what each answer recorded),
-layer (the sans-IO state machine the driver runs)."""
+only to a server that showed it is the real one), classify + effects + plpgsql (what a
+statement does, bodies and dynamic SQL included), names (table names through the
+search path), requests (statements as policy requests), catalog (where result columns
+come from, read on a side connection), masks (masking and its side doors), results
+(which result is which), outputs (what each answer recorded), layer (the sans-IO state
+machine the driver runs)."""
 from __future__ import annotations
 
 from hostagent.protocols.options import (CLIENT_TLS, CREDENTIALS, UPSTREAM_TLS,

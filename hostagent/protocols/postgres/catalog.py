@@ -15,11 +15,14 @@ per target and database is shared by its sessions; DDL run through the proxy dro
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from hostagent.protocols.api import (CLIENT, Answer, Close, DataReceived, Record, Start,
-                                     StartUpstreamTls, ToClient, ToUpstream)
+from hostagent.policy import Decision, Request
+from hostagent.protocols.api import (CLIENT, Answer, Close, Command, DataReceived, OpenSide,
+                                     Record, SideAnswered, Start, StartUpstreamTls, ToClient,
+                                     ToUpstream)
 from hostagent.protocols.postgres import messages as m
+from hostagent.protocols.postgres.names import SearchPath, parse_path
 
 # Everything qualified, search_path pinned: the injected role's settings (which an agent
 # may have changed with ALTER ROLE ... SET) must not redirect what these read.
@@ -263,3 +266,90 @@ class CatalogFetch:
                     return [Answer(catalog), ToUpstream(m.frame(b"X")),
                             Close("catalog read")]
         return out
+
+
+def _allow(_req: Request) -> Decision:
+    return Decision("allow", "(agentgate catalog)", "the proxy's own query")
+
+
+class UsesCatalog:
+    """The PostgreSQL layer's use of the catalog: when to read it (the session's start,
+    a result from a relation it doesn't know), holding the server's messages meanwhile,
+    and unqualified table names resolved through the search path. A mixin of
+    PostgresLayer."""
+
+    def _can_read_catalog(self) -> bool:
+        # the side connection logs in with the injected credentials; without them
+        # (the agent's own password passes through) masks follow names alone
+        return (self.catalogs is not None and self.password is not None
+                and (self.wants_catalog or (self.masker is not None and self.masker.column_rules))
+                and self._catalog_failed != self.catalogs.generation)
+
+    def _current_catalog(self):
+        cat = self.catalog
+        if cat is not None and cat.generation == self.catalogs.generation:
+            return cat
+        cat = self.catalog = self.catalogs.get(self.database)
+        return cat
+
+    def _catalog_needed(self, body: bytes) -> bool:
+        if not self._can_read_catalog():
+            return False
+        cat = self._current_catalog()
+        for col in m.parse_row_description(body):
+            if col.table_oid and (cat is None or not cat.knows(col.table_oid, col.column)) \
+                    and col.table_oid not in self._catalog_tried:
+                return True
+        return False
+
+    def _resolved(self, commands, statements, named: bool):
+        """Unqualified table names also as the relations the search path finds: now,
+        or, for what runs later (a named prepared statement, PREPARE, a body), wherever
+        a later path may find them."""
+        cat = self._current_catalog() if self.catalogs is not None else None
+        if self.names is None:
+            self.names = SearchPath(self.upstream_user or self.database)
+            if cat is not None:
+                self.names.learned_initial(parse_path(cat.search_path))
+        out = []
+        for (req, rec), st in zip(commands, list(statements) or [None]):
+            tables = req.attributes.get("tables") if req.parsed else None
+            if tables and any("." not in t for t in tables):
+                later = named or st is None or st.code or "PREPARE" in st.kinds
+                resolved = self.names.resolve(tables, cat, later)
+                req = replace(req, resources=resolved,
+                              attributes={**req.attributes, "tables": resolved})
+                rec = {**rec, "tables": list(resolved)}
+            out.append((req, rec))
+        return out
+
+    def _fetch_catalog(self) -> list[Command]:
+        if self._fetching:
+            return []
+        self._fetching = True
+        twin = type(self)(decide=_allow, target=self.target, user=self.upstream_user,
+                          password=self.password, tls=self.tls, ca=self.ca,
+                          server_name=self.server_name,
+                          weak_password_auth=self.upstream_auth.weak)
+        return [OpenSide(0, CatalogFetch(twin, self.upstream_user, self.database,
+                                         self.catalogs.generation))]
+
+    def _catalog_read(self, event: SideAnswered) -> list[Command]:
+        self._fetching = False
+        out: list[Command] = []
+        if event.value is not None:
+            self.catalog = event.value
+            self.catalogs.put(self.database, event.value)
+        else:
+            # masks follow names alone until DDL makes another read worth trying
+            self._catalog_failed = self.catalogs.generation
+            out.append(Record("catalog", {"error": event.error,
+                                          "masking": "by column names only"}))
+        stalled, self._stalled, self._stalled_bytes = self._stalled or [], None, 0
+        cat = self.catalog
+        for kind, body in stalled[:1]:
+            if kind == b"T":   # what even a fresh read doesn't know is not asked again
+                self._catalog_tried.update(
+                    c.table_oid for c in m.parse_row_description(body)
+                    if c.table_oid and (cat is None or not cat.knows(c.table_oid, c.column)))
+        return out + self._upstream_frames(stalled)

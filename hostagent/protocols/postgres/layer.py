@@ -21,27 +21,25 @@
 """
 from __future__ import annotations
 
-import fnmatch
 import secrets
-from dataclasses import replace
 import weakref
 from typing import Callable
 
 from agentgate.events import COMMAND, OUTPUT
-from hostagent.masking import MASK, Masker, for_target
+from hostagent.masking import Masker, for_target
 from hostagent.policy import Decision, Request, decide
 from hostagent.protocols.api import (CLIENT, Aborted, ApprovalDecided, Close, Command,
-                                     DataReceived, EofReceived, Event, HoldPending, OpenSide,
+                                     DataReceived, EofReceived, Event, HoldPending,
                                      ProtocolError, Record, SessionContext, SideAnswered, Start,
                                      StartClientTls, StartUpstreamTls, TlsEstablished, TlsFailed,
                                      ToClient, ToUpstream)
 from hostagent.protocols.enforce import Enforcer
 from hostagent.protocols.postgres import messages as m
-from hostagent.protocols.postgres.catalog import CatalogCache, CatalogFetch
-from hostagent.protocols.postgres.effects import SQL_FUNCTIONS
-from hostagent.protocols.postgres.names import SearchPath, parse_path
 from hostagent.protocols.postgres.auth import AuthRefused, UpstreamAuth
+from hostagent.protocols.postgres.catalog import CatalogCache, UsesCatalog
 from hostagent.protocols.postgres.classify import Unparseable, classify
+from hostagent.protocols.postgres.masks import Masking, withheld
+from hostagent.protocols.postgres.names import SearchPath
 from hostagent.protocols.postgres.outputs import Outputs, SampleLimits
 from hostagent.protocols.postgres.requests import requests_for
 from hostagent.protocols.postgres.results import Results, provenance
@@ -53,22 +51,6 @@ MAX_CLASSIFIED = 1 << 20        # characters of statement text the parser is giv
 STARTUP_PARAMS = frozenset({"user", "database", "application_name",
                             "fallback_application_name", "client_encoding", "DateStyle",
                             "TimeZone", "extra_float_digits", "IntervalStyle"})
-# statements that only read: anything else that reads a masked column is refused
-READ_KINDS = frozenset({"SELECT", "EXPLAIN", "PREPARE", "DECLARECURSOR", "SHOW"})
-# statements whose errors can quote the rows they write
-WRITE_KINDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "ALTER", "CREATE"})
-# planner statistics: most common values, histogram bounds
-STATS_VIEWS = frozenset({"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic",
-                         "pg_statistic_ext_data"})
-# functions that store or send a value where masks don't reach
-EMITTING_FUNCTIONS = frozenset({
-    "pg_notify", "set_config", "setval", "lo_from_bytea", "lo_create", "lo_put", "lowrite",
-    "lo_import", "lo_export", "pg_logical_emit_message", "dblink", "dblink_exec",
-    "dblink_send_query", "dblink_open", "pg_file_write", "pg_advisory_lock",
-    "pg_advisory_xact_lock", "pg_try_advisory_lock", "pg_try_advisory_xact_lock",
-    "pg_advisory_lock_shared", "pg_try_advisory_lock_shared", "pg_advisory_xact_lock_shared",
-    "pg_try_advisory_xact_lock_shared", "txid_current", "pg_catalog.set_config"})
-TEXT_OID = 25
 # Client encodings whose multibyte characters can end in a byte that reads as `\` or a
 # quote (PostgreSQL's client-only encodings, with the aliases it accepts): the server
 # would split a statement where the parser (UTF-8) sees one string. Refused, as is
@@ -90,31 +72,9 @@ def _parsing_hazard(name: str, value: str) -> str | None:
     return None
 # statements after which the catalog's names may have changed
 CATALOG_KINDS = frozenset({"CREATE", "ALTER", "DROP", "DO", "CALL", "IMPORT", "REFRESH"})
-_MASK = MASK.encode()
-TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114, 142, 705})   # text, varchar, char, name...
-# bool, int2/4/8, oid, float4/8, numeric, date, time(tz), timestamp(tz), interval, uuid
-PLAIN_BINARY_TYPES = frozenset({16, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1266, 1114,
-                                1184, 1186, 2950})
-
-
-# error and notice fields that can quote data: withheld while masked columns are read
-_QUOTING = frozenset("MDHWqp")
-
-
-def _withheld(fields: dict[str, str]) -> dict[str, str]:
-    out = {k: v for k, v in fields.items() if k not in _QUOTING}
-    out["M"] = (f"agentgate: the server's message is withheld: the statement reads masked "
-                f"columns (SQLSTATE {fields.get('C', '?')})")
-    return out
-
-
 def _qualified_tables(policy) -> bool:
     return any("." in p for r in policy.rules for name, pats in r.matchers
                if name == "tables" for p in pats)
-
-
-def _allow(_req: Request) -> Decision:
-    return Decision("allow", "(agentgate catalog)", "the proxy's own query")
 
 
 class ServerKey(tuple):
@@ -145,7 +105,7 @@ def new_cancel_key(keys: dict) -> tuple[int, int]:
             return fake
 
 
-class PostgresLayer:
+class PostgresLayer(UsesCatalog, Masking):
     name = "postgres"
 
     def __init__(self, *, decide: Callable[[Request], Decision], target: str,
@@ -563,84 +523,6 @@ class PostgresLayer:
                 break   # nothing the server said after that counts
         return out
 
-    # ------------------------------------------------------------------ the catalog
-
-    def _can_read_catalog(self) -> bool:
-        # the side connection logs in with the injected credentials; without them
-        # (the agent's own password passes through) masks follow names alone
-        return (self.catalogs is not None and self.password is not None
-                and (self.wants_catalog or (self.masker is not None and self.masker.column_rules))
-                and self._catalog_failed != self.catalogs.generation)
-
-    def _current_catalog(self):
-        cat = self.catalog
-        if cat is not None and cat.generation == self.catalogs.generation:
-            return cat
-        cat = self.catalog = self.catalogs.get(self.database)
-        return cat
-
-    def _catalog_needed(self, body: bytes) -> bool:
-        if not self._can_read_catalog():
-            return False
-        cat = self._current_catalog()
-        for col in m.parse_row_description(body):
-            if col.table_oid and (cat is None or not cat.knows(col.table_oid, col.column)) \
-                    and col.table_oid not in self._catalog_tried:
-                return True
-        return False
-
-    def _resolved(self, commands, statements, named: bool):
-        """Unqualified table names also as the relations the search path finds: now,
-        or, for what runs later (a named prepared statement, PREPARE, a body), wherever
-        a later path may find them."""
-        cat = self._current_catalog() if self.catalogs is not None else None
-        if self.names is None:
-            self.names = SearchPath(self.upstream_user or self.database)
-            if cat is not None:
-                self.names.learned_initial(parse_path(cat.search_path))
-        out = []
-        for (req, rec), st in zip(commands, list(statements) or [None]):
-            tables = req.attributes.get("tables") if req.parsed else None
-            if tables and any("." not in t for t in tables):
-                later = named or st is None or st.code or "PREPARE" in st.kinds
-                resolved = self.names.resolve(tables, cat, later)
-                req = replace(req, resources=resolved,
-                              attributes={**req.attributes, "tables": resolved})
-                rec = {**rec, "tables": list(resolved)}
-            out.append((req, rec))
-        return out
-
-    def _fetch_catalog(self) -> list[Command]:
-        if self._fetching:
-            return []
-        self._fetching = True
-        twin = type(self)(decide=_allow, target=self.target, user=self.upstream_user,
-                          password=self.password, tls=self.tls, ca=self.ca,
-                          server_name=self.server_name,
-                          weak_password_auth=self.upstream_auth.weak)
-        return [OpenSide(0, CatalogFetch(twin, self.upstream_user, self.database,
-                                         self.catalogs.generation))]
-
-    def _catalog_read(self, event: SideAnswered) -> list[Command]:
-        self._fetching = False
-        out: list[Command] = []
-        if event.value is not None:
-            self.catalog = event.value
-            self.catalogs.put(self.database, event.value)
-        else:
-            # masks follow names alone until DDL makes another read worth trying
-            self._catalog_failed = self.catalogs.generation
-            out.append(Record("catalog", {"error": event.error,
-                                          "masking": "by column names only"}))
-        stalled, self._stalled, self._stalled_bytes = self._stalled or [], None, 0
-        cat = self.catalog
-        for kind, body in stalled[:1]:
-            if kind == b"T":   # what even a fresh read doesn't know is not asked again
-                self._catalog_tried.update(
-                    c.table_oid for c in m.parse_row_description(body)
-                    if c.table_oid and (cat is None or not cat.knows(c.table_oid, c.column)))
-        return out + self._upstream_frames(stalled)
-
     def _from_upstream(self, kind: bytes, body: bytes) -> list[Command]:
         raw = m.frame(kind, body)
         if self.state == "auth" and kind == b"R":
@@ -684,7 +566,7 @@ class PostgresLayer:
             denial = next((t for t in self._denials if t in fields.get("M", "")), None)
             if self._results is not None:
                 if denial is None and self._running_reads_masked():
-                    fields = _withheld(fields)
+                    fields = withheld(fields)
                 self._results.upstream(kind)
             message = fields.get("M", "")
             sid, out = self.outputs.error(fields.get("C", ""), message)
@@ -698,7 +580,7 @@ class PostgresLayer:
         elif kind == b"N" and self._results is not None:
             fields = m.parse_fields(body)
             if self._running_reads_masked():
-                fields = _withheld(fields)
+                fields = withheld(fields)
             return [ToClient(self._mask_fields(b"N", fields))]
         elif kind == b"A" and self._results is not None:
             return [ToClient(self._mask_notification(body))]
@@ -730,199 +612,6 @@ class PostgresLayer:
         elif self._results is not None:
             self._results.upstream(kind)
         return [ToClient(raw)]
-
-    # ------------------------------------------------------------------ masking
-
-    def _plan(self, cols: list[m.Column]) -> bytes:
-        """Decide, per column, mask whole / scan with detectors / pass; a masked column
-        becomes text, so any client (binary formats too) decodes the mask."""
-        prov = self._results.current()
-        cat = self._current_catalog() if self.catalogs is not None else None
-        exact = cat.masked(self.masker) if cat is not None else None
-        if prov is not None:
-            tables, sources, lineages, functions, _kinds = prov
-            # Names can be followed only so far; a statement that reads a masked column
-            # (or whole rows) anywhere gets every result column not proven clean masked.
-            touches = self._reads_masked(prov)
-            renamed = any(lin.renamed for lin in lineages)
-            opaque = set().union(*(lin.opaque for lin in lineages))
-        failed = self._catalog_failed == self.catalogs.generation if self.catalogs else False
-        runs_sql = prov is not None and bool(prov[3] & SQL_FUNCTIONS)
-        plan = []
-        for col in cols:
-            if failed:
-                # where columns come from can't be known: nothing is proven clean
-                rule = "(catalog unavailable)"
-            elif exact is not None and col.table_oid and cat.knows(col.table_oid, col.column):
-                # the server says which relation's column this is: its rule, and only it
-                rule = exact.rule(col.table_oid, col.column)
-            elif prov is None:
-                rule = "(unknown provenance)"
-            else:
-                rule = self._column_rule(tables, col.name)
-                for src in sources.get(col.name, ()):   # through aliases and expressions
-                    table, _, name = src.rpartition(".")
-                    rule = rule or (self.masker.column_masked(table, name) if table
-                                    else self._column_rule(tables, name))
-                if not rule and touches and (
-                        renamed or col.name in opaque or "?column?" in opaque or
-                        (col.table_oid == 0 and col.name not in sources)):
-                    # computed by the server under a name we can't follow (CASE,
-                    # coalesce, a cast, a subquery, a whole row, renamed columns)
-                    rule = "(derived from masked data)"
-                if not rule and col.table_oid == 0:
-                    # no table says where it is from: a masked column's name (from a
-                    # function's row, a VALUES list), SQL run from text, or code of the
-                    # database's own, which may read anything, mask it
-                    rule = self.masker.column_masked_anywhere(col.name) or (
-                        "(computed by SQL we can't follow)" if runs_sql or (
-                            cat is not None and functions & cat.user_functions) else None)
-            if rule:
-                plan.append(("mask", rule, col.format))
-            elif self.masker.has_detectors and (col.format == 0 or col.type_oid in TEXT_TYPES):
-                plan.append(("scan", "", col.format))
-            elif col.format == 1 and col.type_oid not in PLAIN_BINARY_TYPES:
-                # binary arrays, json(b), bytea...: the detectors can't read them
-                plan.append(("mask", "(unscannable binary)", col.format))
-            else:
-                plan.append(("pass", "", col.format))
-        self._results.set_plan(plan)
-        out = [m.Column(c.name, c.table_oid, c.column, TEXT_OID, -1, -1, c.format)
-               if p[0] == "mask" else c for c, p in zip(cols, plan)]
-        return m.row_description(out)
-
-    def _reads_masked(self, prov) -> bool:
-        """Whether a statement reads masked columns (or whole rows, or what we can't see:
-        a procedural body, a procedure), by the names it uses."""
-        tables, _sources, lineages, _functions, _kinds = prov
-        return any(lin.whole_rows or
-                   any(self._column_rule(tables, c) for c in lin.columns)
-                   for lin in lineages)
-
-    def _copies_masked(self, statements) -> str | None:
-        """Why a statement that reads masked columns would carry their values somewhere
-        masks don't reach (another table, a view or function made of them, a setting,
-        a notification, a large object), or None. Such statements are refused: masks
-        apply to results, so the values must not leave any other way."""
-        if not self.masker.column_rules:
-            return None
-        cat = self._current_catalog() if self.catalogs is not None else None
-        for st in statements:
-            if st is None or st.lineage is None:
-                continue
-            if st.unknown:
-                return (f"what it runs can't be known ({', '.join(sorted(st.unknown))}), "
-                        "so it may read masked columns and carry them anywhere")
-            holding = [t for t in st.tables if self._may_hold_masked(t)]
-            if holding and "trigger" in st.flags:
-                return ("a trigger on a table with masked columns would hand its rows to "
-                        "code that can store them anywhere")
-            if holding and st.code:
-                return (f"code (a block or a function body) that reads {holding[0]}, which "
-                        "has masked columns, could carry them anywhere")
-            if holding and st.kinds & {"ALTER"}:
-                return (f"{holding[0]} has masked columns: changing it (renames, "
-                        "inheritance, partitions) could take its values out of the masks")
-            stats = sorted({t.rsplit(".", 1)[-1].lower() for t in st.tables} & STATS_VIEWS)
-            if stats:
-                return f"{stats[0]} quotes column values (planner statistics)"
-            read = st.lineage.columns | st.reads
-            tables = {t.rsplit(".", 1)[-1] for t in st.tables}
-            rules = [r for c in read for r in [self._column_rule(tables, c)] if r]
-            if not rules and not (st.lineage.whole_rows and tables):
-                continue
-            what = sorted(st.kinds - READ_KINDS)
-            if what:
-                return (f"a {' '.join(what)} statement may not read masked columns "
-                        f"(rule {rules[0] if rules else 'whole rows'}): their values "
-                        "would leave unmasked")
-            funcs = {f.rsplit(".", 1)[-1].lower() for f in st.functions}
-            emitting = funcs & EMITTING_FUNCTIONS
-            if cat is not None:
-                emitting |= funcs & cat.user_functions
-            if emitting or "select_into" in st.flags:
-                return (f"a statement that reads masked columns may not pass them to "
-                        f"{', '.join(sorted(emitting)) or 'SELECT INTO'}")
-        return None
-
-    def _may_hold_masked(self, table: str) -> bool:
-        """Whether a relation of this name has masked columns: as the catalog says, or
-        (a relation it doesn't know) as the rules' table patterns allow."""
-        bare = table.rsplit(".", 1)[-1].lower()
-        cat = self._current_catalog() if self.catalogs is not None else None
-        if cat is not None and cat.schemas_of(bare):
-            return bare in cat.masked(self.masker).names
-        for r in self.masker.rules:
-            for pattern in r.columns:
-                parts = pattern.lower().split(".")
-                if len(parts) == 1 or fnmatch.fnmatchcase(bare, parts[-2]):
-                    return True
-        return False
-
-    def _running_reads_masked(self) -> bool:
-        """Errors and notices quote values ('invalid input syntax for type integer:
-        "<the value>"', RAISE NOTICE '%', r.ssn): while a statement that reads masked
-        columns runs, or one we can't see into, their text is withheld."""
-        if not self.masker.column_rules:
-            return False
-        prov = self._results.running()
-        if prov is False:
-            return False
-        if prov is None or self._reads_masked(prov):
-            return True
-        # a write's errors quote whole rows ("Failing row contains (...)")
-        return bool(prov[4] & WRITE_KINDS) and any(self._may_hold_masked(t) for t in prov[0])
-
-    def _column_rule(self, tables: set, column: str) -> str | None:
-        """A column of unknown table is masked if any table the statement reads has
-        it masked."""
-        if not self.masker.column_rules:
-            return None
-        return next((r for t in (tables or {""}) for r in [self.masker.column_masked(t, column)]
-                     if r), None)
-
-    def _mask_fields(self, kind: bytes, fields: dict[str, str]) -> bytes:
-        """Errors and notices can quote row data ("Key (email)=(...) already exists"):
-        their texts go through the detectors too."""
-        out = {}
-        for code, value in fields.items():
-            out[code] = self.masker.scan(value)[0] if code in "MDHW" else value
-        body = b"".join(k.encode() + v.encode() + b"\0" for k, v in out.items()) + b"\0"
-        return m.frame(kind, body)
-
-    def _mask_notification(self, body: bytes) -> bytes:
-        c = m.Cursor(body)
-        pid, channel, payload = c.i32(), c.cstr(), c.cstr()
-        payload = self.masker.scan(payload)[0]
-        return m.frame(b"A", m._I32.pack(pid) + channel.encode() + b"\0" + payload.encode() + b"\0")
-
-    def _mask_row(self, body: bytes) -> list[bytes | None]:
-        values = m.parse_data_row(body)
-        plan = self._results.plan()
-        if plan is None or len(plan) != len(values):
-            # rows whose shape we don't know: nothing goes out unmasked
-            plan = [("mask", "(unknown shape)", 0)] * len(values)
-        if plan is not self._compiled_for:
-            # per result shape, not per row: which columns to blank, which to scan
-            self._compiled_for = plan
-            self._mask_cols = [(i, f"{p[1]}:column") for i, p in enumerate(plan)
-                               if p[0] == "mask"]
-            self._scan_cols = [i for i, p in enumerate(plan) if p[0] == "scan"]
-        counts = self.masker.counts
-        for i, key in self._mask_cols:
-            if values[i] is not None:
-                values[i] = _MASK
-                counts[key] = counts.get(key, 0) + 1
-        scan = self.masker.scan_bytes
-        for i in self._scan_cols:
-            value = values[i]
-            if value is not None:
-                try:
-                    values[i] = scan(value)
-                except UnicodeDecodeError:
-                    self.masker.count_column("(undecodable)")
-                    values[i] = _MASK
-        return values
 
     def _auth(self, body: bytes, raw: bytes) -> list[Command]:
         """The server's Authentication requests, answered with the injected password under

@@ -1,12 +1,20 @@
 """Upstream authentication with injected credentials, against a real PostgreSQL 15:
 SCRAM-SHA-256, md5 and cleartext, driven through the sans-IO codec."""
+import base64
+import hashlib
+import hmac
+import os
 import socket
+import ssl
+import subprocess
 
 import pytest
 
 from hostagent.protocols import ProtocolError
 from hostagent.protocols.postgres import messages as m
-from hostagent.protocols.postgres.auth import ScramSha256, md5_password
+from hostagent.protocols.postgres.auth import (MAX_ITERATIONS, AuthRefused, ScramSha256,
+                                               UpstreamAuth, md5_password,
+                                               tls_server_end_point)
 from tests.pg import PgServer
 
 
@@ -112,16 +120,6 @@ def test_errors_keep_the_session_usable(pg):
 
 # ---------------------------------------------------------------- the credential goes
 # only to the real server: channel binding, the server's proof, weak methods
-
-import base64  # noqa: E402
-import hashlib  # noqa: E402
-import hmac  # noqa: E402
-import os  # noqa: E402
-import ssl  # noqa: E402
-import subprocess  # noqa: E402
-
-from hostagent.protocols.postgres.auth import (AuthRefused, UpstreamAuth,  # noqa: E402
-                                               tls_server_end_point)
 
 
 def _b64(data: bytes) -> str:
@@ -308,3 +306,13 @@ def test_weak_methods_go_to_a_verified_server_and_nowhere_else(pg, pg_tls, user,
     c = Conn(pg)
     assert login_through(c, UpstreamAuth(password, tls="disable",
                                          weak_password_auth="allow"), user) is None
+
+
+def test_a_server_asking_for_too_many_pbkdf2_rounds_is_refused():
+    # PBKDF2 runs on the proxy's loop: millions of rounds would stall every session
+    scram = ScramSha256("pw")
+    first = f"r={scram.nonce}xyz,s={_b64(b'salt')},i={MAX_ITERATIONS + 1}".encode()
+    with pytest.raises(ProtocolError, match="out of range"):
+        scram.client_final(first)
+    ok = f"r={scram.nonce}xyz,s={_b64(b'salt')},i=4096".encode()
+    assert ScramSha256("pw", scram.nonce).client_final(ok) == scram.client_final(ok)

@@ -1,0 +1,240 @@
+"""The PostgreSQL layer's masking half: which result columns are masked (by what the
+server says they are, catalog.py, else by the names the statement uses), rows and
+messages rewritten as they stream, and the statements refused because they would carry
+masked values where masks don't reach. A mixin of PostgresLayer: it reads the layer's
+session state (masker, results, catalog)."""
+from __future__ import annotations
+
+import fnmatch
+
+from hostagent.masking import MASK
+from hostagent.protocols.postgres import messages as m
+from hostagent.protocols.postgres.effects import SQL_FUNCTIONS
+
+# statements that only read: anything else that reads a masked column is refused
+READ_KINDS = frozenset({"SELECT", "EXPLAIN", "PREPARE", "DECLARECURSOR", "SHOW"})
+# statements whose errors can quote the rows they write
+WRITE_KINDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "ALTER", "CREATE"})
+# planner statistics: most common values, histogram bounds
+STATS_VIEWS = frozenset({"pg_stats", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic",
+                         "pg_statistic_ext_data"})
+# functions that store or send a value where masks don't reach
+EMITTING_FUNCTIONS = frozenset({
+    "pg_notify", "set_config", "setval", "lo_from_bytea", "lo_create", "lo_put", "lowrite",
+    "lo_import", "lo_export", "pg_logical_emit_message", "dblink", "dblink_exec",
+    "dblink_send_query", "dblink_open", "pg_file_write", "pg_advisory_lock",
+    "pg_advisory_xact_lock", "pg_try_advisory_lock", "pg_try_advisory_xact_lock",
+    "pg_advisory_lock_shared", "pg_try_advisory_lock_shared", "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_xact_lock_shared", "txid_current", "pg_catalog.set_config"})
+TEXT_OID = 25
+_MASK = MASK.encode()
+TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114, 142, 705})   # text, varchar, char, name...
+# bool, int2/4/8, oid, float4/8, numeric, date, time(tz), timestamp(tz), interval, uuid
+PLAIN_BINARY_TYPES = frozenset({16, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 1266, 1114,
+                                1184, 1186, 2950})
+
+
+# error and notice fields that can quote data: withheld while masked columns are read
+_QUOTING = frozenset("MDHWqp")
+
+
+def withheld(fields: dict[str, str]) -> dict[str, str]:
+    out = {k: v for k, v in fields.items() if k not in _QUOTING}
+    out["M"] = (f"agentgate: the server's message is withheld: the statement reads masked "
+                f"columns (SQLSTATE {fields.get('C', '?')})")
+    return out
+
+
+
+
+class Masking:
+    def _plan(self, cols: list[m.Column]) -> bytes:
+        """Decide, per column, mask whole / scan with detectors / pass; a masked column
+        becomes text, so any client (binary formats too) decodes the mask."""
+        prov = self._results.current()
+        cat = self._current_catalog() if self.catalogs is not None else None
+        exact = cat.masked(self.masker) if cat is not None else None
+        if prov is not None:
+            tables, sources, lineages, functions, _kinds = prov
+            # Names can be followed only so far; a statement that reads a masked column
+            # (or whole rows) anywhere gets every result column not proven clean masked.
+            touches = self._reads_masked(prov)
+            renamed = any(lin.renamed for lin in lineages)
+            opaque = set().union(*(lin.opaque for lin in lineages))
+        failed = self._catalog_failed == self.catalogs.generation if self.catalogs else False
+        runs_sql = prov is not None and bool(prov[3] & SQL_FUNCTIONS)
+        plan = []
+        for col in cols:
+            if failed:
+                # where columns come from can't be known: nothing is proven clean
+                rule = "(catalog unavailable)"
+            elif exact is not None and col.table_oid and cat.knows(col.table_oid, col.column):
+                # the server says which relation's column this is: its rule, and only it
+                rule = exact.rule(col.table_oid, col.column)
+            elif prov is None:
+                rule = "(unknown provenance)"
+            else:
+                rule = self._column_rule(tables, col.name)
+                for src in sources.get(col.name, ()):   # through aliases and expressions
+                    table, _, name = src.rpartition(".")
+                    rule = rule or (self.masker.column_masked(table, name) if table
+                                    else self._column_rule(tables, name))
+                if not rule and touches and (
+                        renamed or col.name in opaque or "?column?" in opaque or
+                        (col.table_oid == 0 and col.name not in sources)):
+                    # computed by the server under a name we can't follow (CASE,
+                    # coalesce, a cast, a subquery, a whole row, renamed columns)
+                    rule = "(derived from masked data)"
+                if not rule and col.table_oid == 0:
+                    # no table says where it is from: a masked column's name (from a
+                    # function's row, a VALUES list), SQL run from text, or code of the
+                    # database's own, which may read anything, mask it
+                    rule = self.masker.column_masked_anywhere(col.name) or (
+                        "(computed by SQL we can't follow)" if runs_sql or (
+                            cat is not None and functions & cat.user_functions) else None)
+            if rule:
+                plan.append(("mask", rule, col.format))
+            elif self.masker.has_detectors and (col.format == 0 or col.type_oid in TEXT_TYPES):
+                plan.append(("scan", "", col.format))
+            elif col.format == 1 and col.type_oid not in PLAIN_BINARY_TYPES:
+                # binary arrays, json(b), bytea...: the detectors can't read them
+                plan.append(("mask", "(unscannable binary)", col.format))
+            else:
+                plan.append(("pass", "", col.format))
+        self._results.set_plan(plan)
+        out = [m.Column(c.name, c.table_oid, c.column, TEXT_OID, -1, -1, c.format)
+               if p[0] == "mask" else c for c, p in zip(cols, plan)]
+        return m.row_description(out)
+
+    def _reads_masked(self, prov) -> bool:
+        """Whether a statement reads masked columns (or whole rows, or what we can't see:
+        a procedural body, a procedure), by the names it uses."""
+        tables, _sources, lineages, _functions, _kinds = prov
+        return any(lin.whole_rows or
+                   any(self._column_rule(tables, c) for c in lin.columns)
+                   for lin in lineages)
+
+    def _copies_masked(self, statements) -> str | None:
+        """Why a statement that reads masked columns would carry their values somewhere
+        masks don't reach (another table, a view or function made of them, a setting,
+        a notification, a large object), or None. Such statements are refused: masks
+        apply to results, so the values must not leave any other way."""
+        if not self.masker.column_rules:
+            return None
+        cat = self._current_catalog() if self.catalogs is not None else None
+        for st in statements:
+            if st is None or st.lineage is None:
+                continue
+            if st.unknown:
+                return (f"what it runs can't be known ({', '.join(sorted(st.unknown))}), "
+                        "so it may read masked columns and carry them anywhere")
+            holding = [t for t in st.tables if self._may_hold_masked(t)]
+            if holding and "trigger" in st.flags:
+                return ("a trigger on a table with masked columns would hand its rows to "
+                        "code that can store them anywhere")
+            if holding and st.code:
+                return (f"code (a block or a function body) that reads {holding[0]}, which "
+                        "has masked columns, could carry them anywhere")
+            if holding and st.kinds & {"ALTER"}:
+                return (f"{holding[0]} has masked columns: changing it (renames, "
+                        "inheritance, partitions) could take its values out of the masks")
+            stats = sorted({t.rsplit(".", 1)[-1].lower() for t in st.tables} & STATS_VIEWS)
+            if stats:
+                return f"{stats[0]} quotes column values (planner statistics)"
+            read = st.lineage.columns | st.reads
+            tables = {t.rsplit(".", 1)[-1] for t in st.tables}
+            rules = [r for c in read for r in [self._column_rule(tables, c)] if r]
+            if not rules and not (st.lineage.whole_rows and tables):
+                continue
+            what = sorted(st.kinds - READ_KINDS)
+            if what:
+                return (f"a {' '.join(what)} statement may not read masked columns "
+                        f"(rule {rules[0] if rules else 'whole rows'}): their values "
+                        "would leave unmasked")
+            funcs = {f.rsplit(".", 1)[-1].lower() for f in st.functions}
+            emitting = funcs & EMITTING_FUNCTIONS
+            if cat is not None:
+                emitting |= funcs & cat.user_functions
+            if emitting or "select_into" in st.flags:
+                return (f"a statement that reads masked columns may not pass them to "
+                        f"{', '.join(sorted(emitting)) or 'SELECT INTO'}")
+        return None
+
+    def _may_hold_masked(self, table: str) -> bool:
+        """Whether a relation of this name has masked columns: as the catalog says, or
+        (a relation it doesn't know) as the rules' table patterns allow."""
+        bare = table.rsplit(".", 1)[-1].lower()
+        cat = self._current_catalog() if self.catalogs is not None else None
+        if cat is not None and cat.schemas_of(bare):
+            return bare in cat.masked(self.masker).names
+        for r in self.masker.rules:
+            for pattern in r.columns:
+                parts = pattern.lower().split(".")
+                if len(parts) == 1 or fnmatch.fnmatchcase(bare, parts[-2]):
+                    return True
+        return False
+
+    def _running_reads_masked(self) -> bool:
+        """Errors and notices quote values ('invalid input syntax for type integer:
+        "<the value>"', RAISE NOTICE '%', r.ssn): while a statement that reads masked
+        columns runs, or one we can't see into, their text is withheld."""
+        if not self.masker.column_rules:
+            return False
+        prov = self._results.running()
+        if prov is False:
+            return False
+        if prov is None or self._reads_masked(prov):
+            return True
+        # a write's errors quote whole rows ("Failing row contains (...)")
+        return bool(prov[4] & WRITE_KINDS) and any(self._may_hold_masked(t) for t in prov[0])
+
+    def _column_rule(self, tables: set, column: str) -> str | None:
+        """A column of unknown table is masked if any table the statement reads has
+        it masked."""
+        if not self.masker.column_rules:
+            return None
+        return next((r for t in (tables or {""}) for r in [self.masker.column_masked(t, column)]
+                     if r), None)
+
+    def _mask_fields(self, kind: bytes, fields: dict[str, str]) -> bytes:
+        """Errors and notices can quote row data ("Key (email)=(...) already exists"):
+        their texts go through the detectors too."""
+        out = {}
+        for code, value in fields.items():
+            out[code] = self.masker.scan(value)[0] if code in "MDHW" else value
+        body = b"".join(k.encode() + v.encode() + b"\0" for k, v in out.items()) + b"\0"
+        return m.frame(kind, body)
+
+    def _mask_notification(self, body: bytes) -> bytes:
+        c = m.Cursor(body)
+        pid, channel, payload = c.i32(), c.cstr(), c.cstr()
+        payload = self.masker.scan(payload)[0]
+        return m.frame(b"A", m._I32.pack(pid) + channel.encode() + b"\0" + payload.encode() + b"\0")
+
+    def _mask_row(self, body: bytes) -> list[bytes | None]:
+        values = m.parse_data_row(body)
+        plan = self._results.plan()
+        if plan is None or len(plan) != len(values):
+            # rows whose shape we don't know: nothing goes out unmasked
+            plan = [("mask", "(unknown shape)", 0)] * len(values)
+        if plan is not self._compiled_for:
+            # per result shape, not per row: which columns to blank, which to scan
+            self._compiled_for = plan
+            self._mask_cols = [(i, f"{p[1]}:column") for i, p in enumerate(plan)
+                               if p[0] == "mask"]
+            self._scan_cols = [i for i, p in enumerate(plan) if p[0] == "scan"]
+        counts = self.masker.counts
+        for i, key in self._mask_cols:
+            if values[i] is not None:
+                values[i] = _MASK
+                counts[key] = counts.get(key, 0) + 1
+        scan = self.masker.scan_bytes
+        for i in self._scan_cols:
+            value = values[i]
+            if value is not None:
+                try:
+                    values[i] = scan(value)
+                except UnicodeDecodeError:
+                    self.masker.count_column("(undecodable)")
+                    values[i] = _MASK
+        return values
