@@ -110,13 +110,17 @@ def _scope(from_clause, ctes: dict) -> tuple[dict[str, str], dict[str, dict]]:
 
 def _lineage(stmt) -> Lineage:
     relnames: set[str] = set()
-    renamed = False
+    renamed = aliased = False
     for n in _nodes(stmt, ast.RangeVar, ast.RangeFunction, ast.RangeTableFunc,
                     ast.RangeSubselect, ast.JoinExpr, ast.CommonTableExpr):
         if isinstance(n, ast.RangeVar):
             relnames.add(n.relname)
             if n.alias:
                 relnames.add(n.alias.aliasname)
+                if n.alias.colnames:
+                    # people x(a, b, c): its columns under names of the agent's choosing,
+                    # so it counts as reading all of them
+                    renamed = aliased = True
         elif isinstance(n, (ast.RangeFunction, ast.RangeTableFunc)):
             renamed = True
         elif isinstance(n, (ast.RangeSubselect, ast.JoinExpr)) and n.alias is not None:
@@ -149,7 +153,7 @@ def _lineage(stmt) -> Lineage:
                     (len(n.fields) == 1 and n.fields[0].sval in relnames)))
                for n in _nodes(t.val, ast.SubLink, ast.A_Star, ast.ColumnRef)):
             opaque.add(t.name or "?column?")
-    return Lineage(frozenset(columns), whole, frozenset(opaque), renamed)
+    return Lineage(frozenset(columns), whole or aliased, frozenset(opaque), renamed)
 
 
 def _select_sources(node, ctes: dict | None = None) -> dict[str, frozenset[str]]:
@@ -265,6 +269,9 @@ def _classify_uncached(sql: str) -> tuple[Statement, ...]:
     return out
 
 
+_WRITES = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "COPY"})
+
+
 def _classify(sql: str) -> tuple[tuple[Statement, ...], tuple[tuple[int, int], ...]]:
     try:
         raw = parse_sql(sql)
@@ -279,6 +286,12 @@ def _classify(sql: str) -> tuple[tuple[Statement, ...], tuple[tuple[int, int], .
         # any part of it that can't be read (a body, a known dynamic text) raises
         # Unparseable: the whole text is judged as unparseable
         walk.statement(stmt.stmt, sql[start:end])
+        if walk.kinds & _WRITES and any(t.rsplit(".", 1)[-1].lower() == "pg_settings"
+                                        for t in walk.tables):
+            # pg_settings' rules call set_config: any setting, those that change how
+            # later texts are read included, and back before the server reports it
+            walk.flags.add("changes_parsing")
+            walk.unknown.add("changes_parsing")
         spans.append((start, end))
         out.append(Statement(kind=kind, text=sql[start:end].strip(),
                              kinds=frozenset(walk.kinds | {kind}),

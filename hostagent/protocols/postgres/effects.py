@@ -67,6 +67,15 @@ LIBRARY_SETTINGS = frozenset({"session_preload_libraries", "local_preload_librar
                               "shared_preload_libraries", "dynamic_library_path"})
 
 
+# Large-object functions, as the statement kinds of what they do to the stored data.
+LARGE_OBJECT_KINDS = {"lo_unlink": "DELETE", "lo_truncate": "DELETE", "lo_truncate64": "DELETE",
+                      "lo_put": "UPDATE", "lowrite": "UPDATE", "lo_from_bytea": "INSERT",
+                      "lo_create": "INSERT", "lo_creat": "INSERT", "lo_import": "INSERT"}
+
+
+_ALTER_DATA = {"AT_DropColumn": "DROP", "AT_AlterColumnType": "UPDATE"}
+
+
 def _is_bool(node) -> bool:
     if isinstance(node, ast.A_Const):
         return isinstance(node.val, ast.Boolean)
@@ -271,6 +280,8 @@ class Walk:
         bare = lower.rsplit(".", 1)[-1]
         if bare in FILE_FUNCTIONS:
             self.flags.add("server_files")
+        if bare in LARGE_OBJECT_KINDS:
+            self.kinds.add(LARGE_OBJECT_KINDS[bare])
         if bare == "set_config":
             args = node.args or ()
             try:
@@ -484,11 +495,36 @@ class Walk:
         for d in node.definition or ():
             if isinstance(d, ast.DefElem) and isinstance(d.arg, ast.TypeName) and (
                     d.defname.endswith("func") or d.defname in _DEFINE_FUNCS):
-                self.functions.append(_names(d.arg.names))
+                self._implicit(_names(d.arg.names))
 
     def _cast(self, node: ast.CreateCastStmt) -> None:
         if node.func is not None:
-            self.functions.append(_names(node.func.objname))
+            self._implicit(_names(node.func.objname))
+
+    def _alter_cmd(self, node: ast.AlterTableCmd) -> None:
+        # what an ALTER TABLE does to the data: a dropped column is gone; a new type's
+        # USING expression rewrites every value
+        kind = _ALTER_DATA.get(getattr(node.subtype, "name", ""))
+        if kind:
+            self.kinds.add(kind)
+
+    def _domain(self, node) -> None:
+        # CHECK expressions run on every value cast to the domain
+        if getattr(node, "constraints", None) or getattr(node, "def_", None) is not None:
+            self.flags.add("implicit_code")
+
+    def _implicit(self, fname: str) -> None:
+        """A function an operator, aggregate, cast or type will call where no call is
+        written (`a ### b`, `x::t`, `agg(x)`): what it is given and does is judged by
+        name nowhere later, so one we treat specially (SQL from text, settings, files)
+        makes what the statement leads to unknown."""
+        self.functions.append(fname)
+        self.flags.add("implicit_code")
+        bare = fname.lower().rsplit(".", 1)[-1]
+        if bare in SQL_FUNCTIONS or bare in FILE_FUNCTIONS or bare == "set_config" \
+                or bare in LARGE_OBJECT_KINDS or "." in fname and fname.lower() in \
+                SQL_TEXT_ARGS_QUALIFIED:
+            self.unknown.add("dynamic_sql")
 
 
 _HANDLERS = {
@@ -498,6 +534,8 @@ _HANDLERS = {
     ast.DeleteStmt: Walk._delete_update, ast.UpdateStmt: Walk._delete_update,
     ast.CopyStmt: Walk._copy, ast.DropStmt: Walk._drop, ast.SelectStmt: Walk._select,
     ast.DefineStmt: Walk._define, ast.CreateCastStmt: Walk._cast, ast.DefElem: Walk._option,
+    ast.CreateDomainStmt: Walk._domain, ast.AlterDomainStmt: Walk._domain,
+    ast.AlterTableCmd: Walk._alter_cmd,
     ast.VariableSetStmt: Walk._setting, ast.LoadStmt: Walk._load,
 }
 

@@ -25,7 +25,10 @@ EMITTING_FUNCTIONS = frozenset({
     "dblink_send_query", "dblink_open", "pg_file_write", "pg_advisory_lock",
     "pg_advisory_xact_lock", "pg_try_advisory_lock", "pg_try_advisory_xact_lock",
     "pg_advisory_lock_shared", "pg_try_advisory_lock_shared", "pg_advisory_xact_lock_shared",
-    "pg_try_advisory_xact_lock_shared", "txid_current", "pg_catalog.set_config"})
+    "pg_try_advisory_xact_lock_shared", "txid_current", "nextval", "lo_truncate",
+    "lo_truncate64", "lo_creat"})
+# ... and every function of these families (large objects, advisory locks, dblink)
+EMITTING_PREFIXES = ("lo_", "pg_advisory", "pg_try_advisory", "dblink")
 TEXT_OID = 25
 _MASK = MASK.encode()
 TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114, 142, 705})   # text, varchar, char, name...
@@ -125,6 +128,10 @@ class Masking:
         for st in statements:
             if st is None or st.lineage is None:
                 continue
+            if "implicit_code" in st.flags:
+                return ("an operator, cast, aggregate, type or domain check calls its "
+                        "function where no call is written: masked values could reach "
+                        "it unseen")
             if st.unknown:
                 return (f"what it runs can't be known ({', '.join(sorted(st.unknown))}), "
                         "so it may read masked columns and carry them anywhere")
@@ -144,7 +151,7 @@ class Masking:
             read = st.lineage.columns | st.reads
             tables = {t.rsplit(".", 1)[-1] for t in st.tables}
             rules = [r for c in read for r in [self._column_rule(tables, c)] if r]
-            if not rules and not (st.lineage.whole_rows and tables):
+            if not rules and not (st.lineage.whole_rows and holding):
                 continue
             what = sorted(st.kinds - READ_KINDS)
             if what:
@@ -152,7 +159,8 @@ class Masking:
                         f"(rule {rules[0] if rules else 'whole rows'}): their values "
                         "would leave unmasked")
             funcs = {f.rsplit(".", 1)[-1].lower() for f in st.functions}
-            emitting = funcs & EMITTING_FUNCTIONS
+            emitting = funcs & EMITTING_FUNCTIONS | {
+                f for f in funcs if f.startswith(EMITTING_PREFIXES)}
             if cat is not None:
                 emitting |= funcs & cat.user_functions
             if emitting or "select_into" in st.flags:

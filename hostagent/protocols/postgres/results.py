@@ -12,13 +12,19 @@ OPAQUE_CODE = frozenset({"CALL"})
 class Results:
     """Which result shape the rows coming back belong to, following the client's
     messages in order (simple queries carry their RowDescription; an extended Execute
-    uses the one its statement or portal was described with)."""
+    uses the one its statement or portal was described with).
+
+    Statements and portals are versioned in client order (each Parse, Bind or Close of a
+    name is a new version): a shape described for an earlier text under the same name
+    never applies to rows of a later one, and a portal no Bind of ours made (an SQL
+    cursor) has no shape, so its rows are masked whole."""
 
     def __init__(self):
         self._expect: list[tuple] = []            # client order: describe/execute/sync/query
-        self._stmt_plan: dict[str, list] = {}
-        self._portal_plan: dict[str, list] = {}
-        self._portal_stmt: dict[str, str] = {}
+        self._version: dict[tuple[bytes, str], int] = {}
+        self._next = 0
+        self._plans: dict[tuple[bytes, str], tuple[int, list]] = {}   # described shapes
+        self._portal_stmt: dict[str, tuple[str, int]] = {}   # portal -> (statement, version)
         # Where each result's columns come from, snapshotted in client order: a
         # pipeline may re-use a statement name (or the unnamed one) before the server
         # has answered for the earlier text. None: unknown, every column is masked.
@@ -26,23 +32,40 @@ class Results:
         self._portal_prov: dict[str, tuple | None] = {}
         self._plan: list | None = None
 
+    def _bump(self, what: bytes, name: str) -> int:
+        self._next += 1
+        self._version[(what, name)] = self._next
+        return self._next
+
     def client(self, kind: bytes, body: bytes) -> None:
         c = m.Cursor(body)
         if kind == b"Q":
+            self._bump(b"S", "")   # a simple query drops the unnamed statement and portal
+            self._bump(b"P", "")
             self._expect.append(("query", None))
+        elif kind == b"P":
+            self._bump(b"S", c.cstr())
+        elif kind == b"C":
+            what = body[:1]
+            c.pos = 1
+            self._bump(what, c.cstr())
         elif kind == b"B":
             portal, stmt = c.cstr(), c.cstr()
-            self._portal_stmt[portal] = stmt
-            self._portal_plan.pop(portal, None)
+            self._bump(b"P", portal)
+            self._portal_stmt[portal] = (stmt, self._version.get((b"S", stmt), 0))
             self._portal_prov[portal] = self._stmt_prov.get(stmt)
         elif kind == b"D":
             what = body[:1]
             c.pos = 1
             name = c.cstr()
             prov = (self._stmt_prov if what == b"S" else self._portal_prov).get(name)
-            self._expect.append(("describe", what, name, prov))
+            self._expect.append(("describe", what, name, prov,
+                                 self._version.get((what, name), 0)))
         elif kind == b"E":
-            self._expect.append(("execute", c.cstr()))
+            portal = c.cstr()
+            bound = self._portal_stmt.get(portal)
+            self._expect.append(("execute", portal, self._portal_prov.get(portal),
+                                 self._version.get((b"P", portal), 0), bound))
         elif kind == b"S":
             self._expect.append(("sync",))
 
@@ -73,7 +96,7 @@ class Results:
         if front[0] == "query":
             return front[1]
         if front[0] == "execute":
-            return self._portal_prov.get(front[1])
+            return front[2]
         if front[0] == "describe":
             return front[3]
         return False
@@ -82,15 +105,21 @@ class Results:
         front = self._expect[0] if self._expect else ("query",)
         if front[0] == "describe":
             self._expect.pop(0)
-            (self._stmt_plan if front[1] == b"S" else self._portal_plan)[front[2]] = plan
+            self._plans[(front[1], front[2])] = (front[4], plan)
         self._plan = plan
 
     def plan(self) -> list | None:
         front = self._expect[0] if self._expect else ("query",)
         if front[0] == "execute":
-            portal = front[1]
-            return self._portal_plan.get(portal) or self._stmt_plan.get(
-                self._portal_stmt.get(portal, ""))
+            _, portal, _prov, version, bound = front
+            found = self._plans.get((b"P", portal))
+            if found is not None and found[0] == version:
+                return found[1]
+            if bound is not None:   # described as a statement, this very text
+                found = self._plans.get((b"S", bound[0]))
+                if found is not None and found[0] == bound[1]:
+                    return found[1]
+            return None   # no shape of its own: masked whole
         return self._plan
 
     def done(self) -> None:

@@ -465,3 +465,13 @@ SELECT set_config('client_encoding', 'SJIS', true)
 SET client_encoding = 'UTF8'
 --@ allow harmless : read with standard strings, as the proxy keeps them: two strings
 SELECT '\' , ' ; DROP TABLE drop_me; -- '
+--@ deny destroys rule=(unparseable) : pg_settings turns standard_conforming_strings off for one EXECUTE (red team)
+DO $$ BEGIN UPDATE pg_settings SET setting = 'off' WHERE name = 'standard_conforming_strings'; EXECUTE $q$SELECT 'x\''; DROP TABLE drop_me; --'$q$; UPDATE pg_settings SET setting = 'on' WHERE name = 'standard_conforming_strings'; END $$
+--@ deny runs rule=(unparseable) : an aggregate whose state function is set_config (red team)
+CREATE AGGREGATE scs_agg(text, bool) (sfunc = set_config, stype = text, initcond = 'standard_conforming_strings')
+--@ deny runs rule=no-destruction : large objects unlinked by a SELECT (red team)
+SELECT lo_unlink(oid) FROM pg_largeobject_metadata
+--@ deny destroys rule=no-destruction : a column dropped by ALTER TABLE (red team)
+ALTER TABLE orders DROP COLUMN item
+--@ allow runs : a column added by ALTER TABLE (the rows change shape, nothing is lost)
+ALTER TABLE orders ADD COLUMN note text

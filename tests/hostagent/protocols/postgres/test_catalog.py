@@ -245,6 +245,17 @@ def test_an_extended_execute_reading_masked_columns_has_its_error_withheld():
     # planner statistics quote values
     "SELECT histogram_bounds FROM pg_stats WHERE attname = 'ssn'",
     "SELECT most_common_vals FROM pg_catalog.pg_stats",
+    # a table's columns under names of the agent's choosing
+    "INSERT INTO decoy SELECT c FROM people AS x(a, b, c)",
+    "SELECT set_config('application_name', c, false) FROM people x(a, b, c)",
+    # functions called where no call is written
+    "CREATE OPERATOR ### (RIGHTARG = text, FUNCTION = keep)",
+    "CREATE DOMAIN dd AS text CHECK (keep(VALUE) = 'x')",
+    "CREATE CAST (people AS int) WITH FUNCTION keeprow(people)",
+    # large objects and sequences keep what they are given
+    "SELECT lo_truncate(lo_open(lo_creat(-1), 131072), replace(ssn, '-', '')::int) "
+    "FROM people",
+    "SELECT count(nextval('sq')) FROM people, generate_series(1, substr(ssn, 1, 1)::int)",
 ])
 def test_masked_values_may_not_be_copied_where_masks_do_not_reach(sql):
     layer = catalog_layer(columns=("*.ssn",))
@@ -371,6 +382,42 @@ def test_values_the_server_names_no_table_for_are_masked_when_they_may_be_masked
     layer = catalog_layer(columns=("*.ssn",))
     query(layer, sql)
     assert SECRET not in to_client(rows(layer, cols, [SECRET])), sql
+
+
+def test_a_table_renamed_by_an_alias_list_is_read_whole():
+    layer = catalog_layer()
+    query(layer, "SELECT c || '' FROM people x(a, b, c)")
+    assert SECRET not in to_client(rows(layer, [("?column?", 0, 0)], [SECRET]))
+
+
+def describe_then_run(layer, described: bytes, run: bytes, extra: bytes = b"") -> bytes:
+    """Describe one text, then (re-using the name, no Describe) run another."""
+    feed(layer, CLIENT, m.frame(b"P", b"\0" + described + b"\0\0\0") + m.frame(b"D", b"S\0")
+         + m.frame(b"S"))
+    feed(layer, UPSTREAM, m.frame(b"1") + m.frame(b"t", b"\0\0")
+         + m.row_description([m.Column("x", 0, 0, 25, -1, -1, 0)]) + m.ready_for_query())
+    feed(layer, CLIENT, extra + m.frame(b"P", b"\0" + run + b"\0\0\0")
+         + m.frame(b"B", b"\0\0\0\0\0\0\0\0") + m.frame(b"E", b"\0\0\0\0\0")
+         + m.frame(b"S"))
+    return to_client(feed(layer, UPSTREAM, m.frame(b"1") + m.frame(b"2")
+                          + m.data_row([SECRET]) + m.frame(b"C", b"SELECT 1\0")
+                          + m.ready_for_query()))
+
+
+def test_a_shape_described_for_one_text_never_masks_rows_of_another():
+    sent = describe_then_run(catalog_layer(), b"SELECT 'abc'::text AS x",
+                             b"SELECT ssn FROM people LIMIT 1")
+    assert SECRET not in sent and b"****" in sent
+
+
+def test_a_portal_no_bind_of_ours_made_has_its_rows_masked_whole():
+    # DECLARE c CURSOR ... (SQL), then a protocol Execute of portal "c"
+    layer = catalog_layer()
+    describe_then_run(layer, b"SELECT 'abc'::text AS x", b"SELECT 1")
+    feed(layer, CLIENT, m.frame(b"E", b"c\0\0\0\0\0") + m.frame(b"S"))
+    sent = to_client(feed(layer, UPSTREAM, m.data_row([SECRET]) + m.frame(b"s")
+                          + m.ready_for_query()))
+    assert SECRET not in sent
 
 
 def test_sql_run_from_text_has_its_result_masked():

@@ -136,6 +136,7 @@ def test_the_red_teams_routes_stay_closed(host, pg):
             "SELECT z FROM fv",
             "SELECT query_to_xml('select ssn from people', true, false, '')",
             "SELECT first_ssn()",
+            "SELECT c || '' FROM people x(a, b, c)",
             "UPDATE people SET name = NULL WHERE id = 1",
             "SELECT histogram_bounds FROM pg_stats WHERE tablename = 'people'",
             "ALTER TABLE people RENAME COLUMN ssn TO s2",
@@ -148,13 +149,13 @@ def test_the_red_teams_routes_stay_closed(host, pg):
                "DROP VIEW fv; DROP FUNCTION first_ssn(); "
                "ALTER TABLE people ALTER name DROP NOT NULL", db="shop")
     assert SECRET not in "\n".join(out), out
-    assert [line.split(" [")[0] for line in out[:5]] == ["'****'"] * 5, out
-    assert out[5].startswith("NotNullViolation 23502 agentgate: the server's message is "
-                             "withheld"), out[5]
-    for line in out[6:9]:
+    assert [line.split(" [")[0] for line in out[:6]] == ["'****'"] * 6, out
+    assert out[6].startswith("NotNullViolation 23502 agentgate: the server's message is "
+                             "withheld"), out[6]
+    for line in out[7:10]:
         assert line.startswith('InsufficientPrivilege 42501 agentgate: denied by rule '
                                '"(masking)"'), line
-    assert out[9].startswith("'bob'")
+    assert out[10].startswith("'bob'")
     assert SECRET not in recorded(host)
 
 
