@@ -15,7 +15,7 @@ per target and database is shared by its sessions; DDL run through the proxy dro
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from hostagent.policy import Decision, Request
 from hostagent.protocols.api import (CLIENT, Answer, Close, Command, DataReceived, OpenSide,
@@ -302,26 +302,22 @@ class UsesCatalog:
                 return True
         return False
 
-    def _resolved(self, commands, statements, named: bool):
-        """Unqualified table names also as the relations the search path finds: now,
-        or, for what runs later (a named prepared statement, PREPARE, a body), wherever
-        a later path may find them."""
+    def _tables_resolver(self, named: bool):
+        """A statement's tables with unqualified names also as the relations the search
+        path finds: now, or, for what runs later (a named prepared statement, PREPARE, a
+        body), wherever a later path may find them."""
         cat = self._current_catalog() if self.catalogs is not None else None
         if self.names is None:
             self.names = SearchPath(self.upstream_user or self.database)
             if cat is not None:
                 self.names.learned_initial(parse_path(cat.search_path))
-        out = []
-        for (req, rec), st in zip(commands, list(statements) or [None]):
-            tables = req.attributes.get("tables") if req.parsed else None
-            if tables and any("." not in t for t in tables):
-                later = named or st is None or st.code or "PREPARE" in st.kinds
-                resolved = self.names.resolve(tables, cat, later)
-                req = replace(req, resources=resolved,
-                              attributes={**req.attributes, "tables": resolved})
-                rec = {**rec, "tables": list(resolved)}
-            out.append((req, rec))
-        return out
+
+        def tables_of(st):
+            if not any("." not in t for t in st.tables):
+                return st.tables
+            later = named or st.code or "PREPARE" in st.kinds
+            return self.names.resolve(st.tables, cat, later)
+        return tables_of
 
     def _fetch_catalog(self) -> list[Command]:
         if self._fetching:

@@ -420,9 +420,9 @@ class PostgresLayer(UsesCatalog, Masking):
         return self._judged(text, raw, extended, statements)
 
     def _judged(self, text: str, raw: bytes, extended: str | None, statements) -> list[Command]:
-        commands = self._resolved(requests_for(
-            statements, text, target=self.target, identity=self.identity,
-            database=self.database, extended=extended), statements, bool(extended))
+        commands = requests_for(statements, text, target=self.target, identity=self.identity,
+                                database=self.database, extended=extended,
+                                tables_of=self._tables_resolver(bool(extended)))
         for st in statements:
             self.names.after(st, in_transaction=self.tx_status != b"I" or any(
                 s is not None and "TRANSACTION" in s.kinds for s in statements))

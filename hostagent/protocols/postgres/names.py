@@ -34,6 +34,7 @@ class SearchPath:
         self.initial = initial
         self.path: tuple[str, ...] | None = initial
         self.seen: set[str] = set(self._schemas(initial))
+        self._last: tuple = (None, (), None)
 
     def _schemas(self, path) -> list[str]:
         return [self.user if s == "$user" else s for s in path]
@@ -97,6 +98,9 @@ class SearchPath:
         path finds it in (per the catalog), else every schema it may be in. `later`:
         the names resolve when it runs, under a path we can't know now (a prepared
         statement, a function body)."""
+        key = (tables, later, self.path)
+        if key == self._last[0] and catalog is self._last[2]:
+            return self._last[1]
         out = list(tables)
         for t in tables:
             if "." in t:
@@ -113,4 +117,6 @@ class SearchPath:
             else:
                 cands = sorted(self.seen | (have or set()) | {"public", self.user})
             out += [f"{s}.{bare}" for s in cands if s]
-        return tuple(dict.fromkeys(out))
+        found = tuple(dict.fromkeys(out))
+        self._last = (key, found, catalog)   # agents send the same statements again
+        return found

@@ -10,9 +10,10 @@ from hostagent.policy import Request
 
 
 def requests_for(statements, text: str, *, target: str, identity: dict, database: str,
-                 extended: str | None = None) -> list[tuple[Request, dict]]:
+                 extended: str | None = None, tables_of=None) -> list[tuple[Request, dict]]:
     """One (Request, command record) per statement; a statement that did not parse
-    (None) is one unparsed request for the whole text."""
+    (None) is one unparsed request for the whole text. `tables_of(statement)`: its
+    tables as policy matches them (names resolved through the search path)."""
     out = []
     for st in statements or [None]:
         if st is None:
@@ -22,7 +23,8 @@ def requests_for(statements, text: str, *, target: str, identity: dict, database
             tables = functions = flags = unknown = ()
         else:
             kinds = sorted(st.kinds)
-            tables, functions, flags = st.tables, st.functions, st.flags
+            tables = st.tables if tables_of is None else tables_of(st)
+            functions, flags = st.functions, st.flags
             unknown = tuple(sorted(getattr(st, "unknown", ())))
             req = Request(target=target, protocol="postgres", identity=identity, text=st.text,
                           action=" ".join(kinds), resources=tables,
