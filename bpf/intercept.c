@@ -8,7 +8,8 @@
 // sendmsg4/6   UDP only to configured DNS resolvers (connect4/6 cover connected UDP).
 // sock_create  raw and ICMP sockets refused (AF_PACKET needs CAP_NET_RAW, which enrolled
 //              processes do not keep).
-// exec/exit    tracepoints for processes in the tree, through a ring buffer; reservation
+// exec/exit    tracepoints for processes in the tree (an enrolled cgroup or below it),
+//              through a ring buffer; reservation
 //              failures are counted in `lost`, never silent.
 //
 // Only UAPI context structs and helpers, so headers of a nearby kernel compile it.
@@ -104,6 +105,28 @@ BPF_HASH(stop_uids, __u32, __u32, 1024);
 BPF_HASH(stop_exes, struct path_key, __u32, 1024);
 BPF_PERCPU_ARRAY(lost, __u64, 1);
 
+#define AG_MAX_DEPTH 16
+
+// The enrolled cgroup the current process is in or below (0: none). A unit's own
+// sub-cgroups, or one an agent made under its run's, are in the tree too, and their
+// events go to the same run: the deepest enrolled ancestor is the one that counts.
+static __always_inline __u64 tree_cgroup(void)
+{
+    __u64 cg = bpf_get_current_cgroup_id();
+    if (enrolled.lookup(&cg))
+        return cg;
+    __u64 found = 0;
+#pragma unroll
+    for (int level = 1; level < AG_MAX_DEPTH; level++) {
+        __u64 anc = bpf_get_current_ancestor_cgroup_id(level);
+        if (anc == 0 || anc == cg)
+            break;
+        if (enrolled.lookup(&anc))
+            found = anc;
+    }
+    return found;
+}
+
 static __always_inline void emit(__u32 type, struct addr_key *addr)
 {
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
@@ -119,7 +142,9 @@ static __always_inline void emit(__u32 type, struct addr_key *addr)
     e->tgid = id >> 32;
     e->flags = 0;
     e->uid = (__u32)bpf_get_current_uid_gid();
-    e->cgroup_id = bpf_get_current_cgroup_id();
+    e->cgroup_id = tree_cgroup();
+    if (!e->cgroup_id)
+        e->cgroup_id = bpf_get_current_cgroup_id();
     e->ktime_ns = bpf_ktime_get_ns();
     if (addr)
         __builtin_memcpy(&e->addr, addr, sizeof(*addr));
@@ -337,16 +362,11 @@ int ag_sockops(struct bpf_sock_ops *skops)
     return 1;
 }
 
-static __always_inline int in_tree(void)
-{
-    __u64 cg = bpf_get_current_cgroup_id();
-    return enrolled.lookup(&cg) != 0;
-}
-
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     __u32 type = EV_EXEC;
-    if (!in_tree()) {
+    __u64 tree = tree_cgroup();
+    if (!tree) {
         int zero = 0;
         __u32 *all = settings.lookup(&zero);
         if (!all || !*all)
@@ -366,7 +386,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     e->tgid = id >> 32;
     e->flags = 0;
     e->uid = (__u32)bpf_get_current_uid_gid();
-    e->cgroup_id = bpf_get_current_cgroup_id();
+    e->cgroup_id = tree ? tree : bpf_get_current_cgroup_id();
     e->ktime_ns = bpf_ktime_get_ns();
     __builtin_memset(&e->addr, 0, sizeof(e->addr));
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
@@ -387,7 +407,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
-    if (!in_tree())
+    if (!tree_cgroup())
         return 0;
     __u64 id = bpf_get_current_pid_tgid();
     if ((__u32)id != (id >> 32))

@@ -65,6 +65,11 @@ def run_doctor(tree: str = cgroups.TREE) -> list[Check]:
         _check("tracefs", _mounted("/sys/kernel/tracing", "tracefs")),
         _check("bpffs", _mounted("/sys/fs/bpf", "bpffs")),
         _check("cgroup v2", lambda: str(cgroups.cgroup2_mount())),
+        _check("root agents kept in their cgroup", lambda: "cgroup namespaces are "
+               "delegation boundaries (nsdelegate)" if cgroups.ensure_nsdelegate() else
+               (_ for _ in ()).throw(InterceptError(
+                   "nsdelegate can't be set on the cgroup v2 mount: a root agent could "
+                   "leave the tree; run agents as users of their own"))),
     ]
     if not all(c.ok for c in checks):
         return checks

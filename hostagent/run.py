@@ -34,6 +34,7 @@ log = logging.getLogger("agentgate.run")
 # sudo must not turn an agent into root (root may leave the tree).
 PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+CLONE_NEWCGROUP = 0x02000000
 DROPPED_CAPS = (12, 13, 16, 17, 19, 21, 38, 39)  # NET_ADMIN NET_RAW SYS_MODULE SYS_RAWIO
                                                  # SYS_PTRACE SYS_ADMIN PERFMON BPF
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
@@ -86,6 +87,12 @@ def _child_setup(user, cgroup: Path | None = None, gate: int | None = None):
             if os.read(gate, 1) != b"1":
                 os._exit(126)   # the daemon did not enroll us: never run unmonitored
             os.close(gate)
+        # The run's cgroup becomes the root of a cgroup namespace of its own: no cgroup
+        # outside it can be named or moved into, by root either (writing an outside
+        # cgroup.procs fails with ENOENT); leaving the namespace, or mounting another
+        # cgroup2, needs CAP_SYS_ADMIN, dropped next.
+        if libc.unshare(CLONE_NEWCGROUP) != 0:
+            os._exit(126)
         if os.geteuid() == 0:
             for cap in DROPPED_CAPS:
                 if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
@@ -106,6 +113,12 @@ def run_command(argv: list[str], cfg: HostAgentConfig, user: str | None = None,
         client = DaemonClient.connect(cfg.intercept.socket)
     except ControlError as exc:
         raise InterceptError(str(exc)) from None
+    if (pw is None or pw.pw_uid == 0) and os.geteuid() == 0 and not cgroups.ensure_nsdelegate():
+        # a root agent is kept in its cgroup by a cgroup namespace, which holds only where
+        # namespaces are delegation boundaries: without it, root could leave the tree
+        raise InterceptError("cannot keep a root agent in its cgroup: the cgroup v2 mount "
+                             "lacks nsdelegate and can't be remounted with it; run the agent "
+                             "as a user of its own (--user)")
     if client is not None:
         if mode:
             raise InterceptError("--mode is the daemon's to set when a host agent is running")

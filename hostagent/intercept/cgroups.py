@@ -29,11 +29,43 @@ def cgroup2_mount() -> Path:
     raise CgroupError("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup)")
 
 
+def _v2_options() -> tuple[Path, set[str]]:
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        pre, _, post = line.partition(" - ")
+        fields = post.split(" ")
+        if fields[0] == "cgroup2":
+            return Path(pre.split()[4]), set(fields[2].split(",")) if len(fields) > 2 else set()
+    raise CgroupError("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none /sys/fs/cgroup)")
+
+
+def nsdelegate() -> bool:
+    """Whether cgroup namespaces are delegation boundaries (the v2 mount's nsdelegate):
+    only then does a process in a cgroup namespace, root or not, fail to move into a
+    cgroup outside it."""
+    return "nsdelegate" in _v2_options()[1]
+
+
+def ensure_nsdelegate() -> bool:
+    """Make cgroup namespaces delegation boundaries (systemd mounts cgroup v2 so on
+    unified hosts; hybrid ones often don't): what keeps a root agent in its run's
+    cgroup. False if it can't be done (not in the host's namespaces)."""
+    mount, options = _v2_options()
+    if "nsdelegate" in options:
+        return True
+    keep = sorted(o for o in options if o in ("memory_recursiveprot", "memory_localevents",
+                                              "favordynmods", "memory_hugetlb_accounting"))
+    import subprocess
+    r = subprocess.run(["mount", "-o", ",".join(["remount", "nsdelegate", *keep]), str(mount)],
+                       capture_output=True, text=True)
+    return r.returncode == 0 and nsdelegate()
+
+
 def tree_root(tree: str = TREE) -> Path:
     return cgroup2_mount() / tree
 
 
 def ensure_tree(tree: str = TREE) -> Path:
+    ensure_nsdelegate()
     root = tree_root(tree)
     try:
         root.mkdir(exist_ok=True)
@@ -70,18 +102,27 @@ def pids(cgroup: Path) -> list[int]:
         return []
 
 
+def _subtree(cgroup: Path) -> list[Path]:
+    """The cgroup and every cgroup below it, deepest first."""
+    out = [Path(d) for d, _, _ in os.walk(cgroup)]
+    return sorted(out, key=lambda p: len(p.parts), reverse=True)
+
+
 def remove(cgroup: Path, timeout: float = 5.0) -> None:
-    """Kill what is left in a session cgroup and remove it."""
+    """Kill what is left in a session cgroup (and the cgroups its processes made below
+    it) and remove them."""
     kill = cgroup / "cgroup.kill"
     deadline = time.monotonic() + timeout
     while cgroup.exists():
-        if pids(cgroup) and kill.exists():
+        tree = _subtree(cgroup)
+        if any(pids(c) for c in tree) and kill.exists():
             try:
-                kill.write_text("1\n")
+                kill.write_text("1\n")   # the whole subtree
             except OSError:
                 pass
         try:
-            cgroup.rmdir()
+            for c in tree:
+                c.rmdir()
             return
         except FileNotFoundError:
             return

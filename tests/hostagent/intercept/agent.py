@@ -82,6 +82,44 @@ def escape(cgroup_procs):
         report(op="escape", ok=False, error=err(exc))
 
 
+def contain(op, arg=""):
+    """Ways out of a cgroup namespace: mount another cgroup2, enter the host's cgroup
+    namespace, make a new one."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    if op == "mount_cgroup2":
+        rc = libc.mount(b"none", arg.encode(), b"cgroup2", 0, None)
+    elif op == "setns_cgroup":
+        try:
+            fd = os.open("/proc/1/ns/cgroup", os.O_RDONLY)
+        except OSError as exc:
+            report(op=op, ok=False, error=err(exc))
+            return
+        rc = libc.setns(fd, 0x02000000)
+        os.close(fd)
+    else:   # unshare_cgroup
+        rc = libc.unshare(0x02000000)
+    if rc == 0:
+        report(op=op, ok=True)
+    else:
+        report(op=op, ok=False, error=err(OSError(ctypes.get_errno(), "")))
+
+
+def descend(tree):
+    """Move into a sub-cgroup of its own cgroup (found under `tree`), then exec a
+    program there: still in the tree."""
+    import glob
+    import subprocess
+    mine = next(os.path.dirname(p) for p in glob.glob(f"{tree}/**/cgroup.procs", recursive=True)
+                if str(os.getpid()) in open(p).read().split())
+    sub = os.path.join(mine, "sub")
+    os.mkdir(sub)
+    with open(os.path.join(sub, "cgroup.procs"), "w") as fh:
+        fh.write(str(os.getpid()))
+    subprocess.run(["/bin/true"], check=True)
+    report(op="descend", ok=True, cgroup=sub)
+
+
 def main(argv):
     if argv[0] in ("child", "grandchild"):
         depth = 1 if argv[0] == "child" else 2
@@ -103,6 +141,12 @@ def main(argv):
         open_socket(op)
     elif op == "escape":
         escape(*args)
+    elif op in ("mount_cgroup2", "setns_cgroup", "unshare_cgroup"):
+        contain(op, *args)
+    elif op == "descend":
+        descend(*args)
+    elif op == "cgroup":
+        report(op="cgroup", cgroup=open("/proc/self/cgroup").read().strip())
     elif op == "bind":
         bind(*args)
     elif op == "flood":

@@ -11,9 +11,9 @@ def results(out):
 
 @pytest.mark.parametrize("user", ["nobody", None])
 def test_bypass_attempts_fail(host, user):
-    """As a non-root agent everything fails. As root (capabilities dropped by `agentgate
-    run`) everything but leaving the cgroup fails: root may write any cgroup.procs, which
-    is why agents should run as a user of their own (README)."""
+    """Everything fails, as a user and as root (capabilities dropped by `agentgate run`,
+    and a cgroup namespace rooted at the run's cgroup: no cgroup outside it can be
+    entered)."""
     unlisted = "127.0.0.1 9"           # not a target: deny mode refuses the connect
     procs = cgroup2_mount() / "cgroup.procs"
     cmds = ["udp 127.0.0.1 9999", "udp 127.0.0.1 9999 connect", "udp ::1 9999",
@@ -21,14 +21,14 @@ def test_bypass_attempts_fail(host, user):
     rc, out, err = host.run(*" ; ".join(cmds).split(), user=user)
     assert rc == 0, err
     assert len(out) == len(cmds), out
-    for cmd, res in zip(cmds if user else cmds[:-1], out):
+    for cmd, res in zip(cmds, out):
         assert not res["ok"], (cmd, res)
     errors = [r.get("error") for r in out]
     assert errors[:3] == ["EPERM"] * 3                 # UDP: only the resolvers
     assert errors[3] == errors[4] == "EPERM"           # raw, AF_PACKET
     assert errors[6] == "EPERM"                        # unlisted destination
-    if user:                                           # a non-root agent can't leave
-        assert errors[7] in ("EACCES", "EPERM")
+    # leaving the tree: a user lacks the permission, root can't see outside its namespace
+    assert errors[7] in (("EACCES", "EPERM") if user else ("ENOENT",)), errors[7]
     run = [s for s in host.sessions("run")][0]
     denied = [f for k, f in run["events"] if k == "connect_denied"]
     assert any(f["address"] == "127.0.0.1:9" for f in denied)
@@ -102,3 +102,34 @@ def test_a_connect_loop_cannot_flood_the_recording(host):
     suppressed += run["events"][-1][1].get("events_suppressed", 0)
     assert recorded + suppressed == 600
     assert recorded < 600 and suppressed > 0
+
+
+def test_a_root_agent_stays_in_its_cgroup(host, tmp_path):
+    """Root can't move itself out (to the tree's root, to a sibling made for the test),
+    can't mount another cgroup2 to get around the namespace, can't enter the host's
+    cgroup namespace or make a new one; it sees its own cgroup as the root; a connect
+    afterwards is still proxied."""
+    mount = cgroup2_mount()
+    sibling = mount / host.tree / "outside-sibling"
+    sibling.mkdir(parents=True, exist_ok=True)
+    target = tmp_path / "cg2"
+    target.mkdir()
+    try:
+        cmds = [f"escape {mount / 'cgroup.procs'}", f"escape {sibling / 'cgroup.procs'}",
+                f"mount_cgroup2 {target}", "setns_cgroup", "unshare_cgroup", "cgroup",
+                f"connect 127.0.0.1 {host.echo.port}"]
+        rc, out, err = host.run(*" ; ".join(cmds).split())
+        assert rc == 0, err
+        assert [r["op"] for r in out] == [c.split()[0] for c in cmds], out
+        assert [r.get("ok") for r in out[:5]] == [False] * 5, out
+        assert out[0]["uid"] == 0
+        assert out[0]["error"] == out[1]["error"] == "ENOENT"    # not in its namespace
+        # (the host's namespace can't even be opened without CAP_SYS_PTRACE)
+        assert out[2]["error"] == out[4]["error"] == "EPERM", out
+        assert out[3]["error"] in ("EACCES", "EPERM"), out
+        v2 = [line for line in out[5]["cgroup"].splitlines() if line.startswith("0::")]
+        assert v2 == ["0::/"], out[5]                            # its own cgroup is root
+        assert out[6]["ok"] and host.sessions("tcp"), out
+        assert not (sibling / "cgroup.procs").read_text().strip()
+    finally:
+        sibling.rmdir()

@@ -119,3 +119,36 @@ def test_an_unreachable_target_looks_refused_to_the_agent(host):
     assert rc == 0 and not out[0]["ok"] and out[0]["error"] in ("ECONNRESET", "EPIPE"), out
     (s,) = host.sessions("tcp")
     assert s["end_reason"].startswith("upstream unreachable")
+
+
+def test_a_root_agent_is_refused_where_it_could_leave_its_cgroup(monkeypatch, tmp_path):
+    # without nsdelegate, a cgroup namespace doesn't stop root writing any cgroup.procs:
+    # a root agent is refused, in one line, before anything runs
+    import pytest
+
+    from hostagent import run
+    from hostagent.config import HostAgentConfig
+    from hostagent.intercept.loader import InterceptError
+    monkeypatch.setattr(run.cgroups, "ensure_nsdelegate", lambda: False)
+    monkeypatch.setattr(run.DaemonClient, "connect", staticmethod(lambda path: None))
+    marker = tmp_path / "ran"
+    with pytest.raises(InterceptError, match="lacks nsdelegate.*--user"):
+        run.run_command(["touch", str(marker)], HostAgentConfig())
+    assert not marker.exists()
+
+
+def test_a_sub_cgroup_of_a_run_is_still_in_the_tree(host):
+    # an agent (root, inside its cgroup namespace) may make cgroups below its run's: what
+    # runs there is still proxied, and its exec events reach the run's recording
+    from hostagent.intercept.cgroups import cgroup2_mount
+    tree = cgroup2_mount() / host.tree
+    rc, out, err = host.run("descend", str(tree), ";", "connect", "127.0.0.1",
+                            str(host.echo.port))
+    assert rc == 0, err
+    assert out[0]["ok"] and out[0]["cgroup"].endswith("/sub"), out
+    assert out[1]["ok"], out
+    (s,) = host.sessions("tcp")
+    assert s["start"]["process"]["cgroup"].endswith("/sub")
+    run = only(host.sessions("run"))
+    assert any(k == "exec" and f["filename"] == "/bin/true" for k, f in run["events"]), \
+        [f for k, f in run["events"] if k == "exec"]
