@@ -58,6 +58,7 @@ EVENT_KINDS: dict[str, tuple[str, str]] = {
     "bind_denied": ("run", "pid, uid, comm, address"),
     "exec_outside": ("run", "pid, uid, comm, filename"),
     "events_suppressed": ("run", "count"),
+    "unix_guard": ("run", "hidden (sockets covered), allowed, abstract, gap"),
 }
 KINDS = tuple(EVENT_KINDS)
 

@@ -43,6 +43,9 @@ class InterceptConfig:
     cgroups: list[str] = field(default_factory=list)   # cgroup paths to enroll
     uids: list[int] = field(default_factory=list)      # processes of these users, on exec
     exes: list[str] = field(default_factory=list)      # processes running these, on exec
+    # unix sockets an `agentgate run` agent may reach, besides unixguard.DEFAULT_ALLOW
+    unix_allow: list[str] = field(default_factory=list)
+    abstract_unix: str = "refuse"      # refuse | allow: abstract sockets made outside
 
 
 @dataclass
@@ -133,8 +136,14 @@ def load_config(path: str | None) -> HostAgentConfig:
         tree=i.get("tree", str, d.tree), socket=i.path("socket", d.socket),
         socket_group=i.get("socket_group", str, d.socket_group),
         units=list(i.get("units", list, [])), cgroups=list(i.get("cgroups", list, [])),
-        uids=list(i.get("uids", list, [])), exes=list(i.get("exes", list, [])))
+        uids=list(i.get("uids", list, [])), exes=list(i.get("exes", list, [])),
+        unix_allow=list(i.get("unix_allow", list, [])),
+        abstract_unix=i.get("abstract_unix", str, "refuse"))
     i.done()
+    if cfg.intercept.abstract_unix not in ("refuse", "allow"):
+        raise ConfigError(f"{i.where}: 'abstract_unix' must be refuse or allow")
+    if not all(isinstance(g, str) and g.startswith("/") for g in cfg.intercept.unix_allow):
+        raise ConfigError(f"{i.where}: 'unix_allow' must list absolute socket paths (globs)")
     if cfg.intercept.mode not in ("deny", "record", "allow"):
         raise ConfigError(f"{i.where}: 'mode' must be deny, record or allow")
     px = root.table("proxy")

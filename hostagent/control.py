@@ -34,7 +34,8 @@ class Handler(Protocol):
     def hello(self) -> dict: ...
 
     async def enroll(self, pid: int, *, argv: list[str], user: str | None,
-                     requested_by: str) -> dict: ...   # with "group": the run's name
+                     requested_by: str, unix: dict | None = None) -> dict: ...
+    # (returns "group": the run's name; `unix`: how its unix sockets are guarded)
 
     async def finish(self, group: str, exit_code: int | None, reason: str) -> None: ...
 
@@ -84,8 +85,9 @@ async def _answer(handler: Handler, uid: int, req, mine: set[str]) -> dict:
             raise ControlError(f"uid {uid} may only enroll its own processes")
         if uid != 0 and user:
             raise ControlError("only root may run an agent as another user")
+        unix = req.get("unix") if isinstance(req.get("unix"), dict) else None
         reply = await handler.enroll(pid, argv=[str(a) for a in req.get("argv", [])],
-                                     user=user, requested_by=f"uid {uid}")
+                                     user=user, requested_by=f"uid {uid}", unix=unix)
         mine.add(reply["group"])
         return reply
     if op == "finish":

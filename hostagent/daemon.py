@@ -184,7 +184,7 @@ class Daemon:
         return {"proxy_port": icpt.proxy_port, "tree": str(self.root), "mode": icpt.mode}
 
     async def enroll(self, pid: int, *, argv: list[str], user: str | None,
-                     requested_by: str) -> dict:
+                     requested_by: str, unix: dict | None = None) -> dict:
         icpt = self.stack.icpt
         group = new_group()
         cg = cgroups.make_cgroup(self.root, f"run-{group}")
@@ -193,6 +193,8 @@ class Daemon:
         try:
             run = RunSession(self.stack.spool, host=self.cfg.host, argv=argv, user=user,
                              cgroup=cg, group=group, mode=icpt.mode, requested_by=requested_by)
+            run.rec.record("unix_guard", unix or {"abstract": "unknown", "hidden": [],
+                                                  "note": "the caller said nothing"})
             cgroups.move(pid, cg)
         except (cgroups.CgroupError, SpoolError):
             icpt.unenroll(cgid)

@@ -56,6 +56,14 @@ def _mounted(path: str, what: str):
     return check
 
 
+def _unix_guard() -> str:
+    from hostagent.intercept import unixguard
+    abi = unixguard.landlock_abi()
+    abstract = (f"abstract ones: Landlock scope (ABI {abi})" if abi >= unixguard.LANDLOCK_ABI_SCOPES
+                else "abstract ones: NOT guarded (no Landlock scoping: kernel < 6.12)")
+    return f"pathname ones: covered in a mount namespace; {abstract}"
+
+
 def run_doctor(tree: str = cgroups.TREE) -> list[Check]:
     checks = [
         _check("running as root", lambda: "yes" if os.geteuid() == 0 else
@@ -70,6 +78,7 @@ def run_doctor(tree: str = cgroups.TREE) -> list[Check]:
                (_ for _ in ()).throw(InterceptError(
                    "nsdelegate can't be set on the cgroup v2 mount: a root agent could "
                    "leave the tree; run agents as users of their own"))),
+        _check("unix sockets of agentgate run", _unix_guard),
     ]
     if not all(c.ok for c in checks):
         return checks

@@ -22,7 +22,7 @@ from pathlib import Path
 from agentgate.client import CollectorAddress, answers, open_channel
 from hostagent.config import HostAgentConfig
 from hostagent.control import ControlError, DaemonClient
-from hostagent.intercept import cgroups
+from hostagent.intercept import cgroups, unixguard
 from hostagent.intercept.loader import InterceptError, attached
 from hostagent.recording.runs import RunSession, new_group
 from hostagent.stack import Stack, open_spool, run_loop
@@ -68,7 +68,13 @@ def _no_gc():
             gc.enable()
 
 
-def _child_setup(user, cgroup: Path | None = None, gate: int | None = None):
+def _unix_plan(cfg: HostAgentConfig) -> unixguard.UnixPlan:
+    return unixguard.plan(unixguard.DEFAULT_ALLOW + tuple(cfg.intercept.unix_allow),
+                          abstract_allowed=cfg.intercept.abstract_unix == "allow")
+
+
+def _child_setup(user, cgroup: Path | None = None, gate: int | None = None,
+                 unix: unixguard.UnixPlan | None = None):
     """Runs in the child between fork and exec: enter the cgroup (or wait until the daemon
     has moved us), drop capabilities, become the user. Nothing runs unenrolled."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -93,11 +99,16 @@ def _child_setup(user, cgroup: Path | None = None, gate: int | None = None):
         # cgroup2, needs CAP_SYS_ADMIN, dropped next.
         if libc.unshare(CLONE_NEWCGROUP) != 0:
             os._exit(126)
+        # unix sockets the policy doesn't allow covered (needs CAP_SYS_ADMIN, dropped next)
+        if unix is not None and not unixguard.apply(unix, libc):
+            os._exit(126)
         if os.geteuid() == 0:
             for cap in DROPPED_CAPS:
                 if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
                     os._exit(126)
         if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+            os._exit(126)
+        if unix is not None and unix.scope_abstract and not unixguard.restrict_abstract(libc):
             os._exit(126)
         if user is not None:
             os.setgroups(groups)
@@ -122,17 +133,24 @@ def run_command(argv: list[str], cfg: HostAgentConfig, user: str | None = None,
     if client is not None:
         if mode:
             raise InterceptError("--mode is the daemon's to set when a host agent is running")
-        return _run_via_daemon(client, argv, pw)
+        return _run_via_daemon(client, argv, pw, _unix_plan(cfg))
     if os.geteuid() != 0:
         raise InterceptError("no host agent is running, and running one in-process needs root")
     return run_loop(_run_in_process(argv, cfg, pw, mode))
 
 
-def _run_via_daemon(client: DaemonClient, argv: list[str], pw) -> int:
+def _run_via_daemon(client: DaemonClient, argv: list[str], pw,
+                    unix: unixguard.UnixPlan) -> int:
     # Fork by hand: the child must wait, before exec, until the daemon has moved it into
     # its cgroup, and subprocess.Popen returns only after the exec.
     r, w = os.pipe()
-    setup = _child_setup(pw, gate=r)   # before fork (see _child_setup)
+    if os.geteuid() != 0:
+        # covering sockets takes a mount namespace, which an unprivileged caller can't
+        # make: only Landlock's scope of abstract sockets applies
+        unix = unixguard.UnixPlan((), (), unix.scope_abstract,
+                                  gap="pathname sockets unguarded: the run was not started "
+                                  "by root")
+    setup = _child_setup(pw, gate=r, unix=unix)   # before fork (see _child_setup)
     gc_enabled = gc.isenabled()
     gc.disable()   # in the child until exec (see _no_gc)
     pid = os.fork()
@@ -150,7 +168,8 @@ def _run_via_daemon(client: DaemonClient, argv: list[str], pw) -> int:
             os._exit(126)
     os.close(r)
     try:
-        reply = client.call("enroll", pid=pid, argv=argv, user=pw.pw_name if pw else None)
+        reply = client.call("enroll", pid=pid, argv=argv, user=pw.pw_name if pw else None,
+                            unix=unix.record())
     except (ControlError, OSError) as exc:
         os.close(w)      # the child exits 126 without running CMD
         os.waitpid(pid, 0)
@@ -216,9 +235,12 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
         stack.icpt.enroll(cgroups.cgroup_id(cg))
         run = RunSession(spool, host=cfg.host, argv=argv, user=pw.pw_name if pw else None,
                          cgroup=cg, group=group, mode=mode)
+        unix = await asyncio.to_thread(_unix_plan, cfg)
+        run.rec.record("unix_guard", unix.record())
         try:
             with _no_gc():
-                proc = await asyncio.create_subprocess_exec(*argv, preexec_fn=_child_setup(pw, cg))
+                proc = await asyncio.create_subprocess_exec(
+                    *argv, preexec_fn=_child_setup(pw, cg, unix=unix))
         except (OSError, subprocess.SubprocessError) as exc:
             why = getattr(exc, "strerror", None) or str(exc)
             run.end(None, reason=f"could not start: {why}")

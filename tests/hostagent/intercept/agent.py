@@ -120,6 +120,25 @@ def descend(tree):
     report(op="descend", ok=True, cgroup=sub)
 
 
+def unix(op, name):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(5)
+        s.connect(name if op == "unix" else "\0" + name)
+        s.sendall(b"hi")
+        report(op=op, ok=True, reply=s.recv(100).decode())
+    except OSError as exc:
+        report(op=op, ok=False, error=err(exc))
+    finally:
+        s.close()
+
+
+def run_tool(*argv):
+    import subprocess
+    p = subprocess.run(list(argv), capture_output=True, text=True)
+    report(op="tool", ok=p.returncode == 0, argv=list(argv), stderr=p.stderr[-300:])
+
+
 def main(argv):
     if argv[0] in ("child", "grandchild"):
         depth = 1 if argv[0] == "child" else 2
@@ -143,6 +162,10 @@ def main(argv):
         escape(*args)
     elif op in ("mount_cgroup2", "setns_cgroup", "unshare_cgroup"):
         contain(op, *args)
+    elif op in ("unix", "abstract"):
+        unix(op, *args)
+    elif op == "tool":
+        run_tool(*args)
     elif op == "descend":
         descend(*args)
     elif op == "cgroup":

@@ -133,3 +133,92 @@ def test_a_root_agent_stays_in_its_cgroup(host, tmp_path):
         assert not (sibling / "cgroup.procs").read_text().strip()
     finally:
         sibling.rmdir()
+
+
+class UnixServer:
+    """A unix stream server answering "ok" (a stand-in for docker.sock, the bus...)."""
+
+    def __init__(self, name: str, group: int | None = None):
+        import socket
+        import threading
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(name)
+        if group is not None and not name.startswith("\0"):
+            import os
+            os.chown(name, 0, group)
+            os.chmod(name, 0o660)      # the agent's group may use it, as docker's does
+        self.sock.listen(8)
+        self.accepted = 0
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    return
+                self.accepted += 1
+                with conn:
+                    conn.recv(10)
+                    conn.sendall(b"ok")
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self):
+        import socket
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes the accept() of its thread
+        except OSError:
+            pass
+        self.sock.close()
+
+
+@pytest.mark.parametrize("user", ["nobody", None])
+def test_unix_sockets_are_reachable_only_as_the_policy_allows(host, tmp_path, user):
+    import grp
+    import os
+    base = host.public / "run"          # a place `nobody` may reach, were it allowed
+    (base / "dbus").mkdir(parents=True)
+    os.chmod(base, 0o755)
+    os.chmod(base / "dbus", 0o755)
+    nogroup = grp.getgrnam("nogroup").gr_gid
+    docker = UnixServer(str(base / "docker.sock"), group=nogroup)
+    bus = UnixServer(str(base / "dbus" / "system_bus_socket"), group=nogroup)
+    allowed = UnixServer(str(base / "allowed.sock"), group=nogroup)
+    import uuid
+    name = f"agentgate-test-{uuid.uuid4().hex[:8]}"
+    abstract = UnixServer("\0" + name)
+    cfg = host.config.read_text().replace(
+        "dns = [", f'unix_allow = ["{base}/allowed*"]\ndns = [')
+    host.config.write_text(cfg)
+    try:
+        cmds = [f"unix {base}/docker.sock", f"unix {base}/dbus/system_bus_socket",
+                f"abstract {name}", f"unix {base}/allowed.sock",
+                "tool id", "tool getent passwd root", "tool logger agentgate-test"]
+        rc, out, err = host.run(*" ; ".join(cmds).split(), user=user)
+        assert rc == 0, err
+        res = {c: r for c, r in zip(cmds, out)}
+        for refused in cmds[:3]:
+            assert not res[refused]["ok"], (refused, res[refused])
+        assert res[cmds[0]]["error"] == res[cmds[1]]["error"] == "ECONNREFUSED"
+        assert res[cmds[2]]["error"] == "EPERM"              # Landlock's scope
+        assert res[cmds[3]]["ok"] and res[cmds[3]]["reply"] == "ok"
+        assert all(res[c]["ok"] for c in cmds[4:]), [res[c] for c in cmds[4:]]
+        assert docker.accepted == bus.accepted == abstract.accepted == 0
+        assert allowed.accepted == 1
+        # outside the run, nothing changed: the host still reaches them
+        assert UnixClient(str(base / "docker.sock"))
+        run = host.sessions("run")[0]
+        (guard,) = [f for k, f in run["events"] if k == "unix_guard"]
+        assert f"{base}/docker.sock" in guard["hidden"]
+        assert f"{base}/allowed.sock" in guard["allowed"]
+        assert guard["abstract"].startswith("refused")
+    finally:
+        for s in (docker, bus, allowed, abstract):
+            s.close()
+
+
+def UnixClient(path: str) -> bool:
+    import socket
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(path)
+        s.sendall(b"x")
+        return s.recv(10) == b"ok"

@@ -1,0 +1,130 @@
+"""Unix-domain sockets for `agentgate run`: an agent reaches only those a policy allows.
+
+A unix socket is a way around everything else: docker.sock starts a container on the
+host's network, the system bus or the systemd manager starts a unit outside the tree, a
+database's local socket skips the proxy. Two guards, chosen by probing the kernel:
+
+- pathname sockets: CMD runs in a mount namespace of its own in which every socket the
+  host has bound, and the policy does not allow, is covered by /dev/null (a connect then
+  fails with ECONNREFUSED). Undoing it takes CAP_SYS_ADMIN, which the run drops.
+- abstract sockets (no path; anyone in the network namespace could reach them): Landlock
+  scoping (ABI 6, kernel 6.12+) lets CMD reach only those made inside its own domain.
+
+What is covered is worked out in the parent (before fork: reading /proc takes locks);
+`apply()` runs in the child between fork and exec and does system calls alone.
+"""
+from __future__ import annotations
+
+import ctypes
+import fnmatch
+import os
+from dataclasses import dataclass
+
+# Sockets ordinary programs need: name service caches and user databases (getent, id),
+# the journal and syslog (logger). Container runtimes, the system and session buses, the
+# systemd manager and databases are not here: a policy lists them to allow them.
+DEFAULT_ALLOW = ("/run/nscd/socket", "/var/run/nscd/socket", "/run/systemd/journal/socket",
+                 "/run/systemd/journal/stdout", "/run/systemd/journal/dev-log", "/dev/log",
+                 "/run/systemd/userdb/*", "/var/lib/sss/pipes/*")
+
+CLONE_NEWNS = 0x00020000
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+SYS_LANDLOCK_CREATE_RULESET = 444     # x86_64 and aarch64 alike (generic syscall table)
+SYS_LANDLOCK_RESTRICT_SELF = 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET = 1
+LANDLOCK_ABI_SCOPES = 6
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+def landlock_abi() -> int:
+    """The kernel's Landlock ABI version (0: none)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    v = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
+                     ctypes.c_uint32(LANDLOCK_CREATE_RULESET_VERSION))
+    return max(int(v), 0)
+
+
+def bound_sockets() -> tuple[set[str], set[str]]:
+    """(pathname, abstract) sockets bound on the host, from /proc/net/unix."""
+    paths, abstract = set(), set()
+    try:
+        lines = open("/proc/net/unix").read().splitlines()[1:]
+    except OSError:
+        return paths, abstract
+    for line in lines:
+        parts = line.split(None, 7)
+        if len(parts) == 8:
+            name = parts[7]
+            (paths if name.startswith("/") else abstract if name.startswith("@") else set()
+             ).add(name)
+    return paths, abstract
+
+
+@dataclass(frozen=True)
+class UnixPlan:
+    hidden: tuple[str, ...]          # pathname sockets covered in CMD's mount namespace
+    allowed: tuple[str, ...]         # pathname sockets left reachable (by the policy)
+    scope_abstract: bool             # Landlock keeps abstract sockets out of reach
+    gap: str = ""                    # what is not guarded, and why
+
+    def record(self) -> dict:
+        out = {"hidden": list(self.hidden), "allowed": list(self.allowed),
+               "abstract": "refused (Landlock scope)" if self.scope_abstract else
+               "reachable: no Landlock scoping on this kernel, or allowed by policy"}
+        if self.gap:
+            out["gap"] = self.gap
+        return out
+
+
+def plan(allow: tuple[str, ...] = DEFAULT_ALLOW, abstract_allowed: bool = False) -> UnixPlan:
+    """What to cover for a run: every bound pathname socket the allow globs don't name
+    (also under its resolved path, for /var/run -> /run)."""
+    paths, _abstract = bound_sockets()
+    hidden, allowed = [], []
+    for p in sorted(paths):
+        real = os.path.realpath(p)
+        if any(fnmatch.fnmatchcase(x, g) for g in allow for x in (p, real)):
+            allowed.append(p)
+        elif os.path.exists(real):
+            hidden.append(real)
+    scope = not abstract_allowed and landlock_abi() >= LANDLOCK_ABI_SCOPES
+    return UnixPlan(tuple(dict.fromkeys(hidden)), tuple(allowed), scope)
+
+
+def apply(p: UnixPlan, libc) -> bool:
+    """In the child, before exec (with CAP_SYS_ADMIN still held): a private mount
+    namespace with the refused sockets covered, and the Landlock scope. False if a step
+    that must hold failed (the caller exits rather than run unguarded)."""
+    if p.hidden:
+        if libc.unshare(CLONE_NEWNS) != 0:
+            return False
+        # our mounts must not propagate back to the host's namespace
+        if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+            return False
+        for path in p.hidden:
+            if libc.mount(b"/dev/null", path.encode(), None, MS_BIND, None) != 0:
+                if ctypes.get_errno() != 2:   # gone since it was listed: nothing to cover
+                    return False
+    return True
+
+
+def restrict_abstract(libc) -> bool:
+    """Landlock: only abstract sockets made inside this domain are reachable. Needs
+    no_new_privs (or CAP_SYS_ADMIN) set before."""
+    attr = _RulesetAttr(0, 0, LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET)
+    libc.syscall.restype = ctypes.c_long
+    fd = libc.syscall(SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr),
+                      ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0))
+    if fd < 0:
+        return False
+    ok = libc.syscall(SYS_LANDLOCK_RESTRICT_SELF, ctypes.c_int(fd), ctypes.c_uint32(0)) == 0
+    os.close(fd)
+    return ok
