@@ -46,6 +46,8 @@ class InterceptConfig:
     # unix sockets an `agentgate run` agent may reach, besides unixguard.DEFAULT_ALLOW
     unix_allow: list[str] = field(default_factory=list)
     abstract_unix: str = "refuse"      # refuse | allow: abstract sockets made outside
+    # where drop-ins for `units` go (BPFProgram=): "" = /run/systemd/system, if systemd runs
+    unit_dropin_dir: str = ""
 
 
 @dataclass
@@ -138,7 +140,8 @@ def load_config(path: str | None) -> HostAgentConfig:
         units=list(i.get("units", list, [])), cgroups=list(i.get("cgroups", list, [])),
         uids=list(i.get("uids", list, [])), exes=list(i.get("exes", list, [])),
         unix_allow=list(i.get("unix_allow", list, [])),
-        abstract_unix=i.get("abstract_unix", str, "refuse"))
+        abstract_unix=i.get("abstract_unix", str, "refuse"),
+        unit_dropin_dir=i.get("unit_dropin_dir", str, ""))
     i.done()
     if cfg.intercept.abstract_unix not in ("refuse", "allow"):
         raise ConfigError(f"{i.where}: 'abstract_unix' must be refuse or allow")

@@ -10,6 +10,7 @@ import logging
 import os
 import resource
 import signal
+import subprocess
 from pathlib import Path
 
 from agentgate.cli.output import fmt_bytes
@@ -85,6 +86,8 @@ class Daemon:
         # Attaching replaces programs an earlier run left: never a moment unguarded.
         icpt.attach(self.root)
         icpt.clear_records()
+        if cfg.units:
+            self._unit_dropins(icpt.pin_programs(BPFFS / cfg.tree / "progs"))
         if cfg.units or cfg.cgroups:
             self._attach_enrolled()
             self.stack._tasks.append(asyncio.create_task(self._watch_enrolled()))
@@ -105,6 +108,29 @@ class Daemon:
             os.chown(sock, 0, grp.getgrnam(cfg.socket_group).gr_gid)
         log.info("intercepting cgroup tree %s (mode %s); proxy on port %d; control socket %s",
                  self.root, cfg.mode, icpt.proxy_port, sock)
+
+    def _unit_dropins(self, pins: dict[str, Path]) -> None:
+        """A drop-in per enrolled unit naming the pinned programs (BPFProgram=): systemd
+        attaches them to the unit's cgroup when it makes it, so a restarted unit is
+        guarded from its first instruction, not half a second later."""
+        cfg = self.cfg.intercept
+        systemd = Path("/run/systemd/system").is_dir()   # booted with systemd
+        where = Path(cfg.unit_dropin_dir) if cfg.unit_dropin_dir else (
+            Path("/run/systemd/system") if systemd else None)
+        if where is None:
+            log.warning("systemd is not running: a restarted unit's new cgroup is guarded "
+                        "when the host agent notices it (within half a second)")
+            return
+        text = dropin_text(pins)
+        for unit in cfg.units:
+            d = where / f"{unit}.d"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "50-agentgate.conf").write_text(text)
+        if systemd and not cfg.unit_dropin_dir:
+            r = subprocess.run(["systemctl", "daemon-reload"], capture_output=True, text=True)
+            if r.returncode != 0:
+                log.error("systemctl daemon-reload failed: %s", r.stderr.strip())
+        log.info("BPFProgram= drop-ins for %s in %s", ", ".join(cfg.units), where)
 
     def _enrolled_paths(self) -> list[tuple[str, Path | None]]:
         cfg = self.cfg.intercept
@@ -261,3 +287,11 @@ async def serve(cfg: HostAgentConfig) -> None:
         log.info("stopping")
     finally:
         await daemon.stop()
+
+
+def dropin_text(pins: dict[str, Path]) -> str:
+    lines = ["# Written by agentgate-hostagent: the unit's cgroup gets agentgate's programs",
+             "# when systemd makes it (no unguarded moment when the unit restarts).",
+             "[Service]"]
+    lines += [f"BPFProgram={kind}:{path}" for kind, path in sorted(pins.items())]
+    return "\n".join(lines) + "\n"

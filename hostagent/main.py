@@ -136,6 +136,9 @@ def cleanup(config_path):
             except CgroupError:
                 pass
         detached = sum(detach_ours(p) for p in paths + external if p.is_dir())
+        dropins = Path(cfg.intercept.unit_dropin_dir or "/run/systemd/system")
+        for unit in cfg.intercept.units:
+            (dropins / f"{unit}.d" / "50-agentgate.conf").unlink(missing_ok=True)
         bpffs = Path("/sys/fs/bpf")
         pins = [p for p in [bpffs / tree, *bpffs.glob(f"{tree}-run-*")] if p.exists()]
         for p in pins:

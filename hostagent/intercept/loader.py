@@ -197,6 +197,21 @@ class Interceptor:
 
     # ------------------------------------------------------------------ attach
 
+    def pin_programs(self, directory: Path) -> dict[str, Path]:
+        """Pin the programs (bpftool's attach type name -> path), for systemd's
+        BPFProgram= to attach to a unit's cgroup as it is made, before its first
+        instruction. Pins of an earlier run are replaced."""
+        from bcc import libbcc
+        directory.mkdir(parents=True, exist_ok=True)
+        out = {}
+        for fn, _atype, tool_name in self.funcs:
+            path = directory / tool_name
+            path.unlink(missing_ok=True)
+            if libbcc.lib.bpf_obj_pin(fn.fd, str(path).encode()) != 0:
+                raise InterceptError(f"cannot pin program {fn.name.decode()} at {path}")
+            out[tool_name] = path
+        return out
+
     def attach(self, cgroup: Path) -> None:
         """Attach every program to `cgroup` (descendants inherit them). Programs of an
         earlier run are detached only after ours are in place: no unguarded moment."""

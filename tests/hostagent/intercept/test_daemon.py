@@ -301,3 +301,46 @@ def test_enrolled_on_exec_before_its_first_instruction(host):
         assert s["start"]["process"]["pid"] == res["pid"]
     finally:
         d.stop()
+
+
+def test_units_get_drop_ins_whose_pinned_programs_guard_a_new_cgroup_at_once(host, tmp_path):
+    """systemd is not running here: the drop-in is checked with systemd-analyze, and a
+    stand-in for systemd attaches what it names to a cgroup as it is made (as
+    BPFProgram= does when a unit restarts), before anything runs in it."""
+    dropins = tmp_path / "units"
+    d = with_intercept(Daemon(host), f'units = ["agent-x.service"]\n'
+                                     f'unit_dropin_dir = "{dropins}"')
+    d.start()
+    fresh = cgroups.cgroup2_mount() / f"{host.tree}-unit"
+    try:
+        conf = dropins / "agent-x.service.d" / "50-agentgate.conf"
+        wait_for(conf.exists, what="the drop-in")
+        progs = [line.split("=", 1)[1].split(":", 1) for line in conf.read_text().splitlines()
+                 if line.startswith("BPFProgram=")]
+        assert {k for k, _ in progs} == {"connect4", "connect6", "sendmsg4", "sendmsg6",
+                                         "sock_create", "bind4", "bind6", "sock_ops"}
+        unit = dropins / "agent-x.service"
+        unit.write_text("[Unit]\nDescription=an agent\n[Service]\nExecStart=/bin/true\n")
+        r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                           text=True, env={**os.environ, "SYSTEMD_UNIT_PATH": f"{dropins}:"})
+        assert r.returncode == 0, r.stderr
+        fresh.mkdir()
+        for kind, path in progs:
+            subprocess.run(["bpftool", "cgroup", "attach", str(fresh), kind, "pinned", path,
+                            "multi"], check=True, capture_output=True)
+
+        def connect(port):
+            p = subprocess.run([PYTHON, str(AGENT), f"connect 127.0.0.1 {port}"],
+                               preexec_fn=lambda: (fresh / "cgroup.procs").write_text(
+                                   str(os.getpid())), capture_output=True, text=True, timeout=30)
+            return json.loads(p.stdout)
+        assert connect(9)["error"] == "EPERM"          # not a target: refused at once
+        assert connect(host.echo.port)["ok"]           # a target: through the proxy
+        wait_for(lambda: host.sessions("tcp"), what="the proxied session")
+    finally:
+        d.stop()
+        subprocess.run([str(BIN / "agentgate-hostagent"), "cleanup", "--config", str(d.config)],
+                       capture_output=True, timeout=60)
+        if fresh.exists():
+            cgroups.remove(fresh)
+    assert not conf.exists()                           # cleanup takes it away
