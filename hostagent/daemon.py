@@ -16,7 +16,7 @@ from pathlib import Path
 from agentgate.cli.output import fmt_bytes
 from hostagent import control
 from hostagent.config import HostAgentConfig
-from hostagent.intercept import cgroups
+from hostagent.intercept import cgroups, unixguard
 from hostagent.intercept.loader import InterceptError, preflight
 from hostagent.recording.recorder import close_orphans
 from hostagent.recording.spool import SpoolError
@@ -121,7 +121,8 @@ class Daemon:
             log.warning("systemd is not running: a restarted unit's new cgroup is guarded "
                         "when the host agent notices it (within half a second)")
             return
-        text = dropin_text(pins)
+        unix = unixguard.plan(unixguard.DEFAULT_ALLOW + tuple(cfg.unix_allow))
+        text = dropin_text(pins, unix.hidden)
         for unit in cfg.units:
             d = where / f"{unit}.d"
             d.mkdir(parents=True, exist_ok=True)
@@ -289,9 +290,14 @@ async def serve(cfg: HostAgentConfig) -> None:
         await daemon.stop()
 
 
-def dropin_text(pins: dict[str, Path]) -> str:
+def dropin_text(pins: dict[str, Path], hidden: tuple[str, ...] = ()) -> str:
+    """The unit's cgroup gets agentgate's programs when systemd makes it; its processes
+    can't move out of it (cgroups read-only) and don't reach the unix sockets bound when
+    the host agent started that the policy doesn't allow."""
     lines = ["# Written by agentgate-hostagent: the unit's cgroup gets agentgate's programs",
              "# when systemd makes it (no unguarded moment when the unit restarts).",
              "[Service]"]
     lines += [f"BPFProgram={kind}:{path}" for kind, path in sorted(pins.items())]
+    lines.append("ProtectControlGroups=yes")
+    lines += [f"InaccessiblePaths=-{path}" for path in hidden]
     return "\n".join(lines) + "\n"

@@ -75,6 +75,9 @@ class Stack:
         targets = build_targets(cfg)
         ca = local_ca(cfg, targets)
         socks = bind_pair(port)
+        if len(socks) == 1:
+            log.warning("no IPv6 loopback on this host: the proxy listens on 127.0.0.1 "
+                        "alone; enrolled IPv6 connects fail")
         port = socks[0].getsockname()[1]
         self.pin_dir = pin_dir
         self.icpt = await asyncio.to_thread(Interceptor, port, mode=mode, pin_dir=pin_dir)

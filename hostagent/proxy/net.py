@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
 import socket
 import struct
@@ -54,23 +55,39 @@ def unprivileged_port_start() -> int:
         return 1024
 
 
-def _bind_both(port: int, host4: str, host6: str) -> list[socket.socket]:
-    s4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+def ipv6_loopback(host6: str = "::1") -> bool:
+    """Whether IPv6 loopback can be listened on (hosts may run IPv4 only)."""
     try:
-        for s in (s4, s6):
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        s4.bind((host4, port))
-        s6.bind((host6, s4.getsockname()[1]))
-    except OSError:
-        s4.close()
-        s6.close()
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind((host6, 0))
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+            return False
         raise
-    for s in (s4, s6):
+
+
+def _bind_both(port: int, host4: str, host6: str) -> list[socket.socket]:
+    """Both loopbacks; IPv4's alone on a host without IPv6 loopback, where an enrolled
+    IPv6 connect, rewritten to [::1], then fails (closed: it reaches nothing)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM)]
+    if ipv6_loopback(host6):
+        socks.append(socket.socket(socket.AF_INET6, socket.SOCK_STREAM))
+    try:
+        for s in socks:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        socks[0].bind((host4, port))
+        if len(socks) > 1:
+            socks[1].setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            socks[1].bind((host6, socks[0].getsockname()[1]))
+    except OSError:
+        for s in socks:
+            s.close()
+        raise
+    for s in socks:
         s.listen(1024)
         s.setblocking(False)
-    return [s4, s6]
+    return socks
 
 
 def bind_pair(port: int = 0, host4: str = "127.0.0.1", host6: str = "::1", *,

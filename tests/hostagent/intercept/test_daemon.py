@@ -307,7 +307,11 @@ def test_units_get_drop_ins_whose_pinned_programs_guard_a_new_cgroup_at_once(hos
     """systemd is not running here: the drop-in is checked with systemd-analyze, and a
     stand-in for systemd attaches what it names to a cgroup as it is made (as
     BPFProgram= does when a unit restarts), before anything runs in it."""
+    import socket as sk
     dropins = tmp_path / "units"
+    docker = sk.socket(sk.AF_UNIX, sk.SOCK_STREAM)
+    docker.bind(str(tmp_path / "docker.sock"))      # bound before the daemon starts
+    docker.listen(1)
     d = with_intercept(Daemon(host), f'units = ["agent-x.service"]\n'
                                      f'unit_dropin_dir = "{dropins}"')
     d.start()
@@ -319,6 +323,9 @@ def test_units_get_drop_ins_whose_pinned_programs_guard_a_new_cgroup_at_once(hos
                  if line.startswith("BPFProgram=")]
         assert {k for k, _ in progs} == {"connect4", "connect6", "sendmsg4", "sendmsg6",
                                          "sock_create", "bind4", "bind6", "sock_ops"}
+        text = conf.read_text()
+        assert "ProtectControlGroups=yes" in text                  # can't move out
+        assert f"InaccessiblePaths=-{tmp_path / 'docker.sock'}" in text
         unit = dropins / "agent-x.service"
         unit.write_text("[Unit]\nDescription=an agent\n[Service]\nExecStart=/bin/true\n")
         r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
@@ -338,6 +345,7 @@ def test_units_get_drop_ins_whose_pinned_programs_guard_a_new_cgroup_at_once(hos
         assert connect(host.echo.port)["ok"]           # a target: through the proxy
         wait_for(lambda: host.sessions("tcp"), what="the proxied session")
     finally:
+        docker.close()
         d.stop()
         subprocess.run([str(BIN / "agentgate-hostagent"), "cleanup", "--config", str(d.config)],
                        capture_output=True, timeout=60)
