@@ -69,8 +69,15 @@ def _no_gc():
 
 
 def _unix_plan(cfg: HostAgentConfig) -> unixguard.UnixPlan:
-    return unixguard.plan(unixguard.DEFAULT_ALLOW + tuple(cfg.intercept.unix_allow),
-                          abstract_allowed=cfg.intercept.abstract_unix == "allow")
+    allowed = cfg.intercept.abstract_unix == "allow"
+    plan = unixguard.plan(unixguard.DEFAULT_ALLOW + tuple(cfg.intercept.unix_allow),
+                          abstract_allowed=allowed)
+    if not allowed and not plan.scope_abstract:
+        # fail closed: a gap is accepted only in so many words
+        raise InterceptError("abstract unix sockets can't be guarded on this kernel (no "
+                             "Landlock scoping: it needs 6.12+); to run agents anyway, accept "
+                             "that gap with [intercept] abstract_unix = \"allow\"")
+    return plan
 
 
 def _child_setup(user, cgroup: Path | None = None, gate: int | None = None,
@@ -211,6 +218,7 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
                              "answers: start agentgate-hostagent (or remove them with "
                              "`agentgate-hostagent cleanup`)")
     group = new_group()
+    unix = await asyncio.to_thread(_unix_plan, cfg)   # refused before anything starts
     spool = await asyncio.to_thread(open_spool, cfg)
     stack = Stack(cfg, spool)
     cg = None
@@ -235,7 +243,6 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
         stack.icpt.enroll(cgroups.cgroup_id(cg))
         run = RunSession(spool, host=cfg.host, argv=argv, user=pw.pw_name if pw else None,
                          cgroup=cg, group=group, mode=mode)
-        unix = await asyncio.to_thread(_unix_plan, cfg)
         run.rec.record("unix_guard", unix.record())
         try:
             with _no_gc():

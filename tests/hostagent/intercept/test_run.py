@@ -152,3 +152,19 @@ def test_a_sub_cgroup_of_a_run_is_still_in_the_tree(host):
     run = only(host.sessions("run"))
     assert any(k == "exec" and f["filename"] == "/bin/true" for k, f in run["events"]), \
         [f for k, f in run["events"] if k == "exec"]
+
+
+def test_without_a_guard_for_abstract_sockets_a_run_is_refused_unless_the_gap_is_accepted(
+        monkeypatch):
+    import pytest
+
+    from hostagent import run
+    from hostagent.config import HostAgentConfig
+    from hostagent.intercept.loader import InterceptError
+    monkeypatch.setattr(run.unixguard, "landlock_abi", lambda: 5)   # a kernel before 6.12
+    cfg = HostAgentConfig()
+    with pytest.raises(InterceptError, match='abstract_unix = "allow"'):
+        run._unix_plan(cfg)
+    cfg.intercept.abstract_unix = "allow"
+    plan = run._unix_plan(cfg)
+    assert not plan.scope_abstract and "reachable" in plan.record()["abstract"]
