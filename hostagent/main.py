@@ -119,9 +119,10 @@ def ca_cert(config_path, show_path):
 @main.command()
 @config_option
 def cleanup(config_path):
-    """Remove every trace of interception (for uninstall): detach agentgate's programs,
-    unpin its maps, remove empty session cgroups. Enrolled processes still running are
-    left alone (and from then on unmonitored)."""
+    """Remove every trace of interception (for uninstall): end what still runs in the
+    tree's session cgroups (a run whose `agentgate run` died must not go on unmonitored),
+    detach agentgate's programs, unpin its maps, remove the session cgroups. Processes of
+    enrolled units and cgroups are left alone (and from then on unmonitored)."""
     from hostagent.intercept import cgroups
     from hostagent.intercept.loader import detach_ours
     try:
@@ -133,6 +134,11 @@ def cleanup(config_path):
         for unit in cfg.intercept.units:
             try:
                 external.append(cgroups.unit_cgroup(unit))
+            except CgroupError:
+                pass
+        for p in [c for c in root.iterdir() if c.is_dir()] if root.exists() else []:
+            try:   # first: nothing of a run may outlive its programs
+                cgroups.remove(p)
             except CgroupError:
                 pass
         detached = sum(detach_ours(p) for p in paths + external if p.is_dir())

@@ -90,6 +90,8 @@ def _child_setup(user, cgroup: Path | None = None, gate: int | None = None,
     # at fork time, e.g. NSS's in getgrouplist.
     groups = os.getgrouplist(user.pw_name, user.pw_gid) if user is not None else None
     procs = str(cgroup / "cgroup.procs") if cgroup is not None else None
+    root_agent = os.geteuid() == 0 and (user is None or user.pw_uid == 0)
+    mount = str(cgroups.cgroup2_mount()).encode()
 
     def setup():
         if procs is not None:
@@ -100,6 +102,13 @@ def _child_setup(user, cgroup: Path | None = None, gate: int | None = None,
             if os.read(gate, 1) != b"1":
                 os._exit(126)   # the daemon did not enroll us: never run unmonitored
             os.close(gate)
+        own = None
+        if root_agent:   # where the daemon put us (or we went), before the namespace hides it
+            fd = os.open("/proc/self/cgroup", os.O_RDONLY)
+            text = os.read(fd, 4096)
+            os.close(fd)
+            line = next((x for x in text.split(b"\n") if x.startswith(b"0::")), b"0::/")
+            own = mount + line[3:]
         # The run's cgroup becomes the root of a cgroup namespace of its own: no cgroup
         # outside it can be named or moved into, by root either (writing an outside
         # cgroup.procs fails with ENOENT); leaving the namespace, or mounting another
@@ -107,8 +116,12 @@ def _child_setup(user, cgroup: Path | None = None, gate: int | None = None,
         if libc.unshare(CLONE_NEWCGROUP) != 0:
             os._exit(126)
         # unix sockets the policy doesn't allow covered (needs CAP_SYS_ADMIN, dropped next)
-        if unix is not None and not unixguard.apply(unix, libc):
+        if unix is not None and not unixguard.apply(unix, libc, own):
             os._exit(126)
+        if gate is not None:
+            # nothing of the caller's reaches CMD but the standard streams: a descriptor
+            # opened outside (a cgroup.procs, a socket) is a way out
+            os.closerange(3, 1 << 16)
         if os.geteuid() == 0:
             for cap in DROPPED_CAPS:
                 if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:

@@ -99,20 +99,57 @@ def plan(allow: tuple[str, ...] = DEFAULT_ALLOW, abstract_allowed: bool = False)
     return UnixPlan(tuple(dict.fromkeys(hidden)), tuple(allowed), scope)
 
 
-def apply(p: UnixPlan, libc) -> bool:
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+SYS_MOUNT_SETATTR = 442
+MOUNT_ATTR_RDONLY = 1
+AT_FDCWD = -100
+AT_RECURSIVE = 0x8000
+MS_RDONLY = 1
+MS_REMOUNT = 32
+# what a root agent could change the host's kernel through (core_pattern's helper runs
+# outside every namespace, with every capability; sysrq reboots): read-only for it
+KERNEL_KNOBS = (b"/proc/sys", b"/proc/sysrq-trigger")
+
+
+def _read_only(libc, path: bytes) -> bool:
+    return (libc.mount(path, path, None, MS_BIND | MS_REC, None) == 0 and
+            libc.mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY, None) == 0)
+
+
+def apply(p: UnixPlan, libc, own_cgroup: bytes | None = None) -> bool:
     """In the child, before exec (with CAP_SYS_ADMIN still held): a private mount
-    namespace with the refused sockets covered, and the Landlock scope. False if a step
+    namespace with the refused sockets covered; for a root agent (`own_cgroup` given)
+    also /sys (but its own cgroup) and the kernel's knobs read-only. False if a step
     that must hold failed (the caller exits rather than run unguarded)."""
-    if p.hidden:
-        if libc.unshare(CLONE_NEWNS) != 0:
+    if not p.hidden and own_cgroup is None:
+        return True
+    if libc.unshare(CLONE_NEWNS) != 0:
+        return False
+    # our mounts must not propagate back to the host's namespace
+    if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        return False
+    for path in p.hidden:
+        if libc.mount(b"/dev/null", path.encode(), None, MS_BIND, None) != 0:
+            if ctypes.get_errno() != 2:   # gone since it was listed: nothing to cover
+                return False
+    if own_cgroup is not None:
+        attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
+        libc.syscall.restype = ctypes.c_long
+        if libc.syscall(SYS_MOUNT_SETATTR, ctypes.c_int(AT_FDCWD), b"/sys",
+                        ctypes.c_uint(AT_RECURSIVE), ctypes.byref(attr),
+                        ctypes.c_size_t(ctypes.sizeof(attr))) != 0:
             return False
-        # our mounts must not propagate back to the host's namespace
-        if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        # its own cgroup stays writable: it may make cgroups below it (still enrolled)
+        if libc.mount(own_cgroup, own_cgroup, None, MS_BIND, None) != 0 or \
+                libc.mount(None, own_cgroup, None, MS_REMOUNT | MS_BIND, None) != 0:
             return False
-        for path in p.hidden:
-            if libc.mount(b"/dev/null", path.encode(), None, MS_BIND, None) != 0:
-                if ctypes.get_errno() != 2:   # gone since it was listed: nothing to cover
-                    return False
+        for knob in KERNEL_KNOBS:
+            if not _read_only(libc, knob) and ctypes.get_errno() != 2:   # (absent: fine)
+                return False
     return True
 
 

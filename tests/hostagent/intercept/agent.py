@@ -166,6 +166,12 @@ def main(argv):
         unix(op, *args)
     elif op == "tool":
         run_tool(*args)
+    elif op == "mkdir_cgroup":
+        try:
+            os.mkdir(args[0])
+            report(op=op, ok=True)
+        except OSError as exc:
+            report(op=op, ok=False, error=err(exc))
     elif op == "descend":
         descend(*args)
     elif op == "cgroup":

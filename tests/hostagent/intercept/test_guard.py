@@ -28,7 +28,7 @@ def test_bypass_attempts_fail(host, user):
     assert errors[3] == errors[4] == "EPERM"           # raw, AF_PACKET
     assert errors[6] == "EPERM"                        # unlisted destination
     # leaving the tree: a user lacks the permission, root can't see outside its namespace
-    assert errors[7] in (("EACCES", "EPERM") if user else ("ENOENT",)), errors[7]
+    assert errors[7] in (("EACCES", "EPERM") if user else ("EROFS", "ENOENT")), errors[7]
     run = [s for s in host.sessions("run")][0]
     denied = [f for k, f in run["events"] if k == "connect_denied"]
     assert any(f["address"] == "127.0.0.1:9" for f in denied)
@@ -117,19 +117,27 @@ def test_a_root_agent_stays_in_its_cgroup(host, tmp_path):
     try:
         cmds = [f"escape {mount / 'cgroup.procs'}", f"escape {sibling / 'cgroup.procs'}",
                 f"mount_cgroup2 {target}", "setns_cgroup", "unshare_cgroup", "cgroup",
-                f"connect 127.0.0.1 {host.echo.port}"]
+                f"connect 127.0.0.1 {host.echo.port}",
+                # root's other ways out: the kernel's knobs (core_pattern's helper runs
+                # outside every namespace), killing or making cgroups elsewhere
+                "escape /proc/sys/kernel/core_pattern", f"escape {sibling / 'cgroup.kill'}",
+                f"mkdir_cgroup {mount / 'agentgate-escape'}"]
         rc, out, err = host.run(*" ; ".join(cmds).split())
         assert rc == 0, err
         assert [r["op"] for r in out] == [c.split()[0] for c in cmds], out
         assert [r.get("ok") for r in out[:5]] == [False] * 5, out
         assert out[0]["uid"] == 0
-        assert out[0]["error"] == out[1]["error"] == "ENOENT"    # not in its namespace
+        # /sys is read-only for a root agent (its own cgroup aside); below it, the
+        # namespace would refuse the move anyway (ENOENT)
+        assert out[0]["error"] == out[1]["error"] == "EROFS", out
         # (the host's namespace can't even be opened without CAP_SYS_PTRACE)
         assert out[2]["error"] == out[4]["error"] == "EPERM", out
         assert out[3]["error"] in ("EACCES", "EPERM"), out
         v2 = [line for line in out[5]["cgroup"].splitlines() if line.startswith("0::")]
         assert v2 == ["0::/"], out[5]                            # its own cgroup is root
         assert out[6]["ok"] and host.sessions("tcp"), out
+        assert [r["error"] for r in out[7:]] == ["EROFS"] * 3, out
+        assert not (mount / "agentgate-escape").exists()
         assert not (sibling / "cgroup.procs").read_text().strip()
     finally:
         sibling.rmdir()

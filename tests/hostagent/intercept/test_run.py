@@ -168,3 +168,27 @@ def test_without_a_guard_for_abstract_sockets_a_run_is_refused_unless_the_gap_is
     cfg.intercept.abstract_unix = "allow"
     plan = run._unix_plan(cfg)
     assert not plan.scope_abstract and "reachable" in plan.record()["abstract"]
+
+
+def test_cleanup_ends_a_run_whose_agentgate_run_died_before_it_detaches(host):
+    # the agent kills its `agentgate run` (programs stay: it fails closed), then an
+    # operator runs cleanup: the agent must not go on with the programs gone
+    import signal
+    import subprocess
+
+    from hostagent.intercept import cgroups
+    from tests.support import BIN, wait_for
+    p = host.popen("sleep", "120")
+    first = p.stdout.readline()
+    assert '"op": "sleep"' in first, first
+    tree = cgroups.cgroup2_mount() / host.tree
+    run_cg = next(c for c in tree.iterdir() if c.name.startswith("run-"))
+    (agent_pid,) = cgroups.pids(run_cg)
+    p.send_signal(signal.SIGKILL)            # the `agentgate run` parent dies
+    p.wait(10)
+    assert os.path.exists(f"/proc/{agent_pid}")
+    r = subprocess.run([str(BIN / "agentgate-hostagent"), "cleanup", "--config",
+                        str(host.config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: not os.path.exists(f"/proc/{agent_pid}") or
+             open(f"/proc/{agent_pid}/stat").read().split()[2] == "Z", what="the agent ended")
