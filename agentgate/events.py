@@ -47,8 +47,8 @@ EVENT_KINDS: dict[str, tuple[str, str]] = {
     "cancel": ("postgres", "matched, forwarded"),
     "auth": ("postgres", "method (scram-sha-256[-plus], md5, cleartext, none), "
              "channel_binding, server_verified (certificate, scram...)"),
-    "catalog": ("postgres", "error, masking (the catalog could not be read: masks follow "
-                "column names only)"),
+    "catalog": ("postgres", "error, masking (the catalog could not be read: every result "
+                "column is masked)"),
     "exec": ("run", "pid, uid, comm, filename"),
     "exit": ("run", "pid, uid, comm"),
     "connect_denied": ("run", "pid, uid, comm, address"),

@@ -57,7 +57,7 @@ CATALOG_SQL = (
     "AND n.nspname NOT IN ('pg_catalog', 'information_schema'); "
     # a parent's (or partitioned table's) scan returns its children's rows
     "SELECT inhrelid, inhparent FROM pg_catalog.pg_inherits")
-MAX_CATALOG_BYTES = 64 << 20     # a catalog bigger than this is not held: names only
+MAX_CATALOG_BYTES = 64 << 20     # a catalog bigger than this is not held (all masked)
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,7 @@ class CatalogFetch:
     """A side-connection layer (see api.OpenSide): logs in through `twin` (a fresh
     PostgresLayer with the target's credentials and TLS rules, no policy, no masks),
     runs CATALOG_SQL, answers with a Catalog and says goodbye. Anything unexpected ends
-    it without an answer: the session then masks by names alone."""
+    it without an answer: the session then masks every result column."""
 
     def __init__(self, twin, user: str, database: str, generation: int):
         self.twin = twin
@@ -337,10 +337,11 @@ class UsesCatalog:
             self.catalog = event.value
             self.catalogs.put(self.database, event.value)
         else:
-            # masks follow names alone until DDL makes another read worth trying
+            # nothing is proven clean: every result column is masked (masks.py) until
+            # DDL makes another read worth trying (or the next session tries again)
             self._catalog_failed = self.catalogs.generation
             out.append(Record("catalog", {"error": event.error,
-                                          "masking": "by column names only"}))
+                                          "masking": "every column masked"}))
         stalled, self._stalled, self._stalled_bytes = self._stalled or [], None, 0
         cat = self.catalog
         for kind, body in stalled[:1]:
