@@ -423,9 +423,6 @@ class PostgresLayer(UsesCatalog, Masking):
         commands = requests_for(statements, text, target=self.target, identity=self.identity,
                                 database=self.database, extended=extended,
                                 tables_of=self._tables_resolver(bool(extended)))
-        for st in statements:
-            self.names.after(st, in_transaction=self.tx_status != b"I" or any(
-                s is not None and "TRANSACTION" in s.kinds for s in statements))
         extra = []
         laundering = self._copies_masked(statements) if self._results is not None else None
         if laundering:
@@ -435,9 +432,16 @@ class PostgresLayer(UsesCatalog, Masking):
             extra.append(Decision("deny", "(masking)", "COPY out of a masked target "
                                   "is refused"))
         verdict, out = self.enforcer.judge(commands, extra)
-        if self._results is not None and verdict.action != "deny" and any(
-                st is None or st.kinds & CATALOG_KINDS for st in statements):
-            self._ddl_in_tx = True   # the catalog is read again once it has run
+        if verdict.action != "deny":
+            # the search path as it will be once this has run; a held statement may
+            # never run, so what it would set is unknown until then
+            in_tx = verdict.action == "review" or self.tx_status != b"I" or any(
+                s is not None and "TRANSACTION" in s.kinds for s in statements)
+            for st in statements:
+                self.names.after(st, in_transaction=in_tx)
+            if self.catalogs is not None and any(
+                    st is None or st.kinds & CATALOG_KINDS for st in statements):
+                self._ddl_in_tx = True   # the catalog is read again once it has run
         if self._results is not None:
             self._results.provenance(extended, provenance(statements))
         if verdict.action == "deny":

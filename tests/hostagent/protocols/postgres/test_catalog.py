@@ -2,6 +2,8 @@
 contract: the catalog read on a side connection, results held until it is known, errors
 and notices withheld while masked columns are read, masked values kept from leaving any
 other way."""
+import re
+
 import pytest
 
 from hostagent.masking import Masker, MaskRule
@@ -453,3 +455,35 @@ def test_builtin_expressions_of_clean_columns_stay_readable():
     layer = catalog_layer(columns=("*.ssn",))
     query(layer, "SELECT upper(name) FROM people")
     assert b"BOB" in to_client(rows(layer, [("upper", 0, 0)], [b"BOB"]))
+
+
+def test_a_set_that_does_not_run_does_not_move_the_search_path():
+    # the role starts in `private`; a denied (or held) SET never runs: the path stays
+    from hostagent.policy import Rule
+    policy = Policy(rules=(
+        Rule(name="secrets", action="deny", reason="no",
+             matchers=(("tables", ("private.secrets",)),)),
+        Rule(name="no-set", action="deny", reason="no", match=re.compile("^set ")),
+    ))
+    cache = CatalogCache()
+    layer = PostgresLayer(decide=lambda r: decide(policy, r), target="t", user="app",
+                          password="pw", catalogs=cache, wants_catalog=True)
+    layer.handle(Start(("10.0.0.1", 5432)))
+    feed(layer, CLIENT, m.startup_message({"user": "x", "database": "shop"}))
+    feed(layer, UPSTREAM, m.authentication(m.AUTH_OK) + m.ready_for_query())
+    layer.handle(SideAnswered(0, Catalog({1: Relation("private", "secrets", "r", ("a",)),
+                                          2: Relation("public", "secrets", "r", ("a",))},
+                                         {}, frozenset(), "private",
+                                         generation=cache.generation)))
+    assert decision(query(layer, "SET search_path = public")) == "deny"
+    feed(layer, UPSTREAM, m.error_response("x", "42601") + m.ready_for_query())
+    assert decision(query(layer, "DROP TABLE secrets")) == "deny"     # still private's
+
+
+def test_ddl_drops_the_snapshot_for_table_rules_too():
+    # no masks, table rules naming schemas: a table made elsewhere must be seen again
+    cache = CatalogCache()
+    layer = rule_layer(cache)
+    query(layer, "CREATE TABLE private.other (a int)")
+    feed(layer, UPSTREAM, m.frame(b"C", b"CREATE TABLE\0") + m.ready_for_query())
+    assert cache.generation == 1
