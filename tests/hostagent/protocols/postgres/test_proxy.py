@@ -163,27 +163,33 @@ def run_py(h, code: str):
                           text=True, timeout=90)
 
 
-def test_cancel_reaches_the_server_without_the_agent_knowing_its_key(pghost, pg):
-    p = run_py(pghost, f'''
+def cancel_script(port: int, seconds: int = 60) -> str:
+    """A psycopg agent that sleeps on the server and cancels itself once the server
+    reports the sleep running (no guessing at timing). It prints its backend pid as it
+    sees it, then "cancelled" or "not cancelled"."""
+    return f'''
 import threading, time, psycopg
-conn = psycopg.connect(host="127.0.0.1", port={pg.port}, dbname="shop", user="x")
+conn = psycopg.connect(host="127.0.0.1", port={port}, dbname="shop", user="x")
 print("key", conn.info.backend_pid)
 def cancel_when_running():
-    # cancel once the server reports the sleep as running (no guessing at timing)
-    with psycopg.connect(host="127.0.0.1", port={pg.port}, dbname="shop", user="y") as watch:
+    with psycopg.connect(host="127.0.0.1", port={port}, dbname="shop", user="y") as watch:
         for _ in range(600):
             if watch.execute("SELECT count(*) FROM pg_stat_activity WHERE query = "
-                             "'SELECT pg_sleep(60)' AND state = 'active'").fetchone()[0]:
+                             "'SELECT pg_sleep({seconds})' AND state = 'active'").fetchone()[0]:
                 conn.cancel()
                 return
             time.sleep(0.05)
 threading.Thread(target=cancel_when_running).start()
 try:
-    conn.execute("SELECT pg_sleep(60)")
+    conn.execute("SELECT pg_sleep({seconds})")
     print("not cancelled")
 except psycopg.errors.QueryCanceled:
     print("cancelled")
-''')
+'''
+
+
+def test_cancel_reaches_the_server_without_the_agent_knowing_its_key(pghost, pg):
+    p = run_py(pghost, cancel_script(pg.port))
     assert p.returncode == 0, p.stderr
     key_line, cancelled = p.stdout.splitlines()
     assert cancelled == "cancelled"
