@@ -151,6 +151,17 @@ class Masker:
                     return r.name
         return None
 
+    def table_may_hold(self, table: str) -> bool:
+        """Whether a column rule could mask a column of a table of this (bare) name: a
+        rule naming no table, or one whose table part matches."""
+        name = table.lower()
+        for r in self.rules:
+            for pattern in r.columns:
+                parts = pattern.lower().split(".")
+                if len(parts) == 1 or fnmatch.fnmatchcase(name, parts[-2]):
+                    return True
+        return False
+
     def count_column(self, rule: str) -> None:
         key = f"{rule}:column"
         self.counts[key] = self.counts.get(key, 0) + 1

@@ -5,7 +5,6 @@ masked values where masks don't reach. A mixin of PostgresLayer: it reads the la
 session state (masker, results, catalog)."""
 from __future__ import annotations
 
-import fnmatch
 
 from hostagent.masking import MASK
 from hostagent.protocols.postgres import messages as m
@@ -175,12 +174,7 @@ class Masking:
         cat = self._current_catalog() if self.catalogs is not None else None
         if cat is not None and cat.schemas_of(bare):
             return bare in cat.masked(self.masker).names
-        for r in self.masker.rules:
-            for pattern in r.columns:
-                parts = pattern.lower().split(".")
-                if len(parts) == 1 or fnmatch.fnmatchcase(bare, parts[-2]):
-                    return True
-        return False
+        return self.masker.table_may_hold(bare)
 
     def _running_reads_masked(self) -> bool:
         """Errors and notices quote values ('invalid input syntax for type integer:
