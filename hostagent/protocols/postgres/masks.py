@@ -5,7 +5,6 @@ masked values where masks don't reach. A mixin of PostgresLayer: it reads the la
 session state (masker, results, catalog)."""
 from __future__ import annotations
 
-
 from hostagent.masking import MASK
 from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres.effects import SQL_FUNCTIONS
