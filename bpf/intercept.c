@@ -11,6 +11,11 @@
 // exec/exit    tracepoints for processes in the tree (an enrolled cgroup or below it),
 //              through a ring buffer; reservation
 //              failures are counted in `lost`, never silent.
+// cgroup_mkdir a watched cgroup (an enrolled unit's) is enrolled as it is made.
+//
+// The cgroup programs may be attached above an enrolled cgroup (to its parent, so that
+// the cgroup a restarted unit gets anew is covered from its first instruction): each
+// one lets processes outside the tree be.
 //
 // Only UAPI context structs and helpers, so headers of a nearby kernel compile it.
 // Options come as -D cflags from hostagent/intercept/loader.py:
@@ -104,6 +109,8 @@ struct path_key {
 BPF_HASH(stop_uids, __u32, __u32, 1024);
 BPF_HASH(stop_exes, struct path_key, __u32, 1024);
 BPF_PERCPU_ARRAY(lost, __u64, 1);
+// cgroup paths (under the cgroup2 mount) enrolled whenever they are made
+BPF_TABLE_PINNED("hash", struct path_key, __u32, watched, 1024, AG_PIN "/watched");
 
 #define AG_MAX_DEPTH 16
 
@@ -241,6 +248,8 @@ static __always_inline int udp_verdict(struct addr_key *dst)
 
 int ag_connect4(struct bpf_sock_addr *ctx)
 {
+    if (!tree_cgroup())
+        return 1;
     struct addr_key dst = {};
     key4(ctx, &dst);
     if (ctx->type == AG_SOCK_DGRAM)
@@ -258,6 +267,8 @@ int ag_connect4(struct bpf_sock_addr *ctx)
 
 int ag_connect6(struct bpf_sock_addr *ctx)
 {
+    if (!tree_cgroup())
+        return 1;
     struct addr_key dst = {};
     key6(ctx, &dst);
     if (ctx->type == AG_SOCK_DGRAM)
@@ -283,6 +294,8 @@ int ag_connect6(struct bpf_sock_addr *ctx)
 
 int ag_sendmsg4(struct bpf_sock_addr *ctx)
 {
+    if (!tree_cgroup())
+        return 1;
     struct addr_key dst = {};
     key4(ctx, &dst);
     return udp_verdict(&dst);
@@ -290,6 +303,8 @@ int ag_sendmsg4(struct bpf_sock_addr *ctx)
 
 int ag_sendmsg6(struct bpf_sock_addr *ctx)
 {
+    if (!tree_cgroup())
+        return 1;
     struct addr_key dst = {};
     key6(ctx, &dst);
     return udp_verdict(&dst);
@@ -298,6 +313,8 @@ int ag_sendmsg6(struct bpf_sock_addr *ctx)
 // An allowlist: TCP streams and UDP datagrams only (no raw, ICMP, SCTP, MPTCP, ...).
 int ag_sock_create(struct bpf_sock *sk)
 {
+    if (!tree_cgroup())
+        return 1;
     __u32 type = sk->type, protocol = sk->protocol;
     if ((type == AG_SOCK_STREAM && (protocol == 0 || protocol == AG_IPPROTO_TCP))
         || (type == AG_SOCK_DGRAM && (protocol == 0 || protocol == AG_IPPROTO_UDP)))
@@ -310,6 +327,8 @@ int ag_sock_create(struct bpf_sock *sk)
 // (Port 0 is a source-address choice for an outgoing connect, which is judged there.)
 int ag_bind4(struct bpf_sock_addr *ctx)
 {
+    if (!tree_cgroup())
+        return 1;
     struct addr_key k = {};
     key4(ctx, &k);
     if (k.port == 0 || (bpf_ntohl(k.addr[3]) >> 24) == 127)
@@ -320,6 +339,8 @@ int ag_bind4(struct bpf_sock_addr *ctx)
 
 int ag_bind6(struct bpf_sock_addr *ctx)
 {
+    if (!tree_cgroup())
+        return 1;
     struct addr_key k = {};
     key6(ctx, &k);
     if (k.port == 0)
@@ -413,5 +434,33 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     if ((__u32)id != (id >> 32))
         return 0;   // a thread, not the process
     emit(EV_EXIT, 0);
+    return 0;
+}
+
+// cgroup:cgroup_mkdir and cgroup:cgroup_rename as their format files lay them out
+struct cgroup_path_args {
+    __u64 common;
+    int root;
+    int level;
+    __u64 id;
+    __u32 data_loc_path;
+};
+
+// Enrolled in the mkdir (or the rename) itself: it holds cgroup_mutex, as a write to
+// cgroup.procs must, so no process is in the cgroup before it is enrolled. Loaded
+// through a pinned link (loader.py): it goes on while the daemon is down, when an
+// enrolled connect fails (no proxy) rather than leaves.
+int ag_cgroup_made(struct cgroup_path_args *args)
+{
+    if (args->root != 0)    // a cgroup v1 hierarchy of a hybrid host
+        return 0;
+    struct path_key pk = {};
+    unsigned short off = args->data_loc_path & 0xFFFF;
+    bpf_probe_read_kernel_str(&pk.path, sizeof(pk.path), (char *)args + off);
+    if (!watched.lookup(&pk))
+        return 0;
+    __u64 id = args->id;
+    __u32 one = 1;
+    enrolled.update(&id, &one);
     return 0;
 }

@@ -43,7 +43,9 @@ class Daemon:
         self.matched: Path | None = None
         self.groups: dict[str, tuple[Path, int]] = {}   # run -> (cgroup, id)
         self._lost_logged = 0
-        self._enrolled: dict[str, int | None] = {}   # unit/cgroup -> cgroup id attached
+        self._enrolled: dict[str, int | None] = {}   # unit/cgroup -> its cgroup id now
+        self._watched: list[str] = []
+        self._parents: set[Path] = set()              # programs attached above enrolled ones
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -111,15 +113,15 @@ class Daemon:
 
     def _unit_dropins(self, pins: dict[str, Path]) -> None:
         """A drop-in per enrolled unit naming the pinned programs (BPFProgram=): systemd
-        attaches them to the unit's cgroup when it makes it, so a restarted unit is
-        guarded from its first instruction, not half a second later."""
+        attaches them to the unit's cgroup when it makes it (besides the kernel's watch
+        on its path, which enrolls it)."""
         cfg = self.cfg.intercept
         systemd = Path("/run/systemd/system").is_dir()   # booted with systemd
         where = Path(cfg.unit_dropin_dir) if cfg.unit_dropin_dir else (
             Path("/run/systemd/system") if systemd else None)
         if where is None:
-            log.warning("systemd is not running: a restarted unit's new cgroup is guarded "
-                        "when the host agent notices it (within half a second)")
+            log.info("systemd is not running: no BPFProgram= drop-ins (the kernel enrolls a "
+                     "restarted unit's new cgroup as it is made)")
             return
         unix = unixguard.plan(unixguard.DEFAULT_ALLOW + tuple(cfg.unix_allow))
         text = dropin_text(pins, unix.hidden)
@@ -133,34 +135,55 @@ class Daemon:
                 log.error("systemctl daemon-reload failed: %s", r.stderr.strip())
         log.info("BPFProgram= drop-ins for %s in %s", ", ".join(cfg.units), where)
 
-    def _enrolled_paths(self) -> list[tuple[str, Path | None]]:
+    def _enrolled_paths(self) -> list[tuple[str, Path]]:
+        """Each enrolled unit's or cgroup's path (a unit not loaded yet: where systemd
+        puts a system service)."""
         cfg = self.cfg.intercept
-        out: list[tuple[str, Path | None]] = []
+        mount = cgroups.cgroup2_mount()
+        out: list[tuple[str, Path]] = []
         for unit in cfg.units:
             try:
                 out.append((unit, cgroups.unit_cgroup(unit)))
             except cgroups.CgroupError:
-                out.append((unit, None))
-        out += [(c, cgroups.cgroup2_mount() / c.lstrip("/")) for c in cfg.cgroups]
+                out.append((unit, mount / "system.slice" / unit))
+        out += [(c, mount / c.lstrip("/")) for c in cfg.cgroups]
         return out
 
     def _attach_enrolled(self) -> None:
-        """Attach to configured units and cgroups, and again whenever one is created anew
-        (a restarted unit or container gets a new cgroup, without our programs)."""
-        for name, path in self._enrolled_paths():
+        """The programs go on the parent of each enrolled unit or cgroup, and the kernel
+        enrolls the cgroup itself whenever it is made (a restarted unit or container gets
+        a new one): guarded from its first instruction, systemd or not. Here: watch the
+        paths, attach to parents as they appear, and say when a cgroup is new."""
+        icpt = self.stack.icpt
+        paths = self._enrolled_paths()
+        mount = cgroups.cgroup2_mount()
+        watched = sorted({"/" + str(p.relative_to(mount)) for _, p in paths})
+        if watched != self._watched:
+            icpt.watch(watched)
+            self._watched = watched
+        for name, path in paths:
+            parent = path.parent
+            if parent not in self._parents and parent.is_dir():
+                icpt.attach(parent, enroll=False)
+                self._parents.add(parent)
             try:
-                ino = cgroups.cgroup_id(path) if path is not None else None
+                ino = cgroups.cgroup_id(path)
             except OSError:
                 ino = None
             if ino is None:
                 if self._enrolled.get(name, 0) is not None:
-                    log.warning("enrolled %s has no cgroup now; attaching when it appears", name)
+                    log.warning("enrolled %s has no cgroup now; it is enrolled when made", name)
                 self._enrolled[name] = None
                 continue
             if self._enrolled.get(name) == ino:
                 continue
-            self.stack.icpt.attach(path)
-            self.stack.icpt.enroll(ino)
+            if parent not in self._parents:
+                log.error("enrolled %s: its parent cgroup %s can't be attached to", name, parent)
+                continue
+            icpt.enroll(ino)    # the kernel did, if it was made while we watched
+            old = self._enrolled.get(name)
+            if old:
+                icpt.unenroll(old)
             self._enrolled[name] = ino
             log.info("enrolled %s (cgroup %s)", name, path)
 

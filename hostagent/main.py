@@ -130,12 +130,14 @@ def cleanup(config_path):
         tree = cfg.intercept.tree
         root = cgroups.tree_root(tree)
         paths = [root] + ([p for p in root.rglob("*") if p.is_dir()] if root.exists() else [])
-        external = [cgroups.cgroup2_mount() / c.lstrip("/") for c in cfg.intercept.cgroups]
+        mount = cgroups.cgroup2_mount()
+        external = [mount / c.lstrip("/") for c in cfg.intercept.cgroups]
         for unit in cfg.intercept.units:
             try:
                 external.append(cgroups.unit_cgroup(unit))
             except CgroupError:
-                pass
+                external.append(mount / "system.slice" / unit)
+        external += list(dict.fromkeys(p.parent for p in external))   # programs sit above
         for p in [c for c in root.iterdir() if c.is_dir()] if root.exists() else []:
             try:   # first: nothing of a run may outlive its programs
                 cgroups.remove(p)

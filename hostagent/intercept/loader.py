@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from hostagent.intercept.cgroups import cgroup_id
+
 log = logging.getLogger("agentgate.intercept")
 
 BPF_SRC = Path(__file__).resolve().parents[2] / "bpf" / "intercept.c"
@@ -159,6 +161,60 @@ def detach_ours(cgroup: Path, ids: set[int] | None = None) -> int:
     return n
 
 
+class _PerfEventAttr(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("size", ctypes.c_uint32), ("config", ctypes.c_uint64),
+                ("sample_period", ctypes.c_uint64), ("sample_type", ctypes.c_uint64),
+                ("read_format", ctypes.c_uint64), ("flags", ctypes.c_uint64),
+                ("wakeup_events", ctypes.c_uint32), ("rest", ctypes.c_uint8 * 76)]
+
+
+SYS_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
+PERF_TYPE_TRACEPOINT = 2
+PERF_FLAG_FD_CLOEXEC = 8
+BPF_PERF_EVENT = 41      # enum bpf_attach_type: a link on a perf event
+
+
+def _pin_tracepoint_links(bpf, func: str, events: tuple[str, ...], pin: Path) -> list[Path]:
+    """Attach `func` to cgroup tracepoints through bpf links pinned at `pin`_<event>:
+    unlike bcc's perf-event attachment, a pinned link outlives this process. The link
+    of an earlier run is replaced only once the new one is in place."""
+    from bcc import BPF, libbcc
+    fn = bpf.load_func(func.encode(), BPF.TRACEPOINT)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    nr = SYS_PERF_EVENT_OPEN.get(platform.machine())
+    if nr is None:
+        raise InterceptError(f"perf_event_open: unknown system call number on {platform.machine()}")
+    link_create = libbcc.lib.bpf_link_create
+    link_create.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    tracing = Path("/sys/kernel/tracing/events")
+    if not tracing.exists():
+        tracing = Path("/sys/kernel/debug/tracing/events")
+    pins = []
+    for event in events:
+        attr = _PerfEventAttr(type=PERF_TYPE_TRACEPOINT, size=128, sample_period=1,
+                              wakeup_events=1)
+        attr.config = int((tracing / "cgroup" / event / "id").read_text())
+        pfd = libc.syscall(nr, ctypes.byref(attr), -1, 0, -1, PERF_FLAG_FD_CLOEXEC)
+        if pfd < 0:
+            raise InterceptError(f"perf_event_open cgroup:{event}: {os.strerror(ctypes.get_errno())}")
+        lfd = link_create(fn.fd, pfd, BPF_PERF_EVENT, None)
+        os.close(pfd)
+        if lfd < 0:
+            raise InterceptError(f"cannot link {func} to cgroup:{event}: "
+                                 f"{os.strerror(ctypes.get_errno())}")
+        path = pin.with_name(f"{pin.name}_{event}")     # (bpffs refuses dots in names)
+        fresh = path.with_name(path.name + "_new")
+        fresh.unlink(missing_ok=True)
+        ok = libbcc.lib.bpf_obj_pin(lfd, str(fresh).encode()) == 0
+        os.close(lfd)
+        if not ok:
+            raise InterceptError(f"cannot pin the cgroup:{event} link at {fresh}")
+        fresh.replace(path)      # the old link goes with its last pin
+        pins.append(path)
+    return pins
+
+
 class Interceptor:
     """One loaded copy of the programs, attached to one or more cgroups."""
 
@@ -189,11 +245,13 @@ class Interceptor:
             self.funcs.append((fn, getattr(BPFAttachType, atype), tool_name))
         self.mode = mode
         self.proxy_port = proxy_port
+        self.pin_dir = pin_dir
         self.cgroups: list[Path] = []
         self._peers = self.bpf["peers"]
         self._conns = self.bpf["conns"]
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._links: list[Path] = []
 
     # ------------------------------------------------------------------ attach
 
@@ -212,9 +270,13 @@ class Interceptor:
             out[tool_name] = path
         return out
 
-    def attach(self, cgroup: Path) -> None:
-        """Attach every program to `cgroup` (descendants inherit them). Programs of an
-        earlier run are detached only after ours are in place: no unguarded moment."""
+    def attach(self, cgroup: Path, *, enroll: bool = True) -> None:
+        """Attach every program to `cgroup` (descendants inherit them) and enroll it;
+        `enroll=False` for the parent of watched cgroups, whose other processes the
+        programs let be. Programs of an earlier run are detached only after ours are in
+        place: no unguarded moment."""
+        if enroll:
+            self.enroll(cgroup_id(cgroup))
         old = [p for p in attached(cgroup) if p.get("name", "").startswith(PREFIX)]
         fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -265,6 +327,30 @@ class Interceptor:
 
     def set_resolvers(self, addrs: list[tuple[str, int]]) -> None:
         self._replace("resolvers", addrs)
+
+    def watch(self, paths: list[str]) -> None:
+        """Enroll the cgroups at these paths (under the cgroup2 mount, e.g.
+        '/system.slice/x.service') in the kernel whenever they are made or renamed to,
+        through links pinned in the pin directory that outlive this process. The programs
+        must be attached above them (attach(parent, enroll=False))."""
+        table = self.bpf["watched"]
+        wanted = {}
+        for path in paths:
+            key = table.Key()
+            raw = path.encode()
+            if len(raw) > 127:
+                raise InterceptError(f"cgroup path too long to watch (127 bytes at most): {path}")
+            ctypes.memmove(ctypes.addressof(key), raw, len(raw))
+            wanted[bytes(key)] = key
+        for key in wanted.values():
+            table[key] = ctypes.c_uint32(1)
+        for key in list(table.keys()):
+            if bytes(key) not in wanted:
+                del table[key]
+        if not self._links:
+            self._links = _pin_tracepoint_links(self.bpf, "ag_cgroup_made",
+                                                ("cgroup_mkdir", "cgroup_rename"),
+                                                self.pin_dir / "enroll")
 
     def enroll(self, cgroup_id: int) -> None:
         self.bpf["enrolled"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(1)

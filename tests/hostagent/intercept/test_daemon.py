@@ -5,6 +5,7 @@ import os
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,8 @@ from hostagent.intercept import cgroups
 from hostagent.intercept.loader import attached
 from tests.hostagent.intercept.conftest import AGENT, PYTHON
 from tests.support import BIN, wait_for
+
+BPFFS = Path("/sys/fs/bpf")
 
 
 def free_port() -> int:
@@ -197,37 +200,63 @@ def wait_line(proc):
     return json.loads(proc.stdout.readline())
 
 
-def test_enroll_an_existing_cgroup(host):
-    outside = cgroups.cgroup2_mount() / f"{host.tree}-external"
-    outside.mkdir()
-    d = with_intercept(Daemon(host), f'cgroups = ["/{outside.name}"]')
-    d.start()
+def in_cgroup_connect(cg, port):
+    p = subprocess.run([PYTHON, str(AGENT), f"connect 127.0.0.1 {port}"],
+                       preexec_fn=lambda: (cg / "cgroup.procs").write_text(str(os.getpid())),
+                       capture_output=True, text=True, timeout=30)
+    return json.loads(p.stdout)
 
-    def connect(port):
-        p = subprocess.run([PYTHON, str(AGENT), f"connect 127.0.0.1 {port}"],
-                           preexec_fn=lambda: (outside / "cgroup.procs").write_text(str(os.getpid())),
-                           capture_output=True, text=True, timeout=30)
-        return json.loads(p.stdout)
+
+def test_enroll_an_existing_cgroup(host):
+    """A cgroup enrolled by path (as a container's or a unit's), and made anew while the
+    daemon can't act (stopped): the kernel enrolls the new one in the mkdir itself."""
+    slice_ = cgroups.cgroup2_mount() / f"{host.tree}-ext.slice"
+    outside = slice_ / "agent.service"
+    outside.mkdir(parents=True)
+    d = with_intercept(Daemon(host), f'cgroups = ["/{slice_.name}/agent.service"]')
+    d.start()
+    bystander = slice_ / "other.service"
+    bystander.mkdir()
     try:
-        res = connect(host.echo.port)
+        res = in_cgroup_connect(outside, host.echo.port)
         assert res["ok"]
         wait_for(lambda: host.sessions("tcp"), what="the session at the collector")
         (s,) = host.sessions("tcp")
         assert s["start"]["process"]["pid"] == res["pid"]
-        assert s["start"]["process"]["cgroup"] == f"/{outside.name}"
-        # the unit restarts: its cgroup is made anew, and is enrolled anew
-        old_id = cgroups.cgroup_id(outside)
-        outside.rmdir()
-        outside.mkdir()
-        assert cgroups.cgroup_id(outside) != old_id
-        wait_for(lambda: any(p["name"] == "ag_connect4" for p in attached(outside)),
-                 what="programs on the new cgroup")
-        assert connect(9)["error"] == "EPERM"     # guarded again
+        assert s["start"]["process"]["cgroup"] == f"/{slice_.name}/agent.service"
+        # the programs sit on the parent, and let its other cgroups be
+        assert any(p["name"] == "ag_connect4" for p in attached(slice_))
+        assert not any(p["name"] == "ag_connect4" for p in attached(outside))
+        assert in_cgroup_connect(bystander, 9)["error"] == "ECONNREFUSED"   # not EPERM
+        # the unit restarts in a loop while the daemon is stopped: every new cgroup is
+        # guarded from the first connect of the first process in it
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        listener.setblocking(False)
+        d.proc.send_signal(signal.SIGSTOP)
+        try:
+            ids = set()
+            for _ in range(20):
+                outside.rmdir()
+                outside.mkdir()
+                ids.add(cgroups.cgroup_id(outside))
+                assert in_cgroup_connect(outside, listener.getsockname()[1])["error"] == "EPERM"
+            assert len(ids) == 20
+        finally:
+            d.proc.send_signal(signal.SIGCONT)
+        with pytest.raises(BlockingIOError):
+            listener.accept()                        # nothing got through
+        listener.close()
+        assert in_cgroup_connect(outside, host.echo.port)["ok"]        # and on it goes
+        wait_for(lambda: len(host.sessions("tcp")) == 2, what="the second session")
     finally:
         d.stop()
         subprocess.run([str(BIN / "agentgate-hostagent"), "cleanup", "--config", str(d.config)],
                        capture_output=True, timeout=60)
-        cgroups.remove(outside)
+        cgroups.remove(slice_)
+    assert not any(p["name"].startswith("ag_") for p in attached(slice_.parent))
+    assert not list(BPFFS.glob(f"{host.tree}/enroll*"))       # the kernel's watch is gone
 
 
 def test_enroll_by_executable_on_exec(host):
@@ -305,8 +334,9 @@ def test_enrolled_on_exec_before_its_first_instruction(host):
 
 def test_units_get_drop_ins_whose_pinned_programs_guard_a_new_cgroup_at_once(host, tmp_path):
     """systemd is not running here: the drop-in is checked with systemd-analyze, and a
-    stand-in for systemd attaches what it names to a cgroup as it is made (as
-    BPFProgram= does when a unit restarts), before anything runs in it."""
+    stand-in for systemd makes the unit's cgroup where systemd would (the kernel enrolls
+    it in the mkdir) and attaches what the drop-in names (as BPFProgram= does when a
+    unit restarts), before anything runs in it."""
     import socket as sk
     dropins = tmp_path / "units"
     docker = sk.socket(sk.AF_UNIX, sk.SOCK_STREAM)
@@ -315,7 +345,9 @@ def test_units_get_drop_ins_whose_pinned_programs_guard_a_new_cgroup_at_once(hos
     d = with_intercept(Daemon(host), f'units = ["agent-x.service"]\n'
                                      f'unit_dropin_dir = "{dropins}"')
     d.start()
-    fresh = cgroups.cgroup2_mount() / f"{host.tree}-unit"
+    slice_ = cgroups.cgroup2_mount() / "system.slice"
+    made_slice = not slice_.exists()
+    fresh = slice_ / "agent-x.service"
     try:
         conf = dropins / "agent-x.service.d" / "50-agentgate.conf"
         wait_for(conf.exists, what="the drop-in")
@@ -331,7 +363,7 @@ def test_units_get_drop_ins_whose_pinned_programs_guard_a_new_cgroup_at_once(hos
         r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
                            text=True, env={**os.environ, "SYSTEMD_UNIT_PATH": f"{dropins}:"})
         assert r.returncode == 0, r.stderr
-        fresh.mkdir()
+        fresh.mkdir(parents=True)
         for kind, path in progs:
             subprocess.run(["bpftool", "cgroup", "attach", str(fresh), kind, "pinned", path,
                             "multi"], check=True, capture_output=True)
@@ -351,4 +383,6 @@ def test_units_get_drop_ins_whose_pinned_programs_guard_a_new_cgroup_at_once(hos
                        capture_output=True, timeout=60)
         if fresh.exists():
             cgroups.remove(fresh)
+        if made_slice:
+            slice_.rmdir()
     assert not conf.exists()                           # cleanup takes it away
