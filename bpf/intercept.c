@@ -12,6 +12,8 @@
 //              through a ring buffer; reservation
 //              failures are counted in `lost`, never silent.
 // cgroup_mkdir a watched cgroup (an enrolled unit's) is enrolled as it is made.
+// unix_connect/unix_sendmsg (kernel 6.7+; built with AG_UNIX_HOOKS) unix-domain sockets
+//              only by the paths and abstract names allowed.
 //
 // The cgroup programs may be attached above an enrolled cgroup (to its parent, so that
 // the cgroup a restarted unit gets anew is covered from its first instruction): each
@@ -56,6 +58,7 @@
 #define EV_DENY_SOCKET 6
 #define EV_EXEC_OUTSIDE 7   // exec outside the tree, reported for uid/exe enrollment
 #define EV_DENY_BIND 8
+#define EV_DENY_UNIX 9
 #define AG_SIGSTOP 19
 #define FLAG_STOPPED 1      // the process was stopped at exec, for the daemon to enroll
 
@@ -464,3 +467,111 @@ int ag_cgroup_made(struct cgroup_path_args *args)
     enrolled.update(&id, &one);
     return 0;
 }
+
+#ifdef AG_UNIX_HOOKS
+// Unix-domain sockets, by the address the caller gave (a path as written, or an abstract
+// name). What a path resolves to is the mount namespace's concern (unixguard.py): a
+// symlink or a relative path is judged as written, so refused unless allowed as such.
+//
+// The address is reached through two kfuncs bcc can't call by name: these placeholders
+// compile to helper calls with these numbers, which loader.py rewrites into kfunc calls
+// to the ids vmlinux's BTF gives (AG_SOCKADDR_UN_ID is struct sockaddr_un's).
+#define AG_KFUNC_CAST_TO_KERN_CTX 0x7ff0
+#define AG_KFUNC_RDONLY_CAST 0x7ff1
+static void *(*ag_cast_to_kern_ctx)(void *ctx) = (void *)AG_KFUNC_CAST_TO_KERN_CTX;
+static void *(*ag_rdonly_cast)(void *obj, __u32 btf_id) = (void *)AG_KFUNC_RDONLY_CAST;
+
+// struct bpf_sock_addr_kern's first fields; uaddrlen is at AG_UADDRLEN_OFF (from BTF:
+// the verifier checks every offset against it)
+struct ag_sock_addr_kern {
+    void *sk;
+    void *uaddr;
+};
+
+#define AG_SUN_PATH 108
+
+// The address as a key: a path, or an abstract name as '@' and the name (NULs in it
+// kept), zero-padded. `len` is its length in bytes for the exact names (a hash), in
+// bits for the prefixes ("/run/user/*": an LPM trie).
+struct unix_key {
+    __u32 len;
+    char name[AG_SUN_PATH + 2];
+};
+BPF_HASH(unix_exact, struct unix_key, __u32, 1024);
+BPF_F_TABLE("lpm_trie", struct unix_key, __u32, unix_prefix, 1024, BPF_F_NO_PREALLOC);
+BPF_PERCPU_ARRAY(unix_scratch, struct unix_key, 1);
+
+static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
+{
+    if (!tree_cgroup())
+        return 1;
+    int zero = 0;
+    struct unix_key *k = unix_scratch.lookup(&zero);
+    if (!k)
+        return 0;
+    struct ag_sock_addr_kern *kern = ag_cast_to_kern_ctx(ctx);
+    char *sun = ag_rdonly_cast(kern->uaddr, AG_SOCKADDR_UN_ID);
+    // the address's length as given, with sun_family's 2 bytes; the bytes after it are
+    // not the caller's (the kernel's buffer is not cleared)
+    __u32 n = *(__u32 *)((char *)kern + AG_UADDRLEN_OFF);
+    n = n > 2 ? n - 2 : 0;
+    if (n > AG_SUN_PATH)
+        n = AG_SUN_PATH;
+    int abstract = n > 0 && sun[2] == 0;
+    __u32 len = n;   // a path ends at its first NUL; an abstract name is all n bytes
+#pragma unroll
+    for (int i = 0; i < AG_SUN_PATH; i++) {
+        char c = i < n ? sun[2 + i] : 0;
+        if (!abstract && c == 0 && len == n && i < n)
+            len = i;
+        k->name[i] = c;
+    }
+#pragma unroll
+    for (int i = 0; i < AG_SUN_PATH; i++) {
+        if (i >= len)
+            k->name[i] = 0;
+    }
+    k->name[AG_SUN_PATH] = 0;
+    k->name[AG_SUN_PATH + 1] = 0;
+    if (abstract)
+        k->name[0] = '@';
+    k->len = len;
+    if (unix_exact.lookup(k))
+        return 1;
+    k->len = len * 8;
+    if (unix_prefix.lookup(k))
+        return 1;
+    struct event *e = events.ringbuf_reserve(sizeof(struct event));
+    if (!e) {
+        __u64 *n = lost.lookup(&zero);
+        if (n)
+            (*n)++;
+        return 0;
+    }
+    __u64 id = bpf_get_current_pid_tgid();
+    e->type = EV_DENY_UNIX;
+    e->tgid = id >> 32;
+    e->flags = 0;
+    e->uid = (__u32)bpf_get_current_uid_gid();
+    e->cgroup_id = tree_cgroup();
+    e->ktime_ns = bpf_ktime_get_ns();
+    __builtin_memset(&e->addr, 0, sizeof(e->addr));
+    bpf_get_current_comm(&e->comm, sizeof(e->comm));
+#pragma unroll
+    for (int i = 0; i < AG_SUN_PATH; i++)
+        e->filename[i] = k->name[i];
+    e->filename[AG_SUN_PATH] = 0;
+    events.ringbuf_submit(e, 0);
+    return 0;
+}
+
+int ag_unix_connect(struct bpf_sock_addr *ctx)
+{
+    return unix_verdict(ctx);
+}
+
+int ag_unix_sendmsg(struct bpf_sock_addr *ctx)
+{
+    return unix_verdict(ctx);
+}
+#endif

@@ -43,9 +43,14 @@ class InterceptConfig:
     cgroups: list[str] = field(default_factory=list)   # cgroup paths to enroll
     uids: list[int] = field(default_factory=list)      # processes of these users, on exec
     exes: list[str] = field(default_factory=list)      # processes running these, on exec
-    # unix sockets an `agentgate run` agent may reach, besides unixguard.DEFAULT_ALLOW
+    # unix sockets enrolled processes may reach, besides unixguard.DEFAULT_ALLOW: path
+    # globs, and abstract names as "@name"
     unix_allow: list[str] = field(default_factory=list)
     abstract_unix: str = "refuse"      # refuse | allow: abstract sockets made outside
+    unix_hooks: bool = True            # the BPF unix-socket hooks, where the kernel has them
+    # refuse | accept: enrolling units, cgroups, uids or exes where no hook guards their
+    # unix sockets (`agentgate run` has its mount namespace and Landlock)
+    unix_unguarded: str = "refuse"
     # where drop-ins for `units` go (BPFProgram=): "" = /run/systemd/system, if systemd runs
     unit_dropin_dir: str = ""
 
@@ -141,12 +146,17 @@ def load_config(path: str | None) -> HostAgentConfig:
         uids=list(i.get("uids", list, [])), exes=list(i.get("exes", list, [])),
         unix_allow=list(i.get("unix_allow", list, [])),
         abstract_unix=i.get("abstract_unix", str, "refuse"),
+        unix_hooks=i.get("unix_hooks", bool, True),
+        unix_unguarded=i.get("unix_unguarded", str, "refuse"),
         unit_dropin_dir=i.get("unit_dropin_dir", str, ""))
     i.done()
     if cfg.intercept.abstract_unix not in ("refuse", "allow"):
         raise ConfigError(f"{i.where}: 'abstract_unix' must be refuse or allow")
-    if not all(isinstance(g, str) and g.startswith("/") for g in cfg.intercept.unix_allow):
-        raise ConfigError(f"{i.where}: 'unix_allow' must list absolute socket paths (globs)")
+    if cfg.intercept.unix_unguarded not in ("refuse", "accept"):
+        raise ConfigError(f"{i.where}: 'unix_unguarded' must be refuse or accept")
+    if not all(isinstance(g, str) and g[:1] in ("/", "@") for g in cfg.intercept.unix_allow):
+        raise ConfigError(f"{i.where}: 'unix_allow' must list absolute socket paths (globs) "
+                          "or abstract names (\"@name\")")
     if cfg.intercept.mode not in ("deny", "record", "allow"):
         raise ConfigError(f"{i.where}: 'mode' must be deny, record or allow")
     px = root.table("proxy")

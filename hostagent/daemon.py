@@ -80,6 +80,15 @@ class Daemon:
             await self.stack.intercept(port=cfg.proxy_port, mode=cfg.mode,
                                        pin_dir=BPFFS / cfg.tree, on_event=self._kernel_event)
         icpt = self.stack.icpt
+        if (cfg.units or cfg.cgroups or cfg.uids or cfg.exes) and not icpt.unix_progs:
+            # `agentgate run` has a mount namespace and Landlock; these have nothing else
+            if cfg.unix_unguarded != "accept":
+                raise InterceptError(
+                    f"the unix sockets of enrolled units, cgroups, uids and exes can't be "
+                    f"guarded here ({icpt.unix_error}); to enroll them anyway, accept that "
+                    f"gap with [intercept] unix_unguarded = \"accept\"")
+            log.warning("the unix sockets of enrolled units, cgroups, uids and exes are not "
+                        "guarded (%s): accepted by unix_unguarded", icpt.unix_error)
         if cfg.uids or cfg.exes:
             self.matched = cgroups.tree_root(cfg.tree) / "matched"
             self.matched.mkdir(exist_ok=True)
@@ -108,8 +117,9 @@ class Daemon:
         os.chmod(sock, 0o660 if cfg.socket_group else 0o600)
         if cfg.socket_group:
             os.chown(sock, 0, grp.getgrnam(cfg.socket_group).gr_gid)
-        log.info("intercepting cgroup tree %s (mode %s); proxy on port %d; control socket %s",
-                 self.root, cfg.mode, icpt.proxy_port, sock)
+        log.info("intercepting cgroup tree %s (mode %s); proxy on port %d; control socket %s; "
+                 "unix sockets: %s", self.root, cfg.mode, icpt.proxy_port, sock,
+                 "BPF hooks" if icpt.unix_progs else f"no BPF hooks ({icpt.unix_error})")
 
     def _unit_dropins(self, pins: dict[str, Path]) -> None:
         """A drop-in per enrolled unit naming the pinned programs (BPFProgram=): systemd
@@ -123,7 +133,7 @@ class Daemon:
             log.info("systemd is not running: no BPFProgram= drop-ins (the kernel enrolls a "
                      "restarted unit's new cgroup as it is made)")
             return
-        unix = unixguard.plan(unixguard.DEFAULT_ALLOW + tuple(cfg.unix_allow))
+        unix = unixguard.plan(unixguard.unix_allowed(self.cfg))
         text = dropin_text(pins, unix.hidden)
         for unit in cfg.units:
             d = where / f"{unit}.d"
@@ -173,6 +183,7 @@ class Daemon:
             if ino is None:
                 if self._enrolled.get(name, 0) is not None:
                     log.warning("enrolled %s has no cgroup now; it is enrolled when made", name)
+                    self._end_enrolled(self._enrolled.get(name), "its cgroup is gone")
                 self._enrolled[name] = None
                 continue
             if self._enrolled.get(name) == ino:
@@ -184,8 +195,34 @@ class Daemon:
             old = self._enrolled.get(name)
             if old:
                 icpt.unenroll(old)
+                self._end_enrolled(old, "its cgroup was made anew (a restart)")
             self._enrolled[name] = ino
+            self._start_enrolled(name, path, ino)
             log.info("enrolled %s (cgroup %s)", name, path)
+
+    def _start_enrolled(self, name: str, path: Path, ino: int) -> None:
+        """An enrolled unit's or cgroup's own recording, one per cgroup it gets: what it
+        exec'd and what the guard refused it, as a run's."""
+        icpt = self.stack.icpt
+        try:
+            run = RunSession(self.stack.spool, host=self.cfg.host, argv=[name], user=None,
+                             cgroup=path, group=new_group(), mode=icpt.mode,
+                             requested_by="enrolled by the host agent's config")
+            run.rec.record("unix_guard", {
+                "connect": "judged by the BPF unix-socket hooks (refused: EPERM, recorded)"
+                if icpt.unix_progs else f"not guarded: {icpt.unix_error}"})
+        except SpoolError as exc:
+            log.error("cannot record enrolled %s: %s", name, exc)
+            return
+        self.runs.add(ino, run)
+
+    def _end_enrolled(self, ino: int | None, reason: str) -> None:
+        run = self.runs.pop(ino) if ino else None
+        if run is not None:
+            try:
+                run.end(None, reason=reason, lost=self.stack.icpt.lost_events())
+            except SpoolError as exc:
+                log.error("cannot record the end of an enrolled cgroup's run: %s", exc)
 
     async def _watch_enrolled(self, period: float = 0.5) -> None:
         while True:
@@ -231,7 +268,8 @@ class Daemon:
 
     def hello(self) -> dict:
         icpt = self.stack.icpt
-        return {"proxy_port": icpt.proxy_port, "tree": str(self.root), "mode": icpt.mode}
+        return {"proxy_port": icpt.proxy_port, "tree": str(self.root), "mode": icpt.mode,
+                "unix_hooks": bool(icpt.unix_progs)}
 
     async def enroll(self, pid: int, *, argv: list[str], user: str | None,
                      requested_by: str, unix: dict | None = None) -> dict:
@@ -274,6 +312,8 @@ class Daemon:
     async def stop(self) -> None:
         if self.control:
             self.control.close()
+        for ino in list(self._enrolled.values()):
+            self._end_enrolled(ino, "the host agent stopped")
         if self.stack and self.stack.shipper:
             await self.stack.shipper.drain(5.0)
         if self.stack:

@@ -57,11 +57,16 @@ def _mounted(path: str, what: str):
 
 
 def _unix_guard() -> str:
-    from hostagent.intercept import unixguard
+    from hostagent.intercept import unixguard, unixhooks
     abi = unixguard.landlock_abi()
-    abstract = (f"abstract ones: Landlock scope (ABI {abi})" if abi >= unixguard.LANDLOCK_ABI_SCOPES
-                else "abstract ones: NOT guarded (no Landlock scoping: kernel < 6.12)")
-    return f"pathname ones: covered in a mount namespace; {abstract}"
+    hooks = unixhooks.probe_btf() is not None
+    landlock = abi >= unixguard.LANDLOCK_ABI_SCOPES
+    connect = ("every connect judged by the BPF unix-socket hooks (below), for every enrolled "
+               "process" if hooks else "no BPF unix-socket hooks (kernel < 6.7, or no BTF)")
+    abstract = " and ".join(w for w, on in (("the hooks", hooks),
+                                            (f"Landlock scope (ABI {abi})", landlock)) if on)
+    return (f"{connect}; under agentgate run, pathname ones covered in a mount namespace; "
+            f"abstract ones: {abstract or 'NOT guarded'}")
 
 
 def run_doctor(tree: str = cgroups.TREE) -> list[Check]:
@@ -90,6 +95,26 @@ def run_doctor(tree: str = cgroups.TREE) -> list[Check]:
     checks.append(Check("pinned maps", True, ", ".join(pins) if pins else "none"))
     checks += _canary(root)
     return checks
+
+
+def _unix_canary(icpt: Interceptor, cg: Path, pin: Path) -> Check:
+    """A unix socket nobody allowed: an enrolled connect to it must fail with EPERM."""
+    if not icpt.unix_progs:
+        return Check("unix-socket hooks", True, f"not loaded: {icpt.unix_error}")
+    import tempfile
+    icpt.set_unix_allow((), False)
+    with tempfile.TemporaryDirectory() as d, socket.socket(socket.AF_UNIX) as srv:
+        path = f"{d}/canary.sock"
+        srv.bind(path)
+        srv.listen(1)
+        code = ("import socket,errno\ntry: socket.socket(socket.AF_UNIX).connect(%r); "
+                "print('connected')\nexcept OSError as e: print(errno.errorcode[e.errno])" % path)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           timeout=30, preexec_fn=lambda: (cg / "cgroup.procs").write_text(
+                               str(os.getpid())))
+    if r.stdout.strip() != "EPERM":
+        return Check("unix-socket hooks", False, f"a refused connect gave {r.stdout.strip() or r.stderr.strip()!r}, not EPERM")
+    return Check("unix-socket hooks", True, "loaded; a refused connect fails with EPERM")
 
 
 def _canary(root: Path) -> list[Check]:
@@ -139,6 +164,7 @@ def _canary(root: Path) -> list[Check]:
             else:
                 out.append(Check("canary", True, f"pid {rec.pid} uid {rec.uid} -> "
                                  f"127.0.0.1:{tport} redirected and attributed"))
+        out.append(_unix_canary(icpt, cg, pin))
         return out
     finally:
         target.close()

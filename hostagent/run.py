@@ -68,15 +68,16 @@ def _no_gc():
             gc.enable()
 
 
-def _unix_plan(cfg: HostAgentConfig) -> unixguard.UnixPlan:
+def _unix_plan(cfg: HostAgentConfig, hooks: bool) -> unixguard.UnixPlan:
+    """`hooks`: the BPF unix-socket hooks are attached (they judge abstract names too)."""
     allowed = cfg.intercept.abstract_unix == "allow"
-    plan = unixguard.plan(unixguard.DEFAULT_ALLOW + tuple(cfg.intercept.unix_allow),
-                          abstract_allowed=allowed)
-    if not allowed and not plan.scope_abstract:
+    plan = unixguard.plan(unixguard.unix_allowed(cfg), abstract_allowed=allowed, hooks=hooks)
+    if not allowed and not plan.scope_abstract and not hooks:
         # fail closed: a gap is accepted only in so many words
-        raise InterceptError("abstract unix sockets can't be guarded on this kernel (no "
-                             "Landlock scoping: it needs 6.12+); to run agents anyway, accept "
-                             "that gap with [intercept] abstract_unix = \"allow\"")
+        raise InterceptError("abstract unix sockets can't be guarded on this kernel (neither "
+                             "the BPF unix-socket hooks, 6.7+, nor Landlock scoping, 6.12+); "
+                             "to run agents anyway, accept that gap with [intercept] "
+                             "abstract_unix = \"allow\"")
     return plan
 
 
@@ -153,7 +154,8 @@ def run_command(argv: list[str], cfg: HostAgentConfig, user: str | None = None,
     if client is not None:
         if mode:
             raise InterceptError("--mode is the daemon's to set when a host agent is running")
-        return _run_via_daemon(client, argv, pw, _unix_plan(cfg))
+        hooks = bool(client.call("hello").get("unix_hooks"))
+        return _run_via_daemon(client, argv, pw, _unix_plan(cfg, hooks))
     if os.geteuid() != 0:
         raise InterceptError("no host agent is running, and running one in-process needs root")
     return run_loop(_run_in_process(argv, cfg, pw, mode))
@@ -167,9 +169,11 @@ def _run_via_daemon(client: DaemonClient, argv: list[str], pw,
     if os.geteuid() != 0:
         # covering sockets takes a mount namespace, which an unprivileged caller can't
         # make: only Landlock's scope of abstract sockets applies
-        unix = unixguard.UnixPlan((), (), unix.scope_abstract,
-                                  gap="pathname sockets unguarded: the run was not started "
-                                  "by root")
+        unix = unixguard.UnixPlan(
+            (), (), unix.scope_abstract, hooks=unix.hooks,
+            gap="no mount namespace (the run was not started by root): a pathname socket is "
+                "judged by the path the agent gives" if unix.hooks else
+                "pathname sockets unguarded: the run was not started by root")
     setup = _child_setup(pw, gate=r, unix=unix)   # before fork (see _child_setup)
     gc_enabled = gc.isenabled()
     gc.disable()   # in the child until exec (see _no_gc)
@@ -231,7 +235,6 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
                              "answers: start agentgate-hostagent (or remove them with "
                              "`agentgate-hostagent cleanup`)")
     group = new_group()
-    unix = await asyncio.to_thread(_unix_plan, cfg)   # refused before anything starts
     spool = await asyncio.to_thread(open_spool, cfg)
     stack = Stack(cfg, spool)
     cg = None
@@ -251,9 +254,10 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
         await stack.intercept(port=0, mode=mode,
                               pin_dir=Path("/sys/fs/bpf") / f"{cfg.intercept.tree}-run-{group}",
                               session_group=group, on_event=lambda ev: run and run.event(ev))
+        # refused before anything starts
+        unix = await asyncio.to_thread(_unix_plan, cfg, bool(stack.icpt.unix_progs))
         cg = cgroups.make_cgroup(root, f"run-{group}")
         stack.icpt.attach(cg)
-        stack.icpt.enroll(cgroups.cgroup_id(cg))
         run = RunSession(spool, host=cfg.host, argv=argv, user=pw.pw_name if pw else None,
                          cgroup=cg, group=group, mode=mode)
         run.rec.record("unix_guard", unix.record())

@@ -10,9 +10,10 @@ from pathlib import Path
 
 from agentgate.client import CollectorAddress
 from hostagent.config import HostAgentConfig
-from hostagent.intercept import cgroups
+from hostagent.intercept import cgroups, unixhooks
 from hostagent.intercept.identity import IdentityCache
 from hostagent.intercept.loader import Interceptor, InterceptError, KernelEvent
+from hostagent.intercept.unixguard import unix_allowed
 from hostagent.approvals import Approver
 from hostagent.policy import load_policy
 from hostagent.protocols import registry
@@ -80,7 +81,12 @@ class Stack:
                         "alone; enrolled IPv6 connects fail")
         port = socks[0].getsockname()[1]
         self.pin_dir = pin_dir
-        self.icpt = await asyncio.to_thread(Interceptor, port, mode=mode, pin_dir=pin_dir)
+        self.icpt = await asyncio.to_thread(Interceptor, port, mode=mode, pin_dir=pin_dir,
+                                            unix_hooks=cfg.intercept.unix_hooks)
+        globs = unix_allowed(cfg)
+        self.icpt.set_unix_allow(globs, cfg.intercept.abstract_unix == "allow")
+        if self.icpt.unix_progs and unixhooks.needs_refresh(globs):
+            self._tasks.append(asyncio.create_task(self._refresh_unix()))
         self.icpt.set_targets(targets.addresses())
         self.icpt.set_resolvers(resolvers(cfg))
         if on_event:
@@ -90,6 +96,15 @@ class Stack:
                                  identify=IdentityCache(cgroups.cgroup2_mount(), cfg.intercept.tree),
                                  session_group=session_group)
         await self.proxy.listen(socks)
+
+    async def _refresh_unix(self, period: float = 1.0) -> None:
+        """Globs that name more than one socket follow the sockets bound on the host."""
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await asyncio.to_thread(self.icpt.refresh_unix)
+            except Exception as exc:   # the next round may succeed; the old entries hold
+                log.error("refreshing the unix-socket allowlist: %s", exc)
 
     def _proxy(self, targets: Targets, ca: LocalCA | None, **kw) -> Proxy:
         cfg = self.cfg

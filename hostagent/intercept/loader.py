@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from hostagent.intercept import unixhooks
 from hostagent.intercept.cgroups import cgroup_id
 
 log = logging.getLogger("agentgate.intercept")
@@ -33,10 +34,11 @@ MODES = {"deny": 0, "record": 1, "allow": 2}
 ACT_TARGET, ACT_RECORD = 1, 2
 (EV_EXEC, EV_EXIT, EV_DENY_CONNECT, EV_ALLOW_DIRECT, EV_DENY_UDP, EV_DENY_SOCKET,
  EV_EXEC_OUTSIDE, EV_DENY_BIND) = range(1, 9)
+EV_DENY_UNIX = 9
 EVENT_NAMES = {EV_EXEC: "exec", EV_EXIT: "exit", EV_DENY_CONNECT: "connect_denied",
                EV_ALLOW_DIRECT: "connect_direct", EV_DENY_UDP: "udp_denied",
                EV_DENY_SOCKET: "socket_denied", EV_EXEC_OUTSIDE: "exec_outside",
-               EV_DENY_BIND: "bind_denied"}
+               EV_DENY_BIND: "bind_denied", EV_DENY_UNIX: "unix_denied"}
 FLAG_STOPPED = 1
 BPF_F_ALLOW_MULTI = 2
 RECORD_TTL_NS = 10_000_000_000   # a redirected connect reaches accept() within this
@@ -115,6 +117,11 @@ def key_to_addr(k) -> tuple[str, int]:
     return host, struct.unpack("!H", struct.pack("=H", k.port))[0]
 
 
+def unix_name(raw: bytes) -> str:
+    """A refused unix address for people: '@' and an abstract name's NULs as '\\0'."""
+    return raw.rstrip(b"\0").decode(errors="backslashreplace").replace("\0", "\\0")
+
+
 def preflight() -> None:
     """Raise InterceptError naming the first missing piece."""
     if os.geteuid() != 0:
@@ -147,9 +154,16 @@ def attached(cgroup: Path) -> list[dict]:
     return json.loads(r.stdout.strip() or "[]")
 
 
-def detach_ours(cgroup: Path, ids: set[int] | None = None) -> int:
-    """Detach programs named with our prefix from `cgroup` (only `ids`, if given)."""
+def detach_ours(cgroup: Path, ids: set[int] | None = None,
+                keep: list[unixhooks.UnixProgram] = ()) -> int:
+    """Detach programs named with our prefix from `cgroup` (only `ids`, if given; of
+    the unix hooks, all but those in `keep`)."""
     n = 0
+    try:
+        n += unixhooks.detach_ours(cgroup, PREFIX, keep)
+    except OSError as exc:
+        raise InterceptError(f"cannot detach the unix-socket hooks from {cgroup}: "
+                             f"{exc.strerror}") from None
     for prog in attached(cgroup):
         if prog.get("name", "").startswith(PREFIX) and (ids is None or prog["id"] in ids):
             r = subprocess.run(["bpftool", "cgroup", "detach", str(cgroup), prog["attach_type"],
@@ -219,7 +233,7 @@ class Interceptor:
     """One loaded copy of the programs, attached to one or more cgroups."""
 
     def __init__(self, proxy_port: int, *, proxy_ip4: str = "127.0.0.1", mode: str = "deny",
-                 pin_dir: Path = PIN_DIR):
+                 pin_dir: Path = PIN_DIR, unix_hooks: bool = True):
         if mode not in MODES:
             raise InterceptError(f"unknown mode {mode!r}: use deny, record or allow")
         preflight()
@@ -230,8 +244,14 @@ class Interceptor:
         port = struct.unpack("=H", struct.pack("!H", proxy_port))[0]
         cflags = [f"-DAG_PROXY_IP4={ip}u", f"-DAG_PROXY_PORT={port}", f"-DAG_MODE={MODES[mode]}",
                   f'-DAG_PIN="{pin_dir}"']
+        # the unix-socket hooks, where BTF says the kernel has them (else `unix_error`)
+        btf = unixhooks.probe_btf() if unix_hooks else None
+        self.unix_error = "" if btf else ("turned off ([intercept] unix_hooks)" if not unix_hooks
+                                          else "no cgroup unix-socket hooks (kernel 6.7+ with "
+                                               "BTF and bpftool)")
         try:
-            self.bpf = BPF(src_file=str(BPF_SRC).encode(), cflags=cflags)
+            self.bpf = BPF(src_file=str(BPF_SRC).encode(),
+                           cflags=cflags + (btf.cflags() if btf else []))
         except Exception as exc:
             raise InterceptError(f"cannot compile or load {BPF_SRC.name}: {exc}") from None
         from bcc import BPFAttachType
@@ -243,6 +263,15 @@ class Interceptor:
             except Exception as exc:
                 raise InterceptError(f"the kernel refused BPF program {name} ({ptype}): {exc}") from None
             self.funcs.append((fn, getattr(BPFAttachType, atype), tool_name))
+        self.unix_progs: list[unixhooks.UnixProgram] = []
+        if btf:
+            try:
+                self.unix_progs = unixhooks.load(self.bpf, btf)
+            except OSError as exc:
+                self.unix_error = f"the kernel refused the unix-socket hooks: {exc.strerror}"
+                log.warning("%s", self.unix_error)
+        self._unix_globs: tuple[str, ...] = ()
+        self._unix_abstract = False
         self.mode = mode
         self.proxy_port = proxy_port
         self.pin_dir = pin_dir
@@ -285,13 +314,18 @@ class Interceptor:
                     self._BPF.attach_func(fn, fd, atype, BPF_F_ALLOW_MULTI)
                 except Exception as exc:
                     raise InterceptError(f"cannot attach {fn.name.decode()} to {cgroup}: {exc}") from None
+            try:
+                unixhooks.attach(self.unix_progs, fd)
+            except OSError as exc:
+                raise InterceptError(f"cannot attach the unix-socket hooks to {cgroup}: "
+                                     f"{exc.strerror}") from None
         finally:
             os.close(fd)
         self.cgroups.append(cgroup)
-        if old:
-            ids = {p["id"] for p in old}
-            detach_ours(cgroup, ids)
-            log.info("replaced %d program(s) of an earlier run on %s", len(ids), cgroup)
+        ids = {p["id"] for p in old}
+        n = detach_ours(cgroup, ids, keep=self.unix_progs)
+        if n:
+            log.info("replaced %d program(s) of an earlier run on %s", n, cgroup)
 
     def detach(self, cgroup: Path) -> None:
         if cgroup in self.cgroups:
@@ -306,6 +340,10 @@ class Interceptor:
                     self._BPF.detach_func(fn, fd, atype)
                 except Exception as exc:
                     log.warning("detach %s from %s: %s", fn.name.decode(), cgroup, exc)
+            try:
+                unixhooks.detach(self.unix_progs, fd)
+            except OSError as exc:
+                log.warning("detach the unix-socket hooks from %s: %s", cgroup, exc.strerror)
         finally:
             os.close(fd)
 
@@ -351,6 +389,34 @@ class Interceptor:
             self._links = _pin_tracepoint_links(self.bpf, "ag_cgroup_made",
                                                 ("cgroup_mkdir", "cgroup_rename"),
                                                 self.pin_dir / "enroll")
+
+    def set_unix_allow(self, globs: tuple[str, ...], abstract_allowed: bool) -> None:
+        """The unix sockets enrolled processes may reach: path globs and '@name's."""
+        self._unix_globs, self._unix_abstract = tuple(globs), abstract_allowed
+        self.refresh_unix()
+
+    def refresh_unix(self) -> None:
+        """Entries in first, stale ones out after (as _replace). Globs other than exact
+        names and trailing-'*' prefixes follow the sockets bound now: call again when
+        unixhooks.needs_refresh(globs)."""
+        if not self.unix_progs:
+            return
+        from hostagent.intercept.unixguard import bound_sockets
+        paths, abstract = bound_sockets() if unixhooks.needs_refresh(self._unix_globs) \
+            else (set(), set())
+        wanted: dict[str, dict[bytes, object]] = {"unix_exact": {}, "unix_prefix": {}}
+        for e in unixhooks.entries(self._unix_globs, self._unix_abstract, paths | abstract):
+            key = self.bpf[e.table].Key()
+            key.len = e.key_len
+            ctypes.memmove(ctypes.addressof(key) + 4, e.name, len(e.name))
+            wanted[e.table][bytes(key)] = key
+        for name, keys in wanted.items():
+            table = self.bpf[name]
+            for key in keys.values():
+                table[key] = ctypes.c_uint32(1)
+            for key in list(table.keys()):
+                if bytes(key) not in keys:
+                    del table[key]
 
     def enroll(self, cgroup_id: int) -> None:
         self.bpf["enrolled"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(1)
@@ -412,13 +478,17 @@ class Interceptor:
             raw = ctypes.cast(data, ctypes.POINTER(RawEvent)).contents
             kind = EVENT_NAMES.get(raw.type, str(raw.type))
             addr = ""
+            filename = raw.filename
             if raw.type in (EV_DENY_CONNECT, EV_ALLOW_DIRECT, EV_DENY_UDP, EV_DENY_BIND):
                 host, port = key_to_addr(raw.addr)
                 addr = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            elif raw.type == EV_DENY_UNIX:   # the address as the caller gave it
+                addr, filename = unix_name(ctypes.string_at(
+                    ctypes.addressof(raw) + RawEvent.filename.offset, 110)), b""
             try:
                 callback(KernelEvent(kind, raw.tgid, raw.uid, raw.cgroup_id,
                                      raw.comm.decode(errors="replace"),
-                                     raw.filename.decode(errors="replace"), addr,
+                                     filename.decode(errors="replace"), addr,
                                      bool(raw.flags & FLAG_STOPPED)))
             except Exception:  # a bad consumer must not kill the poller
                 log.exception("kernel event consumer failed")
@@ -439,5 +509,7 @@ class Interceptor:
         if detach:
             for cg in list(self.cgroups):
                 self.detach(cg)
+        for p in self.unix_progs:
+            os.close(p.fd)
         self.bpf.cleanup()
 

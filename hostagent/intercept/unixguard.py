@@ -27,6 +27,13 @@ DEFAULT_ALLOW = ("/run/nscd/socket", "/var/run/nscd/socket", "/run/systemd/journ
                  "/run/systemd/journal/stdout", "/run/systemd/journal/dev-log", "/dev/log",
                  "/run/systemd/userdb/*", "/var/lib/sss/pipes/*")
 
+
+
+def unix_allowed(cfg) -> tuple[str, ...]:
+    """What enrolled processes may reach: the defaults and the config's `unix_allow`."""
+    return DEFAULT_ALLOW + tuple(cfg.intercept.unix_allow)
+
+
 CLONE_NEWNS = 0x00020000
 MS_BIND = 4096
 MS_REC = 16384
@@ -74,17 +81,23 @@ class UnixPlan:
     allowed: tuple[str, ...]         # pathname sockets left reachable (by the policy)
     scope_abstract: bool             # Landlock keeps abstract sockets out of reach
     gap: str = ""                    # what is not guarded, and why
+    hooks: bool = False              # the BPF unix-socket hooks judge every connect
 
     def record(self) -> dict:
+        by = [w for w, on in (("BPF hook", self.hooks), ("Landlock scope", self.scope_abstract))
+              if on]
         out = {"hidden": list(self.hidden), "allowed": list(self.allowed),
-               "abstract": "refused (Landlock scope)" if self.scope_abstract else
-               "reachable: no Landlock scoping on this kernel, or allowed by policy"}
+               "connect": "judged by the BPF unix-socket hooks (refused: EPERM, recorded)"
+               if self.hooks else "not judged at connect (no BPF unix-socket hooks)",
+               "abstract": f"refused unless allowed ({', '.join(by)})" if by else
+               "reachable: no guard on this kernel, or allowed by policy"}
         if self.gap:
             out["gap"] = self.gap
         return out
 
 
-def plan(allow: tuple[str, ...] = DEFAULT_ALLOW, abstract_allowed: bool = False) -> UnixPlan:
+def plan(allow: tuple[str, ...] = DEFAULT_ALLOW, abstract_allowed: bool = False,
+         hooks: bool = False) -> UnixPlan:
     """What to cover for a run: every bound pathname socket the allow globs don't name
     (also under its resolved path, for /var/run -> /run)."""
     paths, _abstract = bound_sockets()
@@ -96,7 +109,7 @@ def plan(allow: tuple[str, ...] = DEFAULT_ALLOW, abstract_allowed: bool = False)
         elif os.path.exists(real):
             hidden.append(real)
     scope = not abstract_allowed and landlock_abi() >= LANDLOCK_ABI_SCOPES
-    return UnixPlan(tuple(dict.fromkeys(hidden)), tuple(allowed), scope)
+    return UnixPlan(tuple(dict.fromkeys(hidden)), tuple(allowed), scope, hooks=hooks)
 
 
 class _MountAttr(ctypes.Structure):

@@ -23,7 +23,7 @@ log = logging.getLogger("agentgate.hostagent")
 # Guard events an agent can cause at will (a connect loop): at most this many a second
 # per run are recorded one by one; the rest are counted, so a loop can't fill the spool.
 GUARD_EVENTS = frozenset({"connect_denied", "connect_direct", "udp_denied", "bind_denied",
-                          "socket_denied"})
+                          "socket_denied", "unix_denied"})
 GUARD_EVENTS_PER_SECOND = 50
 
 

@@ -121,6 +121,12 @@ def descend(tree):
 
 
 def unix(op, name):
+    if op == "unix_wait":    # a socket bound after the run started
+        import time
+        deadline = time.monotonic() + 10
+        while not os.path.exists(name) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        op = "unix"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         s.settimeout(5)
@@ -162,7 +168,7 @@ def main(argv):
         escape(*args)
     elif op in ("mount_cgroup2", "setns_cgroup", "unshare_cgroup"):
         contain(op, *args)
-    elif op in ("unix", "abstract"):
+    elif op in ("unix", "abstract", "unix_wait"):
         unix(op, *args)
     elif op == "tool":
         run_tool(*args)

@@ -52,6 +52,42 @@ class EchoServer:
             s.close()
 
 
+class UnixServer:
+    """A unix stream server answering "ok" (a stand-in for docker.sock, the bus...)."""
+
+    def __init__(self, name: str, group: int | None = None):
+        import socket
+        import threading
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(name)
+        if group is not None and not name.startswith("\0"):
+            import os
+            os.chown(name, 0, group)
+            os.chmod(name, 0o660)      # the agent's group may use it, as docker's does
+        self.sock.listen(8)
+        self.accepted = 0
+
+        def serve():
+            while True:
+                try:
+                    conn, _ = self.sock.accept()
+                except OSError:
+                    return
+                self.accepted += 1
+                with conn:
+                    conn.recv(10)
+                    conn.sendall(b"ok")
+        threading.Thread(target=serve, daemon=True).start()
+
+    def close(self):
+        import socket
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)   # wakes the accept() of its thread
+        except OSError:
+            pass
+        self.sock.close()
+
+
 @pytest.fixture
 def echo():
     e = EchoServer()

@@ -11,7 +11,7 @@ import pytest
 
 from hostagent.intercept import cgroups
 from hostagent.intercept.loader import attached
-from tests.hostagent.intercept.conftest import AGENT, PYTHON
+from tests.hostagent.intercept.conftest import AGENT, PYTHON, UnixServer
 from tests.support import BIN, wait_for
 
 BPFFS = Path("/sys/fs/bpf")
@@ -144,6 +144,30 @@ def test_startup_refuses_with_one_line_when_the_proxy_port_is_taken(host):
                     "taken (Address already in use): free it or change intercept.proxy_port")
 
 
+def test_enrolling_cgroups_whose_unix_sockets_no_hook_guards_is_refused_unless_accepted(host):
+    """Units, cgroups, uids and exes have no mount namespace: without the BPF hooks
+    (turned off here, as on a kernel before 6.7) nothing guards their unix sockets."""
+    slice_ = cgroups.cgroup2_mount() / f"{host.tree}-nohooks.slice"
+    d = with_intercept(Daemon(host), f'cgroups = ["/{slice_.name}/a.service"]\n'
+                                     'unix_hooks = false')
+    p = subprocess.run([str(BIN / "agentgate-hostagent"), "serve", "--config", str(d.config)],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1, p.stderr
+    assert "Traceback" not in p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert "can't be guarded here (turned off ([intercept] unix_hooks))" in line
+    assert 'unix_unguarded = "accept"' in line
+    d = with_intercept(d, 'unix_unguarded = "accept"')
+    d.start()
+    try:
+        wait_for(lambda: b"accepted by unix_unguarded" in (host.tmp / "daemon.log").read_bytes(),
+                 what="the warning that says so")
+    finally:
+        d.stop()
+        subprocess.run([str(BIN / "agentgate-hostagent"), "cleanup", "--config", str(d.config)],
+                       capture_output=True, timeout=60)
+
+
 def test_fail_closed_when_killed_and_adopted_on_restart(host, daemon):
     port = host.echo.port
     assert in_tree_connect(host, port)["ok"]
@@ -200,8 +224,8 @@ def wait_line(proc):
     return json.loads(proc.stdout.readline())
 
 
-def in_cgroup_connect(cg, port):
-    p = subprocess.run([PYTHON, str(AGENT), f"connect 127.0.0.1 {port}"],
+def in_cgroup_connect(cg, port, op="connect 127.0.0.1"):
+    p = subprocess.run([PYTHON, str(AGENT), f"{op} {port}"],
                        preexec_fn=lambda: (cg / "cgroup.procs").write_text(str(os.getpid())),
                        capture_output=True, text=True, timeout=30)
     return json.loads(p.stdout)
@@ -228,6 +252,19 @@ def test_enroll_an_existing_cgroup(host):
         assert any(p["name"] == "ag_connect4" for p in attached(slice_))
         assert not any(p["name"] == "ag_connect4" for p in attached(outside))
         assert in_cgroup_connect(bystander, 9)["error"] == "ECONNREFUSED"   # not EPERM
+        # unix sockets: judged for the enrolled cgroup (bound after the daemon started,
+        # no mount namespace), recorded in its own run session; the bystander is let be
+        late = UnixServer(str(host.public / "late.sock"))
+        refused = in_cgroup_connect(outside, host.public / "late.sock", op="unix")
+        assert refused["error"] == "EPERM"
+        assert in_cgroup_connect(bystander, host.public / "late.sock", op="unix")["ok"]
+        late.close()
+        wait_for(lambda: any(k == "unix_denied" for s in host.sessions("run")
+                             for k, _ in s["events"]), what="the refusal in the cgroup's run")
+        (run,) = host.sessions("run")
+        assert run["start"]["process"]["cgroup"] == str(outside)
+        (denied,) = [f for k, f in run["events"] if k == "unix_denied"]
+        assert denied["pid"] == refused["pid"] and denied["address"] == f"{host.public}/late.sock"
         # the unit restarts in a loop while the daemon is stopped: every new cgroup is
         # guarded from the first connect of the first process in it
         listener = socket.socket()
@@ -250,6 +287,9 @@ def test_enroll_an_existing_cgroup(host):
         listener.close()
         assert in_cgroup_connect(outside, host.echo.port)["ok"]        # and on it goes
         wait_for(lambda: len(host.sessions("tcp")) == 2, what="the second session")
+        # each cgroup it got has a run of its own; the old ones end saying why
+        wait_for(lambda: any(s["end_reason"] == "its cgroup was made anew (a restart)"
+                             for s in host.sessions("run")), what="the old cgroup's run ended")
     finally:
         d.stop()
         subprocess.run([str(BIN / "agentgate-hostagent"), "cleanup", "--config", str(d.config)],

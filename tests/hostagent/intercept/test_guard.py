@@ -1,8 +1,11 @@
 """The egress guard: every way around the proxy that an enrolled agent might try."""
+import json
+import pwd
+
 import pytest
 
 from hostagent.intercept.cgroups import cgroup2_mount
-from tests.hostagent.intercept.conftest import Host
+from tests.hostagent.intercept.conftest import Host, UnixServer
 
 
 def results(out):
@@ -143,42 +146,6 @@ def test_a_root_agent_stays_in_its_cgroup(host, tmp_path):
         sibling.rmdir()
 
 
-class UnixServer:
-    """A unix stream server answering "ok" (a stand-in for docker.sock, the bus...)."""
-
-    def __init__(self, name: str, group: int | None = None):
-        import socket
-        import threading
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(name)
-        if group is not None and not name.startswith("\0"):
-            import os
-            os.chown(name, 0, group)
-            os.chmod(name, 0o660)      # the agent's group may use it, as docker's does
-        self.sock.listen(8)
-        self.accepted = 0
-
-        def serve():
-            while True:
-                try:
-                    conn, _ = self.sock.accept()
-                except OSError:
-                    return
-                self.accepted += 1
-                with conn:
-                    conn.recv(10)
-                    conn.sendall(b"ok")
-        threading.Thread(target=serve, daemon=True).start()
-
-    def close(self):
-        import socket
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)   # wakes the accept() of its thread
-        except OSError:
-            pass
-        self.sock.close()
-
-
 @pytest.mark.parametrize("user", ["nobody", None])
 def test_unix_sockets_are_reachable_only_as_the_policy_allows(host, tmp_path, user):
     import grp
@@ -197,20 +164,29 @@ def test_unix_sockets_are_reachable_only_as_the_policy_allows(host, tmp_path, us
     cfg = host.config.read_text().replace(
         "dns = [", f'unix_allow = ["{base}/allowed*"]\ndns = [')
     host.config.write_text(cfg)
+    # a link whose name the policy allows, to a socket it doesn't (the agent could make
+    # one wherever it may write): the hook judges the name, the mount namespace the target
+    os.symlink(base / "docker.sock", base / "allowed-link")
+    late = None
     try:
         cmds = [f"unix {base}/docker.sock", f"unix {base}/dbus/system_bus_socket",
-                f"abstract {name}", f"unix {base}/allowed.sock",
+                f"abstract {name}", f"unix {base}/allowed-link", f"unix_wait {base}/late.sock",
+                f"unix {base}/allowed.sock",
                 "tool id", "tool getent passwd root", "tool logger agentgate-test"]
-        rc, out, err = host.run(*" ; ".join(cmds).split(), user=user)
-        assert rc == 0, err
-        res = {c: r for c, r in zip(cmds, out)}
-        for refused in cmds[:3]:
+        proc = host.popen(*" ; ".join(cmds).split(), user=user)
+        # bound after the run started: no mount namespace covers it, the hook refuses it
+        late = UnixServer(str(base / "late.sock"), group=nogroup)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        res = {c: json.loads(r) for c, r in zip(cmds, out.splitlines())}
+        for refused in cmds[:5]:
             assert not res[refused]["ok"], (refused, res[refused])
-        assert res[cmds[0]]["error"] == res[cmds[1]]["error"] == "ECONNREFUSED"
-        assert res[cmds[2]]["error"] == "EPERM"              # Landlock's scope
-        assert res[cmds[3]]["ok"] and res[cmds[3]]["reply"] == "ok"
-        assert all(res[c]["ok"] for c in cmds[4:]), [res[c] for c in cmds[4:]]
-        assert docker.accepted == bus.accepted == abstract.accepted == 0
+        for by_hook in cmds[:3] + cmds[4:5]:
+            assert res[by_hook]["error"] == "EPERM", (by_hook, res[by_hook])
+        assert res[cmds[3]]["error"] == "ECONNREFUSED"      # the cover under the link
+        assert res[cmds[5]]["ok"] and res[cmds[5]]["reply"] == "ok"
+        assert all(res[c]["ok"] for c in cmds[6:]), [res[c] for c in cmds[6:]]
+        assert docker.accepted == bus.accepted == abstract.accepted == late.accepted == 0
         assert allowed.accepted == 1
         # outside the run, nothing changed: the host still reaches them
         assert UnixClient(str(base / "docker.sock"))
@@ -219,9 +195,19 @@ def test_unix_sockets_are_reachable_only_as_the_policy_allows(host, tmp_path, us
         assert f"{base}/docker.sock" in guard["hidden"]
         assert f"{base}/allowed.sock" in guard["allowed"]
         assert guard["abstract"].startswith("refused")
+        assert guard["connect"].startswith("judged by the BPF")
+        # each refusal by the hook is recorded with who tried, and the address as given
+        denied = [f for k, f in run["events"] if k == "unix_denied"]
+        assert [d["address"] for d in denied] == [
+            f"{base}/docker.sock", f"{base}/dbus/system_bus_socket", f"@{name}",
+            f"{base}/late.sock"]
+        uid = pwd.getpwnam(user).pw_uid if user else 0
+        assert {(d["uid"], d["comm"]) for d in denied} == {(uid, "python3")}
+        assert all(d["pid"] > 0 for d in denied)
     finally:
-        for s in (docker, bus, allowed, abstract):
-            s.close()
+        for s in (docker, bus, allowed, abstract, late):
+            if s is not None:
+                s.close()
 
 
 def UnixClient(path: str) -> bool:

@@ -164,9 +164,11 @@ def test_without_a_guard_for_abstract_sockets_a_run_is_refused_unless_the_gap_is
     monkeypatch.setattr(run.unixguard, "landlock_abi", lambda: 5)   # a kernel before 6.12
     cfg = HostAgentConfig()
     with pytest.raises(InterceptError, match='abstract_unix = "allow"'):
-        run._unix_plan(cfg)
+        run._unix_plan(cfg, hooks=False)                             # and before 6.7
+    plan = run._unix_plan(cfg, hooks=True)                           # 6.7 to 6.11
+    assert plan.record()["abstract"] == "refused unless allowed (BPF hook)"
     cfg.intercept.abstract_unix = "allow"
-    plan = run._unix_plan(cfg)
+    plan = run._unix_plan(cfg, hooks=False)
     assert not plan.scope_abstract and "reachable" in plan.record()["abstract"]
 
 

@@ -1,0 +1,298 @@
+"""The cgroup unix-socket hooks (kernel 6.7+): programs bcc compiles but can't load.
+
+bcc 0.26 neither knows these attach types nor calls kfuncs, and reading a unix address
+in these hooks takes two (bpf_cast_to_kern_ctx, bpf_rdonly_cast). So intercept.c calls
+placeholder helpers (AG_KFUNC_*), and here the compiled instructions are rewritten into
+kfunc calls to the ids vmlinux's BTF gives, then loaded and attached by system call.
+Whether the kernel has the hooks is found by probing (BTF, then the load), never by
+its version.
+"""
+from __future__ import annotations
+
+import ctypes
+import fnmatch
+import os
+import platform
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+BTF = Path("/sys/kernel/btf/vmlinux")
+SYS_BPF = {"x86_64": 321, "aarch64": 280}
+BPF_PROG_LOAD, BPF_PROG_ATTACH, BPF_PROG_DETACH = 5, 8, 9
+BPF_PROG_GET_FD_BY_ID, BPF_OBJ_GET_INFO_BY_FD, BPF_PROG_QUERY = 13, 15, 16
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+BPF_CGROUP_UNIX_CONNECT, BPF_CGROUP_UNIX_SENDMSG = 49, 50
+BPF_F_ALLOW_MULTI = 2
+PSEUDO_KFUNC_CALL = 2
+CALL = 0x85                 # BPF_JMP | BPF_CALL
+PLACEHOLDERS = {0x7ff0: "bpf_cast_to_kern_ctx", 0x7ff1: "bpf_rdonly_cast"}
+PROGRAMS = (("ag_unix_connect", BPF_CGROUP_UNIX_CONNECT),
+            ("ag_unix_sendmsg", BPF_CGROUP_UNIX_SENDMSG))
+SUN_PATH = 108
+
+
+@dataclass(frozen=True)
+class Btf:
+    funcs: dict[str, int]        # kfunc name -> BTF id
+    sockaddr_un: int             # struct sockaddr_un's BTF id
+    uaddrlen_off: int            # offset of bpf_sock_addr_kern.uaddrlen (6.7+ only)
+
+    def cflags(self) -> list[str]:
+        return ["-DAG_UNIX_HOOKS=1", f"-DAG_SOCKADDR_UN_ID={self.sockaddr_un}",
+                f"-DAG_UADDRLEN_OFF={self.uaddrlen_off}"]
+
+
+def probe_btf() -> Btf | None:
+    """What the hooks need from the kernel's BTF, or None (no BTF, no bpftool, or a kernel
+    whose bpf_sock_addr_kern has no uaddrlen: one without the unix hooks)."""
+    if not BTF.exists() or not shutil.which("bpftool"):
+        return None
+    r = subprocess.run(["bpftool", "btf", "dump", "file", str(BTF)], capture_output=True,
+                       text=True)
+    if r.returncode != 0:
+        return None
+    text = r.stdout
+    funcs = {}
+    for name in PLACEHOLDERS.values():
+        m = re.search(rf"^\[(\d+)\] FUNC '{name}' ", text, re.M)
+        if m is None:
+            return None
+        funcs[name] = int(m.group(1))
+    sun = re.search(r"^\[(\d+)\] STRUCT 'sockaddr_un' ", text, re.M)
+    kern = re.search(r"^\[\d+\] STRUCT 'bpf_sock_addr_kern' [^\n]*\n((?:\t[^\n]*\n)*)", text, re.M)
+    if sun is None or kern is None:
+        return None
+    off = re.search(r"'uaddrlen' type_id=\d+ bits_offset=(\d+)", kern.group(1))
+    if off is None:
+        return None
+    return Btf(funcs, int(sun.group(1)), int(off.group(1)) // 8)
+
+
+def patch(insns: bytes, btf: Btf) -> bytes:
+    """The placeholder helper calls rewritten into kfunc calls."""
+    out = bytearray(insns)
+    for off in range(0, len(out), 8):
+        imm = int.from_bytes(out[off + 4:off + 8], "little", signed=True)
+        if out[off] == CALL and imm in PLACEHOLDERS:
+            out[off + 1] = (PSEUDO_KFUNC_CALL << 4) | (out[off + 1] & 0x0F)
+            out[off + 4:off + 8] = btf.funcs[PLACEHOLDERS[imm]].to_bytes(4, "little")
+    return bytes(out)
+
+
+class _ProgLoad(ctypes.Structure):
+    _fields_ = [("prog_type", ctypes.c_uint32), ("insn_cnt", ctypes.c_uint32),
+                ("insns", ctypes.c_uint64), ("license", ctypes.c_uint64),
+                ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
+                ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32),
+                ("prog_flags", ctypes.c_uint32), ("prog_name", ctypes.c_char * 16),
+                ("prog_ifindex", ctypes.c_uint32), ("expected_attach_type", ctypes.c_uint32),
+                ("rest", ctypes.c_uint8 * 64)]
+
+
+class _ProgAttach(ctypes.Structure):
+    _fields_ = [("target_fd", ctypes.c_uint32), ("attach_bpf_fd", ctypes.c_uint32),
+                ("attach_type", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("replace_bpf_fd", ctypes.c_uint32), ("rest", ctypes.c_uint8 * 44)]
+
+
+def _bpf(cmd: int, attr) -> int:
+    nr = SYS_BPF.get(platform.machine())
+    if nr is None:
+        raise OSError(0, f"bpf(): unknown system call number on {platform.machine()}")
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    r = libc.syscall(nr, ctypes.c_int(cmd), ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
+    if r < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return r
+
+
+@dataclass
+class UnixProgram:
+    name: str
+    fd: int
+    attach_type: int
+
+
+def load(bpf, btf: Btf) -> list[UnixProgram]:
+    """Both hooks loaded from `bpf` (a bcc BPF built with btf.cflags()). OSError with the
+    verifier's last words if the kernel refuses them."""
+    out = []
+    for name, atype in PROGRAMS:
+        insns = patch(bpf.dump_func(name.encode()), btf)
+        buf = ctypes.create_string_buffer(insns, len(insns))
+        lic = ctypes.create_string_buffer(b"GPL")
+        log = ctypes.create_string_buffer(1 << 16)
+        attr = _ProgLoad(prog_type=BPF_PROG_TYPE_CGROUP_SOCK_ADDR, insn_cnt=len(insns) // 8,
+                         insns=ctypes.addressof(buf), license=ctypes.addressof(lic),
+                         prog_name=name.encode()[:15], expected_attach_type=atype)
+        try:
+            fd = _bpf(BPF_PROG_LOAD, attr)
+        except OSError:
+            attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
+            try:
+                fd = _bpf(BPF_PROG_LOAD, attr)
+            except OSError as exc:
+                last = log.value.decode(errors="replace").strip().splitlines()[-1:] or [""]
+                for p in out:
+                    os.close(p.fd)
+                raise OSError(exc.errno, f"{name}: {exc.strerror} {last[0]}".strip()) from None
+        out.append(UnixProgram(name, fd, atype))
+    return out
+
+
+def attach(progs: list[UnixProgram], cgroup_fd: int) -> None:
+    for p in progs:
+        _bpf(BPF_PROG_ATTACH, _ProgAttach(target_fd=cgroup_fd, attach_bpf_fd=p.fd,
+                                          attach_type=p.attach_type,
+                                          attach_flags=BPF_F_ALLOW_MULTI))
+
+
+def detach(progs: list[UnixProgram], cgroup_fd: int) -> None:
+    for p in progs:
+        _bpf(BPF_PROG_DETACH, _ProgAttach(target_fd=cgroup_fd, attach_bpf_fd=p.fd,
+                                          attach_type=p.attach_type))
+
+
+class _Query(ctypes.Structure):
+    _fields_ = [("target_fd", ctypes.c_uint32), ("attach_type", ctypes.c_uint32),
+                ("query_flags", ctypes.c_uint32), ("attach_flags", ctypes.c_uint32),
+                ("prog_ids", ctypes.c_uint64), ("prog_cnt", ctypes.c_uint32),
+                ("rest", ctypes.c_uint8 * 36)]
+
+
+class _GetById(ctypes.Structure):
+    _fields_ = [("id", ctypes.c_uint32), ("next_id", ctypes.c_uint32),
+                ("open_flags", ctypes.c_uint32), ("rest", ctypes.c_uint8 * 52)]
+
+
+class _InfoByFd(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32),
+                ("info", ctypes.c_uint64), ("rest", ctypes.c_uint8 * 48)]
+
+
+PROG_INFO_NAME = 64     # offset of bpf_prog_info.name (UAPI)
+
+
+def attached(cgroup_fd: int, prefix: str) -> list[tuple[int, int]]:
+    """(program fd, attach type) of the unix hooks attached to the cgroup itself whose
+    names start with `prefix` (bpftool of this vintage doesn't list these types). The
+    caller closes the fds."""
+    out = []
+    for _, atype in PROGRAMS:
+        ids = (ctypes.c_uint32 * 64)()
+        q = _Query(target_fd=cgroup_fd, attach_type=atype, prog_ids=ctypes.addressof(ids),
+                   prog_cnt=64)
+        try:
+            _bpf(BPF_PROG_QUERY, q)
+        except OSError:
+            continue     # a kernel without this hook: nothing attached
+        for pid in ids[:q.prog_cnt]:
+            try:
+                fd = _bpf(BPF_PROG_GET_FD_BY_ID, _GetById(id=pid))
+            except OSError:
+                continue     # gone since the query
+            info = ctypes.create_string_buffer(PROG_INFO_NAME + 16)
+            try:
+                _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoByFd(bpf_fd=fd, info_len=len(info),
+                                                       info=ctypes.addressof(info)))
+            except OSError:
+                os.close(fd)
+                continue
+            name = info.raw[PROG_INFO_NAME:PROG_INFO_NAME + 16].split(b"\0", 1)[0].decode()
+            if name.startswith(prefix):
+                out.append((fd, atype))
+            else:
+                os.close(fd)
+    return out
+
+
+def detach_ours(cgroup: Path, prefix: str, keep: list[UnixProgram] = ()) -> int:
+    """Detach the unix hooks named with `prefix` from `cgroup`, but those in `keep` (a
+    running loader's own)."""
+    try:
+        cg = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return 0
+    n = 0
+    try:
+        mine = set()
+        for p in keep:
+            mine.add(_prog_id(p.fd))
+        for fd, atype in attached(cg, prefix):
+            try:
+                if _prog_id(fd) not in mine:
+                    _bpf(BPF_PROG_DETACH, _ProgAttach(target_fd=cg, attach_bpf_fd=fd,
+                                                      attach_type=atype))
+                    n += 1
+            finally:
+                os.close(fd)
+    finally:
+        os.close(cg)
+    return n
+
+
+def _prog_id(fd: int) -> int:
+    info = ctypes.create_string_buffer(PROG_INFO_NAME + 16)
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoByFd(bpf_fd=fd, info_len=len(info),
+                                           info=ctypes.addressof(info)))
+    return int.from_bytes(info.raw[4:8], "little")
+
+
+# ---------------------------------------------------------------------- the allowlist
+
+@dataclass(frozen=True)
+class Entry:
+    name: bytes          # '/path' or '@abstract'
+    exact: bool          # exact, or a prefix
+
+    @property
+    def table(self) -> str:
+        return "unix_exact" if self.exact else "unix_prefix"
+
+    @property
+    def key_len(self) -> int:
+        """intercept.c's unix_key.len: bytes for an exact name, bits for a prefix."""
+        return len(self.name) if self.exact else len(self.name) * 8
+
+
+_WILD = re.compile(r"[*?\[]")
+
+
+def spellings(path: str) -> list[str]:
+    """/run and /var/run name the same place on Debian: a client may use either."""
+    for a, b in (("/run/", "/var/run/"), ("/var/run/", "/run/")):
+        if path.startswith(a):
+            return [path, b + path[len(a):]]
+    return [path]
+
+
+def entries(globs: tuple[str, ...], abstract_allowed: bool,
+            bound: set[str] | None = None) -> list[Entry]:
+    """The allowlist's entries for these globs: a name without wildcards is exact, one
+    whose only wildcard is a trailing '*' a prefix; any other glob is matched against
+    the names bound now (`bound`, from /proc/net/unix) and refreshed as they change."""
+    out: list[Entry] = []
+    for glob in globs:
+        for g in spellings(glob):
+            wild = _WILD.search(g)
+            if wild is None:
+                out.append(Entry(g.encode(), True))
+            elif wild.start() == len(g) - 1 and g.endswith("*"):
+                out.append(Entry(g[:-1].encode(), False))
+            else:
+                out += [Entry(name.encode(), True) for name in sorted(bound or ())
+                        if fnmatch.fnmatchcase(name, g)]
+    if abstract_allowed:
+        out.append(Entry(b"@", False))
+    return [e for e in dict.fromkeys(out) if len(e.name) <= SUN_PATH]
+
+
+def needs_refresh(globs: tuple[str, ...]) -> bool:
+    return any(not (_WILD.search(g) is None or
+                    (_WILD.search(g).start() == len(g) - 1 and g.endswith("*")))
+               for g in globs)
