@@ -478,8 +478,11 @@ int ag_cgroup_made(struct cgroup_path_args *args)
 // to the ids vmlinux's BTF gives (AG_SOCKADDR_UN_ID is struct sockaddr_un's).
 #define AG_KFUNC_CAST_TO_KERN_CTX 0x7ff0
 #define AG_KFUNC_RDONLY_CAST 0x7ff1
+#define AG_KFUNC_SET_SUN_PATH 0x7ff2
 static void *(*ag_cast_to_kern_ctx)(void *ctx) = (void *)AG_KFUNC_CAST_TO_KERN_CTX;
 static void *(*ag_rdonly_cast)(void *obj, __u32 btf_id) = (void *)AG_KFUNC_RDONLY_CAST;
+static int (*ag_set_sun_path)(void *kern, const char *path, __u32 len) =
+    (void *)AG_KFUNC_SET_SUN_PATH;
 
 // struct bpf_sock_addr_kern's first fields; uaddrlen is at AG_UADDRLEN_OFF (from BTF:
 // the verifier checks every offset against it)
@@ -498,6 +501,16 @@ struct unix_key {
     char name[AG_SUN_PATH + 2];
 };
 BPF_HASH(unix_exact, struct unix_key, __u32, 1024);
+// a target's unix socket path -> the proxy's socket for that target: the connect is
+// rewritten there, as connect4/6 rewrite a target's address to the proxy
+struct unix_dest {
+    __u32 len;
+    char path[AG_SUN_PATH];
+};
+BPF_HASH(unix_redirect, struct unix_key, struct unix_dest, 64);
+// who was sent to the proxy's unix sockets, by process: the proxy finds the peer's
+// record by its SO_PEERCRED pid (its attestation, as `peers` is for TCP)
+BPF_TABLE_PINNED("lru_hash", __u32, struct conn_info, unix_conns, 16384, AG_PIN "/unix_conns");
 BPF_F_TABLE("lpm_trie", struct unix_key, __u32, unix_prefix, 1024, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(unix_scratch, struct unix_key, 1);
 
@@ -536,6 +549,34 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
     if (abstract)
         k->name[0] = '@';
     k->len = len;
+    struct unix_dest *dest = unix_redirect.lookup(k);
+    if (dest) {
+        __u32 dlen = dest->len;
+        if (dlen > AG_SUN_PATH)
+            return 0;
+        // two separate tests, kept apart: merged into one (dlen - 1 > 107) the verifier
+        // would not know dlen's bounds at the call
+        asm volatile("" : "+r"(dlen));
+        if (dlen == 0)
+            return 0;
+        if (ag_set_sun_path(kern, dest->path, dlen) != 0)
+            return 0;
+        struct conn_info ci = {};
+        __u64 id = bpf_get_current_pid_tgid();
+        __u64 ug = bpf_get_current_uid_gid();
+        ci.cookie = bpf_get_socket_cookie(ctx);
+        ci.cgroup_id = bpf_get_current_cgroup_id();
+        ci.ktime_ns = bpf_ktime_get_ns();
+        ci.tgid = id >> 32;
+        ci.tid = (__u32)id;
+        ci.uid = (__u32)ug;
+        ci.gid = ug >> 32;
+        ci.action = ACT_TARGET;
+        ci.family = 1;   // AF_UNIX
+        bpf_get_current_comm(&ci.comm, sizeof(ci.comm));
+        unix_conns.update(&ci.tgid, &ci);
+        return 1;
+    }
     if (unix_exact.lookup(k))
         return 1;
     k->len = len * 8;

@@ -74,6 +74,9 @@ class TargetConfig:
     listen_allow: list[tuple[str, str]] | None = None   # who it serves: (kind, value)
                                        # pairs (ALLOW_KINDS); None: root alone
     idle_timeout: float | None = None  # seconds; None: the protocol's default
+    # local socket paths of this target (a database's): an enrolled connect to one is
+    # proxied like one to its address
+    unix: list[str] = field(default_factory=list)
     options: Options = field(default_factory=lambda: Options({}))
     where: str = ""                    # for messages: file and target
 
@@ -244,6 +247,12 @@ def _target(t: Section, names: set[str]) -> TargetConfig:
                           addresses=[addrs] if isinstance(addrs, str) else list(addrs or []),
                           listen=t.get("listen", str, None),
                           idle_timeout=t.get("idle_timeout", float, None), where=where)
+    unix = t.get("unix", (str, list), [])
+    target.unix = [unix] if isinstance(unix, str) else list(unix)
+    for path in target.unix:
+        if not isinstance(path, str) or not path.startswith("/") or len(path.encode()) > 107:
+            raise ConfigError(f"{where}: 'unix' lists absolute socket paths (107 bytes at "
+                              f"most), got {path!r}")
     t._seen.add("listen_allow")   # type checked below: the message names the target
     allow = t.data.get("listen_allow")
     if allow is not None:

@@ -269,7 +269,7 @@ class Daemon:
     def hello(self) -> dict:
         icpt = self.stack.icpt
         return {"proxy_port": icpt.proxy_port, "tree": str(self.root), "mode": icpt.mode,
-                "unix_hooks": bool(icpt.unix_progs)}
+                "unix_hooks": bool(icpt.unix_progs), "unix_proxies": self.stack.unix_proxies}
 
     async def enroll(self, pid: int, *, argv: list[str], user: str | None,
                      requested_by: str, unix: dict | None = None) -> dict:

@@ -68,10 +68,14 @@ def _no_gc():
             gc.enable()
 
 
-def _unix_plan(cfg: HostAgentConfig, hooks: bool) -> unixguard.UnixPlan:
-    """`hooks`: the BPF unix-socket hooks are attached (they judge abstract names too)."""
+def _unix_plan(cfg: HostAgentConfig, hooks: bool,
+               proxies: tuple[str, ...] = ()) -> unixguard.UnixPlan:
+    """`hooks`: the BPF unix-socket hooks are attached (they judge abstract names too);
+    `proxies`: the proxy's sockets for targets' unix paths, where the hooks send those
+    connects (not covered)."""
     allowed = cfg.intercept.abstract_unix == "allow"
-    plan = unixguard.plan(unixguard.unix_allowed(cfg), abstract_allowed=allowed, hooks=hooks)
+    plan = unixguard.plan(unixguard.unix_allowed(cfg) + tuple(proxies),
+                          abstract_allowed=allowed, hooks=hooks)
     if not allowed and not plan.scope_abstract and not hooks:
         # fail closed: a gap is accepted only in so many words
         raise InterceptError("abstract unix sockets can't be guarded on this kernel (neither "
@@ -154,8 +158,10 @@ def run_command(argv: list[str], cfg: HostAgentConfig, user: str | None = None,
     if client is not None:
         if mode:
             raise InterceptError("--mode is the daemon's to set when a host agent is running")
-        hooks = bool(client.call("hello").get("unix_hooks"))
-        return _run_via_daemon(client, argv, pw, _unix_plan(cfg, hooks))
+        hello = client.call("hello")
+        plan = _unix_plan(cfg, bool(hello.get("unix_hooks")),
+                          tuple(hello.get("unix_proxies") or ()))
+        return _run_via_daemon(client, argv, pw, plan)
     if os.geteuid() != 0:
         raise InterceptError("no host agent is running, and running one in-process needs root")
     return run_loop(_run_in_process(argv, cfg, pw, mode))
@@ -255,7 +261,8 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
                               pin_dir=Path("/sys/fs/bpf") / f"{cfg.intercept.tree}-run-{group}",
                               session_group=group, on_event=lambda ev: run and run.event(ev))
         # refused before anything starts
-        unix = await asyncio.to_thread(_unix_plan, cfg, bool(stack.icpt.unix_progs))
+        unix = await asyncio.to_thread(_unix_plan, cfg, bool(stack.icpt.unix_progs),
+                                       tuple(stack.unix_proxies))
         cg = cgroups.make_cgroup(root, f"run-{group}")
         stack.icpt.attach(cg)
         run = RunSession(spool, host=cfg.host, argv=argv, user=pw.pw_name if pw else None,

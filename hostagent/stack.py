@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -25,6 +26,7 @@ from hostagent.recording.shipper import Shipper
 from hostagent.recording.spool import Spool
 from hostagent.tls import CAError, LocalCA
 
+UNIX_PROXY_DIR = Path("/run/agentgate/unix")
 log = logging.getLogger("agentgate.hostagent")
 
 
@@ -61,6 +63,8 @@ class Stack:
         self.icpt: Interceptor | None = None
         self.proxy: Proxy | None = None
         self.pin_dir: Path | None = None
+        self.unix_dir: Path | None = None
+        self.unix_proxies: list[str] = []     # the proxy's sockets for targets' unix paths
         self._tasks: list[asyncio.Task] = []
 
     def ship_to(self, address: CollectorAddress) -> Shipper:
@@ -93,9 +97,42 @@ class Stack:
             loop = asyncio.get_running_loop()
             self.icpt.start_events(lambda ev: loop.call_soon_threadsafe(on_event, ev))
         self.proxy = self._proxy(targets, ca, lookup=self.icpt.take_peer,
+                                 unix_lookup=self.icpt.take_unix_peer,
                                  identify=IdentityCache(cgroups.cgroup2_mount(), cfg.intercept.tree),
                                  session_group=session_group)
         await self.proxy.listen(socks)
+        await self._listen_unix(targets, pin_dir)
+
+    async def _listen_unix(self, targets: Targets, pin_dir: Path) -> None:
+        """A proxy socket for each target's local socket paths, and the kernel told to
+        send enrolled connects to those paths there."""
+        wanted = [t for t in targets.targets if t.unix]
+        if not wanted:
+            return
+        if not self.icpt.unix_progs:
+            log.warning("the unix sockets of %s can't be proxied without the BPF unix-socket "
+                        "hooks (%s): enrolled connects to them are refused",
+                        ", ".join(t.name for t in wanted), self.icpt.unix_error)
+            return
+        base = UNIX_PROXY_DIR / pin_dir.name
+        base.mkdir(parents=True, exist_ok=True)
+        for d in (UNIX_PROXY_DIR, base):   # agents of any user reach the sockets (each
+            os.chmod(d, 0o755)             # is served only with the kernel's record)
+        self.unix_dir = base
+        redirects = {}
+        for i, t in enumerate(wanted):
+            path = base / f"{i}.sock"
+            path.unlink(missing_ok=True)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.bind(str(path))
+            os.chmod(path, 0o666)
+            sock.listen(1024)
+            await self.proxy.listen_unix(t, sock)
+            self.unix_proxies.append(str(path))
+            redirects.update({given: str(path) for p in t.unix
+                              for given in unixhooks.spellings(p)})
+        self.icpt.set_unix_redirects(redirects)
+        log.info("proxying the unix sockets %s", ", ".join(sorted(redirects)))
 
     async def _refresh_unix(self, period: float = 1.0) -> None:
         """Globs that name more than one socket follow the sockets bound on the host."""
@@ -150,6 +187,8 @@ class Stack:
             self.icpt.close(detach=detach)
         if unpin and self.pin_dir:
             shutil.rmtree(self.pin_dir, ignore_errors=True)
+        if self.unix_dir:
+            shutil.rmtree(self.unix_dir, ignore_errors=True)
 
 
 def run_loop(coro):

@@ -418,6 +418,35 @@ class Interceptor:
                 if bytes(key) not in keys:
                     del table[key]
 
+    def set_unix_redirects(self, redirects: dict[str, str]) -> None:
+        """A target's local socket path -> the proxy's socket for it: enrolled connects
+        to the one are rewritten to the other (and remembered: take_unix_peer)."""
+        table = self.bpf["unix_redirect"]
+        table.clear()
+        for given, proxy in redirects.items():
+            key = table.Key()
+            key.len = len(given.encode())
+            ctypes.memmove(ctypes.addressof(key) + 4, given.encode(), key.len)
+            dest = table.Leaf()
+            dest.len = len(proxy.encode())
+            ctypes.memmove(ctypes.addressof(dest) + 4, proxy.encode(), dest.len)
+            table[key] = dest
+
+    def take_unix_peer(self, pid: int) -> ConnRecord | None:
+        """The record of the process (SO_PEERCRED's pid) the kernel sent to one of the
+        proxy's unix sockets, while fresh. Kept (a process may open several
+        connections); the next redirect of that process replaces it."""
+        try:
+            ci = self.bpf["unix_conns"][ctypes.c_uint32(pid)]
+        except KeyError:
+            return None
+        if time.monotonic_ns() - ci.ktime_ns > RECORD_TTL_NS:
+            return None
+        return ConnRecord(cookie=ci.cookie, cgroup_id=ci.cgroup_id, ktime_ns=ci.ktime_ns,
+                          pid=ci.tgid, tid=ci.tid, uid=ci.uid, gid=ci.gid, dst_host="",
+                          dst_port=0, action=ci.action, family=socket.AF_UNIX,
+                          comm=bytes(ci.comm).split(b"\0", 1)[0].decode(errors="replace"))
+
     def enroll(self, cgroup_id: int) -> None:
         self.bpf["enrolled"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(1)
 
@@ -432,6 +461,8 @@ class Interceptor:
         client is gone, must not lend its identity to whoever reuses that port)."""
         self._peers.clear()
         self._conns.clear()
+        if self.unix_progs:
+            self.bpf["unix_conns"].clear()
 
     def take_peer(self, host: str, port: int) -> ConnRecord | None:
         """The connect record of the client whose local address is host:port, removed

@@ -28,7 +28,8 @@ BPF_CGROUP_UNIX_CONNECT, BPF_CGROUP_UNIX_SENDMSG = 49, 50
 BPF_F_ALLOW_MULTI = 2
 PSEUDO_KFUNC_CALL = 2
 CALL = 0x85                 # BPF_JMP | BPF_CALL
-PLACEHOLDERS = {0x7ff0: "bpf_cast_to_kern_ctx", 0x7ff1: "bpf_rdonly_cast"}
+PLACEHOLDERS = {0x7ff0: "bpf_cast_to_kern_ctx", 0x7ff1: "bpf_rdonly_cast",
+                0x7ff2: "bpf_sock_addr_set_sun_path"}
 PROGRAMS = (("ag_unix_connect", BPF_CGROUP_UNIX_CONNECT),
             ("ag_unix_sendmsg", BPF_CGROUP_UNIX_SENDMSG))
 SUN_PATH = 108
@@ -126,7 +127,7 @@ def load(bpf, btf: Btf) -> list[UnixProgram]:
         insns = patch(bpf.dump_func(name.encode()), btf)
         buf = ctypes.create_string_buffer(insns, len(insns))
         lic = ctypes.create_string_buffer(b"GPL")
-        log = ctypes.create_string_buffer(1 << 16)
+        log = ctypes.create_string_buffer(1 << 24)
         attr = _ProgLoad(prog_type=BPF_PROG_TYPE_CGROUP_SOCK_ADDR, insn_cnt=len(insns) // 8,
                          insns=ctypes.addressof(buf), license=ctypes.addressof(lic),
                          prog_name=name.encode()[:15], expected_attach_type=atype)
@@ -137,10 +138,12 @@ def load(bpf, btf: Btf) -> list[UnixProgram]:
             try:
                 fd = _bpf(BPF_PROG_LOAD, attr)
             except OSError as exc:
-                last = log.value.decode(errors="replace").strip().splitlines()[-1:] or [""]
+                lines = [x for x in log.value.decode(errors="replace").strip().splitlines()
+                         if not x.startswith(("processed ", "verification time"))]
                 for p in out:
                     os.close(p.fd)
-                raise OSError(exc.errno, f"{name}: {exc.strerror} {last[0]}".strip()) from None
+                why = lines[-1] if lines else ""
+                raise OSError(exc.errno, f"{name}: {exc.strerror}: {why}".strip()) from None
         out.append(UnixProgram(name, fd, atype))
     return out
 

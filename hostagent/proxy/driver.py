@@ -14,6 +14,7 @@ import collections
 import logging
 import socket
 import ssl
+import struct
 from typing import Callable
 
 from agentgate.events import SESSION_END, SESSION_START
@@ -36,11 +37,13 @@ REFUSALS_RECORDED, REFUSALS_WINDOW = 20, 60.0   # per listener and user: recorde
 
 class Proxy:
     def __init__(self, *, lookup: Callable[[str, int], ConnRecord | None],
+                 unix_lookup: Callable[[int], ConnRecord | None] | None = None,
                  identify: Callable[[ConnRecord], dict], spool: Spool, host: str,
                  targets: Targets, raw: ProtocolSpec, session_group: str = "",
                  on_session: Callable[[str], None] | None = None, policy: Policy | None = None,
                  approver=None, ca=None, samples=None, budget_bytes: int = 256 << 20):
         self.lookup = lookup
+        self.unix_lookup = unix_lookup
         self.identify = identify
         self.spool = spool
         self.host = host
@@ -82,6 +85,15 @@ class Proxy:
         self.servers.append(await asyncio.start_server(accept, sock=sock, limit=READ_SIZE))
         self._sweep_start()
 
+    async def listen_unix(self, target: Target, sock: socket.socket) -> None:
+        """The proxy's unix socket for a target's local socket path: the kernel rewrites
+        an enrolled connect to that path to this socket, and keeps who made it
+        (unix_lookup, by the peer's pid). Anyone else is refused."""
+        async def accept(reader, writer):
+            await self._accept(reader, writer, unix=target)
+        self.servers.append(await asyncio.start_unix_server(accept, sock=sock, limit=READ_SIZE))
+        self._sweep_start()
+
     async def close(self, grace: float = 5.0) -> None:
         for s in self.servers:
             s.close()
@@ -101,14 +113,14 @@ class Proxy:
     # ------------------------------------------------------------------ one connection
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                      plain: Target | None = None) -> None:
+                      plain: Target | None = None, unix: Target | None = None) -> None:
         task = asyncio.current_task()
         self.active.add(task)
         # nothing is read before the session knows its protocol: one that owns the wire
         # (serve) takes the socket with every byte still in the kernel
         writer.transport.pause_reading()
         try:
-            await self._session(reader, writer, plain)
+            await self._session(reader, writer, plain, unix)
         except Exception:
             log.exception("proxy session failed")
         finally:
@@ -157,8 +169,19 @@ class Proxy:
         except SpoolError as exc:
             log.error("cannot record a refused connection to %s: %s", listener.name, exc)
 
-    async def _who(self, writer, plain: Target | None):
+    async def _who(self, writer, plain: Target | None, unix: Target | None = None):
         """(target, upstream addresses, identity), or None when refused."""
+        if unix is not None:
+            sock = writer.get_extra_info("socket")
+            pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            rec = self.unix_lookup(pid) if self.unix_lookup else None
+            if rec is None:
+                self.refused += 1
+                log.warning("refused a connection to the %s unix socket from pid %d (uid %d): "
+                            "no interception record", unix.name, pid, uid)
+                return None
+            return unix, list(unix.addresses), self.identify(rec)
         peer = writer.get_extra_info("peername")
         local = writer.get_extra_info("sockname")
         if plain is not None:
@@ -185,8 +208,9 @@ class Proxy:
             else None
         return target, [(rec.dst_host, rec.dst_port)], self.identify(rec)
 
-    async def _session(self, reader, writer, plain: Target | None = None) -> None:
-        found = await self._who(writer, plain)
+    async def _session(self, reader, writer, plain: Target | None = None,
+                       unix: Target | None = None) -> None:
+        found = await self._who(writer, plain, unix)
         if found is None:
             return
         target, upstreams, ident = found
@@ -203,7 +227,8 @@ class Proxy:
         start = {"host": self.host, "target": target.name if target else dst,
                  "protocol": spec.name, "destination": dst, "process": ident,
                  "session_group": self.session_group, "mode": "target" if target else "record",
-                 "layer": spec.name, "via": "listener" if plain else "redirect",
+                 "layer": spec.name,
+                 "via": "listener" if plain else "unix" if unix else "redirect",
                  "agent": summary(ident)}
         try:
             recorder.record(SESSION_START, start)

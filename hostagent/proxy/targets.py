@@ -120,6 +120,7 @@ class Target:
                                      # certificate names them
     listen: tuple[str, int] | None = None   # a plain listener (no eBPF) for this target
     listen_allow: ListenAllow = ROOT_ONLY   # whom that listener serves
+    unix: tuple[str, ...] = ()              # local socket paths proxied to this target
     idle_timeout: float = 3600.0
 
     def __post_init__(self):
@@ -170,7 +171,7 @@ def build_targets(cfg) -> Targets:
             raise InterceptError(str(exc)) from None
         out.append(Target(t.name, spec.name, tuple(addrs), spec=spec, options=options,
                           names=tuple(n for n in names if n), listen=listen,
-                          listen_allow=allow,
+                          listen_allow=allow, unix=tuple(t.unix),
                           idle_timeout=t.idle_timeout or spec.idle_timeout))
     return Targets(out)
 

@@ -587,3 +587,48 @@ def test_settings_that_would_make_the_server_read_statements_otherwise_are_refus
         pg.sql("ALTER DATABASE shop RESET standard_conforming_strings")
     p = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode == 0 and p.stdout.strip() == "1", p.stderr
+
+
+def psql_local(h, pg, *sql, user="postgres"):
+    """psql to the server's local socket (its directory as -h), as libpq does by default."""
+    args = [str(BIN / "agentgate"), "run", "--config", str(h.config), "--user", user, "--",
+            "psql", "-X", "-A", "-t", "-h", str(pg.dir), "-p", str(pg.port), "-U", "postgres",
+            "-d", "shop"]
+    for s in sql:
+        args += ["-c", s]
+    return subprocess.run(args, capture_output=True, text=True, timeout=60,
+                          env={"PATH": os.environ["PATH"], "PGCONNECT_TIMEOUT": "10"})
+
+
+def test_the_local_socket_is_proxied_like_the_address(tmp_path, collector, pg):
+    """The server trusts its local socket for `postgres` (a superuser, no password): an
+    agent running as postgres would walk in. With the socket listed under the target,
+    it reaches the proxy instead: injected credentials, judged statements."""
+    sock = f"{pg.dir}/.s.PGSQL.{pg.port}"
+    h, echo = make_host(tmp_path, collector, pg, extra=f'unix = "{sock}"')
+    try:
+        p = psql_local(h, pg, "SELECT current_user, count(*) FROM orders", "DROP TABLE orders",
+                       "SELECT 1")
+        assert p.stdout.split() == ["app|2", "1"], p.stderr
+        assert "agentgate: denied by rule" in p.stderr
+        assert orders_exists(pg)
+        (s,) = h.sessions("postgres")
+        assert s["start"]["via"] == "unix"
+        assert s["start"]["process"]["user"] == "postgres"
+        assert s["start"]["process"]["exe"].endswith("/psql")
+        startup = next(f for k, f in s["events"] if k == "startup")
+        assert startup["user"] == "postgres" and startup["upstream_user"] == "app"
+        assert startup["credentials"] == "injected"
+    finally:
+        h.cleanup()
+        echo.close()
+
+
+def test_the_local_socket_of_a_target_that_does_not_list_it_is_refused(pghost, pg):
+    p = psql_local(pghost, pg, "SELECT current_user")
+    assert p.returncode != 0
+    assert "Operation not permitted" in p.stderr, p.stderr
+    (run,) = pghost.sessions("run")
+    assert [f["address"] for k, f in run["events"] if k == "unix_denied"] == \
+        [f"{pg.dir}/.s.PGSQL.{pg.port}"]
+    assert not pghost.sessions("postgres")
