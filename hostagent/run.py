@@ -85,6 +85,14 @@ def _unix_plan(cfg: HostAgentConfig, hooks: bool,
     return plan
 
 
+def _die(what: bytes) -> None:
+    """In the child before exec: say why CMD won't run (errno's name), and exit 126."""
+    err = ctypes.get_errno()
+    os.write(2, b"agentgate run: %s (%s): not running the agent unguarded\n"
+             % (what, os.strerror(err).encode() if err else b"?"))
+    os._exit(126)
+
+
 def _child_setup(user, cgroup: Path | None = None, gate: int | None = None,
                  unix: unixguard.UnixPlan | None = None):
     """Runs in the child between fork and exec: enter the cgroup (or wait until the daemon
@@ -119,10 +127,10 @@ def _child_setup(user, cgroup: Path | None = None, gate: int | None = None,
         # cgroup.procs fails with ENOENT); leaving the namespace, or mounting another
         # cgroup2, needs CAP_SYS_ADMIN, dropped next.
         if libc.unshare(CLONE_NEWCGROUP) != 0:
-            os._exit(126)
+            _die(b"cannot make a cgroup namespace")
         # unix sockets the policy doesn't allow covered (needs CAP_SYS_ADMIN, dropped next)
         if unix is not None and not unixguard.apply(unix, libc, own):
-            os._exit(126)
+            _die(b"cannot set up the mount namespace (unix sockets, read-only /sys)")
         if gate is not None:
             # nothing of the caller's reaches CMD but the standard streams: a descriptor
             # opened outside (a cgroup.procs, a socket) is a way out
@@ -130,11 +138,11 @@ def _child_setup(user, cgroup: Path | None = None, gate: int | None = None,
         if os.geteuid() == 0:
             for cap in DROPPED_CAPS:
                 if libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
-                    os._exit(126)
+                    _die(b"cannot drop capabilities")
         if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
-            os._exit(126)
+            _die(b"cannot set no_new_privs")
         if unix is not None and unix.scope_abstract and not unixguard.restrict_abstract(libc):
-            os._exit(126)
+            _die(b"cannot scope abstract unix sockets (Landlock)")
         if user is not None:
             os.setgroups(groups)
             os.setgid(user.pw_gid)

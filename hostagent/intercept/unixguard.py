@@ -16,6 +16,7 @@ What is covered is worked out in the parent (before fork: reading /proc takes lo
 from __future__ import annotations
 
 import ctypes
+import errno
 import fnmatch
 import os
 from dataclasses import dataclass
@@ -147,7 +148,8 @@ def apply(p: UnixPlan, libc, own_cgroup: bytes | None = None) -> bool:
         return False
     for path in p.hidden:
         if libc.mount(b"/dev/null", path.encode(), None, MS_BIND, None) != 0:
-            if ctypes.get_errno() != 2:   # gone since it was listed: nothing to cover
+            # gone since it was listed (or no longer a file there): nothing to cover
+            if ctypes.get_errno() not in (errno.ENOENT, errno.ENOTDIR):
                 return False
     if own_cgroup is not None:
         attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
