@@ -100,7 +100,7 @@ BPF_TABLE_PINNED("hash", struct addr_key, __u32, resolvers, 64, AG_PIN "/resolve
 BPF_TABLE_PINNED("lru_hash", __u64, struct conn_info, conns, 65536, AG_PIN "/conns");
 BPF_TABLE_PINNED("lru_hash", struct addr_key, struct conn_info, peers, 65536, AG_PIN "/peers");
 BPF_TABLE_PINNED("hash", __u64, __u32, enrolled, 65536, AG_PIN "/enrolled");
-BPF_RINGBUF_OUTPUT(events, 64);
+BPF_RINGBUF_OUTPUT(events, 256);
 BPF_ARRAY(settings, __u32, 1);   // [0] = 1: report every exec (uid/exe enrollment)
 
 // Enrollment on exec: a process exec'ing as one of these users, or one of these paths,
@@ -137,8 +137,47 @@ static __always_inline __u64 tree_cgroup(void)
     return found;
 }
 
+// Refusals an agent can cause at will (a connect loop) are events of its own making: at
+// most AG_GUARD_PER_SEC a second per enrolled cgroup reach the ring buffer, the rest
+// are counted (guard_suppressed, reported at the run's end), so one agent can't crowd
+// out another run's exec events, nor its own.
+#ifndef AG_GUARD_PER_SEC
+#define AG_GUARD_PER_SEC 200
+#endif
+struct guard_window {
+    __u64 start_ns;
+    __u64 count;
+};
+BPF_HASH(guard_rate, __u64, struct guard_window, 16384);
+BPF_HASH(guard_suppressed, __u64, __u64, 16384);
+
+static __always_inline int guard_admit(__u64 cg)
+{
+    __u64 now = bpf_ktime_get_ns();
+    struct guard_window *w = guard_rate.lookup(&cg);
+    if (!w || now - w->start_ns >= 1000000000ull) {
+        struct guard_window fresh = {now, 1};
+        guard_rate.update(&cg, &fresh);
+        return 1;
+    }
+    if (w->count < AG_GUARD_PER_SEC) {
+        __sync_fetch_and_add(&w->count, 1);
+        return 1;
+    }
+    __u64 one = 1;
+    __u64 *n = guard_suppressed.lookup(&cg);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+    else
+        guard_suppressed.update(&cg, &one);
+    return 0;
+}
+
 static __always_inline void emit(__u32 type, struct addr_key *addr)
 {
+    __u64 cg = tree_cgroup();
+    if (type != EV_EXIT && !guard_admit(cg))
+        return;
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         int zero = 0;
@@ -152,9 +191,7 @@ static __always_inline void emit(__u32 type, struct addr_key *addr)
     e->tgid = id >> 32;
     e->flags = 0;
     e->uid = (__u32)bpf_get_current_uid_gid();
-    e->cgroup_id = tree_cgroup();
-    if (!e->cgroup_id)
-        e->cgroup_id = bpf_get_current_cgroup_id();
+    e->cgroup_id = cg ? cg : bpf_get_current_cgroup_id();
     e->ktime_ns = bpf_ktime_get_ns();
     if (addr)
         __builtin_memcpy(&e->addr, addr, sizeof(*addr));
@@ -513,6 +550,8 @@ BPF_HASH(unix_redirect, struct unix_key, struct unix_dest, 64);
 BPF_TABLE_PINNED("lru_hash", __u32, struct conn_info, unix_conns, 16384, AG_PIN "/unix_conns");
 BPF_F_TABLE("lpm_trie", struct unix_key, __u32, unix_prefix, 1024, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(unix_scratch, struct unix_key, 1);
+BPF_PERCPU_ARRAY(unix_ci_scratch, struct conn_info, 1);
+
 
 static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
 {
@@ -532,12 +571,15 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
         n = AG_SUN_PATH;
     int abstract = n > 0 && sun[2] == 0;
     __u32 len = n;   // a path ends at its first NUL; an abstract name is all n bytes
+    // A path is judged as written, so it must be written plainly: absolute, without
+    // '.' or '..' segments or empty ones ('//'), not ending in '/' (else an allowed
+    // prefix could climb out of its directory: /run/allowed/../../x).
 #pragma unroll
     for (int i = 0; i < AG_SUN_PATH; i++) {
         char c = i < n ? sun[2 + i] : 0;
+        k->name[i] = c;
         if (!abstract && c == 0 && len == n && i < n)
             len = i;
-        k->name[i] = c;
     }
 #pragma unroll
     for (int i = 0; i < AG_SUN_PATH; i++) {
@@ -546,9 +588,33 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
     }
     k->name[AG_SUN_PATH] = 0;
     k->name[AG_SUN_PATH + 1] = 0;
-    if (abstract)
-        k->name[0] = '@';
+    // A path is judged as written, so it must be written plainly: absolute, without
+    // '.' or '..' segments or empty ones ('//'), not ending in '/' (else an allowed
+    // prefix could climb out of its directory: /run/allowed/../../x).
+    // Each '/' looked at with the three bytes after it (the key is zero after the
+    // name): '//', '/./', '/../', the same at the end, and a trailing '/'. Not
+    // unrolled (that outgrows the stack); the length waits in the key meanwhile, so
+    // the paths that reach the loop, one per length, are one state to the verifier.
     k->len = len;
+    __u32 bad = 0;
+    if (!abstract) {
+        const __u8 *nm = (const __u8 *)k->name;
+        bad = nm[0] != '/';
+#pragma clang loop unroll(disable)
+        for (int i = 0; i < AG_SUN_PATH - 1; i++) {
+            if (nm[i] != '/')
+                continue;
+            __u8 c1 = nm[i + 1], c2 = nm[i + 2], c3 = nm[i + 3];
+            if (c1 == '/' || (c1 == 0 && i > 0) ||
+                (c1 == '.' && (c2 == '/' || c2 == 0 || (c2 == '.' && (c3 == '/' || c3 == 0)))))
+                bad = 1;
+        }
+        bad |= nm[AG_SUN_PATH - 1] == '/';
+    }
+    len = k->len;
+    // an abstract name's key starts with its NUL, a path's with '/': they never meet
+    if (bad)
+        goto refuse;
     struct unix_dest *dest = unix_redirect.lookup(k);
     if (dest) {
         __u32 dlen = dest->len;
@@ -561,20 +627,24 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
             return 0;
         if (ag_set_sun_path(kern, dest->path, dlen) != 0)
             return 0;
-        struct conn_info ci = {};
+        struct conn_info *ci = unix_ci_scratch.lookup(&zero);   // (the stack is small)
+        if (!ci)
+            return 0;
         __u64 id = bpf_get_current_pid_tgid();
         __u64 ug = bpf_get_current_uid_gid();
-        ci.cookie = bpf_get_socket_cookie(ctx);
-        ci.cgroup_id = bpf_get_current_cgroup_id();
-        ci.ktime_ns = bpf_ktime_get_ns();
-        ci.tgid = id >> 32;
-        ci.tid = (__u32)id;
-        ci.uid = (__u32)ug;
-        ci.gid = ug >> 32;
-        ci.action = ACT_TARGET;
-        ci.family = 1;   // AF_UNIX
-        bpf_get_current_comm(&ci.comm, sizeof(ci.comm));
-        unix_conns.update(&ci.tgid, &ci);
+        ci->cookie = bpf_get_socket_cookie(ctx);
+        ci->cgroup_id = bpf_get_current_cgroup_id();
+        ci->ktime_ns = bpf_ktime_get_ns();
+        ci->tgid = id >> 32;
+        ci->tid = (__u32)id;
+        ci->uid = (__u32)ug;
+        ci->gid = ug >> 32;
+        __builtin_memset(&ci->orig, 0, sizeof(ci->orig));
+        ci->action = ACT_TARGET;
+        ci->family = 1;   // AF_UNIX
+        bpf_get_current_comm(&ci->comm, sizeof(ci->comm));
+        __u32 tgid = ci->tgid;
+        unix_conns.update(&tgid, ci);
         return 1;
     }
     if (unix_exact.lookup(k))
@@ -582,6 +652,9 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
     k->len = len * 8;
     if (unix_prefix.lookup(k))
         return 1;
+refuse:
+    if (!guard_admit(tree_cgroup()))
+        return 0;
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         __u64 *n = lost.lookup(&zero);
@@ -598,7 +671,6 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
     e->ktime_ns = bpf_ktime_get_ns();
     __builtin_memset(&e->addr, 0, sizeof(e->addr));
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
-#pragma unroll
     for (int i = 0; i < AG_SUN_PATH; i++)
         e->filename[i] = k->name[i];
     e->filename[AG_SUN_PATH] = 0;

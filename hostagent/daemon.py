@@ -45,7 +45,7 @@ class Daemon:
         self._lost_logged = 0
         self._enrolled: dict[str, int | None] = {}   # unit/cgroup -> its cgroup id now
         self._watched: list[str] = []
-        self._parents: set[Path] = set()              # programs attached above enrolled ones
+        self._on_root = False          # programs on the cgroup2 root (for units, cgroups)
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -92,8 +92,12 @@ class Daemon:
         if cfg.uids or cfg.exes:
             self.matched = cgroups.tree_root(cfg.tree) / "matched"
             self.matched.mkdir(exist_ok=True)
-            icpt.enroll(cgroups.cgroup_id(self.matched))
+            ino = cgroups.cgroup_id(self.matched)
+            icpt.enroll(ino)
             icpt.watch_all_execs(cfg.uids, cfg.exes)
+            # what processes enrolled on exec do is recorded as one run's
+            self._enrolled["matched"] = ino
+            self._start_enrolled("processes enrolled by uid or executable", self.matched, ino)
         # Attaching replaces programs an earlier run left: never a moment unguarded.
         icpt.attach(self.root)
         icpt.clear_records()
@@ -160,10 +164,11 @@ class Daemon:
         return out
 
     def _attach_enrolled(self) -> None:
-        """The programs go on the parent of each enrolled unit or cgroup, and the kernel
-        enrolls the cgroup itself whenever it is made (a restarted unit or container gets
-        a new one): guarded from its first instruction, systemd or not. Here: watch the
-        paths, attach to parents as they appear, and say when a cgroup is new."""
+        """The programs go on the cgroup2 root, where they act on enrolled processes
+        alone, and the kernel enrolls each watched cgroup whenever it is made (a
+        restarted unit or container gets a new one): guarded from its first instruction,
+        systemd or not, whatever becomes of the slices above it. Here: watch the paths,
+        and say when a cgroup is new."""
         icpt = self.stack.icpt
         paths = self._enrolled_paths()
         mount = cgroups.cgroup2_mount()
@@ -171,11 +176,10 @@ class Daemon:
         if watched != self._watched:
             icpt.watch(watched)
             self._watched = watched
+        if not self._on_root:
+            icpt.attach(mount, enroll=False)
+            self._on_root = True
         for name, path in paths:
-            parent = path.parent
-            if parent not in self._parents and parent.is_dir():
-                icpt.attach(parent, enroll=False)
-                self._parents.add(parent)
             try:
                 ino = cgroups.cgroup_id(path)
             except OSError:
@@ -187,9 +191,6 @@ class Daemon:
                 self._enrolled[name] = None
                 continue
             if self._enrolled.get(name) == ino:
-                continue
-            if parent not in self._parents:
-                log.error("enrolled %s: its parent cgroup %s can't be attached to", name, parent)
                 continue
             icpt.enroll(ino)    # the kernel did, if it was made while we watched
             old = self._enrolled.get(name)
@@ -220,7 +221,8 @@ class Daemon:
         run = self.runs.pop(ino) if ino else None
         if run is not None:
             try:
-                run.end(None, reason=reason, lost=self.stack.icpt.lost_events())
+                run.end(None, reason=reason, lost=self.stack.icpt.lost_events(),
+                        suppressed=self.stack.icpt.suppressed(ino))
             except SpoolError as exc:
                 log.error("cannot record the end of an enrolled cgroup's run: %s", exc)
 
@@ -305,6 +307,7 @@ class Daemon:
             refused_for = getattr(self.stack.proxy, "refused_for", None)
             try:
                 run.end(exit_code, reason=reason, lost=self.stack.icpt.lost_events(),
+                        suppressed=self.stack.icpt.suppressed(cgid),
                         refused=refused_for(str(cg)) if refused_for else None)
             except SpoolError as exc:
                 log.error("cannot record the end of run %s: %s", group, exc)

@@ -124,7 +124,7 @@ def cleanup(config_path):
     detach agentgate's programs, unpin its maps, remove the session cgroups. Processes of
     enrolled units and cgroups are left alone (and from then on unmonitored)."""
     from hostagent.intercept import cgroups
-    from hostagent.intercept.loader import detach_ours
+    from hostagent.intercept.loader import detach_ours, pinned_map_ids
     try:
         cfg = load_config(config_path)
         tree = cfg.intercept.tree
@@ -137,13 +137,17 @@ def cleanup(config_path):
                 external.append(cgroups.unit_cgroup(unit))
             except CgroupError:
                 external.append(mount / "system.slice" / unit)
-        external += list(dict.fromkeys(p.parent for p in external))   # programs sit above
+        external.append(mount)           # programs on the root, for units and cgroups
         for p in [c for c in root.iterdir() if c.is_dir()] if root.exists() else []:
             try:   # first: nothing of a run may outlive its programs
                 cgroups.remove(p)
             except CgroupError:
                 pass
-        detached = sum(detach_ours(p) for p in paths + external if p.is_dir())
+        # the tree is ours alone; other cgroups (the root above all) may hold programs of
+        # other trees too: only those using this tree's pinned maps are ours
+        owner = pinned_map_ids(Path("/sys/fs/bpf") / tree)
+        detached = sum(detach_ours(p) for p in paths if p.is_dir()) + \
+            sum(detach_ours(p, owner=owner) for p in dict.fromkeys(external) if p.is_dir())
         dropins = Path(cfg.intercept.unit_dropin_dir or "/run/systemd/system")
         for unit in cfg.intercept.units:
             (dropins / f"{unit}.d" / "50-agentgate.conf").unlink(missing_ok=True)

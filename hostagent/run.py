@@ -273,6 +273,7 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
                                        tuple(stack.unix_proxies))
         cg = cgroups.make_cgroup(root, f"run-{group}")
         stack.icpt.attach(cg)
+        cgid = cgroups.cgroup_id(cg)
         run = RunSession(spool, host=cfg.host, argv=argv, user=pw.pw_name if pw else None,
                          cgroup=cg, group=group, mode=mode)
         run.rec.record("unix_guard", unix.record())
@@ -292,7 +293,8 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
         await stack.proxy.close()
         await asyncio.sleep(0.1)                      # the last events in the ring buffer
         # This proxy served this run alone: every refusal it counted is the run's.
-        run.end(rc, lost=stack.icpt.lost_events(), refused=stack.proxy.refused)
+        run.end(rc, lost=stack.icpt.lost_events(), refused=stack.proxy.refused,
+                suppressed=stack.icpt.suppressed(cgid))
         if not await shipper.drain(10):
             log.warning("the collector %s has not taken everything; it stays in the spool %s "
                         "for the host agent (or the next run) to ship", address.target,

@@ -118,7 +118,10 @@ def key_to_addr(k) -> tuple[str, int]:
 
 
 def unix_name(raw: bytes) -> str:
-    """A refused unix address for people: '@' and an abstract name's NULs as '\\0'."""
+    """A refused unix address for people: an abstract name as '@name' (NULs in it as
+    '\\0'), a path as it was given."""
+    if raw.startswith(b"\0"):
+        raw = b"@" + raw[1:]
     return raw.rstrip(b"\0").decode(errors="backslashreplace").replace("\0", "\\0")
 
 
@@ -154,18 +157,38 @@ def attached(cgroup: Path) -> list[dict]:
     return json.loads(r.stdout.strip() or "[]")
 
 
+def pinned_map_ids(pin_dir: Path) -> set[int]:
+    """Ids of the maps one loader pinned (every program of it uses one of them): how a
+    program on a shared cgroup (the cgroup2 root) is told to be that loader's."""
+    ids = set()
+    for name in ("enrolled", "conns"):
+        r = subprocess.run(["bpftool", "-j", "map", "show", "pinned", str(pin_dir / name)],
+                           capture_output=True, text=True)
+        if r.returncode == 0:
+            ids.add(json.loads(r.stdout)["id"])
+    return ids
+
+
+def _uses(prog_id: int, maps: set[int]) -> bool:
+    r = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)],
+                       capture_output=True, text=True)
+    return r.returncode == 0 and bool(maps & set(json.loads(r.stdout).get("map_ids", [])))
+
+
 def detach_ours(cgroup: Path, ids: set[int] | None = None,
-                keep: list[unixhooks.UnixProgram] = ()) -> int:
-    """Detach programs named with our prefix from `cgroup` (only `ids`, if given; of
-    the unix hooks, all but those in `keep`)."""
+                keep: list[unixhooks.UnixProgram] = (), owner: set[int] | None = None) -> int:
+    """Detach programs named with our prefix from `cgroup`: only `ids`, if given (of the
+    unix hooks, all but those in `keep`); only those using one of the maps `owner`
+    names (pinned_map_ids), if given."""
     n = 0
     try:
-        n += unixhooks.detach_ours(cgroup, PREFIX, keep)
+        n += unixhooks.detach_ours(cgroup, PREFIX, keep, owner)
     except OSError as exc:
         raise InterceptError(f"cannot detach the unix-socket hooks from {cgroup}: "
                              f"{exc.strerror}") from None
     for prog in attached(cgroup):
-        if prog.get("name", "").startswith(PREFIX) and (ids is None or prog["id"] in ids):
+        if prog.get("name", "").startswith(PREFIX) and (ids is None or prog["id"] in ids) \
+                and (owner is None or _uses(prog["id"], owner)):
             r = subprocess.run(["bpftool", "cgroup", "detach", str(cgroup), prog["attach_type"],
                                 "id", str(prog["id"])], capture_output=True, text=True)
             if r.returncode != 0:
@@ -249,11 +272,19 @@ class Interceptor:
         self.unix_error = "" if btf else ("turned off ([intercept] unix_hooks)" if not unix_hooks
                                           else "no cgroup unix-socket hooks (kernel 6.7+ with "
                                                "BTF and bpftool)")
-        try:
-            self.bpf = BPF(src_file=str(BPF_SRC).encode(),
-                           cflags=cflags + (btf.cflags() if btf else []))
-        except Exception as exc:
-            raise InterceptError(f"cannot compile or load {BPF_SRC.name}: {exc}") from None
+        self.bpf = None
+        if btf:
+            try:
+                self.bpf = BPF(src_file=str(BPF_SRC).encode(), cflags=cflags + btf.cflags())
+            except Exception as exc:   # the rest must not depend on the newest part
+                btf = None
+                self.unix_error = f"the unix-socket hooks did not compile: {exc}"
+                log.warning("%s", self.unix_error)
+        if self.bpf is None:
+            try:
+                self.bpf = BPF(src_file=str(BPF_SRC).encode(), cflags=cflags)
+            except Exception as exc:
+                raise InterceptError(f"cannot compile or load {BPF_SRC.name}: {exc}") from None
         from bcc import BPFAttachType
         self.funcs = []
         for name, ptype, atype, tool_name in PROGRAMS:
@@ -275,6 +306,7 @@ class Interceptor:
         self.mode = mode
         self.proxy_port = proxy_port
         self.pin_dir = pin_dir
+        self.owner = pinned_map_ids(pin_dir)   # this tree's programs use these maps
         self.cgroups: list[Path] = []
         self._peers = self.bpf["peers"]
         self._conns = self.bpf["conns"]
@@ -323,7 +355,7 @@ class Interceptor:
             os.close(fd)
         self.cgroups.append(cgroup)
         ids = {p["id"] for p in old}
-        n = detach_ours(cgroup, ids, keep=self.unix_progs)
+        n = detach_ours(cgroup, ids, keep=self.unix_progs, owner=self.owner)
         if n:
             log.info("replaced %d program(s) of an earlier run on %s", n, cgroup)
 
@@ -501,6 +533,22 @@ class Interceptor:
 
     def lost_events(self) -> int:
         return sum(self.bpf["lost"][ctypes.c_int(0)])
+
+    def suppressed(self, cgroup_id: int) -> int:
+        """Refusals of this cgroup's processes the kernel counted but did not report
+        (over its per-second rate); the count is taken (a run's end reports it)."""
+        table = self.bpf["guard_suppressed"]
+        key = ctypes.c_uint64(cgroup_id)
+        try:
+            n = table[key].value
+            del table[key]
+        except KeyError:
+            return 0
+        try:
+            del self.bpf["guard_rate"][key]
+        except KeyError:
+            pass
+        return n
 
     # ------------------------------------------------------------------ events
 

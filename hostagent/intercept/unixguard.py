@@ -16,9 +16,9 @@ What is covered is worked out in the parent (before fork: reading /proc takes lo
 from __future__ import annotations
 
 import ctypes
-import errno
 import fnmatch
 import os
+import stat
 from dataclasses import dataclass
 
 # Sockets ordinary programs need: name service caches and user databases (getent, id),
@@ -76,6 +76,13 @@ def bound_sockets() -> tuple[set[str], set[str]]:
     return paths, abstract
 
 
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 @dataclass(frozen=True)
 class UnixPlan:
     hidden: tuple[str, ...]          # pathname sockets covered in CMD's mount namespace
@@ -107,7 +114,9 @@ def plan(allow: tuple[str, ...] = DEFAULT_ALLOW, abstract_allowed: bool = False,
         real = os.path.realpath(p)
         if any(fnmatch.fnmatchcase(x, g) for g in allow for x in (p, real)):
             allowed.append(p)
-        elif os.path.exists(real):
+        elif _is_socket(real):
+            # what a name in /proc/net/unix leads to now may be anything (its binder can
+            # swap the socket for a link to /etc): only sockets are covered
             hidden.append(real)
     scope = not abstract_allowed and landlock_abi() >= LANDLOCK_ABI_SCOPES
     return UnixPlan(tuple(dict.fromkeys(hidden)), tuple(allowed), scope, hooks=hooks)
@@ -147,10 +156,18 @@ def apply(p: UnixPlan, libc, own_cgroup: bytes | None = None) -> bool:
     if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
         return False
     for path in p.hidden:
-        if libc.mount(b"/dev/null", path.encode(), None, MS_BIND, None) != 0:
-            # gone since it was listed (or no longer a file there): nothing to cover
-            if ctypes.get_errno() not in (errno.ENOENT, errno.ENOTDIR):
+        # Opened without following a link, and covered through that descriptor: the
+        # socket listed, never what a link put there since points to.
+        try:
+            fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue        # gone since it was listed: nothing to cover
+        try:
+            if stat.S_ISSOCK(os.fstat(fd).st_mode) and \
+                    libc.mount(b"/dev/null", b"/proc/self/fd/%d" % fd, None, MS_BIND, None) != 0:
                 return False
+        finally:
+            os.close(fd)
     if own_cgroup is not None:
         attr = _MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
         libc.syscall.restype = ctypes.c_long

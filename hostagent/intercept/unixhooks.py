@@ -10,7 +10,6 @@ its version.
 from __future__ import annotations
 
 import ctypes
-import fnmatch
 import os
 import platform
 import re
@@ -181,6 +180,22 @@ class _InfoByFd(ctypes.Structure):
 PROG_INFO_NAME = 64     # offset of bpf_prog_info.name (UAPI)
 
 
+PROG_INFO_NR_MAP_IDS, PROG_INFO_MAP_IDS = 52, 56
+
+
+def _map_ids(fd: int) -> set[int]:
+    ids = (ctypes.c_uint32 * 64)()
+    info = ctypes.create_string_buffer(PROG_INFO_NAME + 16)
+    ctypes.memmove(ctypes.addressof(info) + PROG_INFO_NR_MAP_IDS,
+                   ctypes.byref(ctypes.c_uint32(64)), 4)
+    ctypes.memmove(ctypes.addressof(info) + PROG_INFO_MAP_IDS,
+                   ctypes.byref(ctypes.c_uint64(ctypes.addressof(ids))), 8)
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, _InfoByFd(bpf_fd=fd, info_len=len(info),
+                                           info=ctypes.addressof(info)))
+    n = int.from_bytes(info.raw[PROG_INFO_NR_MAP_IDS:PROG_INFO_NR_MAP_IDS + 4], "little")
+    return set(ids[:min(n, 64)])
+
+
 def attached(cgroup_fd: int, prefix: str) -> list[tuple[int, int]]:
     """(program fd, attach type) of the unix hooks attached to the cgroup itself whose
     names start with `prefix` (bpftool of this vintage doesn't list these types). The
@@ -214,9 +229,10 @@ def attached(cgroup_fd: int, prefix: str) -> list[tuple[int, int]]:
     return out
 
 
-def detach_ours(cgroup: Path, prefix: str, keep: list[UnixProgram] = ()) -> int:
+def detach_ours(cgroup: Path, prefix: str, keep: list[UnixProgram] = (),
+                owner: set[int] | None = None) -> int:
     """Detach the unix hooks named with `prefix` from `cgroup`, but those in `keep` (a
-    running loader's own)."""
+    running loader's own); if `owner` is given, only those using one of these maps."""
     try:
         cg = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     except FileNotFoundError:
@@ -228,7 +244,7 @@ def detach_ours(cgroup: Path, prefix: str, keep: list[UnixProgram] = ()) -> int:
             mine.add(_prog_id(p.fd))
         for fd, atype in attached(cg, prefix):
             try:
-                if _prog_id(fd) not in mine:
+                if _prog_id(fd) not in mine and (owner is None or owner & _map_ids(fd)):
                     _bpf(BPF_PROG_DETACH, _ProgAttach(target_fd=cg, attach_bpf_fd=fd,
                                                       attach_type=atype))
                     n += 1
@@ -250,7 +266,7 @@ def _prog_id(fd: int) -> int:
 
 @dataclass(frozen=True)
 class Entry:
-    name: bytes          # '/path' or '@abstract'
+    name: bytes          # b'/path', or an abstract name with its leading NUL
     exact: bool          # exact, or a prefix
 
     @property
@@ -264,6 +280,33 @@ class Entry:
 
 
 _WILD = re.compile(r"[*?\[]")
+# what the hook refuses outright (intercept.c): such a name is never worth an entry
+_NOT_PLAIN = re.compile(r"//|/\.\.?(/|$)|/$")
+
+
+def plain(path: str) -> bool:
+    """Absolute, no '.' or '..' segments, no '//', no trailing '/'."""
+    return path.startswith("/") and (path == "/" or not _NOT_PLAIN.search(path))
+
+
+def _segment_glob(glob: str) -> re.Pattern:
+    """A glob whose '*' and '?' stay within one path segment (fnmatch's cross '/')."""
+    out, i = [], 0
+    while i < len(glob):
+        c = glob[i]
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in glob[i + 2:]:
+            j = glob.index("]", i + 2)
+            body = glob[i + 1:j]
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out) + r"\Z")
 
 
 def spellings(path: str) -> list[str]:
@@ -277,10 +320,24 @@ def spellings(path: str) -> list[str]:
 def entries(globs: tuple[str, ...], abstract_allowed: bool,
             bound: set[str] | None = None) -> list[Entry]:
     """The allowlist's entries for these globs: a name without wildcards is exact, one
-    whose only wildcard is a trailing '*' a prefix; any other glob is matched against
-    the names bound now (`bound`, from /proc/net/unix) and refreshed as they change."""
+    whose only wildcard is a trailing '*' a prefix (the hook refuses '..' segments, so
+    it can't climb out); any other glob is matched, segment by segment, against the
+    plainly written names bound now (`bound`, from /proc/net/unix) and refreshed as
+    they change. Abstract names are given as '@name'."""
     out: list[Entry] = []
     for glob in globs:
+        if glob.startswith("@"):
+            abstract = "\0" + glob[1:]
+            wild = _WILD.search(abstract)
+            if wild is None:
+                out.append(Entry(abstract.encode(), True))
+            elif wild.start() == len(abstract) - 1 and abstract.endswith("*"):
+                out.append(Entry(abstract[:-1].encode(), False))
+            else:
+                rx = _segment_glob(glob)
+                out += [Entry(("\0" + name[1:]).encode(), True) for name in sorted(bound or ())
+                        if name.startswith("@") and rx.match(name)]
+            continue
         for g in spellings(glob):
             wild = _WILD.search(g)
             if wild is None:
@@ -288,10 +345,11 @@ def entries(globs: tuple[str, ...], abstract_allowed: bool,
             elif wild.start() == len(g) - 1 and g.endswith("*"):
                 out.append(Entry(g[:-1].encode(), False))
             else:
-                out += [Entry(name.encode(), True) for name in sorted(bound or ())
-                        if fnmatch.fnmatchcase(name, g)]
+                rx = _segment_glob(g)
+                out += [Entry(sp.encode(), True) for name in sorted(bound or ())
+                        if plain(name) and rx.match(name) for sp in spellings(name)]
     if abstract_allowed:
-        out.append(Entry(b"@", False))
+        out.append(Entry(b"\0", False))
     return [e for e in dict.fromkeys(out) if len(e.name) <= SUN_PATH]
 
 

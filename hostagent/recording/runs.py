@@ -72,14 +72,15 @@ class RunSession:
         return True
 
     def end(self, exit_code: int | None, *, lost: int = 0, refused: int | None = None,
-            reason: str = "exited") -> None:
+            reason: str = "exited", suppressed: int = 0) -> None:
         """`refused`: connections the proxy refused for this run; None when it can't tell
-        whose they were (then a count is left out rather than borrowed from other runs)."""
+        whose they were (then a count is left out rather than borrowed from other runs).
+        `suppressed`: refusals the kernel counted over its rate, never reported."""
         end = {"reason": reason, "exit_code": exit_code}
         if refused is not None:
             end["refused_connections"] = refused
-        if self.suppressed:
-            end["events_suppressed"] = self.suppressed
+        if self.suppressed or suppressed:
+            end["events_suppressed"] = self.suppressed + suppressed
         if lost:
             log.warning("%d kernel events were lost: the recording is incomplete", lost)
             end.update(incomplete=True, lost_events=lost)
@@ -91,6 +92,8 @@ class Runs:
 
     def __init__(self) -> None:
         self.by_cgroup: dict[int, RunSession] = {}
+        self._window = 0
+        self._logged = 0
 
     def add(self, cgroup_id: int, run: RunSession) -> None:
         self.by_cgroup[cgroup_id] = run
@@ -103,4 +106,13 @@ class Runs:
         if run is not None:
             run.event(ev)
         elif ev.kind not in ("exec", "exit"):
-            log.info("%s pid %d (%s) %s", ev.kind, ev.pid, ev.comm, ev.addr)
+            # no run to record it in (one that just ended): logged, at a bounded rate
+            now = int(time.monotonic())
+            if now != self._window:
+                if self._logged > GUARD_EVENTS_PER_SECOND:
+                    log.info("%d more events of no run not logged", self._logged
+                             - GUARD_EVENTS_PER_SECOND)
+                self._window, self._logged = now, 0
+            self._logged += 1
+            if self._logged <= GUARD_EVENTS_PER_SECOND:
+                log.info("%s pid %d (%s) %s", ev.kind, ev.pid, ev.comm, ev.addr)

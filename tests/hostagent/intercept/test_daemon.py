@@ -237,6 +237,7 @@ def test_enroll_an_existing_cgroup(host):
     slice_ = cgroups.cgroup2_mount() / f"{host.tree}-ext.slice"
     outside = slice_ / "agent.service"
     outside.mkdir(parents=True)
+    before_on_root = {p["id"] for p in attached(cgroups.cgroup2_mount())}
     d = with_intercept(Daemon(host), f'cgroups = ["/{slice_.name}/agent.service"]')
     d.start()
     bystander = slice_ / "other.service"
@@ -248,8 +249,10 @@ def test_enroll_an_existing_cgroup(host):
         (s,) = host.sessions("tcp")
         assert s["start"]["process"]["pid"] == res["pid"]
         assert s["start"]["process"]["cgroup"] == f"/{slice_.name}/agent.service"
-        # the programs sit on the parent, and let its other cgroups be
-        assert any(p["name"] == "ag_connect4" for p in attached(slice_))
+        # the programs sit on the cgroup2 root, and let every other cgroup be
+        ours_on_root = {p["id"] for p in attached(cgroups.cgroup2_mount())
+                        if p["name"].startswith("ag_")} - before_on_root
+        assert ours_on_root
         assert not any(p["name"] == "ag_connect4" for p in attached(outside))
         assert in_cgroup_connect(bystander, 9)["error"] == "ECONNREFUSED"   # not EPERM
         # unix sockets: judged for the enrolled cgroup (bound after the daemon started,
@@ -295,8 +298,37 @@ def test_enroll_an_existing_cgroup(host):
         subprocess.run([str(BIN / "agentgate-hostagent"), "cleanup", "--config", str(d.config)],
                        capture_output=True, timeout=60)
         cgroups.remove(slice_)
-    assert not any(p["name"].startswith("ag_") for p in attached(slice_.parent))
+    assert not any(p["name"].startswith("ag_") and p["id"] in ours_on_root
+                   for p in attached(cgroups.cgroup2_mount()))
     assert not list(BPFFS.glob(f"{host.tree}/enroll*"))       # the kernel's watch is gone
+
+
+def test_a_cgroup_whose_slice_is_made_after_the_daemon_started_is_guarded_at_once(host):
+    """The programs sit on the cgroup2 root, not on a parent that may come and go."""
+    slice_ = cgroups.cgroup2_mount() / f"{host.tree}-late.slice"
+    unit = slice_ / "agent.service"
+    d = with_intercept(Daemon(host), f'cgroups = ["/{slice_.name}/agent.service"]')
+    d.start()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    try:
+        for _ in range(3):           # the slice made, removed and made again
+            unit.mkdir(parents=True)
+            assert in_cgroup_connect(unit, listener.getsockname()[1])["error"] == "EPERM"
+            unit.rmdir()
+            slice_.rmdir()
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    finally:
+        listener.close()
+        d.stop()
+        subprocess.run([str(BIN / "agentgate-hostagent"), "cleanup", "--config", str(d.config)],
+                       capture_output=True, timeout=60)
+        for c in (unit, slice_):
+            if c.exists():
+                cgroups.remove(c)
 
 
 def test_enroll_by_executable_on_exec(host):

@@ -167,12 +167,16 @@ def test_unix_sockets_are_reachable_only_as_the_policy_allows(host, tmp_path, us
     # a link whose name the policy allows, to a socket it doesn't (the agent could make
     # one wherever it may write): the hook judges the name, the mount namespace the target
     os.symlink(base / "docker.sock", base / "allowed-link")
+    (base / "alloweddir").mkdir()
     late = None
     try:
         cmds = [f"unix {base}/docker.sock", f"unix {base}/dbus/system_bus_socket",
                 f"abstract {name}", f"unix {base}/allowed-link", f"unix_wait {base}/late.sock",
                 f"unix {base}/allowed.sock",
-                "tool id", "tool getent passwd root", "tool logger agentgate-test"]
+                "tool id", "tool getent passwd root", "tool logger agentgate-test",
+                # written to climb out of an allowed prefix, or otherwise not plainly
+                f"unix {base}/alloweddir/../late.sock", f"unix {base}/alloweddir/./../late.sock",
+                f"unix {base}//late.sock", f"unix {base}/allowed.sock/"]
         proc = host.popen(*" ; ".join(cmds).split(), user=user)
         # bound after the run started: no mount namespace covers it, the hook refuses it
         late = UnixServer(str(base / "late.sock"), group=nogroup)
@@ -185,7 +189,9 @@ def test_unix_sockets_are_reachable_only_as_the_policy_allows(host, tmp_path, us
             assert res[by_hook]["error"] == "EPERM", (by_hook, res[by_hook])
         assert res[cmds[3]]["error"] == "ECONNREFUSED"      # the cover under the link
         assert res[cmds[5]]["ok"] and res[cmds[5]]["reply"] == "ok"
-        assert all(res[c]["ok"] for c in cmds[6:]), [res[c] for c in cmds[6:]]
+        assert all(res[c]["ok"] for c in cmds[6:9]), [res[c] for c in cmds[6:9]]
+        for climbing in cmds[9:]:
+            assert res[climbing]["error"] == "EPERM", (climbing, res[climbing])
         assert docker.accepted == bus.accepted == abstract.accepted == late.accepted == 0
         assert allowed.accepted == 1
         # outside the run, nothing changed: the host still reaches them
@@ -200,7 +206,7 @@ def test_unix_sockets_are_reachable_only_as_the_policy_allows(host, tmp_path, us
         denied = [f for k, f in run["events"] if k == "unix_denied"]
         assert [d["address"] for d in denied] == [
             f"{base}/docker.sock", f"{base}/dbus/system_bus_socket", f"@{name}",
-            f"{base}/late.sock"]
+            f"{base}/late.sock"] + [c.split(" ", 1)[1] for c in cmds[9:]]
         uid = pwd.getpwnam(user).pw_uid if user else 0
         assert {(d["uid"], d["comm"]) for d in denied} == {(uid, "python3")}
         assert all(d["pid"] > 0 for d in denied)
@@ -216,3 +222,28 @@ def UnixClient(path: str) -> bool:
         s.connect(path)
         s.sendall(b"x")
         return s.recv(10) == b"ok"
+
+
+def test_the_cover_plan_covers_sockets_only(tmp_path):
+    """/proc/net/unix lists names as bound: the binder may since have put a link to
+    anything there (a program, /etc): only what is a socket now is covered."""
+    import os
+    import socket
+
+    from hostagent.intercept import unixguard
+    keep = []
+    for name, target in (("to-file.sock", "/etc/hostname"), ("to-dir.sock", "/etc"),
+                         ("real.sock", None)):
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(tmp_path / name))
+        keep.append(s)
+        if target:
+            os.unlink(tmp_path / name)
+            os.symlink(target, tmp_path / name)
+    try:
+        plan = unixguard.plan(())
+        assert str(tmp_path / "real.sock") in plan.hidden
+        assert "/etc/hostname" not in plan.hidden and "/etc" not in plan.hidden
+    finally:
+        for s in keep:
+            s.close()

@@ -8,20 +8,37 @@ from hostagent.intercept.unixhooks import Btf, Entry, entries
 
 
 def test_exact_names_prefixes_and_other_globs():
-    got = entries(("/run/nscd/socket", "/run/systemd/userdb/*", "/tmp/app-?.sock", "@bus"),
-                  abstract_allowed=False,
+    got = entries(("/run/nscd/socket", "/run/systemd/userdb/*", "/tmp/app-?.sock", "@bus",
+                   "@ci-*"), abstract_allowed=False,
                   bound={"/tmp/app-1.sock", "/tmp/app-22.sock", "/tmp/other.sock"})
     assert Entry(b"/run/nscd/socket", True) in got
     assert Entry(b"/var/run/nscd/socket", True) in got            # the other spelling
     assert Entry(b"/run/systemd/userdb/", False) in got           # a trailing '*': a prefix
     assert Entry(b"/tmp/app-1.sock", True) in got                 # matched against bound ones
     assert Entry(b"/tmp/app-22.sock", True) not in got
-    assert Entry(b"@bus", True) in got
-    assert Entry(b"@", False) not in got
+    assert Entry(b"\0bus", True) in got                          # abstract: its NUL leads
+    assert Entry(b"\0ci-", False) in got
+    assert Entry(b"\0", False) not in got
 
 
 def test_abstract_allowed_is_a_prefix_of_every_abstract_name():
-    assert Entry(b"@", False) in entries((), abstract_allowed=True)
+    assert Entry(b"\0", False) in entries((), abstract_allowed=True)
+
+
+def test_globs_matched_against_bound_names_stay_within_a_segment():
+    """A name bound to bait a glob (its '*' crossing '/', or climbing with '..') is not
+    taken: the agent could bind it, then put a link there."""
+    bound = {"/run/user/1000/bus", "/run/user/../../tmp/x/bus", "/run/user/a/b/bus",
+             "/run/user/./bus", "/run/user//bus", "@agent-1", "@agent-x/y"}
+    got = {e.name for e in entries(("/run/user/*/bus", "@agent-*x"), False, bound)}
+    assert got == {b"/run/user/1000/bus", b"/var/run/user/1000/bus"}
+    assert {e.name for e in entries(("@agent-?",), False, bound)} == {b"\0agent-1"}
+
+
+def test_plain_paths():
+    assert unixhooks.plain("/run/a.sock") and unixhooks.plain("/run/.hidden")
+    for bad in ("run/a", "/run/../x", "/run/./x", "/run//x", "/run/x/", "/run/..", "/run/."):
+        assert not unixhooks.plain(bad), bad
 
 
 def test_key_lengths_are_bytes_for_names_and_bits_for_prefixes():
