@@ -58,7 +58,10 @@ EVENT_KINDS: dict[str, tuple[str, str]] = {
     "bind_denied": ("run", "pid, uid, comm, address"),
     "exec_outside": ("run", "pid, uid, comm, filename"),
     "events_suppressed": ("run", "count"),
-    "unix_guard": ("run", "hidden (sockets covered), allowed, abstract, gap"),
+    "unix_denied": ("run", "pid, uid, comm, address (the unix address as given: a path, "
+                    "or @name for an abstract one)"),
+    "unix_guard": ("run", "connect (the BPF hooks), hidden (sockets covered), allowed, "
+                   "abstract, gap"),
 }
 KINDS = tuple(EVENT_KINDS)
 
