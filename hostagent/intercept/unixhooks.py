@@ -10,6 +10,7 @@ its version.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import platform
 import re
@@ -45,11 +46,36 @@ class Btf:
                 f"-DAG_UADDRLEN_OFF={self.uaddrlen_off}"]
 
 
+CACHE = Path("/run/agentgate/btf-unix.json")
+
+
 def probe_btf() -> Btf | None:
     """What the hooks need from the kernel's BTF, or None (no BTF, no bpftool, or a kernel
-    whose bpf_sock_addr_kern has no uaddrlen: one without the unix hooks)."""
+    whose bpf_sock_addr_kern has no uaddrlen: one without the unix hooks). Kept in
+    /run (a boot's, root's) for this kernel: reading BTF takes half a second."""
     if not BTF.exists() or not shutil.which("bpftool"):
         return None
+    st = BTF.stat()
+    stamp = f"{platform.release()} {st.st_size} {st.st_mtime_ns}"
+    try:
+        cached = json.loads(CACHE.read_text())
+        if cached.get("stamp") == stamp:
+            return Btf(cached["funcs"], cached["sockaddr_un"], cached["uaddrlen_off"]) \
+                if cached.get("funcs") else None
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    found = _read_btf()
+    try:
+        CACHE.parent.mkdir(parents=True, exist_ok=True)
+        tmp = CACHE.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"stamp": stamp, **(found.__dict__ if found else {})}))
+        tmp.replace(CACHE)
+    except OSError:
+        pass    # (a read-only /run: read it again next time)
+    return found
+
+
+def _read_btf() -> Btf | None:
     r = subprocess.run(["bpftool", "btf", "dump", "file", str(BTF)], capture_output=True,
                        text=True)
     if r.returncode != 0:
@@ -122,8 +148,8 @@ def load(bpf, btf: Btf) -> list[UnixProgram]:
     """Both hooks loaded from `bpf` (a bcc BPF built with btf.cflags()). OSError with the
     verifier's last words if the kernel refuses them."""
     out = []
+    insns = patch(bpf.dump_func(b"ag_unix"), btf)
     for name, atype in PROGRAMS:
-        insns = patch(bpf.dump_func(name.encode()), btf)
         buf = ctypes.create_string_buffer(insns, len(insns))
         lic = ctypes.create_string_buffer(b"GPL")
         log = ctypes.create_string_buffer(1 << 24)
