@@ -24,8 +24,9 @@ from hostagent.policy import Policy
 from hostagent.protocols.api import SessionContext
 from hostagent.protocols.registry import ProtocolSpec
 from hostagent.proxy.budget import Budget
-from hostagent.proxy.net import connect_any, hostport, reset
-from hostagent.proxy.session import READ_SIZE, Session, Side
+from hostagent.proxy.net import connect_any, connect_leg, hostport, reset
+from hostagent.proxy.session import READ_SIZE, Leg, Session
+from hostagent.proxy.turn import Turn
 from hostagent.proxy.targets import Target, Targets
 from hostagent.recording.recorder import SessionRecorder
 from hostagent.recording.spool import Spool, SpoolError
@@ -56,6 +57,7 @@ class Proxy:
         self.ca = ca
         self.samples = samples
         self.budget = Budget(budget_bytes)
+        self.turn = Turn(spool)
         self.shared: dict[str, dict] = {}          # per target: state its sessions share
         self.servers: list[asyncio.AbstractServer] = []
         self.active: set[asyncio.Task] = set()
@@ -242,16 +244,25 @@ class Proxy:
             if spec.serve is not None:   # it connects upstream itself, when it is ready to
                 reason = await self._serve(spec, ctx, writer, upstreams, recorder)
                 return
+            upstream = Leg(None, "upstream")
             try:
-                up_reader, up_writer, addr = await connect_any(upstreams, READ_SIZE)
+                addr = await connect_leg(upstreams, upstream)
             except (OSError, asyncio.TimeoutError) as exc:
                 reason = f"upstream unreachable: {exc or 'timeout'}"
                 reset(writer)   # the client sees a refused connection, not a clean EOF
                 return
-            writer.transport.resume_reading()
-            session = Session(self, ctx, spec.layer(ctx), recorder,
-                              Side("client", reader, writer),
-                              Side("upstream", up_reader, up_writer), addr)
+            upstream.pause("setup")
+            client = Leg(None, "client")
+            # From here the client's transport feeds its leg (the stream reader only
+            # served the lookups; reading was paused since accept)
+            client.connection_made(writer.transport)
+            client.pause("setup")
+            if reader._buffer:
+                client.early.append(bytes(reader._buffer))
+                reader._buffer.clear()
+            client.early_eof = reader._eof
+            writer.transport.set_protocol(client)
+            session = Session(self, ctx, spec.layer(ctx), recorder, client, upstream, addr)
             self.sessions.add(session)
             try:
                 reason = await session.run()

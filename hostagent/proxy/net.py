@@ -41,6 +41,20 @@ async def connect_any(addresses: list[tuple[str, int]], limit: int):
     raise error or OSError("no address")
 
 
+async def connect_leg(addresses: list[tuple[str, int]], protocol: asyncio.Protocol):
+    """As connect_any, for a protocol of ours (the proxy's legs): the address used."""
+    loop = asyncio.get_running_loop()
+    error: Exception | None = None
+    for host, port in addresses:
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: protocol, host, port),
+                                   CONNECT_TIMEOUT)
+            return host, port
+        except (OSError, asyncio.TimeoutError) as exc:
+            error = exc
+    raise error or OSError("no address")
+
+
 def reset(writer: asyncio.StreamWriter) -> None:
     """Close with RST: the client sees a refused connection, not a clean EOF."""
     sock = writer.get_extra_info("socket")

@@ -27,42 +27,93 @@ DRAIN_ABOVE = 256 << 10   # a peer this far behind makes the other side wait (ba
 CLOSE_GRACE = 5.0         # for final bytes to reach a client that reads slowly
 
 
-class Side:
-    """One leg: its streams, whether it may be read, what waits for its handshake."""
+class Leg(asyncio.Protocol):
+    """One side's transport, feeding its session: the bytes it reads go to the layer as
+    they arrive (no reader task, no buffer of ours), what the layer sends goes out
+    through the session's turn. Reading pauses for as long as any reason holds (a TLS
+    handshake, a hold on the client, the other side's backlog)."""
 
-    def __init__(self, name: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+    def __init__(self, session: "Session | None", name: str):
+        self.session = session
         self.name = name
-        self.reader = reader
-        self.writer = writer
-        self.readable = asyncio.Event()
-        self.readable.set()
+        self.transport: asyncio.Transport | None = None
+        self.paused: set[str] = set()
         self.handshaking = False
         self.queued: list[bytes] = []
         self.eof = False           # read EOF from it
         self.eof_sent = False      # half-closed it
+        self.lost = False
+        self.early: list[bytes] = []   # read before the session was there
+        self.early_eof = False
+
+    # -- asyncio.Protocol
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        transport.set_write_buffer_limits(high=DRAIN_ABOVE)
+
+    def data_received(self, data: bytes) -> None:
+        if self.session is None:
+            self.early.append(data)
+        else:
+            self.session.received(self, data)
+
+    def eof_received(self) -> bool:
+        if self.session is not None:
+            self.session.eof(self)
+        else:
+            self.early_eof = True
+        return True                # half-closed: the other direction keeps flowing
+
+    def connection_lost(self, exc) -> None:
+        self.lost = True
+        if self.session is not None:
+            self.session.lost(self, exc)
+
+    def pause_writing(self) -> None:
+        if self.session is not None:
+            self.session.other(self).pause("backlog")
+
+    def resume_writing(self) -> None:
+        if self.session is not None:
+            self.session.other(self).resume("backlog")
+
+    # -- ours
+    def pause(self, why: str) -> None:
+        if not self.paused and self.transport is not None and not self.lost:
+            self.transport.pause_reading()
+        self.paused.add(why)
+
+    def resume(self, why: str) -> None:
+        if why not in self.paused:
+            return
+        self.paused.discard(why)
+        if not self.paused and self.transport is not None and not self.lost \
+                and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def write(self, data: bytes) -> None:
         if self.handshaking:
             self.queued.append(data)
-        elif not self.writer.transport.is_closing() and not self.eof_sent:
-            self.writer.write(data)
+        elif self.transport is not None and not self.transport.is_closing() \
+                and not self.eof_sent:
+            self.transport.write(data)
         # else: the leg is half-closed or gone; the session's end says why
 
     def holding(self) -> int:
-        return (self.writer.transport.get_write_buffer_size() + sum(map(len, self.queued))
-                + len(self.reader._buffer))   # StreamReader has no public size
-
-    def behind(self) -> bool:
-        return self.writer.transport.get_write_buffer_size() > DRAIN_ABOVE
+        size = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        return size + sum(map(len, self.queued))
 
 
 class Session:
-    def __init__(self, proxy, ctx, layer, recorder, client: Side, upstream: Side,
+    def __init__(self, proxy, ctx, layer, recorder, client: Leg, upstream: Leg,
                  upstream_addr: tuple[str, int]):
         self.proxy = proxy
+        self.turn = proxy.turn
         self.ctx = ctx
         self.layer = layer
         self.recorder = recorder
+        recorder.turn = self.turn
+        recorder.on_failure = self._spool_failure
         self.client = client
         self.upstream = upstream
         self.sides = {CLIENT: client, UPSTREAM: upstream}
@@ -73,7 +124,8 @@ class Session:
         self.tasks: set[asyncio.Task] = set()
         self.holds = 0
         self.started: dict[int, int] = {}   # statement id -> when it went upstream
-        self.last = asyncio.get_running_loop().time()
+        self._loop = asyncio.get_running_loop()
+        self.last = self._loop.time()
         self.held_bytes = 0                 # charged to the proxy's budget
         self._aborting = False
         self._spool_failed = False
@@ -81,20 +133,46 @@ class Session:
     # ------------------------------------------------------------------ running
 
     async def run(self) -> str:
+        try:
+            return await self._run()
+        finally:
+            if not self.ended.is_set():     # cancelled (the proxy is closing)
+                self.finish("the proxy closed")
+            for leg in (self.client, self.upstream):
+                if leg.transport is not None and not leg.transport.is_closing():
+                    leg.transport.abort() if self.reason == "the proxy closed" \
+                        else leg.transport.close()
+
+    async def _run(self) -> str:
         self.feed(Start(self.upstream_addr))
-        for side in (self.client, self.upstream):
-            self._spawn(self._pump(side))
+        for leg in (self.client, self.upstream):
+            leg.session = self
+            early, leg.early = leg.early, []
+            for data in early:
+                self.received(leg, data)
+            if leg.early_eof:
+                self.eof(leg)
+            if leg.lost:
+                self.lost(leg, None)
+        self.client.resume("setup")
+        self.upstream.resume("setup")
         await self.ended.wait()
         for t in list(self.tasks):
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.turn.flush()
         self.proxy.budget.update(self.held_bytes, 0)
         self.held_bytes = 0
-        try:   # final bytes (an error the client should see) get a moment to leave
-            await asyncio.wait_for(self.client.writer.drain(), CLOSE_GRACE)
-        except (OSError, asyncio.TimeoutError, ConnectionError):
-            pass
-        self.upstream.writer.close()
+        # final bytes (an error the client should see) get a moment to leave
+        transport = self.client.transport
+        if transport is not None and not transport.is_closing():
+            deadline = self._loop.time() + CLOSE_GRACE
+            while transport.get_write_buffer_size() and not self.client.lost \
+                    and self._loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            transport.close()
+        if self.upstream.transport is not None:
+            self.upstream.transport.close()
         return self.reason or "closed"
 
     def finish(self, reason: str) -> None:
@@ -113,6 +191,9 @@ class Session:
         self.feed(Aborted(reason))
         self.finish(reason)
 
+    def other(self, leg: Leg) -> Leg:
+        return self.upstream if leg is self.client else self.client
+
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
         self.tasks.add(task)
@@ -129,35 +210,48 @@ class Session:
             log.error("session %s failed", self.recorder.session_id, exc_info=exc)
             self.finish(f"internal error: {exc!r}")
 
-    async def _pump(self, side: Side) -> None:
-        reader, key = side.reader, "bytes_in" if side is self.client else "bytes_out"
-        loop = asyncio.get_running_loop()
-        while True:
-            if not side.readable.is_set():
-                await side.readable.wait()   # a handshake or a hold on this leg
-            data = await reader.read(READ_SIZE)
-            if self.ended.is_set():
-                return
-            if not data:
-                break
-            self.counts[key] += len(data)
-            self.last = loop.time()
-            self.feed(DataReceived(side.name, data))
-            if self.client.behind():
-                await self.client.writer.drain()
-            if self.upstream.behind():
-                await self.upstream.writer.drain()
-        side.eof = True
-        self.feed(EofReceived(side.name))
-        other = self.upstream if side is self.client else self.client
-        if not self.ended.is_set():
-            if other.writer.can_write_eof() and not other.handshaking:
-                other.writer.write_eof()   # a half-close: the other way keeps flowing
+    # ------------------------------------------------------------------ the legs
+
+    def received(self, leg: Leg, data: bytes) -> None:
+        if self.ended.is_set():
+            return
+        self.counts["bytes_in" if leg is self.client else "bytes_out"] += len(data)
+        self.last = self._loop.time()
+        self.feed(DataReceived(leg.name, data))
+
+    def eof(self, leg: Leg) -> None:
+        if self.ended.is_set() or leg.eof:
+            return
+        leg.eof = True
+        self.feed(EofReceived(leg.name))
+        other = self.other(leg)
+        if self.ended.is_set():
+            return
+        transport = other.transport
+        if transport is not None and not other.handshaking and not other.lost \
+                and transport.can_write_eof():
+            self.turn.flush()              # what the layer sent goes before the EOF
+            if not transport.is_closing():
+                transport.write_eof()      # a half-close: the other way keeps flowing
                 other.eof_sent = True
-            if other.eof:
-                self.finish("client closed" if other is self.client else "upstream closed")
-            elif self.reason is None:
-                self.reason = f"{side.name} closed"
+        if other.eof:
+            self.finish("client closed" if other is self.client else "upstream closed")
+        elif self.reason is None:
+            self.reason = f"{leg.name} closed"
+
+    def lost(self, leg: Leg, exc) -> None:
+        if self.ended.is_set():
+            return
+        if exc is not None:
+            self.finish(f"connection reset: {exc}")
+            return
+        if not leg.eof:
+            self.eof(leg)
+        if not self.ended.is_set() and self.other(leg).lost:
+            self.finish("client closed" if leg is self.client else "upstream closed")
+        elif not self.ended.is_set():
+            # gone for good (a TLS leg has no half-close): nothing more can come from it
+            self.finish(f"{leg.name} closed")
 
     # ------------------------------------------------------------------ layer in, commands out
 
@@ -179,6 +273,8 @@ class Session:
     def _spool_failure(self, exc: SpoolError) -> None:
         """Nothing runs unrecorded: the layer refuses with its protocol's error (its own
         records are dropped: they can't be stored either) and the session ends."""
+        if self._spool_failed:
+            return
         log.error("session %s: recording failed, session closed: %s",
                   self.recorder.session_id, exc)
         self._spool_failed = True
@@ -193,24 +289,17 @@ class Session:
             self.abort("over the host agent's memory budget: session closed")
 
     def perform(self, commands) -> None:
-        # A batch's bytes for each leg go out in one write (one syscall, not one per
-        # message), after every Record before them is in the spool: record before execute.
-        up: list[bytes] = []
-        down: list[bytes] = []
+        # Records go to the turn now; the bytes after them leave with the turn's flush,
+        # once every record of the turn is in the spool: record before execute.
         records: list[tuple[str, dict]] = []
+        turn, recorder = self.turn, self.recorder
         handoff = None
 
-        def flush() -> None:
+        def flush_records() -> None:
             if records:
                 if not self._spool_failed:
-                    self.recorder.record_many(records)
+                    recorder.record_many(records)
                 records.clear()
-            if up:
-                self.upstream.write(b"".join(up) if len(up) > 1 else up[0])
-                up.clear()
-            if down:
-                self.client.write(b"".join(down) if len(down) > 1 else down[0])
-                down.clear()
 
         for cmd in commands:
             t = type(cmd)
@@ -221,26 +310,30 @@ class Session:
                     records.append((cmd.kind, {**cmd.fields,
                                                "duration_us": self._elapsed(cmd.stop)}))
             elif t is ToUpstream:
+                flush_records()
                 if cmd.starts:
                     now = time.monotonic_ns()
                     for sid in cmd.starts:
                         self.started[sid] = now
-                up.append(cmd.data)
+                turn.send(self.upstream, cmd.data, recorder)
             elif t is ToClient:
-                down.append(cmd.data)
+                flush_records()
+                turn.send(self.client, cmd.data, recorder)
             elif t is Close:
+                flush_records()
                 if cmd.final:
-                    down.append(cmd.final)
-                flush()
+                    turn.send(self.client, cmd.final, recorder)
+                turn.flush()
                 self.finish(cmd.reason)
                 return
             elif t is StartClientTls or t is StartUpstreamTls:
-                flush()
+                flush_records()
+                turn.flush()
                 self._start_tls(cmd)
             elif t is Hold:
-                flush()
+                flush_records()
                 self.holds += 1
-                self.client.readable.clear()
+                self.client.pause("hold")
                 self._spawn(self._hold(cmd))
             elif t is Handoff:
                 handoff = cmd
@@ -248,7 +341,7 @@ class Session:
                 self._spawn(self._side(cmd))
             else:
                 raise TypeError(f"not a command: {cmd!r}")
-        flush()
+        flush_records()
         if handoff is not None:
             self.layer = handoff.layer
             self.feed(Start(self.upstream_addr))
@@ -270,50 +363,49 @@ class Session:
     # ------------------------------------------------------------------ TLS on a leg
 
     def _start_tls(self, cmd) -> None:
-        side = self.client if type(cmd) is StartClientTls else self.upstream
-        side.readable.clear()
-        if side.reader._buffer:
-            # read in the clear after the layer asked for TLS, before the handshake:
-            # it would be taken as if it came through TLS (CVE-2021-23214/23222)
-            self.finish(f"{side.name} sent data before the TLS handshake")
-            return
-        # From this moment the leg's bytes are TLS records for the handshake: they must
-        # stay in the kernel until the TLS protocol is in place (the handshake task
-        # starts a loop turn later), not land in the plaintext reader.
-        side.writer.transport.pause_reading()
-        side.handshaking = True
-        self._spawn(self._handshake(side, cmd))
+        leg = self.client if type(cmd) is StartClientTls else self.upstream
+        # From this moment the leg's bytes are TLS records for the handshake: they stay
+        # in the kernel until the TLS protocol is in place (bytes read in the clear after
+        # the layer asked for TLS would be taken as if they came through it:
+        # CVE-2021-23214/23222; the layer refuses those it was given).
+        leg.pause("handshake")
+        leg.handshaking = True
+        self._spawn(self._handshake(leg, cmd))
 
-    async def _handshake(self, side: Side, cmd) -> None:
+    async def _handshake(self, leg: Leg, cmd) -> None:
         try:
-            if side is self.client:
+            if leg is self.client:
                 if self.proxy.ca is None:
                     raise ssl.SSLError("no local CA to terminate TLS with")
-                await side.writer.start_tls(self.proxy.client_tls(cmd.names, cmd.alpn),
-                                            ssl_handshake_timeout=CONNECT_TIMEOUT)
+                transport = await self._loop.start_tls(
+                    leg.transport, leg, self.proxy.client_tls(cmd.names, cmd.alpn),
+                    server_side=True, ssl_handshake_timeout=CONNECT_TIMEOUT)
             else:
                 ctx = self.proxy.upstream_tls(cmd.verify, cmd.ca, cmd.alpn)
-                await side.writer.start_tls(ctx, server_hostname=cmd.server_name or None,
-                                            ssl_handshake_timeout=CONNECT_TIMEOUT)
+                transport = await self._loop.start_tls(
+                    leg.transport, leg, ctx, server_hostname=cmd.server_name or None,
+                    ssl_handshake_timeout=CONNECT_TIMEOUT)
         except (ssl.SSLError, ssl.CertificateError, OSError, asyncio.TimeoutError,
                 ValueError, ConnectionError) as exc:
-            side.handshaking = False
-            side.queued.clear()
-            self.feed(TlsFailed(side.name, _tls_error(exc)))
-            if side is self.client:   # nothing more can reach the client
+            leg.handshaking = False
+            leg.queued.clear()
+            self.feed(TlsFailed(leg.name, _tls_error(exc)))
+            if leg is self.client:   # nothing more can reach the client
                 self.finish(f"client TLS handshake failed: {_tls_error(exc)}")
             # the server's leg stays unread: the layer answers its client (e.g. an error
             # for its start-up) and closes
             return
-        side.handshaking = False
-        queued, side.queued = side.queued, []
+        leg.transport = transport
+        transport.set_write_buffer_limits(high=DRAIN_ABOVE)
+        leg.handshaking = False
+        queued, leg.queued = leg.queued, []
         for data in queued:
-            side.writer.write(data)
-        obj = side.writer.get_extra_info("ssl_object")
-        side.readable.set()
-        peer = obj.getpeercert(binary_form=True) if side is self.upstream else None
-        self.feed(TlsEstablished(side.name, obj.version(), obj.selected_alpn_protocol(),
+            transport.write(data)
+        obj = transport.get_extra_info("ssl_object")
+        peer = obj.getpeercert(binary_form=True) if leg is self.upstream else None
+        self.feed(TlsEstablished(leg.name, obj.version(), obj.selected_alpn_protocol(),
                                  getattr(obj, "agentgate_sni", None), peer))
+        leg.resume("handshake")
 
     # ------------------------------------------------------------------ side connections
 
@@ -408,7 +500,7 @@ class Session:
         finally:
             self.holds -= 1
             if not self.holds:
-                self.client.readable.set()
+                self.client.resume("hold")
 
 
 def _tls_error(exc: BaseException) -> str:

@@ -27,6 +27,12 @@ class SessionRecorder:
         self.prev_hash = prev_hash
         self._start = time.monotonic_ns() if start_mono_ns is None else start_mono_ns
         self.ended = False
+        # With a turn (hostagent/proxy/turn.py), events go to the spool at the end of
+        # the loop's turn, before any byte that turn lets out; a failure then comes to
+        # `fail`, which tells `on_failure` (the session) and refuses all that follows.
+        self.turn = None
+        self.on_failure = None
+        self.failed: SpoolError | None = None
 
     @classmethod
     def resume(cls, spool: Spool, session_id: str) -> "SessionRecorder":
@@ -45,6 +51,8 @@ class SessionRecorder:
         of them are stored, or none and SpoolError."""
         if self.ended:
             raise RuntimeError(f"session {self.session_id} has ended")
+        if self.failed is not None:
+            raise SpoolError(str(self.failed))
         events, seq, prev = [], self.seq, self.prev_hash
         wall, mono = time.time_ns(), time.monotonic_ns() - self._start
         for kind, payload in items:
@@ -54,11 +62,23 @@ class SessionRecorder:
             ev = make_event(self.session_id, seq, wall, mono, kind, payload, prev)
             prev = ev.hash
             events.append(ev)
-        self.spool.append_many(events)
+        if self.turn is not None:
+            self.turn.record(self, events)
+        else:
+            self.spool.append_many(events)
         self.seq, self.prev_hash = seq, prev
         if events[-1].kind == SESSION_END:
             self.ended = True
         return events
+
+    def fail(self, exc: SpoolError) -> None:
+        """The turn could not store this recorder's events."""
+        if self.failed is None:
+            self.failed = exc
+            if self.on_failure is not None:
+                self.on_failure(exc)
+            else:
+                log.error("session %s: events could not be stored: %s", self.session_id, exc)
 
 
 def close_orphans(spool: Spool, reason: str = "hostagent_restart") -> list[str]:
