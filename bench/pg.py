@@ -222,7 +222,9 @@ tls = "disable"
                            capture_output=True, text=True)
         if p.returncode != 0:
             raise SystemExit(f"script failed: {p.stderr[-2000:]}")
-        return p.stdout.split()
+        # the script's own line (py-spy, when profiling, talks on stdout too)
+        return next(line.split() for line in reversed(p.stdout.splitlines())
+                    if re.fullmatch(r"[\d.e+\- ]+", line.strip()))
 
     def stop(self) -> None:
         for p in self.procs:
@@ -239,6 +241,19 @@ tls = "disable"
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # ------------------------------------------------------------------ runs
+
+    def quick(self) -> dict:
+        """pgbench -S through pgbouncer and agentgate (host) alone: a step's quick check."""
+        s = self.args.seconds
+        host = self.config("host", collector=self.discard_address)
+        out = {}
+        for key, clients, proto in (("c1_prepared", 1, "prepared"), ("c8_prepared", 8, "prepared"),
+                                    ("c8_simple", 8, "simple")):
+            pgb = pgbench(["runuser", "-u", "postgres", "--"], self.bport, clients, s, proto=proto)
+            ag = pgbench(self.agentgate(host, f"{key}-host"), self.pg.port, clients, s, proto=proto)
+            out[key] = {"pgbouncer": pgb, "host": ag, "ratio": round(ag[0] / pgb[0], 3),
+                        "added_us": round((ag[1] - pgb[1]) * 1000, 1)}
+        return out
 
     def run(self) -> dict:
         s = self.args.seconds
@@ -348,6 +363,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=5, help="each pgbench run (default 5)")
     ap.add_argument("--json", action="store_true", help="print one JSON object of ratios "
                     "(and the raw numbers under 'raw')")
+    ap.add_argument("--quick", action="store_true", help="pgbench -S through pgbouncer and "
+                    "agentgate (host) only, for a quick comparison between changes")
     ap.add_argument("--profile", metavar="DIR", help="also record py-spy profiles of the "
                     "agentgate process (collapsed stacks per run, for flamegraph.pl) into DIR")
     args = ap.parse_args()
@@ -358,6 +375,9 @@ def main() -> None:
     b = Bench(args)
     try:
         b.start()
+        if args.quick:
+            print(json.dumps(b.quick(), indent=1))
+            return
         raw = b.run()
     finally:
         b.stop()

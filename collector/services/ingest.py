@@ -5,6 +5,7 @@ import asyncio
 import grpc
 
 from agentgate.events import SESSION_START, unpack_payload
+from agentgate.frames import iter_frames
 from agentgate.wire import pb, rpc
 from collector.auth import current_principal
 from collector.hub import Hub, SessionMeta
@@ -12,6 +13,18 @@ from collector.services import run
 from collector.storage import NotFound, Storage
 
 HASH_LEN = 32
+
+
+def decode_frames(data: bytes) -> list:
+    """Spool frames (agentgate/frames.py) as events; checkpoints skipped. ValueError if
+    any is torn or damaged: nothing of such a batch is stored."""
+    events, end = [], 0
+    for end, ev in iter_frames(data):
+        if not isinstance(ev, dict):
+            events.append(ev)
+    if end != len(data):
+        raise ValueError(f"a damaged frame at byte {end} of a batch of {len(data)}")
+    return events
 
 
 class IngestServicer(rpc.IngestServicer):
@@ -38,7 +51,13 @@ class IngestServicer(rpc.IngestServicer):
             async for batch in request_iterator:
                 # The storage takes the wire messages as they are (same field names as
                 # agentgate.events.Event): converting 100k events/s would cost a tenth.
-                events = batch.events
+                events = list(batch.events)
+                if batch.frames:
+                    try:
+                        events += decode_frames(batch.frames)
+                    except ValueError as exc:
+                        await writes.put(exc)
+                        return
                 bad = next((e for e in events if not e.session_id or e.seq < 1
                             or len(e.hash) != HASH_LEN or len(e.prev_hash) != HASH_LEN), None)
                 if bad is not None:

@@ -22,7 +22,7 @@ class Turn:
         self.spool = spool
         self._events: list = []
         self._owners: list = []          # the recorders whose events are in _events
-        self._writes: list = []          # (leg, bytes, recorder)
+        self._writes: dict = {}          # leg -> [recorder, bytes...]: one write a leg
         self._scheduled = False
         self._flushing = False
 
@@ -32,8 +32,12 @@ class Turn:
         self._schedule()
 
     def send(self, leg, data: bytes, recorder) -> None:
-        self._writes.append((leg, data, recorder))
-        self._schedule()
+        parts = self._writes.get(leg)
+        if parts is None:
+            self._writes[leg] = [recorder, data]
+            self._schedule()
+        else:
+            parts.append(data)
 
     def _schedule(self) -> None:
         if not self._scheduled:
@@ -49,7 +53,7 @@ class Turn:
         try:
             while self._events or self._writes:
                 events, owners, writes = self._events, self._owners, self._writes
-                self._events, self._owners, self._writes = [], [], []
+                self._events, self._owners, self._writes = [], [], {}
                 failed: set = set()
                 if events:
                     try:
@@ -60,9 +64,9 @@ class Turn:
                         failed = set(owners)
                         for recorder in failed:
                             recorder.fail(exc)   # may queue the session's error: next round
-                for leg, data, owner in writes:
-                    if owner not in failed:
-                        leg.write(data)
+                for leg, parts in writes.items():
+                    if parts[0] not in failed:
+                        leg.write(parts[1] if len(parts) == 2 else b"".join(parts[1:]))
         finally:
             self._flushing = False
             self._scheduled = False

@@ -1,8 +1,9 @@
 """Ships spooled events to the collector over one Ingest stream; acks free the spool.
 
+Events go as the spool stores them (frames, not decoded here: the collector decodes).
 After any failure it reconnects with capped exponential backoff and resends from the
-oldest spool segment, skipping what was acked: the collector stores a resent event
-once, so nothing is lost or duplicated whatever breaks when.
+oldest spool segment: the collector stores a resent event once, so nothing is lost or
+duplicated whatever breaks when.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import time
 import grpc
 
 from agentgate.client import CollectorAddress, open_aio_channel
-from agentgate.wire import event_to_pb, pb, rpc
+from agentgate.wire import pb, rpc
 from hostagent.recording.spool import Spool
 
 log = logging.getLogger("agentgate.shipper")
@@ -113,22 +114,20 @@ class Shipper:
         while True:
             wake.clear()
             self.spool.add_listener(notify)   # before reading: no append goes unnoticed
-            events, pos = self.spool.read(pos, self.batch_events, self.batch_bytes)
-            if not events:
+            frames, count, pos = self.spool.read_frames(pos, self.batch_bytes,
+                                                        self.batch_events)
+            if not count:
                 if not await self._until(wake.wait(), receiver, self.housekeeping):
                     self.spool.rotate_if_acked()
                     self.spool.release()
                 elif self.linger:
                     await asyncio.sleep(self.linger)
                 continue
-            events = [e for e in events if e.seq > self.spool.acked(e.session_id)]
-            if not events:
-                continue   # all acked before a reconnect: read on at once
+            # (events acked before a reconnect may go again: the collector stores each once)
             await self._until(window.acquire(), receiver)
             batch_id += 1
-            await call.write(pb.IngestBatch(batch_id=batch_id,
-                                            events=[event_to_pb(e) for e in events]))
-            self.sent_events += len(events)
+            await call.write(pb.IngestBatch(batch_id=batch_id, frames=frames))
+            self.sent_events += count
 
     async def _receive(self, call, window: asyncio.Semaphore) -> None:
         async for ack in call:

@@ -9,9 +9,8 @@ Guarantees (see README "Durability"):
 - Files are deleted only when the collector has acked every event in them.
 - At `max_bytes` `append()` raises SpoolFull; nothing is dropped silently.
 
-Frame: u32 length | u32 crc32(body) | body = msgpack [session_id, seq, wall_ns,
-mono_ns, kind, payload, prev_hash, hash]. A torn frame at the tail of a segment
-(crash mid-write) is cut off on recovery.
+Frames: agentgate/frames.py. A torn frame at the tail of a segment (crash mid-write) is
+cut off on recovery.
 """
 from __future__ import annotations
 
@@ -19,23 +18,19 @@ import fcntl
 import logging
 import os
 import re
-import struct
 import threading
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import msgpack
-
 from agentgate.events import SESSION_END, Event
+from agentgate.frames import (HEADER, MAX_FRAME, encode_checkpoint, encode_frame, frame_ends,
+                              iter_frames)
 from agentgate.tomlconfig import private_dir
 
 log = logging.getLogger("agentgate.spool")
 
-HEADER = struct.Struct("<II")
-MAX_FRAME = 32 << 20   # below the 64 MiB gRPC message cap, so any frame can ship
 SEGMENT_RE = re.compile(r"^seg-(\d{12})\.log$")
 
 
@@ -60,45 +55,6 @@ class Segment:
 class Position:
     segment: int
     offset: int
-
-
-def encode_frame(ev: Event) -> bytes:
-    body = msgpack.packb(ev.as_tuple(), use_bin_type=True)
-    return HEADER.pack(len(body), zlib.crc32(body)) + body
-
-
-def decode_body(body: bytes) -> "Event | dict":
-    """An Event, or a checkpoint: {session id: [seq, hash, kind]} of the sessions open
-    when the segment began (so a restart knows them even after older files are gone)."""
-    value = msgpack.unpackb(body, raw=False)
-    if isinstance(value, dict):
-        return {k: tuple(v) for k, v in value.items()}
-    return Event(*value)
-
-
-def encode_checkpoint(open_tails: dict) -> bytes:
-    body = msgpack.packb({k: list(v) for k, v in open_tails.items()}, use_bin_type=True)
-    return HEADER.pack(len(body), zlib.crc32(body)) + body
-
-
-def iter_frames(data: bytes, start: int = 0):
-    """Yields (end_offset, Event or checkpoint) for each complete, intact frame; stops at
-    the first bad one."""
-    pos, end = start, len(data)
-    while pos + HEADER.size <= end:
-        length, crc = HEADER.unpack_from(data, pos)
-        stop = pos + HEADER.size + length
-        if length > MAX_FRAME or stop > end:
-            return
-        body = data[pos + HEADER.size:stop]
-        if zlib.crc32(body) != crc:
-            return
-        try:
-            ev = decode_body(body)
-        except (ValueError, TypeError, msgpack.UnpackException):
-            return
-        pos = stop
-        yield pos, ev
 
 
 class Spool:
@@ -402,6 +358,49 @@ class Spool:
                 return events, pos    # the budget ended inside this segment
             budget -= want
         return events, pos
+
+    def read_frames(self, pos: Position, max_bytes: int = 4 << 20,
+                    max_frames: int | None = None) -> tuple[bytes, int, Position]:
+        """Whole frames from `pos` on, as they lie in the segments (events and
+        checkpoints; for the shipper, which does not decode them), how many, and the
+        position after them. At least one frame, however big, once there is one."""
+        with self._lock:
+            numbers = sorted(n for n in self._segments if n >= pos.segment)
+            sizes = {n: self._segments[n].size for n in numbers}
+            paths = {n: self._segments[n].path for n in numbers}
+        if pos.segment not in sizes:   # deleted under us: continue at the next one
+            if not numbers:
+                return b"", 0, pos
+            pos = Position(numbers[0], 0)
+        chunks, count, budget = [], 0, max_bytes
+        for n in numbers:
+            offset = pos.offset if n == pos.segment else 0
+            remaining = sizes[n] - offset
+            if n < pos.segment or remaining <= 0:
+                continue
+            if budget <= 0:
+                break
+            with open(paths[n], "rb") as fh:
+                fh.seek(offset)
+                data = fh.read(min(remaining, budget))
+                left = None if max_frames is None else max_frames - count
+                end, k = frame_ends(data, count=left)
+                if k == 0 and not chunks and len(data) >= HEADER.size:
+                    # one frame bigger than the whole budget: it alone
+                    whole = HEADER.size + HEADER.unpack_from(data, 0)[0]
+                    data += fh.read(max(0, min(whole, remaining) - len(data)))
+                    end, k = frame_ends(data)
+            if k == 0:
+                if chunks:
+                    break                  # the next frame starts the next read
+                raise SpoolError(f"damaged frame in spool segment {paths[n]} at offset {offset}")
+            chunks.append(data[:end])
+            count += k
+            budget -= end
+            pos = Position(n, offset + end)
+            if offset + end < sizes[n] or (max_frames is not None and count >= max_frames):
+                break                      # the budget ended inside this segment
+        return b"".join(chunks), count, pos
 
     def acked(self, session_id: str) -> int:
         return self._acked.get(session_id, 0)
