@@ -114,6 +114,12 @@ BPF_HASH(stop_exes, struct path_key, __u32, 1024);
 BPF_PERCPU_ARRAY(lost, __u64, 1);
 // cgroup paths (under the cgroup2 mount) enrolled whenever they are made
 BPF_TABLE_PINNED("hash", struct path_key, __u32, watched, 1024, AG_PIN "/watched");
+#ifdef AG_UNIX_HOOKS
+// who was sent to the proxy's unix sockets, by process: the proxy finds the peer's
+// record by its SO_PEERCRED pid (its attestation, as `peers` is for TCP). A record goes
+// with its process (sched_process_exit): a pid used again is nobody's.
+BPF_TABLE_PINNED("lru_hash", __u32, struct conn_info, unix_conns, 16384, AG_PIN "/unix_conns");
+#endif
 
 #define AG_MAX_DEPTH 16
 
@@ -468,11 +474,15 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
-    if (!tree_cgroup())
-        return 0;
     __u64 id = bpf_get_current_pid_tgid();
     if ((__u32)id != (id >> 32))
         return 0;   // a thread, not the process
+#ifdef AG_UNIX_HOOKS
+    __u32 tgid = id >> 32;
+    unix_conns.delete(&tgid);
+#endif
+    if (!tree_cgroup())
+        return 0;
     emit(EV_EXIT, 0);
     return 0;
 }
@@ -545,9 +555,6 @@ struct unix_dest {
     char path[AG_SUN_PATH];
 };
 BPF_HASH(unix_redirect, struct unix_key, struct unix_dest, 64);
-// who was sent to the proxy's unix sockets, by process: the proxy finds the peer's
-// record by its SO_PEERCRED pid (its attestation, as `peers` is for TCP)
-BPF_TABLE_PINNED("lru_hash", __u32, struct conn_info, unix_conns, 16384, AG_PIN "/unix_conns");
 BPF_F_TABLE("lpm_trie", struct unix_key, __u32, unix_prefix, 1024, BPF_F_NO_PREALLOC);
 BPF_PERCPU_ARRAY(unix_scratch, struct unix_key, 1);
 BPF_PERCPU_ARRAY(unix_ci_scratch, struct conn_info, 1);

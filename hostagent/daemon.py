@@ -17,7 +17,7 @@ from agentgate.cli.output import fmt_bytes
 from hostagent import control
 from hostagent.config import HostAgentConfig
 from hostagent.intercept import cgroups, unixguard
-from hostagent.intercept.loader import InterceptError, preflight
+from hostagent.intercept.loader import InterceptError, detach_ours, preflight
 from hostagent.recording.recorder import close_orphans
 from hostagent.recording.spool import SpoolError
 from hostagent.recording.runs import RunSession, Runs, new_group
@@ -45,7 +45,6 @@ class Daemon:
         self._lost_logged = 0
         self._enrolled: dict[str, int | None] = {}   # unit/cgroup -> its cgroup id now
         self._watched: list[str] = []
-        self._on_root = False          # programs on the cgroup2 root (for units, cgroups)
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -99,7 +98,14 @@ class Daemon:
             self._enrolled["matched"] = ino
             self._start_enrolled("processes enrolled by uid or executable", self.matched, ino)
         # Attaching replaces programs an earlier run left: never a moment unguarded.
-        icpt.attach(self.root)
+        # Units and cgroups outside the tree need them on the cgroup2 root, which holds
+        # the tree too: then there alone (twice, a rewritten unix connect would be
+        # judged again as what it was rewritten to).
+        mount = cgroups.cgroup2_mount()
+        where, other = (mount, self.root) if cfg.units or cfg.cgroups else (self.root, mount)
+        icpt.attach(where, enroll=where == self.root)
+        icpt.enroll(cgroups.cgroup_id(self.root))
+        detach_ours(other, owner=icpt.owner)   # left by an earlier run otherwise set up
         icpt.clear_records()
         if cfg.units:
             self._unit_dropins(icpt.pin_programs(BPFFS / cfg.tree / "progs"))
@@ -137,7 +143,8 @@ class Daemon:
             log.info("systemd is not running: no BPFProgram= drop-ins (the kernel enrolls a "
                      "restarted unit's new cgroup as it is made)")
             return
-        unix = unixguard.plan(unixguard.unix_allowed(self.cfg))
+        # (the proxy's sockets for targets' unix paths are where the hook sends them)
+        unix = unixguard.plan(unixguard.unix_allowed(self.cfg) + tuple(self.stack.unix_proxies))
         text = dropin_text(pins, unix.hidden)
         for unit in cfg.units:
             d = where / f"{unit}.d"
@@ -164,11 +171,11 @@ class Daemon:
         return out
 
     def _attach_enrolled(self) -> None:
-        """The programs go on the cgroup2 root, where they act on enrolled processes
-        alone, and the kernel enrolls each watched cgroup whenever it is made (a
-        restarted unit or container gets a new one): guarded from its first instruction,
-        systemd or not, whatever becomes of the slices above it. Here: watch the paths,
-        and say when a cgroup is new."""
+        """The programs are on the cgroup2 root (_intercept), where they act on enrolled
+        processes alone, and the kernel enrolls each watched cgroup whenever it is made
+        (a restarted unit or container gets a new one): guarded from its first
+        instruction, systemd or not, whatever becomes of the slices above it. Here:
+        watch the paths, and say when a cgroup is new."""
         icpt = self.stack.icpt
         paths = self._enrolled_paths()
         mount = cgroups.cgroup2_mount()
@@ -176,9 +183,6 @@ class Daemon:
         if watched != self._watched:
             icpt.watch(watched)
             self._watched = watched
-        if not self._on_root:
-            icpt.attach(mount, enroll=False)
-            self._on_root = True
         for name, path in paths:
             try:
                 ino = cgroups.cgroup_id(path)
@@ -365,5 +369,8 @@ def dropin_text(pins: dict[str, Path], hidden: tuple[str, ...] = ()) -> str:
              "[Service]"]
     lines += [f"BPFProgram={kind}:{path}" for kind, path in sorted(pins.items())]
     lines.append("ProtectControlGroups=yes")
+    # in a user namespace of its own a process could mount over paths the unix-socket
+    # hook judges as written (as `agentgate run`'s seccomp filter refuses)
+    lines.append("RestrictNamespaces=~user")
     lines += [f"InaccessiblePaths=-{path}" for path in hidden]
     return "\n".join(lines) + "\n"

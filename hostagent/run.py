@@ -22,8 +22,8 @@ from pathlib import Path
 from agentgate.client import CollectorAddress, answers, open_channel
 from hostagent.config import HostAgentConfig
 from hostagent.control import ControlError, DaemonClient
-from hostagent.intercept import cgroups, unixguard
-from hostagent.intercept.loader import InterceptError, attached
+from hostagent.intercept import cgroups, seccomp, unixguard
+from hostagent.intercept.loader import InterceptError, attached, pinned_map_ids, uses
 from hostagent.recording.runs import RunSession, new_group
 from hostagent.stack import Stack, open_spool, run_loop
 
@@ -105,6 +105,7 @@ def _child_setup(user, cgroup: Path | None = None, gate: int | None = None,
     procs = str(cgroup / "cgroup.procs") if cgroup is not None else None
     root_agent = os.geteuid() == 0 and (user is None or user.pw_uid == 0)
     mount = str(cgroups.cgroup2_mount()).encode()
+    filt = seccomp.prepare()
 
     def setup():
         if procs is not None:
@@ -141,6 +142,10 @@ def _child_setup(user, cgroup: Path | None = None, gate: int | None = None,
                     _die(b"cannot drop capabilities")
         if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
             _die(b"cannot set no_new_privs")
+        # no user namespace of its own, none entered: where a mount of its own could
+        # re-point a path the unix-socket hook judges as written (seccomp.py)
+        if filt is None or not seccomp.install(filt, libc):
+            _die(b"cannot install the seccomp filter against user namespaces")
         if unix is not None and unix.scope_abstract and not unixguard.restrict_abstract(libc):
             _die(b"cannot scope abstract unix sockets (Landlock)")
         if user is not None:
@@ -244,7 +249,11 @@ def _collector_answers(addr: CollectorAddress, timeout: float = 0.5) -> bool:
 
 async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str | None) -> int:
     root = cgroups.ensure_tree(cfg.intercept.tree)
-    if any(p.get("name", "").startswith("ag_") for p in attached(root)):
+    # (a daemon enrolling units or cgroups has them on the cgroup2 root, using its maps)
+    owner = pinned_map_ids(Path("/sys/fs/bpf") / cfg.intercept.tree)
+    if any(p.get("name", "").startswith("ag_") for p in attached(root)) or (owner and any(
+            p.get("name", "").startswith("ag_") and uses(p["id"], owner)
+            for p in attached(cgroups.cgroup2_mount()))):
         raise InterceptError(f"the host agent's programs are attached to {root} but no host agent "
                              "answers: start agentgate-hostagent (or remove them with "
                              "`agentgate-hostagent cleanup`)")

@@ -169,7 +169,7 @@ def pinned_map_ids(pin_dir: Path) -> set[int]:
     return ids
 
 
-def _uses(prog_id: int, maps: set[int]) -> bool:
+def uses(prog_id: int, maps: set[int]) -> bool:
     r = subprocess.run(["bpftool", "-j", "prog", "show", "id", str(prog_id)],
                        capture_output=True, text=True)
     return r.returncode == 0 and bool(maps & set(json.loads(r.stdout).get("map_ids", [])))
@@ -188,7 +188,7 @@ def detach_ours(cgroup: Path, ids: set[int] | None = None,
                              f"{exc.strerror}") from None
     for prog in attached(cgroup):
         if prog.get("name", "").startswith(PREFIX) and (ids is None or prog["id"] in ids) \
-                and (owner is None or _uses(prog["id"], owner)):
+                and (owner is None or uses(prog["id"], owner)):
             r = subprocess.run(["bpftool", "cgroup", "detach", str(cgroup), prog["attach_type"],
                                 "id", str(prog["id"])], capture_output=True, text=True)
             if r.returncode != 0:
@@ -308,8 +308,8 @@ class Interceptor:
         self.pin_dir = pin_dir
         self.owner = pinned_map_ids(pin_dir)   # this tree's programs use these maps
         self.cgroups: list[Path] = []
-        self._peers = self.bpf["peers"]
-        self._conns = self.bpf["conns"]
+        self._peers = self.bpf[b"peers"]
+        self._conns = self.bpf[b"conns"]
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         self._links: list[Path] = []
@@ -384,7 +384,7 @@ class Interceptor:
     def _replace(self, name: str, addrs: list[tuple[str, int]]) -> None:
         """New keys in first, stale ones out after: the programs still running see
         either set, never an empty one."""
-        table = self.bpf[name]
+        table = self.bpf[name.encode()]
         wanted = {bytes(addr_key(h, p)): addr_key(h, p) for h, p in addrs}
         for key in wanted.values():
             table[key] = ctypes.c_uint32(1)
@@ -403,7 +403,7 @@ class Interceptor:
         '/system.slice/x.service') in the kernel whenever they are made or renamed to,
         through links pinned in the pin directory that outlive this process. The programs
         must be attached above them (attach(parent, enroll=False))."""
-        table = self.bpf["watched"]
+        table = self.bpf[b"watched"]
         wanted = {}
         for path in paths:
             key = table.Key()
@@ -438,12 +438,12 @@ class Interceptor:
             else (set(), set())
         wanted: dict[str, dict[bytes, object]] = {"unix_exact": {}, "unix_prefix": {}}
         for e in unixhooks.entries(self._unix_globs, self._unix_abstract, paths | abstract):
-            key = self.bpf[e.table].Key()
+            key = self.bpf[e.table.encode()].Key()
             key.len = e.key_len
             ctypes.memmove(ctypes.addressof(key) + 4, e.name, len(e.name))
             wanted[e.table][bytes(key)] = key
         for name, keys in wanted.items():
-            table = self.bpf[name]
+            table = self.bpf[name.encode()]
             for key in keys.values():
                 table[key] = ctypes.c_uint32(1)
             for key in list(table.keys()):
@@ -453,7 +453,7 @@ class Interceptor:
     def set_unix_redirects(self, redirects: dict[str, str]) -> None:
         """A target's local socket path -> the proxy's socket for it: enrolled connects
         to the one are rewritten to the other (and remembered: take_unix_peer)."""
-        table = self.bpf["unix_redirect"]
+        table = self.bpf[b"unix_redirect"]
         table.clear()
         for given, proxy in redirects.items():
             key = table.Key()
@@ -469,7 +469,7 @@ class Interceptor:
         proxy's unix sockets, while fresh. Kept (a process may open several
         connections); the next redirect of that process replaces it."""
         try:
-            ci = self.bpf["unix_conns"][ctypes.c_uint32(pid)]
+            ci = self.bpf[b"unix_conns"][ctypes.c_uint32(pid)]
         except KeyError:
             return None
         if time.monotonic_ns() - ci.ktime_ns > RECORD_TTL_NS:
@@ -480,11 +480,11 @@ class Interceptor:
                           comm=bytes(ci.comm).split(b"\0", 1)[0].decode(errors="replace"))
 
     def enroll(self, cgroup_id: int) -> None:
-        self.bpf["enrolled"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(1)
+        self.bpf[b"enrolled"][ctypes.c_uint64(cgroup_id)] = ctypes.c_uint32(1)
 
     def unenroll(self, cgroup_id: int) -> None:
         try:
-            del self.bpf["enrolled"][ctypes.c_uint64(cgroup_id)]
+            del self.bpf[b"enrolled"][ctypes.c_uint64(cgroup_id)]
         except KeyError:
             pass
 
@@ -494,7 +494,7 @@ class Interceptor:
         self._peers.clear()
         self._conns.clear()
         if self.unix_progs:
-            self.bpf["unix_conns"].clear()
+            self.bpf[b"unix_conns"].clear()
 
     def take_peer(self, host: str, port: int) -> ConnRecord | None:
         """The connect record of the client whose local address is host:port, removed
@@ -522,22 +522,22 @@ class Interceptor:
         """Report execs outside the tree too, and stop those of these users or paths
         at exec until they are enrolled (enrollment by uid or executable)."""
         for uid in uids:
-            self.bpf["stop_uids"][ctypes.c_uint32(uid)] = ctypes.c_uint32(1)
-        table = self.bpf["stop_exes"]
+            self.bpf[b"stop_uids"][ctypes.c_uint32(uid)] = ctypes.c_uint32(1)
+        table = self.bpf[b"stop_exes"]
         for exe in exes:
             key = table.Key()
             raw = exe.encode()[:127]
             ctypes.memmove(ctypes.addressof(key), raw, len(raw))
             table[key] = ctypes.c_uint32(1)
-        self.bpf["settings"][ctypes.c_int(0)] = ctypes.c_uint32(1)
+        self.bpf[b"settings"][ctypes.c_int(0)] = ctypes.c_uint32(1)
 
     def lost_events(self) -> int:
-        return sum(self.bpf["lost"][ctypes.c_int(0)])
+        return sum(self.bpf[b"lost"][ctypes.c_int(0)])
 
     def suppressed(self, cgroup_id: int) -> int:
         """Refusals of this cgroup's processes the kernel counted but did not report
         (over its per-second rate); the count is taken (a run's end reports it)."""
-        table = self.bpf["guard_suppressed"]
+        table = self.bpf[b"guard_suppressed"]
         key = ctypes.c_uint64(cgroup_id)
         try:
             n = table[key].value
@@ -545,7 +545,7 @@ class Interceptor:
         except KeyError:
             return 0
         try:
-            del self.bpf["guard_rate"][key]
+            del self.bpf[b"guard_rate"][key]
         except KeyError:
             pass
         return n
@@ -572,7 +572,7 @@ class Interceptor:
             except Exception:  # a bad consumer must not kill the poller
                 log.exception("kernel event consumer failed")
 
-        self.bpf["events"].open_ring_buffer(on_event)
+        self.bpf[b"events"].open_ring_buffer(on_event)
 
         def poll():
             while not self._stop.is_set():

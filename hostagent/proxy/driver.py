@@ -178,6 +178,8 @@ class Proxy:
             pid, uid, _gid = struct.unpack("3i", sock.getsockopt(
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
             rec = self.unix_lookup(pid) if self.unix_lookup else None
+            if rec is not None and rec.uid != uid:
+                rec = None      # not the process the kernel sent here (its pid, reused)
             if rec is None:
                 self.refused += 1
                 log.warning("refused a connection to the %s unix socket from pid %d (uid %d): "

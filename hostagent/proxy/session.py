@@ -45,11 +45,16 @@ class Leg(asyncio.Protocol):
         self.lost = False
         self.early: list[bytes] = []   # read before the session was there
         self.early_eof = False
+        self.tls_failed = False
 
     # -- asyncio.Protocol
     def connection_made(self, transport) -> None:
+        # (also once a TLS handshake is done, with the TLS transport: it reads at once,
+        # while the session still holds the leg paused for the handshake's end)
         self.transport = transport
         transport.set_write_buffer_limits(high=DRAIN_ABOVE)
+        if self.paused:
+            transport.pause_reading()
 
     def data_received(self, data: bytes) -> None:
         if self.session is None:
@@ -240,8 +245,8 @@ class Session:
             self.reason = f"{leg.name} closed"
 
     def lost(self, leg: Leg, exc) -> None:
-        if self.ended.is_set():
-            return
+        if self.ended.is_set() or leg.handshaking or leg.tls_failed:
+            return      # (a failed handshake is the layer's to answer: TlsFailed)
         if exc is not None:
             self.finish(f"connection reset: {exc}")
             return
@@ -387,6 +392,7 @@ class Session:
                     ssl_handshake_timeout=CONNECT_TIMEOUT)
         except (ssl.SSLError, ssl.CertificateError, OSError, asyncio.TimeoutError,
                 ValueError, ConnectionError) as exc:
+            leg.tls_failed = True
             leg.handshaking = False
             leg.queued.clear()
             self.feed(TlsFailed(leg.name, _tls_error(exc)))

@@ -97,6 +97,17 @@ def contain(op, arg=""):
             return
         rc = libc.setns(fd, 0x02000000)
         os.close(fd)
+    elif op == "userns":       # a user (and mount) namespace of its own
+        rc = libc.unshare(0x10000000 | 0x00020000)
+    elif op == "clone_userns":  # the same through clone(2), as a child
+        import signal
+        stack = ctypes.create_string_buffer(1 << 16)
+        child = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)(lambda _: 0)
+        rc = libc.clone(child, ctypes.c_void_p(ctypes.addressof(stack) + (1 << 16)),
+                        0x10000000 | signal.SIGCHLD, None)
+        if rc > 0:
+            os.waitpid(rc, 0)
+            rc = 0
     else:   # unshare_cgroup
         rc = libc.unshare(0x02000000)
     if rc == 0:
@@ -166,7 +177,7 @@ def main(argv):
         open_socket(op)
     elif op == "escape":
         escape(*args)
-    elif op in ("mount_cgroup2", "setns_cgroup", "unshare_cgroup"):
+    elif op in ("mount_cgroup2", "setns_cgroup", "unshare_cgroup", "userns", "clone_userns"):
         contain(op, *args)
     elif op in ("unix", "abstract", "unix_wait"):
         unix(op, *args)

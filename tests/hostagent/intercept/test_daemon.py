@@ -98,6 +98,28 @@ def test_run_through_the_daemon(host, daemon):
     assert run["start"]["process"]["requested_by"] == "uid 0"
 
 
+def test_a_daemon_enrolling_cgroups_judges_its_runs_once(host):
+    """Its programs are on the cgroup2 root then, not on the tree's root as well: a run's
+    refused connect is one refusal, recorded once."""
+    d = with_intercept(Daemon(host), f'cgroups = ["/{host.tree}-once.slice/a.service"]')
+    d.start()
+    try:
+        assert not ours(host)                              # not on the tree's root
+        rc, out, err = host.run("connect", "127.0.0.1", "9", ";", "unix", "/run/nowhere.sock",
+                                ";", "connect", "127.0.0.1", str(host.echo.port),
+                                user="nobody", config=d.config)
+        assert rc == 0, err
+        assert [r.get("error") for r in out] == ["EPERM", "EPERM", None], out
+        (run,) = host.sessions("run")
+        kinds = [k for k, _ in run["events"]]
+        assert kinds.count("connect_denied") == 1 and kinds.count("unix_denied") == 1, kinds
+        assert len(host.sessions("tcp")) == 1
+    finally:
+        d.stop()
+        subprocess.run([str(BIN / "agentgate-hostagent"), "cleanup", "--config", str(d.config)],
+                       capture_output=True, timeout=60)
+
+
 def test_the_proxy_refuses_connections_the_kernel_did_not_redirect(host, daemon):
     from hostagent.proxy.driver import Proxy
     for _ in range(2):   # each run counts its own refusals, not the daemon's so far
@@ -429,6 +451,7 @@ def test_units_get_drop_ins_whose_pinned_programs_guard_a_new_cgroup_at_once(hos
                                          "sock_create", "bind4", "bind6", "sock_ops"}
         text = conf.read_text()
         assert "ProtectControlGroups=yes" in text                  # can't move out
+        assert "RestrictNamespaces=~user" in text                  # nor mount over paths
         assert f"InaccessiblePaths=-{tmp_path / 'docker.sock'}" in text
         unit = dropins / "agent-x.service"
         unit.write_text("[Unit]\nDescription=an agent\n[Service]\nExecStart=/bin/true\n")

@@ -1,5 +1,6 @@
 """The egress guard: every way around the proxy that an enrolled agent might try."""
 import json
+import os
 import pwd
 
 import pytest
@@ -105,6 +106,20 @@ def test_a_connect_loop_cannot_flood_the_recording(host):
     suppressed += run["events"][-1][1].get("events_suppressed", 0)
     assert recorded + suppressed == 600
     assert recorded < 600 and suppressed > 0
+
+
+@pytest.mark.parametrize("user", ["nobody", None])
+def test_no_user_namespaces_and_no_entering_namespaces(host, user):
+    """In a user namespace of its own an agent could mount over a path the unix-socket
+    hook judges as written: refused, by unshare, clone and the unshare tool alike; and
+    programs that spawn (clone3 refused: the C library falls back) still run."""
+    cmds = ["userns", "clone_userns", "setns_cgroup", "tool unshare -Ur true",
+            "tool /bin/sh -c true", f"connect 127.0.0.1 {host.echo.port}"]
+    rc, out, err = host.run(*" ; ".join(cmds).split(), user=user)
+    assert rc == 0, err
+    assert [r["ok"] for r in out] == [False, False, False, False, True, True], out
+    assert out[0]["error"] == out[1]["error"] == "EPERM", out
+    assert "Operation not permitted" in out[3]["stderr"], out
 
 
 def test_a_root_agent_stays_in_its_cgroup(host, tmp_path):
@@ -247,3 +262,50 @@ def test_the_cover_plan_covers_sockets_only(tmp_path):
     finally:
         for s in keep:
             s.close()
+
+
+def test_a_unix_redirect_is_recorded_for_its_process_alone_and_goes_with_it(tmp_path):
+    """The proxy serves a unix peer by the record the hook made for its pid: the record
+    is gone once that process is, so a pid used again is nobody's."""
+    import socket
+    import struct
+    import subprocess
+    import sys
+    import uuid
+    from pathlib import Path
+
+    from hostagent.intercept import cgroups
+    from hostagent.intercept.loader import Interceptor
+    from tests.support import wait_for
+    name = f"agentgate-test-{uuid.uuid4().hex[:8]}"
+    icpt = Interceptor(64999, pin_dir=Path("/sys/fs/bpf") / name)
+    cg = cgroups.make_cgroup(cgroups.cgroup2_mount(), name)
+    proxy = socket.socket(socket.AF_UNIX)
+    proxy.bind(str(tmp_path / "proxy.sock"))
+    proxy.listen(4)
+    try:
+        assert icpt.unix_progs, icpt.unix_error
+        icpt.attach(cg)
+        icpt.set_unix_redirects({str(tmp_path / "db.sock"): str(tmp_path / "proxy.sock")})
+        code = ("import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+                "print('in', flush=True); sys.stdin.read()")
+        child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "db.sock")],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: (cg / "cgroup.procs").write_text(
+                                     str(os.getpid())))
+        assert child.stdout.readline() == "in\n"          # rewritten to the proxy's socket
+        conn, _ = proxy.accept()
+        pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET,
+                                                             socket.SO_PEERCRED, 12))
+        rec = icpt.take_unix_peer(pid)
+        assert rec is not None and rec.pid == child.pid and rec.uid == uid
+        assert icpt.take_unix_peer(os.getpid()) is None    # not sent here: no record
+        child.stdin.close()
+        child.wait(10)
+        wait_for(lambda: icpt.take_unix_peer(pid) is None, what="the record gone with it")
+        conn.close()
+    finally:
+        proxy.close()
+        icpt.close(detach=True)
+        cgroups.remove(cg)
+        subprocess.run(["rm", "-rf", f"/sys/fs/bpf/{name}"])
