@@ -8,7 +8,7 @@ deterministic for these types, and any language can recompute it.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import msgpack
@@ -76,6 +76,8 @@ class Event:
     payload: bytes  # msgpack map
     prev_hash: bytes
     hash: bytes
+    # the msgpack of as_tuple(), when make_event made it (the spool frame's body)
+    body: bytes | None = field(default=None, compare=False, repr=False)
 
     def as_tuple(self) -> tuple:
         return (self.session_id, self.seq, self.wall_time_ns, self.mono_ns,
@@ -95,8 +97,13 @@ def chain_hash(session_id: str, seq: int, wall_time_ns: int, mono_ns: int,
 
 def make_event(session_id: str, seq: int, wall_time_ns: int, mono_ns: int, kind: str,
                payload: bytes, prev_hash: bytes) -> Event:
-    return Event(session_id, seq, wall_time_ns, mono_ns, kind, payload, prev_hash,
-                 chain_hash(session_id, seq, wall_time_ns, mono_ns, kind, payload, prev_hash))
+    chained = msgpack.packb([session_id, seq, wall_time_ns, mono_ns, kind, payload, prev_hash],
+                            use_bin_type=True)
+    digest = hashlib.sha256(chained).digest()
+    # the stored form is the same array with the hash after it: an 8-array header, the
+    # 7 packed items, the hash as bin 8 (packed once, not twice)
+    return Event(session_id, seq, wall_time_ns, mono_ns, kind, payload, prev_hash, digest,
+                 b"\x98" + chained[1:] + b"\xc4\x20" + digest)
 
 
 def pack_payload(fields: dict) -> bytes:

@@ -16,7 +16,7 @@ MAX_FRAME = 32 << 20   # below the 64 MiB gRPC message cap, so any frame can shi
 
 
 def encode_frame(ev: Event) -> bytes:
-    body = msgpack.packb(ev.as_tuple(), use_bin_type=True)
+    body = ev.body or msgpack.packb(ev.as_tuple(), use_bin_type=True)
     return HEADER.pack(len(body), zlib.crc32(body)) + body
 
 

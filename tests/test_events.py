@@ -60,3 +60,24 @@ def test_every_kind_the_host_agent_records_is_declared():
         used |= set(re.findall(r'(?:Record|record)\("([a-z_]+)"', text))
         used |= {getattr(events, c) for c in re.findall(r'(?:Record|record)\(([A-Z_]+)\b', text)}
     assert used and used <= set(events.EVENT_KINDS), used - set(events.EVENT_KINDS)
+
+
+def test_an_event_made_here_carries_the_body_its_frame_would_pack():
+    """make_event packs the stored form once (the chain's array, the hash after it): it
+    must be byte for byte what packing the event would give, whatever it holds."""
+    import msgpack
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from agentgate.events import Event, make_event
+    from agentgate.frames import encode_frame
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(max_size=80), st.integers(1, 2**63 - 1), st.integers(0, 2**63 - 1),
+           st.integers(-2**63, 2**63 - 1), st.text(max_size=30), st.binary(max_size=300),
+           st.binary(min_size=32, max_size=32))
+    def check(sid, seq, wall, mono, kind, payload, prev):
+        ev = make_event(sid, seq, wall, mono, kind, payload, prev)
+        assert ev.body == msgpack.packb(ev.as_tuple(), use_bin_type=True)
+        assert encode_frame(ev) == encode_frame(Event(*ev.as_tuple()))
+    check()
