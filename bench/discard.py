@@ -6,6 +6,7 @@ from concurrent import futures
 
 import grpc
 
+from agentgate.frames import iter_frames
 from agentgate.v1 import agentgate_pb2 as pb
 from agentgate.v1 import agentgate_pb2_grpc as rpc
 
@@ -17,10 +18,12 @@ class _Discard(rpc.IngestServicer):
     def Stream(self, request_iterator, context):
         for batch in request_iterator:
             top: dict[str, int] = {}
-            for ev in batch.events:
+            events = list(batch.events) + [ev for _, ev in iter_frames(batch.frames)
+                                           if not isinstance(ev, dict)]
+            for ev in events:
                 if ev.seq > top.get(ev.session_id, 0):
                     top[ev.session_id] = ev.seq
-            self.events += len(batch.events)
+            self.events += len(events)
             yield pb.IngestAck(batch_id=batch.batch_id, sessions=[
                 pb.SessionAck(session_id=s, committed_seq=q) for s, q in top.items()])
 

@@ -29,7 +29,7 @@ class StreamEnded(Exception):
 class Shipper:
     def __init__(self, spool: Spool, address: CollectorAddress, *, batch_events: int = 2000,
                  batch_bytes: int = 2 << 20, window: int = 4, backoff_min: float = 0.2,
-                 backoff_max: float = 10.0, housekeeping: float = 10.0, linger: float = 0.005):
+                 backoff_max: float = 10.0, housekeeping: float = 10.0, linger: float = 0.05):
         self.spool = spool
         # After a wake-up, wait this long for more events: one gRPC write per batch, not
         # per event, while the proxy is busy (the recording is already durable locally)

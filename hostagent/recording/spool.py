@@ -74,6 +74,7 @@ class Spool:
         self._fd = -1
         self._written = 0                      # appends so far (a generation counter)
         self._synced = 0                       # appends covered by a completed fsync
+        self._syncer_idle = False              # waiting for an append (else on its interval)
         self._sync_error: OSError | None = None
         self._acked: dict[str, int] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -237,7 +238,10 @@ class Spool:
         with self._sync_cond:
             self._written += 1
             gen = self._written
-            self._sync_cond.notify_all()
+            if self._syncer_idle:
+                # woken only from idle: while appends go on, the syncer runs on its
+                # interval alone (a wake-up per append is a GIL hand-off on the hot path)
+                self._sync_cond.notify_all()
         for notify in listeners:
             try:
                 notify()
@@ -261,7 +265,9 @@ class Spool:
         last = 0.0
         while True:
             with self._sync_cond:
+                self._syncer_idle = True
                 self._sync_cond.wait_for(lambda: self._written > self._synced or self._closed)
+                self._syncer_idle = False
                 if self._closed and self._written == self._synced:
                     return
             # Strict callers are waiting right now: sync at once (they batch up behind us).

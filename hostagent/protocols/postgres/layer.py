@@ -152,6 +152,7 @@ class PostgresLayer(UsesCatalog, Masking):
         self.upstream_auth = UpstreamAuth(password or "", target=target, tls=tls,
                                           weak_password_auth=weak_password_auth)
         self._denials: dict[str, bytes] = {}   # token -> our ErrorResponse
+        self._descriptions: dict[bytes, list] = {}   # RowDescription body -> its columns
         self.masker = masker if masker is not None and masker.active else None
         self._results = Results() if self.masker else None
         self._compiled_for: list | None = None
@@ -609,7 +610,13 @@ class PostgresLayer(UsesCatalog, Masking):
                     self.masker.counts.clear()
             return [Record(OUTPUT, out, stop=sid), ToClient(raw)]
         elif kind == b"T":
-            cols = m.parse_row_description(body)
+            # a prepared statement's description comes again with every execution
+            cols = self._descriptions.get(body)
+            if cols is None:
+                cols = tuple(m.parse_row_description(body))
+                if len(self._descriptions) >= 64:
+                    self._descriptions.clear()
+                self._descriptions[body] = cols
             self.outputs.columns([c.name for c in cols], [c.format for c in cols])
             if self._results is not None:
                 return [ToClient(self._plan(cols))]
