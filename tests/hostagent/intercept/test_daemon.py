@@ -90,6 +90,9 @@ def test_run_through_the_daemon(host, daemon):
                             user="nobody", config=daemon.config)
     assert rc == 5, err
     assert out[0]["ok"]
+    # the daemon ships on its own time: wait for what it has recorded to arrive
+    wait_for(lambda: host.sessions("tcp") and any(r["end_reason"] for r in host.sessions("run")),
+             what="the sessions at the collector")
     (s,) = host.sessions("tcp")
     assert s["start"]["process"]["pid"] == out[0]["pid"]
     assert s["start"]["process"]["user"] == "nobody"
@@ -110,10 +113,12 @@ def test_a_daemon_enrolling_cgroups_judges_its_runs_once(host):
                                 user="nobody", config=d.config)
         assert rc == 0, err
         assert [r.get("error") for r in out] == ["EPERM", "EPERM", None], out
+        wait_for(lambda: any(r["end_reason"] for r in host.sessions("run")),
+                 what="the run's end at the collector")
         (run,) = host.sessions("run")
         kinds = [k for k, _ in run["events"]]
         assert kinds.count("connect_denied") == 1 and kinds.count("unix_denied") == 1, kinds
-        assert len(host.sessions("tcp")) == 1
+        wait_for(lambda: len(host.sessions("tcp")) == 1, what="the proxied session")
     finally:
         d.stop()
         subprocess.run([str(BIN / "agentgate-hostagent"), "cleanup", "--config", str(d.config)],
@@ -126,6 +131,8 @@ def test_the_proxy_refuses_connections_the_kernel_did_not_redirect(host, daemon)
         rc, out, err = host.run("connect", "127.0.0.1", str(daemon.port), user="nobody",
                                 config=daemon.config)
         assert rc == 0 and not out[0]["ok"], (out, err)
+    wait_for(lambda: len([s for s in host.sessions("run") if s["end_reason"]]) == 2,
+             what="both runs' ends at the collector")
     ends = [s["events"][-1][1] for s in host.sessions("run")]
     if hasattr(Proxy, "refused_for"):
         assert [e["refused_connections"] for e in ends] == [1, 1], ends
