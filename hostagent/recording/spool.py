@@ -319,15 +319,21 @@ class Spool:
                 return events, new
             pos = new
 
-    def _read(self, pos: Position, max_events: int, max_bytes: int):
+    def _segments_from(self, pos: Position):
+        """The segments from `pos` on (numbers, sizes, paths as now), and `pos` moved to
+        the first of them if its own was deleted under us."""
         with self._lock:
             numbers = sorted(n for n in self._segments if n >= pos.segment)
             sizes = {n: self._segments[n].size for n in numbers}
             paths = {n: self._segments[n].path for n in numbers}
-        if pos.segment not in sizes:   # deleted under us: continue at the next one
-            if not numbers:
-                return [], pos
+        if pos.segment not in sizes and numbers:
             pos = Position(numbers[0], 0)
+        return numbers, sizes, paths, pos
+
+    def _read(self, pos: Position, max_events: int, max_bytes: int):
+        numbers, sizes, paths, pos = self._segments_from(pos)
+        if not numbers:
+            return [], pos
         events: list[Event] = []
         budget = max_bytes
         for n in numbers:
@@ -370,14 +376,9 @@ class Spool:
         """Whole frames from `pos` on, as they lie in the segments (events and
         checkpoints; for the shipper, which does not decode them), how many, and the
         position after them. At least one frame, however big, once there is one."""
-        with self._lock:
-            numbers = sorted(n for n in self._segments if n >= pos.segment)
-            sizes = {n: self._segments[n].size for n in numbers}
-            paths = {n: self._segments[n].path for n in numbers}
-        if pos.segment not in sizes:   # deleted under us: continue at the next one
-            if not numbers:
-                return b"", 0, pos
-            pos = Position(numbers[0], 0)
+        numbers, sizes, paths, pos = self._segments_from(pos)
+        if not numbers:
+            return b"", 0, pos
         chunks, count, budget = [], 0, max_bytes
         for n in numbers:
             offset = pos.offset if n == pos.segment else 0

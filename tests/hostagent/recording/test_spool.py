@@ -208,3 +208,32 @@ def test_full_disk_fails_cleanly_and_loses_nothing(tmp_path):
         spool.close()
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_frames_as_stored_for_the_shipper(tmp_path):
+    """read_frames gives the frames as they lie in the segments (checkpoints among them,
+    skipped by whoever decodes), within its byte and frame budgets, a frame bigger than
+    the whole budget alone; what it gives decodes to exactly what read() gives."""
+    from agentgate.frames import iter_frames
+    spool = Spool(tmp_path, segment_bytes=4096)
+    open_session = SessionRecorder(spool)
+    open_session.record("command", {"text": "still open"})   # checkpoints name it
+    rec = SessionRecorder(spool)
+    for i in range(300):
+        rec.record("command", {"text": f"SELECT {i}"})
+    rec.record("output", {"blob": "x" * 10_000})               # bigger than the budget
+    got, pos, batches = [], spool.start(), 0
+    while True:
+        data, count, pos = spool.read_frames(pos, max_bytes=2000, max_frames=50)
+        if not count:
+            break
+        batches += 1
+        frames = list(iter_frames(data))
+        assert len(frames) == count and frames[-1][0] == len(data)
+        assert count <= 50 and (len(data) <= 2000 or count == 1)
+        got += [ev for _, ev in frames if not isinstance(ev, dict)]
+    assert batches > 10
+    assert [(e.session_id, e.seq, e.hash) for e in got] == \
+        [(e.session_id, e.seq, e.hash) for e in read_all(spool)]
+    assert any(len(e.payload) > 2000 for e in got)
+    spool.close()
