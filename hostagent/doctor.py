@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hostagent.intercept import cgroups
-from hostagent.intercept.loader import (PREFIX, PROGRAMS, InterceptError, Interceptor, attached,
-                                        preflight)
+from hostagent.intercept.loader import (PREFIX, PROGRAMS, InterceptError, Interceptor,
+                                        attached, preflight, pinned_map_ids, uses)
 
 
 @dataclass
@@ -89,8 +89,15 @@ def run_doctor(tree: str = cgroups.TREE) -> list[Check]:
         return checks
     root = cgroups.ensure_tree(tree)
     ours = [p for p in attached(root) if p.get("name", "").startswith(PREFIX)]
+    # a daemon enrolling units or cgroups has them on the cgroup2 root, using its maps
+    owner = pinned_map_ids(Path("/sys/fs/bpf") / tree)
+    mount = cgroups.cgroup2_mount()
+    on_root = [p for p in attached(mount) if owner and p.get("name", "").startswith(PREFIX)
+               and uses(p["id"], owner)] if mount != root else []
+    where = [f"{len(ours)} attached to {root}"] * bool(ours) + \
+        [f"{len(on_root)} attached to {mount} (for units and cgroups)"] * bool(on_root)
     checks.append(Check("host agent programs", True,
-                        f"{len(ours)} attached to {root}" if ours else f"none attached to {root}"))
+                        "; ".join(where) if where else f"none attached to {root}"))
     pins = sorted(p.name for p in (Path("/sys/fs/bpf") / tree).glob("*"))
     checks.append(Check("pinned maps", True, ", ".join(pins) if pins else "none"))
     checks += _canary(root)

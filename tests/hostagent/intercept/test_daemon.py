@@ -108,6 +108,10 @@ def test_a_daemon_enrolling_cgroups_judges_its_runs_once(host):
     d.start()
     try:
         assert not ours(host)                              # not on the tree's root
+        doctor = subprocess.run([str(BIN / "agentgate-hostagent"), "doctor", "--config",
+                                 str(d.config)], capture_output=True, text=True, timeout=120)
+        line = next(x for x in doctor.stdout.splitlines() if x.startswith("host agent programs"))
+        assert "(for units and cgroups)" in line, line
         rc, out, err = host.run("connect", "127.0.0.1", "9", ";", "unix", "/run/nowhere.sock",
                                 ";", "connect", "127.0.0.1", str(host.echo.port),
                                 user="nobody", config=d.config)
