@@ -179,18 +179,16 @@ static __always_inline int guard_admit(__u64 cg)
     return 0;
 }
 
-static __always_inline void emit(__u32 type, struct addr_key *addr)
+// A ring buffer event with who and when filled in; NULL (counted in `lost`) if full.
+static __always_inline struct event *new_event(__u32 type, __u64 cg)
 {
-    __u64 cg = tree_cgroup();
-    if (type != EV_EXIT && !guard_admit(cg))
-        return;
     struct event *e = events.ringbuf_reserve(sizeof(struct event));
     if (!e) {
         int zero = 0;
         __u64 *n = lost.lookup(&zero);
         if (n)
             (*n)++;
-        return;
+        return 0;
     }
     __u64 id = bpf_get_current_pid_tgid();
     e->type = type;
@@ -199,12 +197,22 @@ static __always_inline void emit(__u32 type, struct addr_key *addr)
     e->uid = (__u32)bpf_get_current_uid_gid();
     e->cgroup_id = cg ? cg : bpf_get_current_cgroup_id();
     e->ktime_ns = bpf_ktime_get_ns();
-    if (addr)
-        __builtin_memcpy(&e->addr, addr, sizeof(*addr));
-    else
-        __builtin_memset(&e->addr, 0, sizeof(e->addr));
+    __builtin_memset(&e->addr, 0, sizeof(e->addr));
     bpf_get_current_comm(&e->comm, sizeof(e->comm));
     e->filename[0] = 0;
+    return e;
+}
+
+static __always_inline void emit(__u32 type, struct addr_key *addr)
+{
+    __u64 cg = tree_cgroup();
+    if (type != EV_EXIT && !guard_admit(cg))
+        return;
+    struct event *e = new_event(type, cg);
+    if (!e)
+        return;
+    if (addr)
+        __builtin_memcpy(&e->addr, addr, sizeof(*addr));
     events.ringbuf_submit(e, 0);
 }
 
@@ -440,23 +448,9 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
             return 0;
         type = EV_EXEC_OUTSIDE;
     }
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        int zero = 0;
-        __u64 *n = lost.lookup(&zero);
-        if (n)
-            (*n)++;
+    struct event *e = new_event(type, tree);
+    if (!e)
         return 0;
-    }
-    __u64 id = bpf_get_current_pid_tgid();
-    e->type = type;
-    e->tgid = id >> 32;
-    e->flags = 0;
-    e->uid = (__u32)bpf_get_current_uid_gid();
-    e->cgroup_id = tree ? tree : bpf_get_current_cgroup_id();
-    e->ktime_ns = bpf_ktime_get_ns();
-    __builtin_memset(&e->addr, 0, sizeof(e->addr));
-    bpf_get_current_comm(&e->comm, sizeof(e->comm));
     unsigned short off = args->data_loc_filename & 0xFFFF;
     bpf_probe_read_kernel_str(&e->filename, sizeof(e->filename), (char *)args + off);
     if (type == EV_EXEC_OUTSIDE) {
@@ -672,22 +666,9 @@ static __always_inline int unix_verdict(struct bpf_sock_addr *ctx)
 refuse:
     if (!guard_admit(tree_cgroup()))
         return 0;
-    struct event *e = events.ringbuf_reserve(sizeof(struct event));
-    if (!e) {
-        __u64 *n = lost.lookup(&zero);
-        if (n)
-            (*n)++;
+    struct event *e = new_event(EV_DENY_UNIX, tree_cgroup());
+    if (!e)
         return 0;
-    }
-    __u64 id = bpf_get_current_pid_tgid();
-    e->type = EV_DENY_UNIX;
-    e->tgid = id >> 32;
-    e->flags = 0;
-    e->uid = (__u32)bpf_get_current_uid_gid();
-    e->cgroup_id = tree_cgroup();
-    e->ktime_ns = bpf_ktime_get_ns();
-    __builtin_memset(&e->addr, 0, sizeof(e->addr));
-    bpf_get_current_comm(&e->comm, sizeof(e->comm));
     __builtin_memcpy(e->filename, k->name, AG_SUN_PATH + 4);
     events.ringbuf_submit(e, 0);
     return 0;

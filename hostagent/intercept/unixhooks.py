@@ -310,6 +310,14 @@ _WILD = re.compile(r"[*?\[]")
 _NOT_PLAIN = re.compile(r"//|/\.\.?(/|$)|/$")
 
 
+def _shape(glob: str) -> str:
+    """"exact" (no wildcard), "prefix" (a trailing '*' its only one), or "glob"."""
+    wild = _WILD.search(glob)
+    if wild is None:
+        return "exact"
+    return "prefix" if wild.start() == len(glob) - 1 and glob.endswith("*") else "glob"
+
+
 def plain(path: str) -> bool:
     """Absolute, no '.' or '..' segments, no '//', no trailing '/'."""
     return path.startswith("/") and (path == "/" or not _NOT_PLAIN.search(path))
@@ -351,35 +359,30 @@ def entries(globs: tuple[str, ...], abstract_allowed: bool,
     plainly written names bound now (`bound`, from /proc/net/unix) and refreshed as
     they change. Abstract names are given as '@name'."""
     out: list[Entry] = []
+    names = sorted(bound or ())
     for glob in globs:
-        if glob.startswith("@"):
-            abstract = "\0" + glob[1:]
-            wild = _WILD.search(abstract)
-            if wild is None:
-                out.append(Entry(abstract.encode(), True))
-            elif wild.start() == len(abstract) - 1 and abstract.endswith("*"):
-                out.append(Entry(abstract[:-1].encode(), False))
-            else:
+        if glob.startswith("@"):        # abstract: keyed with its NUL, never a spelling
+            key = "\0" + glob[1:]
+            shape = _shape(key)
+            if shape == "glob":
                 rx = _segment_glob(glob)
-                out += [Entry(("\0" + name[1:]).encode(), True) for name in sorted(bound or ())
-                        if name.startswith("@") and rx.match(name)]
+                out += [Entry(("\0" + n[1:]).encode(), True) for n in names
+                        if n.startswith("@") and rx.match(n)]
+            else:
+                out.append(Entry(key.rstrip("*").encode(), shape == "exact"))
             continue
         for g in spellings(glob):
-            wild = _WILD.search(g)
-            if wild is None:
-                out.append(Entry(g.encode(), True))
-            elif wild.start() == len(g) - 1 and g.endswith("*"):
-                out.append(Entry(g[:-1].encode(), False))
-            else:
+            shape = _shape(g)
+            if shape == "glob":
                 rx = _segment_glob(g)
-                out += [Entry(sp.encode(), True) for name in sorted(bound or ())
-                        if plain(name) and rx.match(name) for sp in spellings(name)]
+                out += [Entry(sp.encode(), True) for n in names
+                        if plain(n) and rx.match(n) for sp in spellings(n)]
+            else:
+                out.append(Entry(g.rstrip("*").encode(), shape == "exact"))
     if abstract_allowed:
         out.append(Entry(b"\0", False))
     return [e for e in dict.fromkeys(out) if len(e.name) <= SUN_PATH]
 
 
 def needs_refresh(globs: tuple[str, ...]) -> bool:
-    return any(not (_WILD.search(g) is None or
-                    (_WILD.search(g).start() == len(g) - 1 and g.endswith("*")))
-               for g in globs)
+    return any(_shape(g) == "glob" for g in globs)
