@@ -38,13 +38,13 @@ from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres.auth import AuthRefused, UpstreamAuth
 from hostagent.protocols.postgres.catalog import CatalogCache, UsesCatalog
 from hostagent.protocols.postgres.classify import Unparseable, classify
+from hostagent.protocols.postgres.fastpath import FastPath
 from hostagent.protocols.postgres.masks import Masking, withheld
 from hostagent.protocols.postgres.names import SearchPath
 from hostagent.protocols.postgres.outputs import Outputs, SampleLimits
 from hostagent.protocols.postgres.requests import requests_for
 from hostagent.protocols.postgres.results import Results, provenance
 
-MAX_RECORDED_PARAM = 1024
 MAX_CLASSIFIED = 1 << 20        # characters of statement text the parser is given
 # Start-up parameters passed on. Others (`options`, `replication`, ...) could change what
 # the server does beyond policy's view (e.g. `-c search_path=...`): dropped, recorded.
@@ -105,7 +105,7 @@ def new_cancel_key(keys: dict) -> tuple[int, int]:
             return fake
 
 
-class PostgresLayer(UsesCatalog, Masking):
+class PostgresLayer(FastPath, UsesCatalog, Masking):
     name = "postgres"
 
     def __init__(self, *, decide: Callable[[Request], Decision], target: str,
@@ -299,8 +299,14 @@ class PostgresLayer(UsesCatalog, Masking):
     # ------------------------------------------------------------------ client side
 
     def client_data(self, data: bytes) -> list[Command]:
+        fast = self._client_fast(data)
+        if fast is not None:
+            return fast
+        return self._client_frames(self.client.receive_data(data))
+
+    def _client_frames(self, frames) -> list[Command]:
         out: list[Command] = []
-        for kind, body in self.client.receive_data(data):
+        for kind, body in frames:
             if out and isinstance(out[-1], StartClientTls):
                 # bytes sent in the clear after SSLRequest would be taken as if they
                 # came through TLS (CVE-2021-23214): the client must wait for 'S'
@@ -340,7 +346,7 @@ class PostgresLayer(UsesCatalog, Masking):
             return [ToUpstream(raw)]
         if kind == b"B":
             bind = m.parse_bind(body)
-            params = [None if p is None else p[:MAX_RECORDED_PARAM] for p in bind.params]
+            params = [None if p is None else p[:m.MAX_RECORDED_PARAM] for p in bind.params]
             return [Record("bind", {"statement": bind.statement, "portal": bind.portal,
                                     "params": params, "formats": list(bind.param_formats)}),
                     ToUpstream(raw)]
@@ -499,6 +505,9 @@ class PostgresLayer(UsesCatalog, Masking):
             if self.upstream_phase == "ssl_request":
                 return self._ssl_answer(data)
             raise ProtocolError(f"the server spoke during {self.upstream_phase}")
+        fast = self._upstream_fast(data)
+        if fast is not None:
+            return fast
         return self._upstream_frames(self.upstream.receive_data(data))
 
     def _upstream_frames(self, frames) -> list[Command]:
@@ -555,13 +564,7 @@ class PostgresLayer(UsesCatalog, Masking):
             self.client_key = fake
             return [ToClient(m.backend_key_data(*fake))]
         if kind == b"Z":
-            self.tx_status = body[:1] or b"I"
-            if self._ddl_in_tx and self.tx_status == b"I":
-                self._ddl_in_tx = False   # committed (or not): what the catalog says changed
-                self.catalogs.invalidate()
-            self.state = "ready"
-            self._denials.clear()   # a denial the server skipped (after an earlier error)
-            self.outputs.ready()
+            self._ready_for_query(body)
             if self._results is not None:
                 self._results.upstream(kind)
         elif kind == b"E":
@@ -610,19 +613,33 @@ class PostgresLayer(UsesCatalog, Masking):
                     self.masker.counts.clear()
             return [Record(OUTPUT, out, stop=sid), ToClient(raw)]
         elif kind == b"T":
-            # a prepared statement's description comes again with every execution
-            cols = self._descriptions.get(body)
-            if cols is None:
-                cols = tuple(m.parse_row_description(body))
-                if len(self._descriptions) >= 64:
-                    self._descriptions.clear()
-                self._descriptions[body] = cols
-            self.outputs.columns([c.name for c in cols], [c.format for c in cols])
+            cols = self._described(body)
             if self._results is not None:
                 return [ToClient(self._plan(cols))]
         elif self._results is not None:
             self._results.upstream(kind)
         return [ToClient(raw)]
+
+    def _ready_for_query(self, body: bytes) -> None:
+        self.tx_status = body[:1] or b"I"
+        if self._ddl_in_tx and self.tx_status == b"I":
+            self._ddl_in_tx = False   # committed (or not): what the catalog says changed
+            self.catalogs.invalidate()
+        self.state = "ready"
+        self._denials.clear()   # a denial the server skipped (after an earlier error)
+        self.outputs.ready()
+
+    def _described(self, body: bytes) -> tuple:
+        """A RowDescription's columns. A prepared statement's comes again with every
+        execution: parsed once."""
+        cols = self._descriptions.get(body)
+        if cols is None:
+            cols = tuple(m.parse_row_description(body))
+            if len(self._descriptions) >= 64:
+                self._descriptions.clear()
+            self._descriptions[body] = cols
+        self.outputs.columns([c.name for c in cols], [c.format for c in cols])
+        return cols
 
     def _auth(self, body: bytes, raw: bytes) -> list[Command]:
         """The server's Authentication requests, answered with the injected password under

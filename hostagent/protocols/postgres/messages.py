@@ -205,6 +205,57 @@ def parse_bind(body: bytes) -> Bind:
     return Bind(portal, statement, formats, tuple(params), results)
 
 
+MAX_RECORDED_PARAM = 1024   # bytes of each Bind parameter a recording keeps
+
+
+def bind_fields(data: bytes, pos: int, end: int) -> dict:
+    """What a recording keeps of the Bind whose body is data[pos:end], read where it
+    lies: the same fields, checks and errors as parse_bind (the fast path's twin)."""
+    def cstr(at: int) -> tuple[str, int]:
+        stop = data.find(b"\0", at, end)
+        if stop < 0:
+            raise ProtocolError("message truncated (string)")
+        try:
+            return data[at:stop].decode(), stop + 1
+        except UnicodeDecodeError:
+            raise ProtocolError("string is not UTF-8") from None
+
+    def i16(at: int) -> int:
+        if at + 2 > end:
+            raise ProtocolError("message truncated (int16)")
+        return _I16.unpack_from(data, at)[0]
+
+    portal, pos = cstr(pos)
+    statement, pos = cstr(pos)
+    n = i16(pos)
+    pos += 2
+    formats = [i16(pos + 2 * i) for i in range(max(n, 0))]
+    pos += 2 * max(n, 0)
+    n = i16(pos)
+    pos += 2
+    params: list = []
+    unpack = _I32.unpack_from
+    for _ in range(max(n, 0)):
+        if pos + 4 > end:
+            raise ProtocolError("message truncated (int32)")
+        size = unpack(data, pos)[0]
+        pos += 4
+        if size == -1:
+            params.append(None)
+            continue
+        if size < 0 or pos + size > end:
+            raise ProtocolError("message truncated (bytes)")
+        params.append(data[pos:pos + min(size, MAX_RECORDED_PARAM)])
+        pos += size
+    n = i16(pos)
+    pos += 2 + 2 * max(n, 0)
+    if pos > end:
+        raise ProtocolError("message truncated (int16)")
+    if pos != end:
+        raise ProtocolError(f"{end - pos} unexpected trailing bytes")
+    return {"statement": statement, "portal": portal, "params": params, "formats": formats}
+
+
 # ---------------------------------------------------------------- backend
 
 def authentication(code: int, data: bytes = b"") -> bytes:
