@@ -5,9 +5,9 @@ PY := $(VENV)/bin/python
 PROTOS := $(wildcard proto/agentgate/v1/*.proto)
 GEN_STAMP := agentgate/v1/__init__.py
 
-.PHONY: setup host venv proto test bench clean
+.PHONY: setup host venv proto ext test bench clean
 
-setup: host venv proto
+setup: host venv proto ext
 
 # apt packages, kernel headers link, tracefs/bpffs mounts (root only; idempotent)
 host:
@@ -30,6 +30,18 @@ $(GEN_STAMP): $(PROTOS) $(VENV)/.installed
 
 proto: $(GEN_STAMP)
 
+# The compiled twins of byte-level loops (Cython, next to their pure-Python twins, which
+# stay in use where these are not built; tests hold the two identical)
+PYX := $(wildcard hostagent/protocols/*/_*.pyx)
+EXT_STAMP := $(VENV)/.ext
+
+$(EXT_STAMP): $(PYX) $(VENV)/.installed
+	@echo "setup: compiling $(PYX) (Cython)"
+	@$(VENV)/bin/cythonize -3 -q -i $(PYX)
+	@touch $@
+
+ext: $(EXT_STAMP)
+
 test: setup-check
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -38,7 +50,7 @@ bench: setup-check
 
 .PHONY: setup-check
 setup-check:
-	@test -f $(GEN_STAMP) || { echo "run 'make setup' first (as root)" >&2; exit 2; }
+	@test -f $(GEN_STAMP) -a -f $(EXT_STAMP) || { echo "run 'make setup' first (as root)" >&2; exit 2; }
 
 clean:
-	rm -rf $(VENV) agentgate/v1 build *.egg-info .pytest_cache
+	rm -rf $(VENV) agentgate/v1 build *.egg-info .pytest_cache $(PYX:.pyx=.c) $(PYX:.pyx=.*.so)

@@ -22,6 +22,7 @@ import struct
 from agentgate.events import OUTPUT
 from hostagent.protocols.api import Command, Record, ToClient, ToUpstream
 from hostagent.protocols.postgres import messages as m
+from hostagent.protocols.postgres.walk import skip_frames
 
 _LEN = struct.Struct("!i").unpack_from
 # client messages passed on as they are: Execute, Sync, Flush, Describe, Close,
@@ -38,8 +39,9 @@ class FastPath:
     def _client_fast(self, data: bytes) -> list[Command] | None:
         """The commands for `data`, or None when the general path must take it all."""
         if not (self.lean and self.state == "ready" and self._results is None
-                and not self.enforcer.holding and not self.client.buffered):
+                and not self.enforcer.holding and not self.client.expect_untyped):
             return None
+        data = self.client.take(data)
         out: list[Command] = []
         records: list[Command] = []
         starts: list[int] = []
@@ -83,14 +85,16 @@ class FastPath:
 
     def _upstream_fast(self, data: bytes) -> list[Command] | None:
         if not (self.lean and self.state == "ready" and self._results is None
-                and self._stalled is None and not self.upstream.buffered):
+                and self._stalled is None):
             return None
+        data = self.upstream.take(data)
         out: list[Command] = []
         records: list[Command] = []
         pos = run = 0
         end = len(data)
         cap = self.upstream.max_message
         outputs = self.outputs
+        sampled = outputs.limits.rows   # (wants_sample() is false from this row on)
         while pos + 5 <= end:
             kind = data[pos]
             length = _LEN(data, pos + 1)[0]
@@ -110,10 +114,16 @@ class FastPath:
                     break
                 continue
             if kind == 68:             # D
-                if outputs.wants_sample():
+                if outputs.rows < sampled and outputs.wants_sample():
                     outputs.row(m.parse_data_row(data[pos + 5:nxt]))
                 else:
-                    outputs.rows += 1
+                    # past the sample, a run of rows is only counted
+                    pos, rows = skip_frames(data, nxt, end, cap, 68)
+                    outputs.rows += rows + 1
+                    continue
+            elif kind == 100:          # d: COPY data, passed on as it is
+                pos = skip_frames(data, nxt, end, cap, 100)[0]
+                continue
             elif kind == 67:           # C
                 sid, fields = outputs.complete(data[pos + 5:nxt].rstrip(b"\0")
                                                .decode(errors="replace"))

@@ -62,6 +62,15 @@ class FrameReader:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def take(self, data: bytes) -> bytes:
+        """`data` behind the partial message this reader holds, which it gives up (the
+        fast path walks them together)."""
+        if not self._buf:
+            return data
+        joined = bytes(self._buf) + data
+        self._buf.clear()
+        return joined
+
 
 def frame(kind: bytes, body: bytes = b"") -> bytes:
     return kind + _I32.pack(len(body) + 4) + body

@@ -69,6 +69,8 @@ server_message = st.one_of(
                      m.error_response("boom", "22000")]),
     st.builds(lambda vals: m.data_row(vals),
               st.lists(st.one_of(st.none(), st.binary(max_size=12)), max_size=4)),
+    st.builds(lambda n, b: m.data_row([b]) * n, st.integers(1, 30), st.binary(max_size=5)),
+    st.builds(lambda n, b: m.frame(b"d", b) * n, st.integers(1, 5), st.binary(max_size=5)),
 )
 server_noise = st.one_of(
     st.builds(lambda b: m.frame(b"D", b), st.binary(max_size=10)),       # damaged rows
