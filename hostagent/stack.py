@@ -3,6 +3,7 @@ spool -> shipper, BPF programs on a cgroup, the proxy they redirect to, kernel e
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import shutil
@@ -85,8 +86,13 @@ class Stack:
                         "alone; enrolled IPv6 connects fail")
         port = socks[0].getsockname()[1]
         self.pin_dir = pin_dir
-        self.icpt = await asyncio.to_thread(Interceptor, port, mode=mode, pin_dir=pin_dir,
-                                            unix_hooks=cfg.intercept.unix_hooks)
+        # (run_in_executor starts the compiler now; to_thread would wait for the loop)
+        compiling = asyncio.get_running_loop().run_in_executor(None, functools.partial(
+            Interceptor, port, mode=mode, pin_dir=pin_dir, unix_hooks=cfg.intercept.unix_hooks))
+        try:
+            targets.warm()   # meanwhile (the compiler holds no GIL)
+        finally:
+            self.icpt = await compiling
         globs = unix_allowed(cfg)
         self.icpt.set_unix_allow(globs, cfg.intercept.abstract_unix == "allow")
         if self.icpt.unix_progs and unixhooks.needs_refresh(globs):

@@ -75,6 +75,9 @@ class ProtocolSpec:
     judges: bool = True                  # consults the policy (tcp: a raw relay, never)
     check: Callable[[Options, str], None] | None = None     # cross-option rules at load
     prepare: Callable[[Options, str], Options] | None = None  # at start: read secrets
+    # at start, while the BPF programs compile: import the layer and warm its parsers, so
+    # the first session (and its first statement) does not wait for them
+    warm: Callable[[], None] | None = None
     fields: dict = field(default_factory=dict)               # documentation only
 
 

@@ -140,6 +140,12 @@ class Targets:
     def addresses(self) -> list[tuple[str, int]]:
         return list(self._by_addr)
 
+    def warm(self) -> None:
+        """Every target's protocol made ready to serve (imports, parsers)."""
+        for spec in {id(t.spec): t.spec for t in self.targets}.values():
+            if spec.warm is not None:
+                spec.warm()
+
     def need_ca(self) -> bool:
         return any(t.spec.needs_ca(t.options) for t in self.targets)
 

@@ -20,6 +20,12 @@ def _layer(ctx):
     return PostgresLayer.for_session(ctx)
 
 
+def _warm() -> None:
+    from hostagent.protocols.postgres.classify import classify
+    from hostagent.protocols.postgres.layer import PostgresLayer  # noqa: F401
+    classify("SELECT 1 FROM t WHERE a = $1")
+
+
 PROTOCOL = ProtocolSpec(
     name="postgres",
     summary="PostgreSQL v3: statements judged, rows masked, credentials injected",
@@ -30,4 +36,5 @@ PROTOCOL = ProtocolSpec(
     idle_timeout=8 * 3600.0,   # an idle psql or pool connection is normal
     check=check_credentials,
     prepare=with_password,
+    warm=_warm,
 )
