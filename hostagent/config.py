@@ -18,7 +18,7 @@ class SpoolConfig:
     dir: str = field(default_factory=lambda: str(default_state_dir() / "spool"))
     max_bytes: int = 1 << 30
     segment_bytes: int = 16 << 20
-    fsync_interval_ms: float = 5.0
+    fsync_interval_ms: float = 50.0
     strict: bool = False
 
 

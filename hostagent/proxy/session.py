@@ -123,7 +123,7 @@ class Session:
         self.upstream = upstream
         self.sides = {CLIENT: client, UPSTREAM: upstream}
         self.upstream_addr = upstream_addr
-        self.counts = {"bytes_in": 0, "bytes_out": 0}
+        self.bytes_in = self.bytes_out = 0
         self.reason: str | None = None
         self.ended = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
@@ -220,9 +220,16 @@ class Session:
     def received(self, leg: Leg, data: bytes) -> None:
         if self.ended.is_set():
             return
-        self.counts["bytes_in" if leg is self.client else "bytes_out"] += len(data)
+        if leg is self.client:
+            self.bytes_in += len(data)
+        else:
+            self.bytes_out += len(data)
         self.last = self._loop.time()
         self.feed(DataReceived(leg.name, data))
+
+    @property
+    def counts(self) -> dict:
+        return {"bytes_in": self.bytes_in, "bytes_out": self.bytes_out}
 
     def eof(self, leg: Leg) -> None:
         if self.ended.is_set() or leg.eof:
@@ -289,7 +296,10 @@ class Session:
         # statements in flight cost a little each: a pipeline that never syncs is charged
         now = (self.layer.buffered() + self.client.holding() + self.upstream.holding()
                + 64 * len(self.started))
-        before, self.held_bytes = self.held_bytes, now
+        before = self.held_bytes
+        if now == before:
+            return
+        self.held_bytes = now
         if not self.proxy.budget.update(before, now):
             self.abort("over the host agent's memory budget: session closed")
 
@@ -299,13 +309,6 @@ class Session:
         records: list[tuple[str, dict]] = []
         turn, recorder = self.turn, self.recorder
         handoff = None
-
-        def flush_records() -> None:
-            if records:
-                if not self._spool_failed:
-                    recorder.record_many(records)
-                records.clear()
-
         for cmd in commands:
             t = type(cmd)
             if t is Record:
@@ -314,29 +317,29 @@ class Session:
                 else:
                     records.append((cmd.kind, {**cmd.fields,
                                                "duration_us": self._elapsed(cmd.stop)}))
-            elif t is ToUpstream:
-                flush_records()
+                continue
+            if records:
+                if not self._spool_failed:
+                    recorder.record_many(records)
+                records = []
+            if t is ToUpstream:
                 if cmd.starts:
                     now = time.monotonic_ns()
                     for sid in cmd.starts:
                         self.started[sid] = now
                 turn.send(self.upstream, cmd.data, recorder)
             elif t is ToClient:
-                flush_records()
                 turn.send(self.client, cmd.data, recorder)
             elif t is Close:
-                flush_records()
                 if cmd.final:
                     turn.send(self.client, cmd.final, recorder)
                 turn.flush()
                 self.finish(cmd.reason)
                 return
             elif t is StartClientTls or t is StartUpstreamTls:
-                flush_records()
                 turn.flush()
                 self._start_tls(cmd)
             elif t is Hold:
-                flush_records()
                 self.holds += 1
                 self.client.pause("hold")
                 self._spawn(self._hold(cmd))
@@ -346,7 +349,8 @@ class Session:
                 self._spawn(self._side(cmd))
             else:
                 raise TypeError(f"not a command: {cmd!r}")
-        flush_records()
+        if records and not self._spool_failed:
+            recorder.record_many(records)
         if handoff is not None:
             self.layer = handoff.layer
             self.feed(Start(self.upstream_addr))

@@ -25,6 +25,7 @@ class Turn:
         self._writes: dict = {}          # leg -> [recorder, bytes...]: one write a leg
         self._scheduled = False
         self._flushing = False
+        self._loop = None   # the proxy's, once it is running (asked once: it costs a getpid)
 
     def record(self, recorder, events: list) -> None:
         self._events += events
@@ -42,7 +43,9 @@ class Turn:
     def _schedule(self) -> None:
         if not self._scheduled:
             self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self.flush)
 
     def flush(self) -> None:
         """Store what is waiting, then send what it lets out. Also called at once where

@@ -59,7 +59,7 @@ class Position:
 
 class Spool:
     def __init__(self, directory: str | os.PathLike, *, max_bytes: int = 1 << 30,
-                 segment_bytes: int = 16 << 20, fsync_interval: float = 0.005,
+                 segment_bytes: int = 16 << 20, fsync_interval: float = 0.05,
                  strict: bool = False):
         self.dir = Path(directory)
         self.max_bytes = max_bytes

@@ -65,4 +65,4 @@ def test_example_configs_load():
     cfg.validate()
     assert cfg.listen == "127.0.0.1:7421" and cfg.approval_ttl_s == 300
     h = hostagent_config(str(ROOT / "examples" / "hostagent.toml"))
-    assert h.spool.fsync_interval_ms == 5 and not h.spool.strict
+    assert h.spool.fsync_interval_ms == 50 and not h.spool.strict
