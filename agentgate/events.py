@@ -8,12 +8,16 @@ deterministic for these types, and any language can recompute it.
 from __future__ import annotations
 
 import hashlib
+import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterable
 
 import msgpack
 
 GENESIS = bytes(32)
+# a spool frame's header: u32 length, u32 crc32 of the body (agentgate/frames.py)
+FRAME_HEADER = struct.Struct("<II")
 
 # Every kind a recording can hold, and its fields: the one list producers (the proxy,
 # each protocol, run sessions) and readers (collector, replay, export) share. A test
@@ -76,8 +80,8 @@ class Event:
     payload: bytes  # msgpack map
     prev_hash: bytes
     hash: bytes
-    # the msgpack of as_tuple(), when make_event made it (the spool frame's body)
-    body: bytes | None = field(default=None, compare=False, repr=False)
+    # the spool frame (header, then the msgpack of as_tuple()), when make_event made it
+    frame: bytes | None = field(default=None, compare=False, repr=False)
 
     def as_tuple(self) -> tuple:
         return (self.session_id, self.seq, self.wall_time_ns, self.mono_ns,
@@ -101,9 +105,10 @@ def make_event(session_id: str, seq: int, wall_time_ns: int, mono_ns: int, kind:
                             use_bin_type=True)
     digest = hashlib.sha256(chained).digest()
     # the stored form is the same array with the hash after it: an 8-array header, the
-    # 7 packed items, the hash as bin 8 (packed once, not twice)
+    # 7 packed items, the hash as bin 8 (packed once, not twice), framed for the spool
+    body = b"\x98" + chained[1:] + b"\xc4\x20" + digest
     return Event(session_id, seq, wall_time_ns, mono_ns, kind, payload, prev_hash, digest,
-                 b"\x98" + chained[1:] + b"\xc4\x20" + digest)
+                 FRAME_HEADER.pack(len(body), zlib.crc32(body)) + body)
 
 
 def pack_payload(fields: dict) -> bytes:

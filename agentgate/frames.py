@@ -9,14 +9,16 @@ import zlib
 
 import msgpack
 
+from agentgate.events import FRAME_HEADER as HEADER
 from agentgate.events import Event
 
-HEADER = struct.Struct("<II")
 MAX_FRAME = 32 << 20   # below the 64 MiB gRPC message cap, so any frame can ship
 
 
 def encode_frame(ev: Event) -> bytes:
-    body = ev.body or msgpack.packb(ev.as_tuple(), use_bin_type=True)
+    if ev.frame is not None:
+        return ev.frame
+    body = msgpack.packb(ev.as_tuple(), use_bin_type=True)
     return HEADER.pack(len(body), zlib.crc32(body)) + body
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import logging
 import os
 import shutil
@@ -108,6 +109,10 @@ class Stack:
                                  session_group=session_group)
         await self.proxy.listen(socks)
         await self._listen_unix(targets, pin_dir)
+        # What start-up made (modules, parsers, compiled programs' tables) lives as long as
+        # the process: out of the collector's way, so its full passes stay short
+        gc.collect()
+        gc.freeze()
 
     async def _listen_unix(self, targets: Targets, pin_dir: Path) -> None:
         """A proxy socket for each target's local socket paths, and the kernel told to
