@@ -32,7 +32,7 @@ proto: $(GEN_STAMP)
 
 # The compiled twins of byte-level loops (Cython, next to their pure-Python twins, which
 # stay in use where these are not built; tests hold the two identical)
-PYX := $(wildcard hostagent/protocols/*/_*.pyx)
+PYX := $(wildcard hostagent/*/_*.pyx hostagent/protocols/*/_*.pyx)
 EXT_STAMP := $(VENV)/.ext
 
 $(EXT_STAMP): $(PYX) $(VENV)/.installed

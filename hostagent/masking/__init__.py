@@ -10,6 +10,8 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
+from hostagent.masking.prefilter import Prefilter, might_match
+
 MASK = "****"
 
 
@@ -39,13 +41,8 @@ DETECTORS: dict[str, tuple[re.Pattern, object]] = {
 }
 
 
-# Literals one of which every match of the detector contains (for a quick skip)
-HINTS: dict[str, tuple[bytes, ...]] = {
-    "email": (b"@",),
-    "aws_access_key": (b"AKIA", b"ASIA"),
-    "jwt": (b"eyJ",),
-    "pem_private_key": (b"PRIVATE KEY-----",),
-}
+CACHED_VALUE = 256      # bytes: values up to this long have their scan remembered
+CACHED_VALUES = 4096    # per session; then the memory starts afresh
 
 
 @dataclass(frozen=True)
@@ -94,19 +91,21 @@ class Masker:
                 self._groups[group] = (r.name, name)
                 parts.append(f"(?P<{group}>{pattern.pattern})")
         self._combined = re.compile("|".join(parts)) if parts else None
-        # Could any detector match? Asked of ASCII values (most values) before any
-        # rewriting: a literal every match must contain (one C-level `in`), else the
-        # str patterns themselves (not bytes patterns: \s differs on \x1c-\x1f). A
-        # value that fails is passed on untouched.
-        names = {n for r in self.rules for n in r.detectors}
-        self._hints = tuple(h for n in names for h in HINTS.get(n, ()))
-        unhinted = [DETECTORS[n][0].pattern for n in sorted(names) if n not in HINTS]
-        self._any = re.compile("|".join(unhinted)) if unhinted else None
-        self._active = bool(names)
+        # Could any detector match? Asked of each value before any rewriting, in one
+        # pass over its bytes (prefilter.py); a value that can't is passed on untouched.
+        self.detectors = frozenset(n for r in self.rules for n in r.detectors)
+        self._prefilter = Prefilter.for_detectors(self.detectors)
+        self._active = bool(self.detectors)
+        # Values scanned, with what the scan made of them and the detectors it counted:
+        # columns repeat values (a status, a default), and a hit costs a substitution
+        self._seen: dict[bytes, tuple[bytes, tuple[str, ...]]] = {}
+        self._trace: list[str] | None = None
 
     def _hit(self, rule: str, name: str) -> str:
         key = f"{rule}:{name}"
         self.counts[key] = self.counts.get(key, 0) + 1
+        if self._trace is not None:
+            self._trace.append(key)
         return MASK
 
     def scan(self, text: str) -> tuple[str, int]:
@@ -131,15 +130,25 @@ class Masker:
     def scan_bytes(self, value: bytes) -> bytes:
         """scan() for a value as the server sent it (UTF-8); UnicodeDecodeError if it
         is not text: the caller masks it whole."""
-        if not self._active:
+        if not self._active or not might_match(value, self._prefilter):
             return value
+        seen = self._seen.get(value)
+        if seen is not None:
+            counts = self.counts
+            for key in seen[1]:
+                counts[key] = counts.get(key, 0) + 1
+            return seen[0]
+        self._trace = [] if len(value) <= CACHED_VALUE else None
         if value.isascii():
-            text = value.decode("ascii")
-            if not any(h in value for h in self._hints) and (
-                    self._any is None or self._any.search(text) is None):
-                return value
-            return self.scan(text)[0].encode("ascii")
-        return self.scan(value.decode())[0].encode()
+            out = self.scan(value.decode("ascii"))[0].encode("ascii")
+        else:
+            out = self.scan(value.decode())[0].encode()
+        if self._trace is not None:
+            if len(self._seen) >= CACHED_VALUES:
+                self._seen.clear()
+            self._seen[value] = (out, tuple(self._trace))
+            self._trace = None
+        return out
 
     def column_masked_anywhere(self, column: str) -> str | None:
         """The rule masking a column of this name in any table (for values whose table

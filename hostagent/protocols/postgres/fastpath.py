@@ -42,6 +42,8 @@ class FastPath:
                 and not self.enforcer.holding and not self.client.expect_untyped):
             return None
         data = self.client.take(data)
+        if data is None:
+            return []                  # more of a message still arriving
         out: list[Command] = []
         records: list[Command] = []
         starts: list[int] = []
@@ -88,6 +90,8 @@ class FastPath:
                 and self._stalled is None):
             return None
         data = self.upstream.take(data)
+        if data is None:
+            return []
         out: list[Command] = []
         records: list[Command] = []
         pos = run = 0

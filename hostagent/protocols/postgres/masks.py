@@ -35,6 +35,17 @@ PLAIN_BINARY_TYPES = frozenset({16, 20, 21, 23, 26, 700, 701, 1700, 1082, 1083, 
                                 1184, 1186, 2950})
 
 
+# Text forms no detector can match: bool (t, f), int2 (six characters); int4 and oid
+# (ten digits) hold no card or SSN, but may hold a phone number
+UNMATCHABLE_TYPES = frozenset({16, 21})
+SHORT_NUMBER_TYPES = frozenset({23, 26})
+
+
+def _unmatchable(type_oid: int, detectors: frozenset) -> bool:
+    return type_oid in UNMATCHABLE_TYPES or (type_oid in SHORT_NUMBER_TYPES
+                                             and "phone" not in detectors)
+
+
 # error and notice fields that can quote data: withheld while masked columns are read
 _QUOTING = frozenset("MDHWqp")
 
@@ -95,7 +106,9 @@ class Masking:
                             cat is not None and functions & cat.user_functions) else None)
             if rule:
                 plan.append(("mask", rule, col.format))
-            elif self.masker.has_detectors and (col.format == 0 or col.type_oid in TEXT_TYPES):
+            elif self.masker.has_detectors and (
+                    col.format == 0 or col.type_oid in TEXT_TYPES) and \
+                    not _unmatchable(col.type_oid, self.masker.detectors):
                 plan.append(("scan", "", col.format))
             elif col.format == 1 and col.type_oid not in PLAIN_BINARY_TYPES:
                 # binary arrays, json(b), bytea...: the detectors can't read them

@@ -62,13 +62,22 @@ class FrameReader:
     def buffered(self) -> int:
         return len(self._buf)
 
-    def take(self, data: bytes) -> bytes:
+    def take(self, data: bytes) -> bytes | None:
         """`data` behind the partial message this reader holds, which it gives up (the
-        fast path walks them together)."""
-        if not self._buf:
+        fast path walks them together); None when `data` does not complete that message:
+        then it is kept here, appended (a large message arriving in pieces is copied
+        once, not once per piece)."""
+        buf = self._buf
+        if not buf:
             return data
-        joined = bytes(self._buf) + data
-        self._buf.clear()
+        head = 4 if self.expect_untyped else 5
+        if len(buf) >= head:   # (its length was checked when the header came)
+            total = head - 4 + _I32.unpack_from(buf, head - 4)[0]
+            if len(buf) + len(data) < total:
+                buf += data
+                return None
+        joined = bytes(buf) + data
+        buf.clear()
         return joined
 
 

@@ -158,3 +158,19 @@ def test_the_fast_path_forwards_what_it_read_unchanged():
     out = layer.handle(DataReceived(UPSTREAM, answer))
     assert [type(c) for c in out] == [Record, ToClient] and out[1].data is answer
     assert out[0].fields["rows_returned"] == 1 and out[0].stop == 1
+
+
+def test_a_large_message_arriving_in_pieces_is_appended_not_copied_again():
+    # (red team: joining what the reader held with each piece copied a 200 MiB message
+    # per 1-byte arrival, stalling every session on the loop)
+    layer = ready_layer(POLICY)
+    big = m.frame(b"Q", b"SELECT '" + b"x" * (1 << 19) + b"'\0")
+    assert layer.handle(DataReceived(CLIENT, big[:1000])) == []
+    held = layer.client._buf
+    for i in range(1000, 1100):
+        assert layer.handle(DataReceived(CLIENT, big[i:i + 1])) == []
+    assert layer.client._buf is held and layer.client.buffered == 1100   # appended in place
+    out = layer.handle(DataReceived(CLIENT, big[1100:]))
+    assert [c.kind for c in out if type(c) is Record] == ["command", "decision"]
+    assert b"".join(c.data for c in out if type(c) is ToUpstream) == big
+    assert layer.client.buffered == 0
