@@ -369,8 +369,9 @@ def row_description(cols: list[Column]) -> bytes:
     return frame(b"T", body)
 
 
-def parse_data_row(body: bytes) -> list[bytes | None]:
-    # the hottest parser (every row of every masked result): a flat loop, no Cursor
+def py_parse_data_row(body: bytes) -> list[bytes | None]:
+    # the hottest parser (every row of every masked result): a flat loop, no Cursor;
+    # compiled in _walk.pyx (its twin, below)
     end = len(body)
     if end < 2:
         raise ProtocolError("DataRow: truncated")
@@ -397,7 +398,7 @@ def parse_data_row(body: bytes) -> list[bytes | None]:
 _NULL = _I32.pack(-1)
 
 
-def data_row(values: list[bytes | None]) -> bytes:
+def py_data_row(values: list[bytes | None]) -> bytes:
     pack = _I32.pack
     parts = [_I16.pack(len(values))]
     for v in values:
@@ -408,6 +409,12 @@ def data_row(values: list[bytes | None]) -> bytes:
             parts.append(v)
     body = b"".join(parts)
     return b"D" + pack(len(body) + 4) + body
+
+
+try:   # the compiled twins (tests/hostagent/protocols/postgres/test_walk.py)
+    from hostagent.protocols.postgres._walk import data_row, parse_data_row
+except ImportError:   # not built (a source checkout without `make setup`)
+    data_row, parse_data_row = py_data_row, py_parse_data_row
 
 
 def backend_key_data(pid: int, secret: int) -> bytes:

@@ -6,6 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hostagent.protocols import ProtocolError
+from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres import walk
 
 
@@ -42,3 +44,29 @@ def test_a_run_stops_at_another_type_a_partial_message_or_an_impossible_length(s
     assert skip(data, 0, 20, 1 << 20, ord("D")) == (14, 2)            # partial third
     assert skip(row + b"D" + struct.pack("!i", 2), 0, 12, 1 << 20, ord("D")) == (7, 1)
     assert skip(row * 2, 0, 14, 5, ord("D")) == (0, 0)                # over the cap
+
+
+def outcome(fn, *args):
+    try:
+        return fn(*args)
+    except ProtocolError as exc:
+        return ("ProtocolError", str(exc))
+
+
+row_values = st.lists(st.one_of(st.none(), st.binary(max_size=20)), max_size=12)
+
+
+@settings(max_examples=1000)
+@given(st.one_of(row_values.map(lambda v: m.py_data_row(v)[5:]), st.binary(max_size=40),
+                 row_values.map(lambda v: m.py_data_row(v)[5:]).flatmap(
+                     lambda b: st.integers(0, len(b)).map(lambda i: b[:i] + b"\xff" + b[i:]))))
+def test_compiled_and_python_data_rows_are_twins(body):
+    assert m.parse_data_row is not m.py_parse_data_row and m.data_row is not m.py_data_row
+    assert outcome(m.parse_data_row, body) == outcome(m.py_parse_data_row, body)
+
+
+@settings(max_examples=500)
+@given(row_values)
+def test_compiled_and_python_rows_are_built_alike(values):
+    assert m.data_row(values) == m.py_data_row(values)
+    assert m.parse_data_row(m.data_row(values)[5:]) == values
