@@ -20,7 +20,7 @@ from __future__ import annotations
 import struct
 
 from agentgate.events import OUTPUT
-from hostagent.protocols.api import Command, Record, ToClient, ToUpstream
+from hostagent.protocols.api import Close, Command, Record, ToClient, ToUpstream
 from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres.walk import skip_frames
 
@@ -147,7 +147,7 @@ class FastPath:
         if run < pos:
             out += records
             out.append(ToClient(data if run == 0 and pos == end else data[run:pos]))
-        if pos < end and (not out or type(out[-1]) in (Record, ToClient)):
+        if pos < end and not (out and type(out[-1]) is Close):   # (after a Close: nothing)
             out += self._upstream_frames(self.upstream.receive_data(data[pos:] if pos else data))
         return out
 
@@ -188,6 +188,6 @@ class FastPath:
                 break
         if pieces:
             out.append(ToClient(b"".join(pieces)))
-        if pos < end and (not out or type(out[-1]) in (Record, ToClient)):
+        if pos < end and not (out and type(out[-1]) is Close):   # (after a Close: nothing)
             out += self._upstream_frames(self.upstream.receive_data(data[pos:] if pos else data))
         return out

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from hostagent.masking import Masker, MaskRule
 from hostagent.policy import Policy, Rule
-from hostagent.protocols import (CLIENT, UPSTREAM, ApprovalDecided, DataReceived,
+from hostagent.protocols import (CLIENT, UPSTREAM, ApprovalDecided, DataReceived, OpenSide,
                                  ProtocolError, Record, ToClient, ToUpstream)
 from hostagent.protocols.postgres import messages as m
 from hostagent.recording.samples import SampleLimits
@@ -202,10 +202,10 @@ def test_rows_behind_a_result_the_catalog_must_explain_wait_for_it_on_both_paths
     for fast in twins(lambda: Masker((MaskRule("pii", columns=("ssn",)),))):
         # as if the RowDescription named a relation the catalog snapshot doesn't know
         fast._catalog_needed = lambda body: True
-        fast._fetch_catalog = lambda: [Record("catalog", {"reading": True})]
+        fast._fetch_catalog = lambda: [OpenSide(7, None)]
         fast.handle(DataReceived(CLIENT, m.frame(b"Q", b"SELECT ssn, note FROM people\0")))
         out = fast.handle(DataReceived(UPSTREAM, PEOPLE + m.data_row([b"123-45-6789", b"x"])
                                        + m.frame(b"C", b"SELECT 1\0") + m.ready_for_query()))
-        assert out == [Record("catalog", {"reading": True})]     # nothing passed on meanwhile
+        assert out == [OpenSide(7, None)]     # nothing passed on meanwhile
         outs.append([kind for kind, _ in fast._stalled])
     assert outs[0] == outs[1] == [b"T", b"D", b"C", b"Z"]
