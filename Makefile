@@ -35,7 +35,7 @@ proto: $(GEN_STAMP)
 PYX := $(wildcard hostagent/*/_*.pyx hostagent/protocols/*/_*.pyx)
 EXT_STAMP := $(VENV)/.ext
 
-$(EXT_STAMP): $(PYX) $(VENV)/.installed
+$(EXT_STAMP): $(PYX) $(wildcard hostagent/*/_*.pxd) $(VENV)/.installed
 	@echo "setup: compiling $(PYX) (Cython)"
 	@$(VENV)/bin/cythonize -3 -q -i $(PYX)
 	@touch $@

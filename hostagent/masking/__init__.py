@@ -10,7 +10,7 @@ import fnmatch
 import re
 from dataclasses import dataclass, field
 
-from hostagent.masking.prefilter import Prefilter, might_match
+from hostagent.masking.prefilter import Prefilter, compiled, might_match
 
 MASK = "****"
 
@@ -94,7 +94,7 @@ class Masker:
         # Could any detector match? Asked of each value before any rewriting, in one
         # pass over its bytes (prefilter.py); a value that can't is passed on untouched.
         self.detectors = frozenset(n for r in self.rules for n in r.detectors)
-        self._prefilter = Prefilter.for_detectors(self.detectors)
+        self.prefilter = compiled(Prefilter.for_detectors(self.detectors))
         self._active = bool(self.detectors)
         # Values scanned, with what the scan made of them and the detectors it counted:
         # columns repeat values (a status, a default), and a hit costs a substitution
@@ -130,7 +130,7 @@ class Masker:
     def scan_bytes(self, value: bytes) -> bytes:
         """scan() for a value as the server sent it (UTF-8); UnicodeDecodeError if it
         is not text: the caller masks it whole."""
-        if not self._active or not might_match(value, self._prefilter):
+        if not self._active or not might_match(value, self.prefilter):
             return value
         seen = self._seen.get(value)
         if seen is not None:

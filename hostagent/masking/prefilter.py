@@ -68,8 +68,12 @@ def py_might_match(value: bytes, p: Prefilter) -> bool:
 
 
 try:
-    from hostagent.masking._prefilter import might_match
+    # (compiled(p): p as the compiled might_match reads it fastest, made once per session)
+    from hostagent.masking._prefilter import Spec as compiled, might_match
     COMPILED = True
 except ImportError:   # not built (a source checkout without `make setup`)
     might_match = py_might_match
     COMPILED = False
+
+    def compiled(p: Prefilter) -> Prefilter:
+        return p

@@ -25,10 +25,15 @@ def py_fallback(data, pos, end, cap, kind):
     return py_skip_frames(bytes(data), pos, end, cap, kind)
 
 
-from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.string cimport memcpy
 
 from hostagent.protocols.api import ProtocolError
+
+
+cdef inline long long _i32p(const unsigned char *b, Py_ssize_t at):
+    return <int>((<unsigned int>b[at] << 24) | (<unsigned int>b[at + 1] << 16)
+                 | (<unsigned int>b[at + 2] << 8) | <unsigned int>b[at + 3])
 
 
 cdef inline long long _i32(const unsigned char[:] b, Py_ssize_t at):
@@ -38,8 +43,8 @@ cdef inline long long _i32(const unsigned char[:] b, Py_ssize_t at):
 
 def parse_data_row(bytes body):
     """messages.py's py_parse_data_row, compiled: the same values and errors."""
-    cdef const unsigned char[:] b = body
-    cdef Py_ssize_t end = b.shape[0], pos = 2, i
+    cdef const unsigned char *b = <const unsigned char *>PyBytes_AS_STRING(body)
+    cdef Py_ssize_t end = PyBytes_GET_SIZE(body), pos = 2, i
     cdef long long n
     cdef int count
     if end < 2:
@@ -49,7 +54,7 @@ def parse_data_row(bytes body):
     for i in range(count if count > 0 else 0):
         if pos + 4 > end:
             raise ProtocolError("DataRow: truncated")
-        n = _i32(b, pos)
+        n = _i32p(b, pos)
         pos += 4
         if n == -1:
             values.append(None)
@@ -97,3 +102,57 @@ cdef inline void _put32(char *p, long long v):
     p[1] = <char>((u >> 16) & 0xff)
     p[2] = <char>((u >> 8) & 0xff)
     p[3] = <char>(u & 0xff)
+
+
+from hostagent.masking._prefilter cimport Spec, c_might_match
+
+
+def mask_row(bytes body, bytes actions, tuple keys, object prefilter, object scan,
+             dict counts, bytes mask):
+    """masks.py's _mask_row for a row whose shape is known, compiled: its values, with
+    each column's action applied (0 pass, 1 mask: `mask` and counts[keys[i]] += 1, 2
+    scan: scan(value) if the prefilter says a detector might match). None when the row
+    has not len(actions) columns (the caller's general path masks it whole)."""
+    cdef Py_ssize_t i, n = len(actions)
+    cdef const unsigned char[:] a = actions
+    cdef Spec spec = prefilter if isinstance(prefilter, Spec) else Spec(prefilter)
+    values = parse_data_row(body)
+    if len(values) != n:
+        return None
+    for i in range(n):
+        value = values[i]
+        if value is None or a[i] == 0:
+            continue
+        if a[i] == 1:
+            values[i] = mask
+            key = keys[i]
+            counts[key] = counts.get(key, 0) + 1
+        elif c_might_match(<bytes>value, spec):
+            values[i] = scan(value)
+    return values
+
+
+def mask_rows(bytes data, Py_ssize_t pos, Py_ssize_t end, long long cap, bytes actions,
+              tuple keys, object prefilter, object scan, dict counts, bytes mask):
+    """mask_row over the run of whole DataRows from `pos`: (where the run stopped, how
+    many rows, the rows rewritten). It stops at another message, a partial one, an
+    impossible length, or a row of another width (all left to the caller)."""
+    cdef const unsigned char[:] b = data
+    cdef Py_ssize_t count = 0, nxt
+    cdef long long length
+    cdef Spec spec = prefilter if isinstance(prefilter, Spec) else Spec(prefilter)
+    parts = []
+    if end > b.shape[0]:
+        end = b.shape[0]
+    while pos >= 0 and pos + 5 <= end and b[pos] == 68:
+        length = _i32(b, pos + 1)
+        if length < 4 or length > cap or pos + 1 + length > end:
+            break
+        nxt = pos + 1 + length
+        values = mask_row(data[pos + 5:nxt], actions, keys, spec, scan, counts, mask)
+        if values is None:
+            break
+        parts.append(data_row(values))
+        pos = nxt
+        count += 1
+    return pos, count, b"".join(parts)

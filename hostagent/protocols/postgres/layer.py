@@ -158,6 +158,8 @@ class PostgresLayer(FastPath, UsesCatalog, Masking):
         self._compiled_for: list | None = None
         self._mask_cols: list[tuple[int, str]] = []
         self._scan_cols: list[int] = []
+        self._actions = b""                          # (the same, for the compiled loop)
+        self._keys: tuple[str, ...] = ()
         self.refusing = ""   # set when the session can't go on: start-up gets this error
         self._startup_seen = False
         # Shared by the sessions of this target alone (a key issued for another target

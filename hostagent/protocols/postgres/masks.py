@@ -8,6 +8,7 @@ from __future__ import annotations
 from hostagent.masking import MASK
 from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres.effects import SQL_FUNCTIONS
+from hostagent.protocols.postgres.walk import mask_row
 
 # statements that only read: anything else that reads a masked column is refused
 READ_KINDS = frozenset({"SELECT", "EXPLAIN", "PREPARE", "DECLARECURSOR", "SHOW"})
@@ -28,6 +29,7 @@ EMITTING_FUNCTIONS = frozenset({
 # ... and every function of these families (large objects, advisory locks, dblink)
 EMITTING_PREFIXES = ("lo_", "pg_advisory", "pg_try_advisory", "dblink")
 TEXT_OID = 25
+ACTIONS = {"pass": 0, "mask": 1, "scan": 2}   # a plan's, for the compiled mask_row
 _MASK = MASK.encode()
 TEXT_TYPES = frozenset({25, 1043, 1042, 19, 114, 142, 705})   # text, varchar, char, name...
 # bool, int2/4/8, oid, float4/8, numeric, date, time(tz), timestamp(tz), interval, uuid
@@ -225,30 +227,56 @@ class Masking:
         payload = self.masker.scan(payload)[0]
         return m.frame(b"A", m._I32.pack(pid) + channel.encode() + b"\0" + payload.encode() + b"\0")
 
-    def _mask_row(self, body: bytes) -> list[bytes | None]:
-        values = m.parse_data_row(body)
+    def _row_shape(self) -> tuple[bytes, tuple] | None:
+        """The compiled loop's view of the current result's plan: each column's action
+        and count key; None when the shape is unknown."""
         plan = self._results.plan()
-        if plan is None or len(plan) != len(values):
-            # rows whose shape we don't know: nothing goes out unmasked
-            plan = [("mask", "(unknown shape)", 0)] * len(values)
+        if plan is None:
+            return None
+        self._compile(plan)
+        return self._actions, self._keys
+
+    def _compile(self, plan: list) -> None:
         if plan is not self._compiled_for:
             # per result shape, not per row: which columns to blank, which to scan
             self._compiled_for = plan
             self._mask_cols = [(i, f"{p[1]}:column") for i, p in enumerate(plan)
                                if p[0] == "mask"]
             self._scan_cols = [i for i, p in enumerate(plan) if p[0] == "scan"]
+            self._actions = bytes(ACTIONS[p[0]] for p in plan)
+            self._keys = tuple(f"{p[1]}:column" for p in plan)
+
+    def _mask_row(self, body: bytes) -> list[bytes | None]:
+        plan = self._results.plan()
+        if plan is not None:
+            self._compile(plan)
+        if plan is not None and self.lean and mask_row is not None:
+            # the same, compiled (the general path, lean off, keeps the loop below)
+            values = mask_row(body, self._actions, self._keys, self.masker.prefilter,
+                              self._scan_value, self.masker.counts, _MASK)
+            if values is not None:
+                return values
+        values = m.parse_data_row(body)
+        if plan is None or len(plan) != len(values):
+            # rows whose shape we don't know: nothing goes out unmasked
+            plan = [("mask", "(unknown shape)", 0)] * len(values)
+            mask_cols = [(i, "(unknown shape):column") for i in range(len(values))]
+            scan_cols = []
+        else:
+            mask_cols, scan_cols = self._mask_cols, self._scan_cols
         counts = self.masker.counts
-        for i, key in self._mask_cols:
+        for i, key in mask_cols:
             if values[i] is not None:
                 values[i] = _MASK
                 counts[key] = counts.get(key, 0) + 1
-        scan = self.masker.scan_bytes
-        for i in self._scan_cols:
-            value = values[i]
-            if value is not None:
-                try:
-                    values[i] = scan(value)
-                except UnicodeDecodeError:
-                    self.masker.count_column("(undecodable)")
-                    values[i] = _MASK
+        for i in scan_cols:
+            if values[i] is not None:
+                values[i] = self._scan_value(values[i])
         return values
+
+    def _scan_value(self, value: bytes) -> bytes:
+        try:
+            return self.masker.scan_bytes(value)
+        except UnicodeDecodeError:   # not text in a text column: masked whole
+            self.masker.count_column("(undecodable)")
+            return _MASK

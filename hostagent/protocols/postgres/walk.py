@@ -28,8 +28,9 @@ def py_skip_frames(data: bytes, pos: int, end: int, cap: int, kind: int) -> tupl
 
 
 try:
-    from hostagent.protocols.postgres._walk import skip_frames
+    from hostagent.protocols.postgres._walk import mask_row, mask_rows, skip_frames
     COMPILED = True
 except ImportError:   # not built (a source checkout without `make setup`)
     skip_frames = py_skip_frames
+    mask_row = mask_rows = None   # masks.py's loop does it
     COMPILED = False
