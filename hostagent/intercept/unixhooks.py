@@ -10,6 +10,7 @@ its version.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import platform
@@ -130,11 +131,17 @@ def _bpf(cmd: int, attr) -> int:
         raise OSError(0, f"bpf(): unknown system call number on {platform.machine()}")
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
-    r = libc.syscall(nr, ctypes.c_int(cmd), ctypes.byref(attr), ctypes.c_uint(ctypes.sizeof(attr)))
-    if r < 0:
+    # A load is refused with EAGAIN when a signal arrives while the verifier runs (ours
+    # take seconds: a profiler, a child's SIGCHLD): tried again, as libbpf does
+    for _ in range(5):
+        r = libc.syscall(nr, ctypes.c_int(cmd), ctypes.byref(attr),
+                         ctypes.c_uint(ctypes.sizeof(attr)))
+        if r >= 0:
+            return r
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return r
+        if err != errno.EAGAIN or cmd != BPF_PROG_LOAD:
+            break
+    raise OSError(err, os.strerror(err))
 
 
 @dataclass

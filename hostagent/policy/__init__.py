@@ -104,21 +104,31 @@ class Decision:
 
 
 def _any(patterns: tuple[str, ...], values) -> bool:
-    values = [v for v in values if v]
-    return any(fnmatch.fnmatchcase(v.lower(), p.lower()) for p in patterns for v in values)
+    match = fnmatch.fnmatchcase
+    for v in values:
+        if v:
+            v = v.lower()
+            for p in patterns:
+                if match(v, p.lower()):
+                    return True
+    return False
 
 
 def _matches(rule: Rule, req: Request) -> bool:
-    ident = req.identity
-    checks = [
-        (rule.targets, [req.target]), (rule.protocols, [req.protocol]),
-        (rule.users, [str(ident.get("user", "")), str(ident.get("uid", ""))]),
-        (rule.exes, [str(ident.get("exe") or "")]), (rule.units, [str(ident.get("unit") or "")]),
-        (rule.cgroups, [str(ident.get("cgroup") or "")]),
-    ]
-    for patterns, values in checks:
-        if patterns and not _any(patterns, values):
-            return False
+    # (every statement is judged: only the checks a rule has are built)
+    if rule.targets and not _any(rule.targets, (req.target,)):
+        return False
+    if rule.protocols and not _any(rule.protocols, (req.protocol,)):
+        return False
+    if rule.users or rule.exes or rule.units or rule.cgroups:
+        ident = req.identity
+        for patterns, values in (
+                (rule.users, (str(ident.get("user", "")), str(ident.get("uid", "")))),
+                (rule.exes, (str(ident.get("exe") or ""),)),
+                (rule.units, (str(ident.get("unit") or ""),)),
+                (rule.cgroups, (str(ident.get("cgroup") or ""),))):
+            if patterns and not _any(patterns, values):
+                return False
     attrs = req.attributes
     for name, patterns in rule.matchers:
         if not _any(patterns, attrs.get(name, ())):
