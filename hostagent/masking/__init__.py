@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import sys
+from collections import Counter
 from dataclasses import dataclass, field
 
 from hostagent.masking.prefilter import Prefilter, compiled, might_match
@@ -42,7 +44,7 @@ DETECTORS: dict[str, tuple[re.Pattern, object]] = {
 
 
 CACHED_VALUE = 256      # bytes: values up to this long have their scan remembered
-CACHED_VALUES = 4096    # per session; then the memory starts afresh
+CACHED_VALUES = 1024    # per session; then the memory starts afresh (≤ ~0.6 MB)
 
 
 @dataclass(frozen=True)
@@ -98,11 +100,11 @@ class Masker:
         self._active = bool(self.detectors)
         # Values scanned, with what the scan made of them and the detectors it counted:
         # columns repeat values (a status, a default), and a hit costs a substitution
-        self._seen: dict[bytes, tuple[bytes, tuple[str, ...]]] = {}
+        self._seen: dict[bytes, tuple[bytes, tuple[tuple[str, int], ...]]] = {}
         self._trace: list[str] | None = None
 
     def _hit(self, rule: str, name: str) -> str:
-        key = f"{rule}:{name}"
+        key = sys.intern(f"{rule}:{name}")
         self.counts[key] = self.counts.get(key, 0) + 1
         if self._trace is not None:
             self._trace.append(key)
@@ -135,19 +137,23 @@ class Masker:
         seen = self._seen.get(value)
         if seen is not None:
             counts = self.counts
-            for key in seen[1]:
-                counts[key] = counts.get(key, 0) + 1
+            for key, n in seen[1]:
+                counts[key] = counts.get(key, 0) + n
             return seen[0]
-        self._trace = [] if len(value) <= CACHED_VALUE else None
-        if value.isascii():
-            out = self.scan(value.decode("ascii"))[0].encode("ascii")
-        else:
-            out = self.scan(value.decode())[0].encode()
-        if self._trace is not None:
+        trace = self._trace = [] if len(value) <= CACHED_VALUE else None
+        try:
+            if value.isascii():
+                out = self.scan(value.decode("ascii"))[0].encode("ascii")
+            else:
+                out = self.scan(value.decode())[0].encode()
+        finally:
+            self._trace = None
+        if trace is not None:
             if len(self._seen) >= CACHED_VALUES:
                 self._seen.clear()
-            self._seen[value] = (out, tuple(self._trace))
-            self._trace = None
+            # (how many hits of each detector, not a key per hit: values full of
+            # addresses must not make the memory big)
+            self._seen[value] = (out, tuple(Counter(trace).items()))
         return out
 
     def column_masked_anywhere(self, column: str) -> str | None:

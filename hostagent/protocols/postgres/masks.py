@@ -48,6 +48,39 @@ def _unmatchable(type_oid: int, detectors: frozenset) -> bool:
                                              and "phone" not in detectors)
 
 
+# Numbers whose text a digit detector can match (a card in an int8, a phone number in an
+# int4): in binary format the detectors can't read them, so they are masked whole
+DIGIT_DETECTORS = frozenset({"credit_card", "phone", "us_ssn"})
+NUMBER_TYPES = frozenset({20, 700, 701, 1700, 2950})   # int8, float4/8, numeric, uuid
+
+
+def _binary_readable(type_oid: int, detectors: frozenset) -> bool:
+    """Whether a column of this type may go out in binary format unscanned."""
+    if type_oid not in PLAIN_BINARY_TYPES:
+        return False
+    if detectors & DIGIT_DETECTORS and (type_oid in NUMBER_TYPES or (
+            type_oid in SHORT_NUMBER_TYPES and "phone" in detectors)):
+        return False
+    return True
+
+
+def in_formats(plan: list, formats: tuple[int, ...]) -> list:
+    """A plan made from a statement's description (every column text) for rows a Bind
+    asked for in `formats` (none: text; one: all; else one a column): a scanned column
+    sent in binary can't be scanned, so it is masked unless its type may pass."""
+    if not formats or not any(formats):
+        return plan
+    out = []
+    for i, p in enumerate(plan):
+        fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
+        if fmt == 1 and p[0] == "scan" and p[3] not in TEXT_TYPES:
+            out.append(("mask", "(unscannable binary)", 1, p[3], True) if p[4] else
+                       ("pass", "", 1, p[3], False))
+        else:
+            out.append(p)
+    return out
+
+
 # error and notice fields that can quote data: withheld while masked columns are read
 _QUOTING = frozenset("MDHWqp")
 
@@ -106,17 +139,25 @@ class Masking:
                     rule = self.masker.column_masked_anywhere(col.name) or (
                         "(computed by SQL we can't follow)" if runs_sql or (
                             cat is not None and functions & cat.user_functions) else None)
+            detectors = self.masker.detectors
+            # (the last item: whether, sent in binary, the column could not be read)
+            binary_hides = not _binary_readable(col.type_oid, detectors)
             if rule:
-                plan.append(("mask", rule, col.format))
+                plan.append(("mask", rule, col.format, col.type_oid, binary_hides))
             elif self.masker.has_detectors and (
                     col.format == 0 or col.type_oid in TEXT_TYPES) and \
-                    not _unmatchable(col.type_oid, self.masker.detectors):
-                plan.append(("scan", "", col.format))
+                    not _unmatchable(col.type_oid, detectors):
+                plan.append(("scan", "", col.format, col.type_oid, binary_hides))
+            elif col.format == 1 and self.masker.has_detectors and binary_hides:
+                # binary arrays, json(b), bytea, numbers a digit detector would read
+                # in their text...: the detectors can't read them
+                plan.append(("mask", "(unscannable binary)", col.format, col.type_oid,
+                             binary_hides))
             elif col.format == 1 and col.type_oid not in PLAIN_BINARY_TYPES:
-                # binary arrays, json(b), bytea...: the detectors can't read them
-                plan.append(("mask", "(unscannable binary)", col.format))
+                plan.append(("mask", "(unscannable binary)", col.format, col.type_oid,
+                             binary_hides))
             else:
-                plan.append(("pass", "", col.format))
+                plan.append(("pass", "", col.format, col.type_oid, binary_hides))
         self._results.set_plan(plan)
         out = [m.Column(c.name, c.table_oid, c.column, TEXT_OID, -1, -1, c.format)
                if p[0] == "mask" else c for c, p in zip(cols, plan)]
@@ -259,7 +300,6 @@ class Masking:
         values = m.parse_data_row(body)
         if plan is None or len(plan) != len(values):
             # rows whose shape we don't know: nothing goes out unmasked
-            plan = [("mask", "(unknown shape)", 0)] * len(values)
             mask_cols = [(i, "(unknown shape):column") for i in range(len(values))]
             scan_cols = []
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from hostagent.protocols.postgres import messages as m
+from hostagent.protocols.postgres.masks import in_formats
 
 OPAQUE_CODE = frozenset({"CALL"})
 
@@ -24,13 +25,15 @@ class Results:
         self._version: dict[tuple[bytes, str], int] = {}
         self._next = 0
         self._plans: dict[tuple[bytes, str], tuple[int, list]] = {}   # described shapes
-        self._portal_stmt: dict[str, tuple[str, int]] = {}   # portal -> (statement, version)
+        # portal -> (statement, version, the result formats its Bind asked for)
+        self._portal_stmt: dict[str, tuple[str, int, tuple]] = {}
         # Where each result's columns come from, snapshotted in client order: a
         # pipeline may re-use a statement name (or the unnamed one) before the server
         # has answered for the earlier text. None: unknown, every column is masked.
         self._stmt_prov: dict[str, tuple | None] = {}
         self._portal_prov: dict[str, tuple | None] = {}
         self._plan: list | None = None
+        self._formatted: dict[tuple, tuple[list, list]] = {}
 
     def _bump(self, what: bytes, name: str) -> int:
         self._next += 1
@@ -50,9 +53,12 @@ class Results:
             c.pos = 1
             self._bump(what, c.cstr())
         elif kind == b"B":
-            portal, stmt = c.cstr(), c.cstr()
+            bind = m.parse_bind(body)
+            portal, stmt = bind.portal, bind.statement
             self._bump(b"P", portal)
-            self._portal_stmt[portal] = (stmt, self._version.get((b"S", stmt), 0))
+            # (the formats the rows will come in: a statement's description says text)
+            self._portal_stmt[portal] = (stmt, self._version.get((b"S", stmt), 0),
+                                         bind.result_formats)
             self._portal_prov[portal] = self._stmt_prov.get(stmt)
         elif kind == b"D":
             what = body[:1]
@@ -118,9 +124,19 @@ class Results:
             if bound is not None:   # described as a statement, this very text
                 found = self._plans.get((b"S", bound[0]))
                 if found is not None and found[0] == bound[1]:
-                    return found[1]
+                    return self._in_formats(found[1], bound[2])
             return None   # no shape of its own: masked whole
         return self._plan
+
+    def _in_formats(self, plan: list, formats: tuple[int, ...]) -> list:
+        # the same object for the same (plan, formats): the row loop compiles a plan once
+        key = (id(plan), formats)
+        cached = self._formatted.get(key)
+        if cached is None or cached[0] is not plan:
+            if len(self._formatted) >= 64:
+                self._formatted.clear()
+            cached = self._formatted[key] = (plan, in_formats(plan, formats))
+        return cached[1]
 
     def done(self) -> None:
         if self._expect and self._expect[0][0] == "execute":
