@@ -34,9 +34,11 @@ EVENT_KINDS: dict[str, tuple[str, str]] = {
     # kind: (who records it, its fields)
     SESSION_START: ("all", "host, target, protocol, destination, process (the kernel's "
                     "identity), agent, session_group, mode, layer, via"),
-    COMMAND: ("protocols", "text, plus the protocol's: kinds, tables, functions, flags, "
+    COMMAND: ("protocols", "text, decision (action allow|deny|review, rule, reason, would "
+              "in audit mode), plus the protocol's: kinds, tables, functions, flags, "
               "database, statement, protocol (postgres)"),
-    DECISION: ("protocols", "action (allow|deny|review), rule, reason, would (audit mode)"),
+    DECISION: ("protocols", "a verdict no command's own (masking refusing what would carry "
+               "masked values elsewhere): action, rule, reason, would"),
     APPROVAL: ("proxy", "id, state (pending|approved|denied|expired|unavailable), rule, "
                "expires_ns, decided_by, reason, error"),
     OUTPUT: ("protocols", "summary, rows_returned, rows_affected, duration_us, columns, "

@@ -110,7 +110,11 @@ def summarize(ev: Event) -> str:
                 parts.append(f"{key}={f[key]}")
         return " ".join(p for p in parts if p)
     if "text" in f:
-        return _CTRL.sub(" ", str(f["text"]))
+        text = _CTRL.sub(" ", str(f["text"]))
+        d = f.get("decision")
+        if isinstance(d, dict) and d.get("action") not in (None, "allow"):
+            text += f"  [{d['action']}: rule {d.get('rule') or 'default'}]"
+        return text
     if ev.kind == "decision":
         return f"{f.get('action', '?')} (rule {f.get('rule') or 'default'}) {f.get('reason', '')}".strip()
     if ev.kind == "data":

@@ -2,8 +2,9 @@
 
 A layer parses a client message into one or more commands (statements of a Query, a
 request, an exec), hands them here as policy Requests with the fields to record, and
-gets back the strictest decision plus the command and decision Records that must be
-spooled before the message goes on. Holds are kept in order: while one is open, the
+gets back the strictest decision plus the Records that must be spooled before the
+message goes on: one `command` event a command, its decision inside it, and a
+`decision` event for each verdict that is no command's own (masking's refusals). Holds are kept in order: while one is open, the
 layer defers what the client sends next, and gets it back once the hold is decided.
 Audit mode and the `unparseable` decision live in the pure policy function.
 The protocol supplies only what is its own: how to parse, to refuse, to say "held".
@@ -38,14 +39,13 @@ class Enforcer:
 
     def judge(self, commands: Iterable[tuple[Request, dict]],
               extra: Iterable[Decision] = ()) -> tuple[Decision, list[Record]]:
-        """Each command's record and its decision's, in order; `extra` decisions (e.g.
+        """Each command's record, with its decision, in order; `extra` decisions (e.g.
         masking refusing a COPY) take part in the verdict and are recorded too."""
         records: list[Record] = []
         decisions: list[Decision] = []
         for req, fields in commands:
             d = self.decide(req)
-            records.append(Record(COMMAND, fields))
-            records.append(Record(DECISION, d.as_dict()))
+            records.append(Record(COMMAND, {**fields, "decision": d.as_dict()}))
             decisions.append(d)
         for d in extra:
             records.append(Record(DECISION, d.as_dict()))

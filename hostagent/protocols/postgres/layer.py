@@ -356,9 +356,9 @@ class PostgresLayer(FastPath, UsesCatalog, Masking):
             # A function called by OID carries no SQL to judge, and its result can't be
             # masked: refused (the server answers it with an error, as for a denial).
             refusal = Decision("deny", "(function call)", "function calls by OID are not allowed")
-            _, records = self.enforcer.judge([], extra=[refusal])
-            return [Record(COMMAND, {"text": "<function call by OID>", "protocol": "function"}),
-                    *records] + self._refuse(refusal, None)
+            return [Record(COMMAND, {"text": "<function call by OID>", "protocol": "function",
+                                     "decision": refusal.as_dict()})] + \
+                self._refuse(refusal, None)
         return [ToUpstream(raw)]
 
     def _untyped(self, body: bytes) -> list[Command]:

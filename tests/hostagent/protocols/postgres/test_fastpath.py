@@ -192,7 +192,7 @@ def test_a_large_message_arriving_in_pieces_is_appended_not_copied_again():
         assert layer.handle(DataReceived(CLIENT, big[i:i + 1])) == []
     assert layer.client._buf is held and layer.client.buffered == 1100   # appended in place
     out = layer.handle(DataReceived(CLIENT, big[1100:]))
-    assert [c.kind for c in out if type(c) is Record] == ["command", "decision"]
+    assert [c.kind for c in out if type(c) is Record] == ["command"]
     assert b"".join(c.data for c in out if type(c) is ToUpstream) == big
     assert layer.client.buffered == 0
 

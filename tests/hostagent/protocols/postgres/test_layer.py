@@ -77,8 +77,8 @@ def test_a_held_statement_keeps_the_pipeline_behind_it_in_order():
                    "a NoticeResponse naming the approval")
     assert (Playbook(ready_layer(policy))
             >> DataReceived(CLIENT, parse + rest)
-            << record("command", text="DELETE FROM t WHERE id = 1", protocol="extended")
-            << record("decision", action="review", rule="r")
+            << record("command", text="DELETE FROM t WHERE id = 1", protocol="extended",
+                      decision={"action": "review", "rule": "r", "reason": ""})
             << Hold(1, "DELETE FROM t WHERE id = 1", "r", "")
             >> HoldPending(1, "ap-1", "12:00:00")
             << notice
@@ -152,8 +152,9 @@ def test_startup_options_are_dropped_and_function_calls_refused():
     feed(layer, UPSTREAM, m.authentication(m.AUTH_OK) + m.ready_for_query())
     assert (Playbook(layer)
             >> DataReceived(CLIENT, m.frame(b"F", b"\0\0\x04\xd2\0\0\0\0\0\0"))
-            << record("command", text="<function call by OID>")
-            << record("decision", action="deny", rule="(function call)")
+            << record("command", text="<function call by OID>", decision={
+                "action": "deny", "rule": "(function call)",
+                "reason": "function calls by OID are not allowed"})
             << sends(ToUpstream, lambda b: b.startswith(b"Q") and b"agentgate_denied_" in b,
                      "a statement the server rejects, never the call"))
 
@@ -390,8 +391,9 @@ def test_a_statement_too_long_to_judge_takes_the_unparseable_decision():
     layer = ready_layer()
     text = "SELECT " + "1," * (MAX_CLASSIFIED // 2) + "1"
     out = feed(layer, CLIENT, m.frame(b"Q", text.encode() + b"\0"))
-    decision = next(c for c in out if isinstance(c, Record) and c.kind == "decision")
-    assert decision.fields["rule"] == "(unparseable)" and decision.fields["action"] == "deny"
+    decision = next(c.fields["decision"] for c in out
+                    if isinstance(c, Record) and c.kind == "command")
+    assert decision["rule"] == "(unparseable)" and decision["action"] == "deny"
     assert text.encode() not in to_upstream(out)
 
 
