@@ -100,21 +100,31 @@ class KernelEvent:
     stopped: bool = False    # stopped at exec for enrollment: must be continued
 
 
+_V4_MAPPED = bytes(10) + b"\xff\xff"
+
+
 def addr_key(host: str, port: int) -> AddrKey:
-    ip = ipaddress.ip_address(host)
-    if ip.version == 4:
-        ip = ipaddress.IPv6Address(f"::ffff:{ip}")
+    # (every accepted connection asks: inet_pton, not the ipaddress module)
+    try:
+        packed = _V4_MAPPED + socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        try:
+            packed = socket.inet_pton(socket.AF_INET6, host)
+        except OSError:
+            raise ValueError(f"{host!r} is not an IP address") from None
     k = AddrKey()
-    for i, word in enumerate(struct.unpack("=4I", ip.packed)):
-        k.addr[i] = word
-    k.port = struct.unpack("=H", struct.pack("!H", port))[0]
+    k.addr[:] = struct.unpack("=4I", packed)
+    k.port = socket.htons(port)
     return k
 
 
 def key_to_addr(k) -> tuple[str, int]:
-    ip = ipaddress.IPv6Address(struct.pack("=4I", *k.addr))
-    host = str(ip.ipv4_mapped) if ip.ipv4_mapped else str(ip)
-    return host, struct.unpack("!H", struct.pack("=H", k.port))[0]
+    packed = struct.pack("=4I", *k.addr)
+    if packed.startswith(_V4_MAPPED):
+        host = socket.inet_ntop(socket.AF_INET, packed[12:])
+    else:
+        host = str(ipaddress.IPv6Address(packed))
+    return host, socket.ntohs(k.port)
 
 
 def unix_name(raw: bytes) -> str:
