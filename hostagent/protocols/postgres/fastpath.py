@@ -154,7 +154,6 @@ class FastPath:
             out += self._upstream_frames(self.upstream.receive_data(data[pos:] if pos else data))
         return out
 
-
     def _upstream_masked(self, data: bytes) -> list[Command]:
         """A masked session's answers: each row rewritten where it lies (masks.py),
         every other message through the general path, in order."""
