@@ -21,13 +21,11 @@ from __future__ import annotations
 import struct
 
 from agentgate.events import OUTPUT
-from hostagent.masking import MASK as _MASK_TEXT
 from hostagent.protocols.api import Close, Command, Record, ToClient, ToUpstream
 from hostagent.protocols.postgres import messages as m
-from hostagent.protocols.postgres.walk import mask_rows, skip_frames
+from hostagent.protocols.postgres.walk import skip_frames
 
 _LEN = struct.Struct("!i").unpack_from
-MASK = _MASK_TEXT.encode()
 # client messages passed on as they are: Execute, Sync, Flush, Describe, Close,
 # CopyData/Done/Fail, Terminate ... (Bind too, with a record first)
 _CLIENT_SLOW = frozenset(b"QPF")
@@ -176,17 +174,13 @@ class FastPath:
             if nxt > end:
                 break
             if kind == 68:             # D
-                if mask_rows is not None and not (outputs.rows < sampled
-                                                  and outputs.wants_sample()):
-                    shape = self._row_shape()   # past the sample: a run at a time
-                    if shape is not None:
-                        pos, count, rows = mask_rows(
-                            data, pos, end, cap, *shape, self.masker.prefilter,
-                            self._scan_value, self.masker.counts, MASK)
-                        if count:
-                            pieces.append(rows)
-                            outputs.rows += count
-                            continue
+                if not (outputs.rows < sampled and outputs.wants_sample()):
+                    # past the sample: a run of rows at a time
+                    pos, count, rows = self._mask_run(data, pos, end, cap)
+                    if count:
+                        pieces.append(rows)
+                        outputs.rows += count
+                        continue
                 values = self._mask_row(data[pos + 5:nxt])
                 outputs.row(values if outputs.wants_sample() else None)
                 pieces.append(m.data_row(values))

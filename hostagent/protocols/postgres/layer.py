@@ -347,11 +347,7 @@ class PostgresLayer(FastPath, UsesCatalog, Masking):
             self.outputs.sent_sync()
             return [ToUpstream(raw)]
         if kind == b"B":
-            bind = m.parse_bind(body)
-            params = [None if p is None else p[:m.MAX_RECORDED_PARAM] for p in bind.params]
-            return [Record("bind", {"statement": bind.statement, "portal": bind.portal,
-                                    "params": params, "formats": list(bind.param_formats)}),
-                    ToUpstream(raw)]
+            return [Record("bind", m.bind_fields(body, 0, len(body))), ToUpstream(raw)]
         if kind == b"F":
             # A function called by OID carries no SQL to judge, and its result can't be
             # masked: refused (the server answers it with an error, as for a denial).

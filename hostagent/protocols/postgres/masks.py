@@ -8,7 +8,7 @@ from __future__ import annotations
 from hostagent.masking import MASK
 from hostagent.protocols.postgres import messages as m
 from hostagent.protocols.postgres.effects import SQL_FUNCTIONS
-from hostagent.protocols.postgres.walk import mask_row
+from hostagent.protocols.postgres.walk import mask_row, mask_rows
 
 # statements that only read: anything else that reads a masked column is refused
 READ_KINDS = frozenset({"SELECT", "EXPLAIN", "PREPARE", "DECLARECURSOR", "SHOW"})
@@ -148,12 +148,9 @@ class Masking:
                     col.format == 0 or col.type_oid in TEXT_TYPES) and \
                     not _unmatchable(col.type_oid, detectors):
                 plan.append(("scan", "", col.format, col.type_oid, binary_hides))
-            elif col.format == 1 and self.masker.has_detectors and binary_hides:
+            elif col.format == 1 and binary_hides:
                 # binary arrays, json(b), bytea, numbers a digit detector would read
                 # in their text...: the detectors can't read them
-                plan.append(("mask", "(unscannable binary)", col.format, col.type_oid,
-                             binary_hides))
-            elif col.format == 1 and col.type_oid not in PLAIN_BINARY_TYPES:
                 plan.append(("mask", "(unscannable binary)", col.format, col.type_oid,
                              binary_hides))
             else:
@@ -268,14 +265,16 @@ class Masking:
         payload = self.masker.scan(payload)[0]
         return m.frame(b"A", m._I32.pack(pid) + channel.encode() + b"\0" + payload.encode() + b"\0")
 
-    def _row_shape(self) -> tuple[bytes, tuple] | None:
-        """The compiled loop's view of the current result's plan: each column's action
-        and count key; None when the shape is unknown."""
+    def _mask_run(self, data: bytes, pos: int, end: int, cap: int) -> tuple[int, int, bytes]:
+        """The run of DataRows from `pos`, masked by the compiled loop: (where it
+        stopped, how many rows, the rows rewritten); no rows when the shape is unknown
+        or the loop isn't built (the caller masks row by row)."""
         plan = self._results.plan()
-        if plan is None:
-            return None
+        if plan is None or mask_rows is None:
+            return pos, 0, b""
         self._compile(plan)
-        return self._actions, self._keys
+        return mask_rows(data, pos, end, cap, self._actions, self._keys,
+                         self.masker.prefilter, self._scan_value, self.masker.counts, _MASK)
 
     def _compile(self, plan: list) -> None:
         if plan is not self._compiled_for:

@@ -228,7 +228,7 @@ MAX_RECORDED_PARAM = 1024   # bytes of each Bind parameter a recording keeps
 
 def bind_fields(data: bytes, pos: int, end: int) -> dict:
     """What a recording keeps of the Bind whose body is data[pos:end], read where it
-    lies: the same fields, checks and errors as parse_bind (the fast path's twin)."""
+    lies (both paths record Binds with it): parse_bind's checks and errors."""
     def cstr(at: int) -> tuple[str, int]:
         stop = data.find(b"\0", at, end)
         if stop < 0:

@@ -79,3 +79,26 @@ def test_bind_row_and_cancel_round_trips():
     assert cancel == m.SpecialRequest(m.CANCEL_REQUEST, 42, 7)
     err = m.parse_fields(m.error_response("denied by rule no-ddl", "42501")[5:])
     assert err["C"] == "42501" and err["M"] == "denied by rule no-ddl" and err["S"] == "ERROR"
+
+
+@settings(max_examples=500)
+@given(st.one_of(st.binary(max_size=40), st.builds(
+    lambda names, params, tail: names + struct.pack("!h", 0) + struct.pack("!h", len(params))
+    + b"".join(struct.pack("!i", -1) if p is None else struct.pack("!i", len(p)) + p
+               for p in params) + tail,
+    st.sampled_from([b"\0\0", b"p\0s1\0", b"\xff\0\0"]),
+    st.lists(st.one_of(st.none(), st.binary(max_size=8), st.just(b"x" * 1100)), max_size=3),
+    st.sampled_from([b"\0\0", b"\0\1\0\1", b"\0\1", b"\0\0\0"]))))
+def test_a_binds_record_has_what_parse_bind_reads(body):
+    """bind_fields (what both paths record of a Bind) accepts what parse_bind accepts
+    and reads the same values, each parameter cut at MAX_RECORDED_PARAM."""
+    try:
+        b = m.parse_bind(body)
+    except ProtocolError:
+        with pytest.raises(ProtocolError):
+            m.bind_fields(body, 0, len(body))
+        return
+    assert m.bind_fields(b"xx" + body + b"yy", 2, 2 + len(body)) == {
+        "statement": b.statement, "portal": b.portal,
+        "params": [None if p is None else p[:m.MAX_RECORDED_PARAM] for p in b.params],
+        "formats": list(b.param_formats)}
