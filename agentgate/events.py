@@ -19,6 +19,11 @@ GENESIS = bytes(32)
 # a spool frame's header: u32 length, u32 crc32 of the body (agentgate/frames.py)
 FRAME_HEADER = struct.Struct("<II")
 
+
+def spool_frame(body: bytes) -> bytes:
+    """`body` framed as the spool stores it and the shipper sends it."""
+    return FRAME_HEADER.pack(len(body), zlib.crc32(body)) + body
+
 # Every kind a recording can hold, and its fields: the one list producers (the proxy,
 # each protocol, run sessions) and readers (collector, replay, export) share. A test
 # holds the producers to it; the README lists it.
@@ -108,9 +113,8 @@ def make_event(session_id: str, seq: int, wall_time_ns: int, mono_ns: int, kind:
     digest = hashlib.sha256(chained).digest()
     # the stored form is the same array with the hash after it: an 8-array header, the
     # 7 packed items, the hash as bin 8 (packed once, not twice), framed for the spool
-    body = b"\x98" + chained[1:] + b"\xc4\x20" + digest
     return Event(session_id, seq, wall_time_ns, mono_ns, kind, payload, prev_hash, digest,
-                 FRAME_HEADER.pack(len(body), zlib.crc32(body)) + body)
+                 spool_frame(b"\x98" + chained[1:] + b"\xc4\x20" + digest))
 
 
 def pack_payload(fields: dict) -> bytes:

@@ -4,13 +4,12 @@ event) or a map (a checkpoint: the sessions open when a segment began). The host
 ships frames as they lie in its spool; the collector decodes them."""
 from __future__ import annotations
 
-import struct
 import zlib
 
 import msgpack
 
 from agentgate.events import FRAME_HEADER as HEADER
-from agentgate.events import Event
+from agentgate.events import Event, spool_frame
 
 MAX_FRAME = 32 << 20   # below the 64 MiB gRPC message cap, so any frame can ship
 
@@ -18,8 +17,7 @@ MAX_FRAME = 32 << 20   # below the 64 MiB gRPC message cap, so any frame can shi
 def encode_frame(ev: Event) -> bytes:
     if ev.frame is not None:
         return ev.frame
-    body = msgpack.packb(ev.as_tuple(), use_bin_type=True)
-    return HEADER.pack(len(body), zlib.crc32(body)) + body
+    return spool_frame(msgpack.packb(ev.as_tuple(), use_bin_type=True))
 
 
 def decode_body(body: bytes) -> "Event | dict":
@@ -32,8 +30,8 @@ def decode_body(body: bytes) -> "Event | dict":
 
 
 def encode_checkpoint(open_tails: dict) -> bytes:
-    body = msgpack.packb({k: list(v) for k, v in open_tails.items()}, use_bin_type=True)
-    return HEADER.pack(len(body), zlib.crc32(body)) + body
+    return spool_frame(msgpack.packb({k: list(v) for k, v in open_tails.items()},
+                                     use_bin_type=True))
 
 
 def iter_frames(data: bytes, start: int = 0):
@@ -56,8 +54,6 @@ def iter_frames(data: bytes, start: int = 0):
         yield pos, ev
 
 
-
-
 def frame_ends(data: bytes, start: int = 0, limit: int | None = None,
                count: int | None = None) -> tuple[int, int]:
     """(end of the last whole frame from `start` within `limit` bytes and `count` frames,
@@ -65,7 +61,7 @@ def frame_ends(data: bytes, start: int = 0, limit: int | None = None,
     whole)."""
     pos, end, n = start, len(data) if limit is None else min(len(data), start + limit), 0
     while pos + HEADER.size <= end and (count is None or n < count):
-        (length,) = struct.unpack_from("<I", data, pos)
+        length = HEADER.unpack_from(data, pos)[0]
         stop = pos + HEADER.size + length
         if length > MAX_FRAME or stop > end:
             break
