@@ -1,33 +1,12 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""walk.py's py_skip_frames, compiled: see there. Lengths are big-endian int32."""
-
-
-def skip_frames(const unsigned char[:] data, Py_ssize_t pos, Py_ssize_t end,
-                long long cap, int kind):
-    cdef Py_ssize_t count = 0
-    cdef long long length
-    if end > data.shape[0]:
-        end = data.shape[0]
-    if pos < 0:
-        return py_fallback(data, pos, end, cap, kind)
-    while pos + 5 <= end and data[pos] == kind:
-        length = <int>((<unsigned int>data[pos + 1] << 24) | (<unsigned int>data[pos + 2] << 16)
-                       | (<unsigned int>data[pos + 3] << 8) | <unsigned int>data[pos + 4])
-        if length < 4 or length > cap or pos + 1 + length > end:
-            break
-        pos += 1 + length
-        count += 1
-    return pos, count
-
-
-def py_fallback(data, pos, end, cap, kind):
-    from hostagent.protocols.postgres.walk import py_skip_frames
-    return py_skip_frames(bytes(data), pos, end, cap, kind)
-
+"""The fast path's byte-level loops, compiled: walk.py's py_skip_frames, messages.py's
+py_parse_data_row and py_data_row, masks.py's row loop. Lengths are big-endian int32;
+bytes are read through pointers (acquiring a typed memoryview costs more than a row)."""
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from libc.string cimport memcpy
 
+from hostagent.masking._prefilter cimport Spec, c_might_match
 from hostagent.protocols.api import ProtocolError
 
 
@@ -36,9 +15,22 @@ cdef inline long long _i32p(const unsigned char *b, Py_ssize_t at):
                  | (<unsigned int>b[at + 2] << 8) | <unsigned int>b[at + 3])
 
 
-cdef inline long long _i32(const unsigned char[:] b, Py_ssize_t at):
-    return <int>((<unsigned int>b[at] << 24) | (<unsigned int>b[at + 1] << 16)
-                 | (<unsigned int>b[at + 2] << 8) | <unsigned int>b[at + 3])
+def skip_frames(bytes data, Py_ssize_t pos, Py_ssize_t end, long long cap, int kind):
+    cdef const unsigned char *b = <const unsigned char *>PyBytes_AS_STRING(data)
+    cdef Py_ssize_t count = 0
+    cdef long long length
+    if end > PyBytes_GET_SIZE(data):
+        end = PyBytes_GET_SIZE(data)
+    if pos < 0:   # (Python's indexing from the end: the twin's, never the fast path's)
+        from hostagent.protocols.postgres.walk import py_skip_frames
+        return py_skip_frames(data, pos, end, cap, kind)
+    while pos + 5 <= end and b[pos] == kind:
+        length = _i32p(b, pos + 1)
+        if length < 4 or length > cap or pos + 1 + length > end:
+            break
+        pos += 1 + length
+        count += 1
+    return pos, count
 
 
 def parse_data_row(bytes body):
@@ -104,9 +96,6 @@ cdef inline void _put32(char *p, long long v):
     p[3] = <char>(u & 0xff)
 
 
-from hostagent.masking._prefilter cimport Spec, c_might_match
-
-
 def mask_row(bytes body, bytes actions, tuple keys, object prefilter, object scan,
              dict counts, bytes mask):
     """masks.py's _mask_row for a row whose shape is known, compiled: its values, with
@@ -137,15 +126,15 @@ def mask_rows(bytes data, Py_ssize_t pos, Py_ssize_t end, long long cap, bytes a
     """mask_row over the run of whole DataRows from `pos`: (where the run stopped, how
     many rows, the rows rewritten). It stops at another message, a partial one, an
     impossible length, or a row of another width (all left to the caller)."""
-    cdef const unsigned char[:] b = data
+    cdef const unsigned char *b = <const unsigned char *>PyBytes_AS_STRING(data)
     cdef Py_ssize_t count = 0, nxt
     cdef long long length
     cdef Spec spec = prefilter if isinstance(prefilter, Spec) else Spec(prefilter)
     parts = []
-    if end > b.shape[0]:
-        end = b.shape[0]
+    if end > PyBytes_GET_SIZE(data):
+        end = PyBytes_GET_SIZE(data)
     while pos >= 0 and pos + 5 <= end and b[pos] == 68:
-        length = _i32(b, pos + 1)
+        length = _i32p(b, pos + 1)
         if length < 4 or length > cap or pos + 1 + length > end:
             break
         nxt = pos + 1 + length
