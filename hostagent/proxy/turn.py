@@ -10,11 +10,8 @@ ends with its protocol's error.
 from __future__ import annotations
 
 import asyncio
-import logging
 
 from hostagent.recording.spool import Spool, SpoolError
-
-log = logging.getLogger("agentgate.proxy")
 
 
 class Turn:
