@@ -22,7 +22,7 @@ from hostagent.recording.recorder import close_orphans
 from hostagent.recording.spool import SpoolError
 from hostagent.recording.runs import RunSession, Runs, new_group
 from hostagent.registration import heartbeat_loop
-from hostagent.stack import Stack, open_spool
+from hostagent.stack import Stack, agent_env, open_spool
 
 log = logging.getLogger("agentgate.hostagent")
 BPFFS = Path("/sys/fs/bpf")
@@ -275,7 +275,8 @@ class Daemon:
     def hello(self) -> dict:
         icpt = self.stack.icpt
         return {"proxy_port": icpt.proxy_port, "tree": str(self.root), "mode": icpt.mode,
-                "unix_hooks": bool(icpt.unix_progs), "unix_proxies": self.stack.unix_proxies}
+                "unix_hooks": bool(icpt.unix_progs), "unix_proxies": self.stack.unix_proxies,
+                "env": agent_env(self.stack.proxy.ca if self.stack.proxy else None)}
 
     async def enroll(self, pid: int, *, argv: list[str], user: str | None,
                      requested_by: str, unix: dict | None = None) -> dict:

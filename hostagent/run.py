@@ -25,7 +25,7 @@ from hostagent.control import ControlError, DaemonClient
 from hostagent.intercept import cgroups, seccomp, unixguard
 from hostagent.intercept.loader import InterceptError, attached, pinned_map_ids, uses
 from hostagent.recording.runs import RunSession, new_group
-from hostagent.stack import Stack, open_spool, run_loop
+from hostagent.stack import Stack, agent_env, open_spool, run_loop
 
 log = logging.getLogger("agentgate.run")
 
@@ -174,14 +174,14 @@ def run_command(argv: list[str], cfg: HostAgentConfig, user: str | None = None,
         hello = client.call("hello")
         plan = _unix_plan(cfg, bool(hello.get("unix_hooks")),
                           tuple(hello.get("unix_proxies") or ()))
-        return _run_via_daemon(client, argv, pw, plan)
+        return _run_via_daemon(client, argv, pw, plan, env=hello.get("env") or {})
     if os.geteuid() != 0:
         raise InterceptError("no host agent is running, and running one in-process needs root")
     return run_loop(_run_in_process(argv, cfg, pw, mode))
 
 
 def _run_via_daemon(client: DaemonClient, argv: list[str], pw,
-                    unix: unixguard.UnixPlan) -> int:
+                    unix: unixguard.UnixPlan, env: dict[str, str]) -> int:
     # Fork by hand: the child must wait, before exec, until the daemon has moved it into
     # its cgroup, and subprocess.Popen returns only after the exec.
     r, w = os.pipe()
@@ -203,7 +203,7 @@ def _run_via_daemon(client: DaemonClient, argv: list[str], pw,
         try:
             os.close(w)
             setup()
-            os.execvp(argv[0], argv)
+            os.execvpe(argv[0], argv, {**os.environ, **env})
         except OSError as exc:
             os.write(2, f"agentgate run: cannot run {argv[0]}: {exc.strerror}\n".encode())
             os._exit(127)
@@ -289,7 +289,8 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
         try:
             with _no_gc():
                 proc = await asyncio.create_subprocess_exec(
-                    *argv, preexec_fn=_child_setup(pw, cg, unix=unix))
+                    *argv, preexec_fn=_child_setup(pw, cg, unix=unix),
+                    env={**os.environ, **agent_env(stack.proxy.ca)})
         except (OSError, subprocess.SubprocessError) as exc:
             why = getattr(exc, "strerror", None) or str(exc)
             run.end(None, reason=f"could not start: {why}")

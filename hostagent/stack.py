@@ -26,7 +26,7 @@ from hostagent.proxy.targets import Targets, build_targets
 from hostagent.recording.samples import SampleLimits
 from hostagent.recording.shipper import Shipper
 from hostagent.recording.spool import Spool
-from hostagent.tls import CAError, LocalCA
+from hostagent.tls import CAError, LocalCA, trust_env
 
 UNIX_PROXY_DIR = Path("/run/agentgate/unix")
 log = logging.getLogger("agentgate.hostagent")
@@ -37,10 +37,28 @@ def local_ca(cfg: HostAgentConfig, targets: Targets) -> LocalCA | None:
     first use. Only needed when some target offers TLS to its clients."""
     if not targets.need_ca():
         return None
+    # what the CA may certify: the names and addresses of the targets it serves, and no
+    # other (its issuing certificate's name constraints)
+    names = [n for t in targets.targets if t.spec.needs_ca(t.options)
+             for n in (*t.names, *(h for h, _ in t.addresses))]
     try:
-        return LocalCA.load_or_create(cfg.ca_dir or Path(cfg.state_dir) / "ca")
-    except (CAError, OSError) as exc:
+        ca = LocalCA.load_or_create(cfg.ca_dir or Path(cfg.state_dir) / "ca")
+        ca.constrain(names)
+        ca.bundle()
+    except (CAError, OSError, ValueError) as exc:
         raise InterceptError(f"local CA: {exc}") from None
+    if ca.remade:
+        log.warning("the local CA was made anew (the old one could not sign a constrained "
+                    "issuing certificate): clients must trust the new %s", ca.cert_path)
+    return ca
+
+
+def agent_env(ca: LocalCA | None) -> dict[str, str]:
+    """What an agent's environment gets so its TLS clients trust the local CA: every
+    common client's CA-bundle variable, pointing at the system's CAs plus ours."""
+    if ca is None:
+        return {}
+    return trust_env(ca.directory / "bundle.pem", ca.cert_path)
 
 
 def resolvers(cfg: HostAgentConfig) -> list[tuple[str, int]]:

@@ -32,13 +32,17 @@ def _card(match: re.Match) -> bool:
 
 # name -> (pattern, extra check)
 DETECTORS: dict[str, tuple[re.Pattern, object]] = {
-    "email": (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), None),
+    # (the lookbehind starts a match only where a run of address characters starts: a
+    # long run without "@" is then one failed attempt, not one per character)
+    "email": (re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), None),
     "credit_card": (re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), _card),
     "us_ssn": (re.compile(r"\b(?!000|666|9\d\d)\d{3}-(?!00)\d{2}-(?!0000)\d{4}\b"), None),
     "phone": (re.compile(r"(?<![\w])(?:\+?\d{1,3}[ .-]?)?\(?\d{3}\)?[ .-]?\d{3}[ .-]?\d{4}(?![\w])"), None),
     "aws_access_key": (re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"), None),
     "jwt": (re.compile(r"\beyJ[A-Za-z0-9_-]+\.eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+"), None),
-    "pem_private_key": (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----[\s\S]*?-----END [A-Z ]*PRIVATE KEY-----"), None),
+    # (a key ends before the next BEGIN: many BEGINs without an END cost one pass, not
+    # one pass each)
+    "pem_private_key": (re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----(?:(?!-----BEGIN )[\s\S])*?-----END [A-Z ]*PRIVATE KEY-----"), None),
     "bearer_token": (re.compile(r"\b(?i:bearer)\s+[A-Za-z0-9._~+/-]{16,}=*"), None),
 }
 
@@ -53,6 +57,7 @@ class MaskRule:
     columns: tuple[str, ...] = ()      # "table.column" or "column", globs
     detectors: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
+    json: tuple[str, ...] = ()         # JSON paths in HTTP answers: "$.users[*].email"
 
 
 @dataclass
@@ -63,7 +68,7 @@ class Masker:
 
     @property
     def active(self) -> bool:
-        return bool(self.rules)
+        return any(r.columns or r.detectors for r in self.rules)
 
     def column_masked(self, table: str, column: str) -> str | None:
         """The rule that masks this column whole, if any."""

@@ -187,6 +187,22 @@ def _patterns(sec: Section, key: str, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _matcher(sec: Section, key: str, where: str) -> list[tuple[str, tuple[str, ...]]]:
+    """A matcher's (name, patterns); a table matcher is one entry per field, so that
+    every field of it must match."""
+    value = sec.data.get(key)
+    if isinstance(value, dict):
+        sec.get(key, dict)
+        make = next((spec.table_matchers[key] for spec in registry.all_specs()
+                     if key in spec.table_matchers), None)
+        if make is None:
+            raise ConfigError(f"{where}: '{key}' must be a list of strings")
+        if not value or not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(f"{where}: '{key}' must be a table of field = glob strings")
+        return [(key, (p,)) for p in make(value)]
+    return [(key, _patterns(sec, key, where))]
+
+
 def _rule(sec: Section, seen: set[str]) -> Rule:
     name = sec.get("name", str, "")
     if not name:
@@ -204,8 +220,8 @@ def _rule(sec: Section, seen: set[str]) -> Rule:
         raise ConfigError(f"{where}: unknown protocol {unknown[0]!r} "
                           f"(known: {', '.join(registry.names())})")
     known = {f for spec in registry.all_specs() for f in spec.policy_fields}
-    matchers = tuple((key, _patterns(sec, key, where)) for key in sorted(known)
-                     if key in sec.data)
+    matchers = tuple(m for key in sorted(known) if key in sec.data
+                     for m in _matcher(sec, key, where))
     extra = sorted(set(sec.data) - known - set(_GENERIC) - {"name", "action", "reason", "match"})
     if extra:
         raise ConfigError(f"{where}: unknown matcher '{extra[0]}' (matchers: "
@@ -272,6 +288,11 @@ def _mask(sec: Section):
     if not name:
         raise ConfigError(f"{sec.where}: a mask needs a 'name'")
     columns = tuple(sec.get("columns", list, []))
+    json_paths = tuple(sec.get("json", list, []))
+    bad = [p for p in json_paths if not isinstance(p, str) or not p.startswith("$")]
+    if bad:
+        raise ConfigError(f"{sec.where} mask '{name}': json paths start with '$' "
+                          f"(e.g. \"$.users[*].email\"), not {bad[0]!r}")
     detectors = tuple(sec.get("detectors", list, []))
     targets = tuple(sec.get("targets", list, []))
     sec.done()
@@ -279,6 +300,7 @@ def _mask(sec: Section):
     if unknown:
         raise ConfigError(f"{sec.where} mask '{name}': unknown detector '{unknown[0]}' "
                           f"(known: {', '.join(DETECTORS)})")
-    if not columns and not detectors:
-        raise ConfigError(f"{sec.where} mask '{name}': give 'columns' or 'detectors'")
-    return MaskRule(name=name, columns=columns, detectors=detectors, targets=targets)
+    if not columns and not detectors and not json_paths:
+        raise ConfigError(f"{sec.where} mask '{name}': give 'columns', 'json' or 'detectors'")
+    return MaskRule(name=name, columns=columns, detectors=detectors, targets=targets,
+                    json=json_paths)

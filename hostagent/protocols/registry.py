@@ -17,6 +17,8 @@ from agentgate.tomlconfig import ConfigError, Section
 PROTOCOLS: dict[str, str] = {
     "tcp": "hostagent.protocols.tcp",
     "postgres": "hostagent.protocols.postgres",
+    "http": "hostagent.protocols.http",
+    "https": "hostagent.protocols.http.tls",
 }
 
 @dataclass(frozen=True)
@@ -71,6 +73,9 @@ class ProtocolSpec:
     serve: Callable | None = None        # async (context, client_socket, connect_upstream)
     needs_ca: Callable[[Options], bool] = lambda opts: False
     policy_fields: tuple[str, ...] = ()  # rule matchers beyond the generic ones (policy)
+    # matchers written as a table (HTTP's json = {"$.path" = "glob"}): its patterns, one
+    # per entry; every entry must match
+    table_matchers: dict = field(default_factory=dict)
     idle_timeout: float = 3600.0         # seconds without a byte either way
     judges: bool = True                  # consults the policy (tcp: a raw relay, never)
     check: Callable[[Options, str], None] | None = None     # cross-option rules at load

@@ -67,7 +67,10 @@ class Leg(asyncio.Protocol):
             self.session.eof(self)
         else:
             self.early_eof = True
-        return True                # half-closed: the other direction keeps flowing
+        # half-closed: the other direction keeps flowing (TLS has no half-close, and
+        # asyncio warns when asked for one)
+        t = self.transport
+        return t is None or t.get_extra_info("ssl_object") is None
 
     def connection_lost(self, exc) -> None:
         self.lost = True

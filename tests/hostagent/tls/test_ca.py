@@ -199,18 +199,18 @@ def test_leaf_and_ca_contents(ca):
         ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("::ffff:10.0.0.1"),
         ipaddress.ip_address("2001:db8::1")]
     assert leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == DNS
-    assert leaf.issuer == ca.cert.subject
+    assert leaf.issuer == ca.issuing.subject != ca.cert.subject  # signed by the intermediate
     assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
     assert leaf.not_valid_after_utc - leaf.not_valid_before_utc == dt.timedelta(days=7, hours=1)
     aki = leaf.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
-    ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    ski = ca.issuing.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     assert aki.key_identifier == ski.digest
 
     cn = ca.cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
     assert cn == f"agentgate local CA ({socket.gethostname()})"[:64]
     bc = ca.cert.extensions.get_extension_for_class(x509.BasicConstraints)
-    assert bc.critical and bc.value.ca and bc.value.path_length == 0
+    assert bc.critical and bc.value.ca and bc.value.path_length == 1  # room for the intermediate
     ku = ca.cert.extensions.get_extension_for_class(x509.KeyUsage)
     assert ku.critical and ku.value.key_cert_sign and ku.value.crl_sign
     life = ca.cert.not_valid_after_utc - ca.cert.not_valid_before_utc
@@ -241,6 +241,7 @@ def test_context_cache(ca, monkeypatch):
 
 def test_cache_is_bounded(ca, monkeypatch):
     monkeypatch.setattr(tls, "_CACHE_MAX", 4)
+    ca.constrain(f"n{i}.example" for i in range(10))
     first = ca.server_context(["n0.example"])
     for i in range(1, 10):
         ca.server_context([f"n{i}.example"])

@@ -1,0 +1,205 @@
+"""Bodies: content codings decoded within a bound, and masking of JSON, text and
+line-delimited streams (SSE, NDJSON) with the shared detectors and `json` path rules.
+
+Masking fails closed: a body that claims a coding we can't decode, decodes past the
+bound, or claims JSON that JSON path rules must see but doesn't parse, is refused
+(the layer answers 502) rather than passed unmasked.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import zlib
+
+from hostagent.masking import MASK, Masker
+from hostagent.protocols.http.requests import path_glob
+
+try:
+    import brotli
+except ImportError:     # (then br is not offered upstream, and refused if it comes)
+    brotli = None
+
+CODINGS = ("gzip", "deflate", "br") if brotli else ("gzip", "deflate")
+# media types that can't hold text a detector could find: passed without inspection
+OPAQUE = ("image/", "audio/", "video/", "font/")
+STREAMING = ("text/event-stream", "application/x-ndjson", "application/jsonl",
+             "application/json-seq")
+
+
+class MaskRefused(Exception):
+    """The body can't be masked: the answer is refused, never passed unmasked."""
+
+
+def decode(body: bytes, codings: list[bytes], limit: int) -> bytes:
+    """Undo Content-Encoding (listed in the order applied), at most `limit` bytes out."""
+    for coding in reversed(codings):
+        c = coding.decode("latin-1")
+        if c in ("identity", ""):
+            continue
+        if c in ("gzip", "x-gzip", "deflate"):
+            wbits = 47 if c != "deflate" else 15
+            d = zlib.decompressobj(wbits)
+            try:
+                out = d.decompress(body, limit + 1)
+                if not d.eof and c == "deflate" and not out:
+                    raise zlib.error("not zlib")
+            except zlib.error:
+                if c != "deflate":
+                    raise MaskRefused(f"the {c} body does not decode") from None
+                d = zlib.decompressobj(-15)      # raw deflate, as some servers send
+                try:
+                    out = d.decompress(body, limit + 1)
+                except zlib.error:
+                    raise MaskRefused("the deflate body does not decode") from None
+            if len(out) > limit or d.unconsumed_tail:
+                raise MaskRefused(f"the body decodes past {limit} bytes")
+            body = out
+        elif c == "br" and brotli is not None:
+            d = brotli.Decompressor()
+            out = bytearray()
+            try:
+                # brotli has no output cap: feed it in pieces and stop past the bound
+                for i in range(0, len(body), 4096):
+                    out += d.process(body[i:i + 4096])
+                    if len(out) > limit:
+                        raise MaskRefused(f"the body decodes past {limit} bytes")
+            except brotli.error:
+                raise MaskRefused("the br body does not decode") from None
+            body = bytes(out)
+        else:
+            raise MaskRefused(f"a body in content coding {c!r}, which can't be inspected")
+    return body
+
+
+def media_type(content_type: bytes | None) -> str:
+    return (content_type or b"").split(b";")[0].strip().lower().decode("latin-1")
+
+
+def inspected(mtype: str) -> bool:
+    return not mtype.startswith(OPAQUE)
+
+
+def is_json(mtype: str) -> bool:
+    return mtype == "application/json" or mtype.endswith("+json")
+
+
+def streaming(mtype: str) -> bool:
+    return mtype in STREAMING
+
+
+class BodyMasker:
+    """Masking for one session's responses: `json` path rules and detectors."""
+
+    def __init__(self, masker: Masker, json_paths: tuple[tuple[str, str], ...]):
+        self.masker = masker
+        # (rule name, glob on flatten()-style paths)
+        self.paths = tuple((rule, path_glob(p).lower()) for rule, p in json_paths)
+        self.detectors = masker.has_detectors
+
+    @property
+    def active(self) -> bool:
+        return bool(self.paths) or self.detectors
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.masker.counts)
+
+    def _hit(self, rule: str, what: str) -> None:
+        key = f"{rule}:{what}"
+        self.masker.counts[key] = self.masker.counts.get(key, 0) + 1
+
+    def mask_json(self, doc):
+        """The document with path rules applied, then detectors on every string."""
+        def walk(path: str, node):
+            low = path.lower()
+            for rule, glob in self.paths:
+                if fnmatch.fnmatchcase(low, glob):
+                    self._hit(rule, "json")
+                    return MASK
+            if isinstance(node, dict):
+                return {k: walk(f"{path}.{k}", v) for k, v in node.items()}
+            if isinstance(node, list):
+                return [walk(f"{path}[{i}]", v) for i, v in enumerate(node)]
+            if isinstance(node, str) and self.detectors:
+                return self.masker.scan(node)[0]
+            return node
+        return walk("$", doc)
+
+    def mask_text(self, text: str) -> str:
+        return self.masker.scan(text)[0] if self.detectors else text
+
+    def mask_body(self, body: bytes, mtype: str) -> bytes:
+        """A whole body (already decoded)."""
+        doc = None
+        looks = body.lstrip()[:1] in (b"{", b"[")
+        if is_json(mtype) or (self.paths and looks):
+            try:
+                doc = json.loads(body)
+            except ValueError:
+                if is_json(mtype) and self.paths:
+                    raise MaskRefused("a JSON body that does not parse can't have its "
+                                      "fields masked") from None
+        if doc is not None and isinstance(doc, (dict, list)):
+            return json.dumps(self.mask_json(doc), ensure_ascii=False,
+                              separators=(",", ":")).encode()
+        return self._text(body)
+
+    def _text(self, body: bytes) -> bytes:
+        if not self.detectors:
+            return body
+        try:
+            return self.mask_text(body.decode()).encode()
+        except UnicodeDecodeError:
+            # not UTF-8: latin-1 keeps every byte, and the detectors look for ASCII
+            return self.mask_text(body.decode("latin-1")).encode("latin-1")
+
+    def mask_line(self, line: bytes) -> bytes:
+        """One line of a stream (SSE `data:` lines and NDJSON lines may be JSON)."""
+        stripped = line.rstrip(b"\r\n")
+        end = line[len(stripped):]
+        prefix, payload = b"", stripped
+        if stripped.startswith(b"data:"):
+            prefix, payload = b"data:", stripped[5:]
+            if payload.startswith(b" "):
+                prefix, payload = b"data: ", payload[1:]
+        if self.paths and payload.lstrip()[:1] in (b"{", b"["):
+            try:
+                doc = json.loads(payload)
+            except ValueError:
+                doc = None
+            if isinstance(doc, (dict, list)):
+                return prefix + json.dumps(self.mask_json(doc), ensure_ascii=False,
+                                           separators=(",", ":")).encode() + end
+        return prefix + self._text(payload) + end
+
+
+class Scrubber:
+    """The target's injected secrets (a token, header values) blanked out of what the
+    server sends back (an echo endpoint would hand them to the agent), byte for byte so
+    lengths hold, across chunk boundaries: the last len(longest)-1 bytes wait for the
+    next chunk."""
+
+    def __init__(self, secrets: tuple[bytes, ...]):
+        self.secrets = tuple(sorted(set(secrets), key=len, reverse=True))
+        self.keep = max((len(s) for s in self.secrets), default=1) - 1
+        self.tail = b""
+        self.hits = 0
+
+    def whole(self, data: bytes) -> bytes:
+        for s in self.secrets:
+            if s in data:
+                self.hits += data.count(s)
+                data = data.replace(s, b"*" * len(s))
+        return data
+
+    def feed(self, data: bytes) -> bytes:
+        data = self.whole(self.tail + data)
+        if len(data) <= self.keep:
+            self.tail = data
+            return b""
+        cut = len(data) - self.keep
+        self.tail = data[cut:]
+        return data[:cut]
+
+    def flush(self) -> bytes:
+        tail, self.tail = self.tail, b""
+        return tail

@@ -1,0 +1,154 @@
+"""An HTTP request as a protocol-neutral policy request.
+
+Matchers: `methods`, `hosts` (the Host header, with and without its port), `paths`
+(globs on the path, normalized as the server will read it), `headers` ("name: value",
+name lowercased) and `json` (body fields as "path=value", see flatten). The path is
+normalized before it is judged and the normalized form is what goes upstream, so
+`/public/../admin` or `/%61dmin` is judged as `/admin`, and is `/admin` to the server.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+from hostagent.policy import Request
+
+MAX_FIELDS = 10_000          # JSON leaves judged per body; more: unparseable
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_PCT = re.compile(rb"%([0-9A-Fa-f]{2})")
+
+
+class BadTarget(Exception):
+    pass
+
+
+def _unquote_unreserved(segment: bytes) -> bytes:
+    # only unreserved characters are decoded: %2F stays a byte of a segment, not a slash
+    def one(m: re.Match) -> bytes:
+        b = int(m.group(1), 16)
+        return bytes((b,)) if b in _UNRESERVED else b"%" + m.group(1).upper()
+    return _PCT.sub(one, segment)
+
+
+def normalize_target(target: bytes) -> tuple[str, str]:
+    """(path, query) of an origin-form request target: unreserved characters decoded,
+    dot segments removed (RFC 3986 5.2.4), percent-escapes upper-cased."""
+    if not target.startswith(b"/"):
+        raise BadTarget("the request target must be a path (origin-form)")
+    path, sep, query = target.partition(b"?")
+    if b"#" in path:
+        raise BadTarget("a fragment in the request target")
+    if b"%00" in path or b"\\" in path:
+        raise BadTarget("a NUL or backslash in the path")
+    out: list[bytes] = []
+    segments = [_unquote_unreserved(s) for s in path.split(b"/")[1:]]
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if seg == b".":
+            if last:
+                out.append(b"")
+            continue
+        if seg == b"..":
+            if out:
+                out.pop()
+            if last:
+                out.append(b"")
+            continue
+        out.append(seg)
+    norm = b"/" + b"/".join(out)
+    try:
+        return norm.decode("ascii"), query.decode("ascii") if sep else ""
+    except UnicodeDecodeError:
+        raise BadTarget("a request target must be ASCII") from None
+
+
+def host_values(host: bytes) -> tuple[str, ...]:
+    h = host.decode("latin-1").strip().lower()
+    name = h
+    if h.startswith("["):
+        name = h[:h.find("]") + 1] if "]" in h else h
+    elif h.count(":") == 1:
+        name = h.split(":")[0]
+    name = name.rstrip(".")
+    return tuple(dict.fromkeys((name, h)))
+
+
+class DuplicateKey(ValueError):
+    pass
+
+
+def _pairs(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:        # parsers differ on which one wins: refuse to guess
+            raise DuplicateKey(f"duplicate JSON key {k!r}")
+        d[k] = v
+    return d
+
+
+def parse_json(body: bytes):
+    """The body as JSON (no duplicate keys), or ValueError."""
+    return json.loads(body, object_pairs_hook=_pairs)
+
+
+def flatten(doc, limit: int = MAX_FIELDS) -> list[str]:
+    """Leaves as "path=value": `$.a.b=x`, `$.items[0].name=y`; strings as they are,
+    other scalars as JSON (true, 42, null). ValueError past `limit` leaves."""
+    out: list[str] = []
+    stack = [("$", doc)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, dict):
+            stack += [(f"{path}.{k}", v) for k, v in reversed(list(node.items()))]
+        elif isinstance(node, list):
+            stack += [(f"{path}[{i}]", v) for i, v in reversed(list(enumerate(node)))]
+        else:
+            out.append(f"{path}={node if isinstance(node, str) else json.dumps(node)}")
+            if len(out) > limit:
+                raise ValueError(f"more than {limit} JSON fields")
+    return out
+
+
+def path_glob(path: str) -> str:
+    """A rule's JSON path as a glob on flatten()'s paths: `[*]` is any index, `..` any
+    depth, other brackets literal."""
+    out = []
+    i = 0
+    while i < len(path):
+        if path.startswith("[*]", i):
+            out.append("[[]*[]]")
+            i += 3
+        elif path.startswith("..", i):
+            out.append("*.")
+            i += 2
+        elif path[i] == "[":
+            out.append("[[]")
+            i += 1
+        elif path[i] == "]":
+            out.append("[]]")
+            i += 1
+        elif path[i] in "?":
+            out.append("[?]")
+            i += 1
+        else:
+            out.append(path[i])
+            i += 1
+    return "".join(out)
+
+
+def json_patterns(table: dict) -> list[str]:
+    """A rule's `json = {"$.path" = "glob"}` as patterns on flatten()'s output."""
+    return [f"{path_glob(p)}={g}" for p, g in table.items()]
+
+
+def request_for(*, target: str, identity: dict, method: str, host: bytes | None, path: str,
+                query: str, headers, body_fields: list[str] | None,
+                parsed: bool = True, protocol: str = "http") -> Request:
+    text = f"{method} {path}{'?' + query if query else ''}"
+    hosts = host_values(host) if host else ()
+    return Request(target=target, protocol=protocol, identity=identity, action=method,
+                   resources=(path,), text=text, parsed=parsed,
+                   attributes={"methods": (method,), "hosts": hosts, "paths": (path,),
+                               "headers": tuple(f"{n.decode('latin-1')}: "
+                                                f"{v.decode('latin-1')}" for n, v in headers),
+                               "json": tuple(body_fields or ())})
