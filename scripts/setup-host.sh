@@ -36,6 +36,8 @@ PACKAGES=(
   openssh-server openssh-client
   # tools
   curl iproute2 procps git ca-certificates
+  # HTTP: a load generator for bench/http.py
+  wrk
   # packaging (.deb / .rpm)
   dpkg-dev rpm
 )
@@ -218,6 +220,9 @@ ensure_mount() {
 
 # ------------------------------------------------------------------- main ---
 
+# Node.js: the HTTP tests' upstream server (tests/http_server.js) and a client. Debian's
+# nodejs only when no node is on the PATH (a newer one may be installed otherwise).
+command -v node >/dev/null || PACKAGES+=(nodejs)
 mapfile -t MISSING < <(missing_packages "${PACKAGES[@]}")
 
 # Kernel headers: decide whether we need a package and/or links.

@@ -329,12 +329,14 @@ class HttpLayer:
         """An error of the exchange (not a policy decision): answered if the answer has
         not started, then the connection ends."""
         ex = self.ex
-        if ex is None or ex.answered or self.client.conn.our_state is not h11.SEND_RESPONSE:
+        if (ex is not None and ex.answered) or self.client.conn.our_state is not h11.SEND_RESPONSE:
             return [Close(reason)]
-        ex.answered = True
+        if ex is not None:
+            ex.answered = True
         data = self._answer(status, {"error": message}, close=True)
         return [Record(OUTPUT, {"summary": f"{status} {reason}", "status": status,
-                                "error": reason}, stop=ex.id if ex.forwarded else None),
+                                "error": reason},
+                       stop=ex.id if ex is not None and ex.forwarded else None),
                 Close(reason, data)]
 
     # ------------------------------------------------------------------ forwarding

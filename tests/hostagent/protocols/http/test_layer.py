@@ -1,0 +1,409 @@
+"""The HTTP layer as scripts of events in and commands out (no sockets)."""
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hostagent.masking import Masker, MaskRule
+from hostagent.policy import Policy, Rule, decide
+from hostagent.protocols.api import (CLIENT, UPSTREAM, ApprovalDecided, Close, DataReceived,
+                                     EofReceived, Hold, ProtocolError, Record, Start,
+                                     StartClientTls, StartUpstreamTls, TlsEstablished,
+                                     TlsFailed, ToClient, ToUpstream)
+from hostagent.protocols.http.bodies import BodyMasker, MaskRefused, Scrubber, decode
+from hostagent.protocols.http.layer import MAX_PIPELINED, HttpLayer
+from hostagent.protocols.http.requests import (BadTarget, flatten, json_patterns,
+                                               normalize_target, parse_json)
+from hostagent.protocols.http.wire import HeadError, check_head
+from tests.hostagent.protocols.playbook import Playbook, record, sends
+
+RULES = (
+    Rule(name="no-delete", action="deny", reason="no deletes", matchers=(("methods", ("DELETE",)),)),
+    Rule(name="hold-deploy", action="review", reason="deploys", matchers=(("paths", ("/deploy*",)),)),
+    Rule(name="no-admin", action="deny", reason="admin", matchers=(("paths", ("/admin*",)),)),
+    Rule(name="no-force", action="deny", reason="force",
+         matchers=tuple(("json", (p,)) for p in json_patterns({"$.force": "true"}))),
+)
+TOKEN = b"real-token-0123456789"
+
+
+def layer(*, masks=(), json_paths=(), tls=False, judge_json=True, **kw) -> HttpLayer:
+    policy = Policy(rules=RULES)
+    masker = BodyMasker(Masker(tuple(masks)), tuple(json_paths))
+    return HttpLayer(decide=lambda r: decide(policy, r), target="api", identity={"user": "bot"},
+                     masker=masker, inject=((b"authorization", b"Bearer " + TOKEN),),
+                     judge_json=judge_json, tls=tls, names=("api.example", "127.0.0.1"), **kw)
+
+
+def get(path: bytes = b"/", extra: bytes = b"") -> bytes:
+    return b"GET " + path + b" HTTP/1.1\r\nHost: api.example\r\n" + extra + b"\r\n"
+
+
+def ok(body: bytes = b"hi", ctype: bytes = b"text/plain", extra: bytes = b"") -> bytes:
+    return (b"HTTP/1.1 200 OK\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\n" + extra + b"\r\n" + body)
+
+
+def upstream_head(c) -> bool:
+    return isinstance(c, ToUpstream) and c.starts
+
+
+def run(lay, *events):
+    out = []
+    for ev in events:
+        out += lay.handle(ev)
+    return out
+
+
+def client_bytes(cmds) -> bytes:
+    return b"".join(bytes(c.data) for c in cmds if isinstance(c, ToClient)) + b"".join(
+        c.final for c in cmds if isinstance(c, Close))
+
+
+def upstream_bytes(cmds) -> bytes:
+    return b"".join(bytes(c.data) for c in cmds if isinstance(c, ToUpstream))
+
+
+# ------------------------------------------------------------------ allowed, recorded, injected
+
+def test_an_allowed_request_is_recorded_before_it_goes_upstream_with_the_token():
+    lay = layer()
+    assert (Playbook(lay)
+            >> DataReceived(CLIENT, get(b"/x/../users?a=1", b"Authorization: Bearer agent\r\n"))
+            << record("command", text="GET api.example/users?a=1", path="/users", query="a=1")
+            << sends(ToUpstream, lambda b: b.startswith(b"GET /users?a=1 HTTP/1.1\r\n")
+                     and b"Bearer " + TOKEN in b and b"Bearer agent" not in b, "injected")
+            >> DataReceived(UPSTREAM, ok())
+            << sends(ToClient, lambda b: b.startswith(b"HTTP/1.1 200 OK"), "the head")
+            # (the body's last bytes wait until no injected secret can be cut in them)
+            << record("output", status=200, bytes=2)
+            << sends(ToClient, lambda b: b == b"hi", "the body")
+            )
+
+
+def test_the_agents_authorization_is_redacted_in_the_record():
+    out = run(layer(), DataReceived(CLIENT, get(b"/", b"Authorization: Bearer agent-secret\r\n")))
+    rec = out[0]
+    assert rec.kind == "command"
+    assert "agent-secret" not in json.dumps(rec.fields)
+    assert ["authorization", "(redacted, 19 bytes)"] in rec.fields["headers"]
+
+
+def test_the_injected_token_echoed_back_is_blanked_across_chunk_boundaries():
+    lay = layer()
+    run(lay, DataReceived(CLIENT, get(b"/echo")))
+    body = b'{"auth": "Bearer ' + TOKEN + b'"}'
+    head = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: "
+            + str(len(body)).encode() + b"\r\nX-Echo: " + TOKEN + b"\r\n\r\n")
+    out = run(lay, DataReceived(UPSTREAM, head))
+    for i in range(len(body)):      # one byte at a time
+        out += lay.handle(DataReceived(UPSTREAM, body[i:i + 1]))
+    got = client_bytes(out)
+    assert TOKEN not in got and got.endswith(b'"}')
+    assert len(got.split(b"\r\n\r\n", 1)[1]) == len(body)      # Content-Length holds
+    rec = next(c for c in out if isinstance(c, Record) and c.kind == "output")
+    assert rec.fields["masked"]["injected_secret"] >= 1
+
+
+# ------------------------------------------------------------------ refusals
+
+def test_a_denied_request_gets_a_403_naming_the_rule_and_the_connection_goes_on():
+    lay = layer()
+    out = run(lay, DataReceived(CLIENT, b"DELETE /users/1 HTTP/1.1\r\nHost: a\r\n\r\n" + get(b"/next")))
+    assert not any(isinstance(c, ToUpstream) and b"DELETE" in c.data for c in out)
+    answer = client_bytes(out)
+    assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["rule"] == "no-delete"
+    # the pipelined request behind it is served
+    assert any(isinstance(c, ToUpstream) and c.data.startswith(b"GET /next ") for c in out)
+    assert not any(isinstance(c, Close) for c in out)
+
+
+@pytest.mark.parametrize("path", [b"/admin", b"/public/../admin", b"/%61dmin/x", b"/./admin",
+                                  b"/public/%2e%2e/admin"])
+def test_disguised_paths_are_judged_as_the_server_reads_them(path):
+    out = run(layer(), DataReceived(CLIENT, get(path)))
+    assert client_bytes(out).startswith(b"HTTP/1.1 403")
+    assert not any(isinstance(c, ToUpstream) for c in out)
+
+
+def test_json_body_fields_are_judged_and_duplicate_keys_are_unparseable():
+    def post(body: bytes, ctype=b"application/json"):
+        lay = layer()
+        return run(lay, DataReceived(CLIENT, b"POST /push HTTP/1.1\r\nHost: a\r\nContent-Type: "
+                                     + ctype + b"\r\nContent-Length: " + str(len(body)).encode()
+                                     + b"\r\n\r\n" + body))
+    assert client_bytes(post(b'{"force": true}')).startswith(b"HTTP/1.1 403")
+    # what the agent claims the body is does not matter
+    assert client_bytes(post(b'{"force": true}', b"text/plain")).startswith(b"HTTP/1.1 403")
+    assert client_bytes(post(b'{"force": false, "force": true}')).startswith(b"HTTP/1.1 403")
+    assert client_bytes(post(b'{"force": tru')).startswith(b"HTTP/1.1 403")    # unparseable
+    allowed = post(b'{"force": false}')
+    assert upstream_bytes(allowed).endswith(b'{"force": false}')
+    gz = gzip.compress(b'{"force": true}')
+    out = run(layer(), DataReceived(CLIENT, b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Encoding: gzip"
+                                    b"\r\nContent-Length: " + str(len(gz)).encode() + b"\r\n\r\n" + gz))
+    assert client_bytes(out).startswith(b"HTTP/1.1 403")
+
+
+def test_a_chunked_json_body_is_judged_once_whole():
+    lay = layer()
+    out = run(lay, DataReceived(CLIENT, b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked"
+                                b"\r\n\r\n5\r\n{\"for\r\n"))
+    assert out == []
+    out = run(lay, DataReceived(CLIENT, b"a\r\nce\": true}\r\n0\r\n\r\n"))
+    assert client_bytes(out).startswith(b"HTTP/1.1 403")
+
+
+def test_a_body_too_big_to_judge_is_refused():
+    lay = layer(max_body=1024)
+    out = run(lay, DataReceived(CLIENT, b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n"
+                                + b"x" * 2000))
+    assert client_bytes(out).startswith(b"HTTP/1.1 413")
+
+
+@pytest.mark.parametrize("head", [
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n folded\r\n\r\n",
+])
+def test_smuggling_heads_are_refused_with_400_and_the_connection_closed(head):
+    out = run(layer(), DataReceived(CLIENT, head))
+    assert not any(isinstance(c, ToUpstream) for c in out)
+    assert isinstance(out[-1], Close) and out[-1].final.startswith(b"HTTP/1.1 400")
+
+
+def test_unknown_transfer_codings_and_http2_preface_end_the_session():
+    with pytest.raises(ProtocolError):
+        run(layer(), DataReceived(CLIENT, b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"))
+    out = run(layer(), DataReceived(CLIENT, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
+    assert isinstance(out[-1], Close) and b"505" in out[-1].final
+
+
+def test_connect_is_refused_and_recorded():
+    out = run(layer(), DataReceived(CLIENT, b"CONNECT evil:443 HTTP/1.1\r\nHost: evil:443\r\n\r\n"))
+    assert any(isinstance(c, Record) and c.kind == "command"
+               and c.fields["decision"]["action"] == "deny" for c in out)
+    assert not any(isinstance(c, ToUpstream) for c in out)
+
+
+# ------------------------------------------------------------------ review
+
+def test_a_held_request_waits_then_goes_on_when_approved():
+    lay = layer()
+    out = run(lay, DataReceived(CLIENT, b"POST /deploy HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}"))
+    hold = next(c for c in out if isinstance(c, Hold))
+    assert not any(isinstance(c, ToUpstream) for c in out)
+    out = run(lay, ApprovalDecided(hold.key, True, "ok"))
+    assert upstream_bytes(out).endswith(b"\r\n\r\n{}")
+
+
+def test_a_held_request_refused_by_a_human_gets_a_403():
+    lay = layer()
+    out = run(lay, DataReceived(CLIENT, get(b"/deploy")))
+    hold = next(c for c in out if isinstance(c, Hold))
+    out = run(lay, ApprovalDecided(hold.key, False, "not today"))
+    assert client_bytes(out).startswith(b"HTTP/1.1 403") and b"not today" in client_bytes(out)
+    assert not any(isinstance(c, ToUpstream) for c in out)
+
+
+# ------------------------------------------------------------------ framing of answers
+
+def test_pipelined_requests_are_answered_in_order_one_at_a_time():
+    lay = layer()
+    out = run(lay, DataReceived(CLIENT, get(b"/1") + get(b"/2") + get(b"/3")))
+    assert [c.data.split(b" ")[1] for c in out if upstream_head(c)] == [b"/1"]
+    seen = []
+    for n in (b"1", b"2", b"3"):
+        out = run(lay, DataReceived(UPSTREAM, ok(n)))
+        seen.append(client_bytes(out).rsplit(b"\r\n", 1)[1])
+    assert seen == [b"1", b"2", b"3"]
+
+
+def test_pipelining_is_bounded():
+    lay = layer()
+    run(lay, DataReceived(CLIENT, get(b"/slow")))
+    with pytest.raises(ProtocolError):
+        for _ in range(MAX_PIPELINED // 4000 + 2):
+            lay.handle(DataReceived(CLIENT, get(b"/x" * 2000)))
+
+
+def test_head_204_and_close_delimited_answers():
+    lay = layer()
+    run(lay, DataReceived(CLIENT, b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\n"))
+    out = run(lay, DataReceived(UPSTREAM, b"HTTP/1.1 200 OK\r\nContent-Length: 123\r\n\r\n"))
+    assert b"content-length: 123" in client_bytes(out).lower()
+    run(lay, DataReceived(CLIENT, get(b"/n")))
+    out = run(lay, DataReceived(UPSTREAM, b"HTTP/1.1 204 No Content\r\n\r\n"))
+    assert client_bytes(out).startswith(b"HTTP/1.1 204")
+    run(lay, DataReceived(CLIENT, get(b"/c")))
+    out = run(lay, DataReceived(UPSTREAM, b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\npart one "))
+    out += run(lay, DataReceived(UPSTREAM, b"and two"), EofReceived(UPSTREAM))
+    body = client_bytes(out)
+    assert b"part one " in body and b"and two" in body      # relayed as it came, to the end
+    assert isinstance(out[-1], Close)
+
+
+def test_100_continue_is_relayed_never_invented():
+    lay = layer(judge_json=False)
+    out = run(lay, DataReceived(CLIENT, b"PUT /u HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n"
+                                b"Expect: 100-continue\r\n\r\n"))
+    assert not any(isinstance(c, ToClient) for c in out)      # nothing invented
+    assert b"expect: 100-continue" in upstream_bytes(out).lower()
+    out = run(lay, DataReceived(UPSTREAM, b"HTTP/1.1 100 Continue\r\n\r\n"))
+    assert client_bytes(out).startswith(b"HTTP/1.1 100")
+
+
+# ------------------------------------------------------------------ masking
+
+PII = MaskRule("pii", detectors=("email",), json=("$.users[*].card",))
+DOC = {"users": [{"email": "ann@example.com", "card": "4111 1111 1111 1111", "id": 1}]}
+
+
+def masked_layer():
+    return layer(masks=(PII,), json_paths=(("pii", "$.users[*].card"),))
+
+
+@pytest.mark.parametrize("coding", [b"", b"gzip", b"deflate", b"br"])
+def test_json_answers_are_masked_whatever_their_coding(coding):
+    raw = json.dumps(DOC).encode()
+    body = {b"": raw, b"gzip": gzip.compress(raw), b"deflate": zlib.compress(raw)}.get(coding)
+    if coding == b"br":
+        import brotli
+        body = brotli.compress(raw)
+    lay = masked_layer()
+    out = run(lay, DataReceived(CLIENT, get(b"/j")))
+    assert b"accept-encoding: identity" in upstream_bytes(out)
+    extra = b"Content-Encoding: " + coding + b"\r\n" if coding else b""
+    out = run(lay, DataReceived(UPSTREAM, ok(body, b"application/json", extra)))
+    got = client_bytes(out)
+    head, payload = got.split(b"\r\n\r\n", 1)
+    assert json.loads(payload) == {"users": [{"email": "****", "card": "****", "id": 1}]}
+    assert b"content-encoding" not in head.lower()
+    assert f"content-length: {len(payload)}".encode() in head.lower()
+    rec = next(c for c in out if isinstance(c, Record) and c.kind == "output")
+    assert rec.fields["masked"] == {"pii:email": 1, "pii:json": 1}
+
+
+def test_an_unknown_coding_or_unparseable_json_is_refused_not_passed():
+    lay = masked_layer()
+    run(lay, DataReceived(CLIENT, get(b"/z")))
+    out = run(lay, DataReceived(UPSTREAM, ok(b"xx", b"application/json", b"Content-Encoding: zstd\r\n")))
+    assert client_bytes(out).startswith(b"HTTP/1.1 502")
+    lay = masked_layer()
+    run(lay, DataReceived(CLIENT, get(b"/z")))
+    out = run(lay, DataReceived(UPSTREAM, ok(b'{"users": [', b"application/json")))
+    assert client_bytes(out).startswith(b"HTTP/1.1 502") and b"ann" not in client_bytes(out)
+
+
+def test_a_zip_bomb_is_refused():
+    bomb = gzip.compress(b"a" * (4 << 20))
+    lay = layer(masks=(PII,), max_body=1 << 20)
+    run(lay, DataReceived(CLIENT, get(b"/b")))
+    out = run(lay, DataReceived(UPSTREAM, ok(bomb, b"text/plain", b"Content-Encoding: gzip\r\n")))
+    assert client_bytes(out).startswith(b"HTTP/1.1 502")
+
+
+def test_event_streams_are_masked_line_by_line_as_they_arrive():
+    lay = masked_layer()
+    run(lay, DataReceived(CLIENT, get(b"/sse")))
+    out = run(lay, DataReceived(UPSTREAM, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                b"Transfer-Encoding: chunked\r\n\r\n"))
+    assert client_bytes(out).startswith(b"HTTP/1.1 200")        # the head goes at once
+    ev = b'data: {"email": "x@y.com"}\n\n'
+    out = run(lay, DataReceived(UPSTREAM, b"%x\r\n" % len(ev) + ev + b"\r\n"))
+    assert b"****" in client_bytes(out) and b"x@y.com" not in client_bytes(out)
+
+
+def test_text_split_across_reads_is_masked_whole():
+    lay = masked_layer()
+    run(lay, DataReceived(CLIENT, get(b"/t")))
+    body = b"mail ann@example.com now"
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body)
+    out = run(lay, DataReceived(UPSTREAM, head + body[:9]), DataReceived(UPSTREAM, body[9:]))
+    assert client_bytes(out).endswith(b"mail **** now")
+
+
+def test_range_requests_are_not_passed_when_masking():
+    out = run(masked_layer(), DataReceived(CLIENT, get(b"/t", b"Range: bytes=0-3\r\n")))
+    assert b"range" not in upstream_bytes(out).lower()
+
+
+# ------------------------------------------------------------------ TLS
+
+def test_https_terminates_then_verifies_the_server_by_the_name_asked_for():
+    lay = layer(tls=True)
+    assert run(lay, Start(("127.0.0.1", 443))) == [StartClientTls(("api.example", "127.0.0.1"),
+                                                                   ("http/1.1",))]
+    out = run(lay, TlsEstablished(CLIENT, "TLSv1.3", "http/1.1", "api.example"))
+    assert out[-1] == StartUpstreamTls("api.example", verify=True, ca=None, alpn=("http/1.1",))
+    out = run(lay, TlsEstablished(CLIENT, "TLSv1.3", None, "evil.example"))
+    assert out[-1].server_name == "api.example"     # not a name the client chose
+
+
+def test_an_upstream_verification_failure_is_a_502_with_the_reason():
+    lay = layer(tls=True)
+    run(lay, DataReceived(CLIENT, get(b"/x")))
+    out = run(lay, TlsFailed(UPSTREAM, "certificate verify failed: self-signed certificate"))
+    assert client_bytes(out).startswith(b"HTTP/1.1 502") and b"self-signed" in client_bytes(out)
+
+
+# ------------------------------------------------------------------ the parts
+
+def test_normalize_target():
+    assert normalize_target(b"/a/./b/../c?x=1") == ("/a/c", "x=1")
+    assert normalize_target(b"/%7Euser/%2F/x") == ("/~user/%2F/x", "")
+    assert normalize_target(b"/..") == ("/", "")
+    for bad in (b"http://evil/x", b"*", b"/a%00b", b"/a\\b"):
+        with pytest.raises(BadTarget):
+            normalize_target(bad)
+
+
+def test_check_head_refuses_ambiguous_framing():
+    check_head(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n")
+    for head in (b"POST / HTTP/1.1\r\ncontent-length: 1\r\nCONTENT-LENGTH: 1\r\n\r\n",
+                 b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 1\r\n\r\n",
+                 b"POST / HTTP/1.1\nX: a\n\tb\n\n"):
+        with pytest.raises(HeadError):
+            check_head(head)
+
+
+def test_flatten_and_json_patterns_in_policy():
+    doc = parse_json(b'{"a": {"b": [1, "x", {"c": null}]}, "force": true}')
+    assert flatten(doc) == ["$.a.b[0]=1", "$.a.b[1]=x", "$.a.b[2].c=null", "$.force=true"]
+    rule = Rule(name="r", action="deny", matchers=tuple(
+        ("json", (p,)) for p in json_patterns({"$.a.b[*].c": "null", "$.force": "true"})))
+    pol = Policy(rules=(rule,))
+    from hostagent.policy import Request
+    req = lambda fields: Request(target="t", protocol="http", attributes={"json": fields})
+    assert decide(pol, req(flatten(doc))).action == "deny"
+    assert decide(pol, req(["$.force=true"])).action == "allow"     # every entry must match
+
+
+def test_decode_bounds():
+    with pytest.raises(MaskRefused):
+        decode(gzip.compress(b"a" * 10000), [b"gzip"], 1000)
+    assert decode(zlib.compress(b"abc"), [b"deflate"], 100) == b"abc"
+    raw = zlib.compressobj(wbits=-15)
+    assert decode(raw.compress(b"abc") + raw.flush(), [b"deflate"], 100) == b"abc"
+    with pytest.raises(MaskRefused):
+        decode(b"x", [b"compress"], 100)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200), st.lists(st.integers(1, 40), max_size=20))
+def test_the_scrubber_blanks_a_secret_however_the_stream_is_cut(noise, cuts):
+    secret = b"s3cret-value"
+    data = noise[:50] + secret + noise[50:] + secret
+    s = Scrubber((secret,))
+    out, i = b"", 0
+    for c in cuts:
+        out += s.feed(data[i:i + c])
+        i += c
+    out += s.feed(data[i:]) + s.flush()
+    assert secret not in out and len(out) == len(data)
