@@ -41,17 +41,19 @@ EVENT_KINDS: dict[str, tuple[str, str]] = {
                     "identity), agent, session_group, mode, layer, via"),
     COMMAND: ("protocols", "text, decision (action allow|deny|review, rule, reason, would "
               "in audit mode), plus the protocol's: kinds, tables, functions, flags, "
-              "database, statement, protocol (postgres)"),
+              "database, statement, protocol (postgres); method, host, path, query, "
+              "http_version, headers (credentials redacted), body, body_bytes (http)"),
     DECISION: ("protocols", "a verdict no command's own (masking refusing what would carry "
                "masked values elsewhere): action, rule, reason, would"),
     APPROVAL: ("proxy", "id, state (pending|approved|denied|expired|unavailable), rule, "
                "expires_ns, decided_by, reason, error"),
     OUTPUT: ("protocols", "summary, rows_returned, rows_affected, duration_us, columns, "
-             "sample, sample_capped, masked, sqlstate, error"),
+             "sample, sample_capped, masked, sqlstate, error; status, headers, bytes (http)"),
     DATA: ("tcp", "dir (in|out), data (bytes)"),
     SESSION_END: ("all", "reason, bytes_in, bytes_out; runs: exit_code, "
                   "refused_connections, incomplete, lost_events, events_suppressed"),
-    "tls": ("protocols", "side (client|upstream), version, sni, verified (upstream)"),
+    "tls": ("protocols", "side (client|upstream), version, sni, alpn, verified (upstream), "
+            "error"),
     "startup": ("postgres", "user, database, upstream_user, application_name, credentials, "
                 "refused, dropped_params, client_tls"),
     "bind": ("postgres", "statement, portal, params (each cut at 1 KiB), formats"),

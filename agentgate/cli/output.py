@@ -140,6 +140,10 @@ def sample_lines(ev: Event, width: int = 40) -> list[str]:
     except Exception:
         return []
     columns, rows = f.get("columns"), f.get("sample")
+    if isinstance(rows, str):     # a body (HTTP): its first lines
+        lines = [clip(_CTRL.sub(" ", ln), 2 * width) for ln in rows.splitlines()[:10]]
+        more = len(rows.splitlines()) - len(lines)
+        return lines + ([f"... {more} more line(s)"] if more > 0 else [])
     if not columns or not isinstance(rows, list):
         return ["(sample not kept: the session's sample budget was spent)"] \
             if f.get("sample_capped") else []
