@@ -423,7 +423,7 @@ class HttpLayer:
         head = self.client.send(h11.InformationalResponse(
             status_code=101, headers=end_to_end(ev.headers) + [
                 (b"connection", b"Upgrade"), (b"upgrade", b"websocket")], reason=ev.reason))
-        later = bytes(self.client.later) + bytes(self.client.conn.trailing_data[0])
+        later = bytes(self.client.later)     # (what followed the request, all of it)
         up_later = bytes(self.server.conn.trailing_data[0])
         return [Record(OUTPUT, {"summary": "101 switching to websocket (relayed raw)",
                                 "status": 101}, stop=self.ex.id),

@@ -407,3 +407,18 @@ def test_the_scrubber_blanks_a_secret_however_the_stream_is_cut(noise, cuts):
         i += c
     out += s.feed(data[i:]) + s.flush()
     assert secret not in out and len(out) == len(data)
+
+
+def test_an_allowed_websocket_upgrade_is_handed_to_the_raw_relay_with_what_followed():
+    from hostagent.protocols.api import Handoff
+    lay = layer()
+    out = run(lay, DataReceived(CLIENT, get(b"/ws", b"Connection: Upgrade\r\nUpgrade: websocket\r\n"
+                                        b"Sec-WebSocket-Key: x\r\nSec-WebSocket-Version: 13\r\n")
+                                + b"\x81\x02hi"))
+    assert b"upgrade: websocket" in upstream_bytes(out).lower()
+    out = run(lay, DataReceived(UPSTREAM, b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                                b"Upgrade: websocket\r\n\r\n\x81\x02yo"))
+    assert client_bytes(out).startswith(b"HTTP/1.1 101")
+    handoff = out[-1]
+    assert isinstance(handoff, Handoff)
+    assert handoff.client_data == b"\x81\x02hi" and handoff.upstream_data == b"\x81\x02yo"
