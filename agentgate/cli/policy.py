@@ -33,21 +33,32 @@ def check(file):
 @policy.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--target", required=True, help="Target name the statement goes to.")
-@click.option("--sql", required=True, help="The statement(s), as the agent would send them.")
-@click.option("--protocol", default="postgres", show_default=True)
+@click.option("--sql", help="The statement(s), as the agent would send them (postgres).")
+@click.option("--request", "http", metavar="'METHOD PATH'",
+              help="An HTTP request (http, https), e.g. 'POST /repos/x/git/refs/main'.")
+@click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
+              help="A request header (repeatable); Host names the host.")
+@click.option("--body", help="The request body (its JSON fields are judged).")
+@click.option("--protocol", default="postgres", show_default=True,
+              help="postgres, or http/https with --request.")
 @click.option("--database", default="", help="Database of the session.")
 @click.option("--user", default="", help="The agent's user name.")
 @click.option("--exe", default="", help="The agent's executable path.")
 @click.option("--json", "as_json", is_flag=True, help="An object with action, rule, reason.")
-def explain(file, target, sql, protocol, database, user, exe, as_json):
-    """Show the decision for SQL and the rule that made it. With several statements, the
-    strictest decides (deny, then review), as the proxy does."""
+def explain(file, target, sql, http, headers, body, protocol, database, user, exe, as_json):
+    """Show the decision for SQL (or an HTTP request) and the rule that made it. With
+    several statements, the strictest decides (deny, then review), as the proxy does."""
     from hostagent.policy import decide
     from hostagent.protocols.enforce import strictest
     from hostagent.protocols.postgres.classify import Unparseable, classify
     from hostagent.protocols.postgres.requests import requests_for
     p = _load(file)
     identity = {"user": user, "exe": exe}
+    if http is not None or protocol in ("http", "https"):
+        _explain_http(p, target, http, headers, body, protocol, identity, as_json)
+        return
+    if sql is None:
+        raise Failure("give --sql (postgres) or --request (http, https)", EXIT_USAGE)
     try:
         statements = classify(sql)
     except Unparseable:
@@ -65,3 +76,40 @@ def explain(file, target, sql, protocol, database, user, exe, as_json):
     click.echo(f"{final.action} (rule {final.rule}){': ' + final.reason if final.reason else ''}")
     if final.would:
         click.echo(f"audit mode: would {final.would}")
+
+
+def _explain_http(p, target, http, headers, body, protocol, identity, as_json) -> None:
+    from hostagent.policy import decide
+    from hostagent.protocols.http.requests import (BadTarget, flatten, normalize_target,
+                                                   parse_json, request_for)
+    if not http or len(http.split()) != 2:
+        raise Failure("--request takes 'METHOD PATH', e.g. 'GET /users?id=1'", EXIT_USAGE)
+    method, target_path = http.split()
+    try:
+        path, query = normalize_target(target_path.encode())
+    except BadTarget as exc:
+        raise Failure(f"--request: {exc}", EXIT_USAGE) from None
+    pairs = []
+    for h in headers:
+        name, sep, value = h.partition(":")
+        if not sep:
+            raise Failure(f"--header takes 'NAME: VALUE', not {h!r}", EXIT_USAGE)
+        pairs.append((name.strip().lower().encode(), value.strip().encode()))
+    host = next((v for n, v in pairs if n == b"host"), None)
+    fields, parsed = None, True
+    if body:
+        try:
+            fields = flatten(parse_json(body.encode()))
+        except (ValueError, RecursionError):
+            parsed = not any(n == b"content-type" and b"json" in v for n, v in pairs)
+    req = request_for(target=target, identity=identity, method=method.upper(), host=host,
+                      path=path, query=query, headers=pairs, body_fields=fields,
+                      parsed=parsed, protocol=protocol if protocol != "postgres" else "http")
+    d = decide(p, req)
+    if as_json:
+        emit_json({**d.as_dict(), "request": req.text})
+        return
+    click.echo(f"{d.action} (rule {d.rule}){': ' + d.reason if d.reason else ''}")
+    if d.would:
+        click.echo(f"audit mode: would {d.would}")
+    click.echo(f"  {req.text}")

@@ -5,7 +5,7 @@ from tests.support import ROOT, run_cli
 
 def test_check_the_example_and_refuse_a_broken_file(tmp_path):
     r = run_cli("policy", "check", str(ROOT / "examples" / "policy.toml"))
-    assert r.returncode == 0 and "4 rule(s)" in r.stdout
+    assert r.returncode == 0 and "5 rule(s)" in r.stdout
     bad = tmp_path / "p.toml"
     bad.write_text('[[rules]]\nname = "no-ddl"\naction = "deny"\nmatch = "(("\n')
     r = run_cli("policy", "check", str(bad))
@@ -31,3 +31,18 @@ def test_explain(tmp_path):
     assert r.stdout.startswith("deny (rule no-unbounded-writes)")
     r = run_cli("policy", "explain", policy, "--target", "x", "--sql", "SELEC 1", "--json")
     assert json.loads(r.stdout)["rule"] == "(unparseable)"
+
+
+def test_explain_an_http_request():
+    policy = str(ROOT / "examples" / "policy.toml")
+    r = run_cli("policy", "explain", policy, "--target", "deploy-api", "--protocol", "https",
+                "--request", "POST /repos/a/git/refs/x/../main", "--body", '{"force": true}',
+                "--json")
+    out = json.loads(r.stdout)
+    assert (out["action"], out["rule"]) == ("deny", "no-force-push")
+    assert out["request"] == "POST /repos/a/git/refs/main"      # judged as normalized
+    r = run_cli("policy", "explain", policy, "--target", "deploy-api", "--request",
+                "POST /repos/a/git/refs/main", "--body", '{"force": false}')
+    assert r.stdout.startswith("allow (rule (default))")
+    r = run_cli("policy", "explain", policy, "--target", "deploy-api", "--request", "POST")
+    assert r.returncode == 2 and "METHOD PATH" in r.stderr
