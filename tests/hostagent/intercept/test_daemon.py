@@ -492,3 +492,28 @@ def test_units_get_drop_ins_whose_pinned_programs_guard_a_new_cgroup_at_once(hos
         if made_slice:
             slice_.rmdir()
     assert not conf.exists()                           # cleanup takes it away
+
+
+def test_runs_through_the_daemon_trust_its_local_ca(host):
+    """An https target makes the daemon's local CA; what it runs gets the CA-bundle
+    variables of common clients pointing at the system's CAs plus that CA."""
+    d = Daemon(host)
+    d.config.write_text(d.config.read_text() + '''
+[[targets]]
+name = "api"
+protocol = "https"
+address = "127.0.0.1:9"
+''')
+    d.start()
+    try:
+        p = subprocess.run([str(BIN / "agentgate"), "run", "--config", str(d.config), "--user",
+                            "nobody", "--", "sh", "-c",
+                            "echo $SSL_CERT_FILE; echo $NODE_EXTRA_CA_CERTS; echo $CURL_CA_BUNDLE"],
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        bundle, ca, curl = p.stdout.split()
+        assert bundle == curl and bundle.endswith("/ca/bundle.pem")
+        root = open(ca).read()
+        assert root.startswith("-----BEGIN CERTIFICATE-----") and root in open(bundle).read()
+    finally:
+        d.stop()
