@@ -72,8 +72,7 @@ class Proxy:
 
     async def listen(self, socks: list[socket.socket]) -> None:
         for s in socks:
-            self.servers.append(await asyncio.start_server(self._accept, sock=s,
-                                                           limit=READ_SIZE))
+            self.servers.append(await _serve(self._accept, s))
         self._sweep_start()
 
     async def listen_plain(self, target: Target, sock: socket.socket) -> None:
@@ -84,7 +83,7 @@ class Proxy:
         the process holding it (unlike a redirect, not attested at connect())."""
         async def accept(reader, writer):
             await self._accept(reader, writer, target)
-        self.servers.append(await asyncio.start_server(accept, sock=sock, limit=READ_SIZE))
+        self.servers.append(await _serve(accept, sock))
         self._sweep_start()
 
     async def listen_unix(self, target: Target, sock: socket.socket) -> None:
@@ -93,7 +92,7 @@ class Proxy:
         (unix_lookup, by the peer's pid). Anyone else is refused."""
         async def accept(reader, writer):
             await self._accept(reader, writer, unix=target)
-        self.servers.append(await asyncio.start_unix_server(accept, sock=sock, limit=READ_SIZE))
+        self.servers.append(await _serve(accept, sock, unix=True))
         self._sweep_start()
 
     async def close(self, grace: float = 5.0) -> None:
@@ -342,6 +341,26 @@ class Proxy:
             for s in list(self.sessions):
                 if s.idle_since(now) > s.ctx.target.idle_timeout:
                     s.abort(f"idle for {s.ctx.target.idle_timeout:g} s: session closed")
+
+
+class _Unread(asyncio.StreamReaderProtocol):
+    """A connection nothing is read from until its session knows its protocol: a
+    protocol that starts with TLS (https) needs the ClientHello still in the kernel,
+    and the handler runs a loop turn after the accept, when it may have arrived."""
+
+    def connection_made(self, transport) -> None:
+        transport.pause_reading()
+        super().connection_made(transport)
+
+
+async def _serve(accept, sock: socket.socket, unix: bool = False):
+    loop = asyncio.get_running_loop()
+
+    def factory():
+        return _Unread(asyncio.StreamReader(limit=READ_SIZE, loop=loop), accept, loop=loop)
+    if unix:
+        return await loop.create_unix_server(factory, sock=sock)
+    return await loop.create_server(factory, sock=sock)
 
 
 def _keep_sni(sslobj, name, _ctx) -> None:

@@ -44,6 +44,9 @@ class Leg(asyncio.Protocol):
         self.eof_sent = False      # half-closed it
         self.lost = False
         self.early: list[bytes] = []   # read before the session was there
+        self.tls_early: list[bytes] = []   # of those, what belongs to a TLS handshake
+        self.tls_first: list[bytes] = []   # read through TLS before its handshake's end
+                                           # reached the layer (a client's first request)
         self.early_eof = False
         self.tls_failed = False
 
@@ -157,7 +160,10 @@ class Session:
             leg.session = self
             early, leg.early = leg.early, []
             for data in early:
-                self.received(leg, data)
+                if leg.handshaking:    # TLS was asked for at Start: these are its bytes
+                    leg.tls_early.append(data)
+                else:
+                    self.received(leg, data)
             if leg.early_eof:
                 self.eof(leg)
             if leg.lost:
@@ -222,6 +228,12 @@ class Session:
 
     def received(self, leg: Leg, data: bytes) -> None:
         if self.ended.is_set():
+            return
+        if leg.handshaking:
+            # (TLS 1.3 clients send their first request with their Finished: the TLS
+            # protocol may pass it on before start_tls returns; the layer must first
+            # hear that the handshake is done)
+            leg.tls_first.append(data)
             return
         if leg is self.client:
             self.bytes_in += len(data)
@@ -389,9 +401,11 @@ class Session:
             if leg is self.client:
                 if self.proxy.ca is None:
                     raise ssl.SSLError("no local CA to terminate TLS with")
-                transport = await self._loop.start_tls(
-                    leg.transport, leg, self.proxy.client_tls(cmd.names, cmd.alpn),
-                    server_side=True, ssl_handshake_timeout=CONNECT_TIMEOUT)
+                early, leg.tls_early = b"".join(leg.tls_early), []
+                transport = await _start_tls(
+                    self._loop, leg.transport, self._loop.start_tls(
+                        leg.transport, leg, self.proxy.client_tls(cmd.names, cmd.alpn),
+                        server_side=True, ssl_handshake_timeout=CONNECT_TIMEOUT), early)
             else:
                 ctx = self.proxy.upstream_tls(cmd.verify, cmd.ca, cmd.alpn)
                 transport = await self._loop.start_tls(
@@ -402,6 +416,7 @@ class Session:
             leg.tls_failed = True
             leg.handshaking = False
             leg.queued.clear()
+            leg.tls_first.clear()
             self.feed(TlsFailed(leg.name, _tls_error(exc)))
             if leg is self.client:   # nothing more can reach the client
                 self.finish(f"client TLS handshake failed: {_tls_error(exc)}")
@@ -418,6 +433,9 @@ class Session:
         peer = obj.getpeercert(binary_form=True) if leg is self.upstream else None
         self.feed(TlsEstablished(leg.name, obj.version(), obj.selected_alpn_protocol(),
                                  getattr(obj, "agentgate_sni", None), peer))
+        first, leg.tls_first = leg.tls_first, []
+        for data in first:
+            self.received(leg, data)
         leg.resume("handshake")
 
     # ------------------------------------------------------------------ side connections
@@ -521,3 +539,34 @@ def _tls_error(exc: BaseException) -> str:
         return "timed out"
     return getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc) \
         or type(exc).__name__
+
+
+async def _start_tls(loop, transport, start_tls, early: bytes):
+    """`start_tls`, with `early` handed to its TLS protocol first: bytes of the handshake
+    read before the session asked for TLS. uvloop starts reading an accepted connection
+    right after connection_made, whatever the protocol paused, so a client that speaks
+    at once (a ClientHello) can be read a turn before its session exists; the kernel
+    can't take them back. They go in through the protocol's BufferedProtocol interface
+    once start_tls has put it in place and called its connection_made (which it queues
+    right after swapping it in: hence one more turn)."""
+    task = asyncio.ensure_future(start_tls)
+    if not early:
+        return await task
+    before = transport.get_protocol()
+
+    def feed(swapped: bool) -> None:
+        proto = transport.get_protocol()
+        if task.done():
+            return
+        if proto is before or not swapped:
+            loop.call_soon(feed, proto is not before)
+            return
+        view = memoryview(early)
+        while view:
+            buf = proto.get_buffer(len(view))
+            n = min(len(buf), len(view))
+            buf[:n] = view[:n]
+            proto.buffer_updated(n)
+            view = view[n:]
+    loop.call_soon(feed, False)
+    return await task
