@@ -35,7 +35,7 @@ TLS_OPTIONS = (
                                "name the client asked for, if it is the target's, else "
                                "the target's first name)"),
 )
-POLICY_FIELDS = ("methods", "hosts", "paths", "headers", "json")
+POLICY_FIELDS = ("methods", "hosts", "paths", "headers", "json", "flags")
 
 
 def _check(opts: Options, where: str) -> None:

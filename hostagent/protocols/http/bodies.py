@@ -31,44 +31,53 @@ class MaskRefused(Exception):
 
 
 def decode(body: bytes, codings: list[bytes], limit: int) -> bytes:
-    """Undo Content-Encoding (listed in the order applied), at most `limit` bytes out."""
+    """Undo Content-Encoding (listed in the order applied), at most `limit` bytes out:
+    past it, refused (a few hundred bytes of brotli or gzip can claim gigabytes)."""
     for coding in reversed(codings):
         c = coding.decode("latin-1")
         if c in ("identity", ""):
             continue
-        if c in ("gzip", "x-gzip", "deflate"):
-            wbits = 47 if c != "deflate" else 15
-            d = zlib.decompressobj(wbits)
+        if c in ("gzip", "x-gzip"):
+            body = _zlib(body, 47, limit, c, members=True)
+        elif c == "deflate":
             try:
-                out = d.decompress(body, limit + 1)
-                if not d.eof and c == "deflate" and not out:
-                    raise zlib.error("not zlib")
-            except zlib.error:
-                if c != "deflate":
-                    raise MaskRefused(f"the {c} body does not decode") from None
-                d = zlib.decompressobj(-15)      # raw deflate, as some servers send
-                try:
-                    out = d.decompress(body, limit + 1)
-                except zlib.error:
-                    raise MaskRefused("the deflate body does not decode") from None
-            if len(out) > limit or d.unconsumed_tail:
-                raise MaskRefused(f"the body decodes past {limit} bytes")
-            body = out
+                body = _zlib(body, 15, limit, c)
+            except MaskRefused:
+                body = _zlib(body, -15, limit, c)    # raw deflate, as some servers send
         elif c == "br" and brotli is not None:
-            d = brotli.Decompressor()
-            out = bytearray()
-            try:
-                # brotli has no output cap: feed it in pieces and stop past the bound
-                for i in range(0, len(body), 4096):
-                    out += d.process(body[i:i + 4096])
-                    if len(out) > limit:
-                        raise MaskRefused(f"the body decodes past {limit} bytes")
-            except brotli.error:
-                raise MaskRefused("the br body does not decode") from None
-            body = bytes(out)
+            body = _brotli(body, limit)
         else:
             raise MaskRefused(f"a body in content coding {c!r}, which can't be inspected")
     return body
+
+
+def _zlib(data: bytes, wbits: int, limit: int, name: str, members: bool = False) -> bytes:
+    out = bytearray()
+    while data:
+        d = zlib.decompressobj(wbits)
+        try:
+            out += d.decompress(data, limit + 1 - len(out))
+        except zlib.error:
+            raise MaskRefused(f"the {name} body does not decode") from None
+        if len(out) > limit or d.unconsumed_tail:
+            raise MaskRefused(f"the body decodes past {limit} bytes")
+        # gzip allows several members one after another: each is part of the body
+        data = d.unused_data if members and d.eof else b""
+    return bytes(out)
+
+
+def _brotli(data: bytes, limit: int) -> bytes:
+    d = brotli.Decompressor()
+    out = bytearray()
+    try:
+        out += d.process(data, output_buffer_limit=limit + 1)
+        while len(out) <= limit and not d.can_accept_more_data():
+            out += d.process(b"", output_buffer_limit=limit + 1 - len(out))
+    except brotli.error:
+        raise MaskRefused("the br body does not decode") from None
+    if len(out) > limit:
+        raise MaskRefused(f"the body decodes past {limit} bytes")
+    return bytes(out)
 
 
 def media_type(content_type: bytes | None) -> str:
@@ -80,7 +89,7 @@ def inspected(mtype: str) -> bool:
 
 
 def is_json(mtype: str) -> bool:
-    return mtype == "application/json" or mtype.endswith("+json")
+    return mtype in ("application/json", "text/json") or mtype.endswith("+json")
 
 
 def streaming(mtype: str) -> bool:
@@ -130,12 +139,14 @@ class BodyMasker:
     def mask_body(self, body: bytes, mtype: str) -> bytes:
         """A whole body (already decoded)."""
         doc = None
-        looks = body.lstrip()[:1] in (b"{", b"[")
-        if is_json(mtype) or (self.paths and looks):
+        text = body[3:] if body.startswith(b"\xef\xbb\xbf") else body
+        looks = text.lstrip()[:1] in (b"{", b"[")
+        if is_json(mtype) or looks:
             try:
-                doc = json.loads(body)
-            except ValueError:
-                if is_json(mtype) and self.paths:
+                doc = json.loads(text)
+            except (ValueError, RecursionError):
+                if self.paths:
+                    # fields a rule names could be in it: not passed unmasked
                     raise MaskRefused("a JSON body that does not parse can't have its "
                                       "fields masked") from None
         if doc is not None and isinstance(doc, (dict, list)):
@@ -164,8 +175,8 @@ class BodyMasker:
         if self.paths and payload.lstrip()[:1] in (b"{", b"["):
             try:
                 doc = json.loads(payload)
-            except ValueError:
-                doc = None
+            except (ValueError, RecursionError):
+                return prefix + MASK.encode() + end   # can't find the fields: all of it
             if isinstance(doc, (dict, list)):
                 return prefix + json.dumps(self.mask_json(doc), ensure_ascii=False,
                                            separators=(",", ":")).encode() + end

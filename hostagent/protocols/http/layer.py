@@ -24,8 +24,9 @@ from hostagent.protocols.api import (CLIENT, Aborted, ApprovalDecided, Close, Co
 from hostagent.protocols.enforce import Enforcer
 from hostagent.protocols.http import bodies, records
 from hostagent.protocols.http.bodies import BodyMasker, MaskRefused, Scrubber
-from hostagent.protocols.http.requests import (BadTarget, flatten, normalize_target,
-                                               parse_json, request_for)
+from hostagent.protocols.http.requests import (BadTarget, flatten, form_fields,
+                                               host_values, looks_like_json,
+                                               normalize_target, parse_json, request_for)
 from hostagent.protocols.http.wire import (ClientSide, HeadError, ServerSide, end_to_end,
                                            header, tokens)
 
@@ -70,6 +71,7 @@ class HttpLayer:
         self.target, self.identity, self.protocol = target, identity, protocol
         self.tls, self.names, self.server_name, self.ca = tls, names, server_name, ca
         self.inject = inject
+        self.hostnames = frozenset(n.lower().rstrip(".").strip("[]") for n in names)
         drop = {n.lower() for n, _ in inject}
         if not keep_authorization:
             drop.add(b"authorization")
@@ -203,6 +205,11 @@ class HttpLayer:
             return self._fail(400, f"agentgate: {exc}", str(exc))
         host = header(req.headers, b"host") or b""
         ex.host = host.decode("latin-1")
+        if host and host_values(host)[0].strip("[]") not in self.hostnames:
+            # the connection goes to the target whatever the Host says; behind a shared
+            # ingress another name is another site, and would get the target's credentials
+            return self._judged_refusal(ex, 421, f"the Host {ex.host!r} is not a name of "
+                                                 f"this target ({', '.join(self.names)})")
         if self.upstream_error:
             return self._fail(502, f"agentgate: {self.upstream_error}", self.upstream_error)
         length = header(req.headers, b"content-length")
@@ -242,16 +249,26 @@ class HttpLayer:
     # ------------------------------------------------------------------ judging
 
     def _body_fields(self, ex: Exchange) -> tuple[list[str] | None, bool]:
+        """The body's fields for `json` rules, and whether it could be read. A body that
+        is, claims or looks like JSON and does not parse is unparseable: a server may
+        read it anyway (Go ignores trailing data and the Content-Type)."""
         if not (self.judge_json and ex.body):
             return None, True
-        claims = bodies.is_json(bodies.media_type(header(ex.request.headers, b"content-type")))
+        mtype = bodies.media_type(header(ex.request.headers, b"content-type"))
         try:
             body = bodies.decode(bytes(ex.body), tokens(ex.request.headers, b"content-encoding"),
                                  self.max_body)
+        except MaskRefused:
+            return None, False
+        if mtype == "application/x-www-form-urlencoded":
+            try:
+                return form_fields(body.decode("utf-8", "replace")), True
+            except ValueError:
+                return None, False
+        try:
             return flatten(parse_json(body)), True
-        except (MaskRefused, ValueError, RecursionError):
-            # JSON the policy can't read is unparseable; other bodies have no fields
-            return None, not claims
+        except (ValueError, RecursionError):
+            return None, not (bodies.is_json(mtype) or looks_like_json(body))
 
     def _judge(self, ex: Exchange) -> list[Command]:
         fields, parsed = self._body_fields(ex)
@@ -415,13 +432,14 @@ class HttpLayer:
         if ev.status_code == 100 and not c.waits_for_100:
             return []
         return [ToClient(c.send(h11.InformationalResponse(
-            status_code=ev.status_code, headers=end_to_end(ev.headers), reason=ev.reason)))]
+            status_code=ev.status_code, headers=self._clean(end_to_end(ev.headers)),
+            reason=ev.reason)))]
 
     def _switch(self, ev: h11.InformationalResponse) -> list[Command]:
         """An allowed websocket upgrade: from here the bytes are relayed and recorded raw."""
         from hostagent.protocols.tcp.layer import RawTcp
         head = self.client.send(h11.InformationalResponse(
-            status_code=101, headers=end_to_end(ev.headers) + [
+            status_code=101, headers=self._clean(end_to_end(ev.headers)) + [
                 (b"connection", b"Upgrade"), (b"upgrade", b"websocket")], reason=ev.reason))
         later = bytes(self.client.later)     # (what followed the request, all of it)
         up_later = bytes(self.server.conn.trailing_data[0])
@@ -455,13 +473,25 @@ class HttpLayer:
 
     def _head(self, resp: h11.Response, extra=(), drop=frozenset()) -> bytes:
         self.ex.answered = True
-        headers = end_to_end(resp.headers, drop) + list(extra)
-        if self.ex.scrub is not None:
-            headers = [(n, self.ex.scrub.whole(v)) for n, v in headers]
+        headers = self._clean(end_to_end(resp.headers, drop)) + list(extra)
+        reason = self._clean([(b"", resp.reason)])[0][1]
         if not self.server.conn.our_state is h11.DONE and _closes(resp):
             headers.append((b"connection", b"close"))
         return self.client.send(h11.Response(status_code=resp.status_code, headers=headers,
-                                             reason=resp.reason))
+                                             reason=reason))
+
+    def _clean(self, headers: list) -> list:
+        """Header values (and a reason phrase) as the agent may see them: injected secrets
+        blanked, masking's detectors applied (a Location can carry an address)."""
+        ex = self.ex
+        out = []
+        for n, v in headers:
+            if ex is not None and ex.scrub is not None:
+                v = ex.scrub.whole(v)
+            if self.masker is not None and self.masker.detectors:
+                v = self.masker.mask_text(v.decode("latin-1")).encode("latin-1")
+            out.append((n, v))
+        return out
 
     def _response_data(self, data: bytes) -> list[Command]:
         ex = self.ex
@@ -488,6 +518,8 @@ class HttpLayer:
                               f"and can't be masked")]
             return []
         chunk, ex.lines = bytes(ex.lines[:cut]), ex.lines[cut:]
+        if ex.scrub is not None:
+            chunk = ex.scrub.whole(chunk)
         masked = b"".join(self.masker.mask_line(ln) for ln in chunk.splitlines(keepends=True))
         if ex.scrub is not None:
             masked = ex.scrub.whole(masked)
@@ -502,6 +534,8 @@ class HttpLayer:
         if ex.mode == "buffer":
             try:
                 body = bodies.decode(bytes(ex.resp_body), ex.codings, self.max_body)
+                if ex.scrub is not None:    # first: a detector could cut a secret apart
+                    body = ex.scrub.whole(body)
                 if self.masker is not None and bodies.inspected(ex.mtype):
                     body = self.masker.mask_body(body, ex.mtype)
                 if ex.scrub is not None:
@@ -515,7 +549,8 @@ class HttpLayer:
             out.append(ToClient(head + self.client.send(h11.Data(body)) if body else head))
             ex.resp_body = bytearray()
         elif ex.mode == "lines" and ex.lines:
-            masked = self.masker.mask_line(bytes(ex.lines))
+            masked = self.masker.mask_line(ex.scrub.whole(bytes(ex.lines)) if ex.scrub
+                                           else bytes(ex.lines))
             if ex.scrub is not None:
                 masked = ex.scrub.whole(masked)
             ex.lines = bytearray()
@@ -567,6 +602,9 @@ _REWRITTEN = frozenset((b"content-encoding", b"content-md5", b"digest", b"etag",
                         b"content-range", b"accept-ranges"))
 # with masking on, a part of a body could split a value the detectors look for: whole
 # bodies are asked for
-_MASKING_DROPS = frozenset((b"range", b"if-range", b"accept-encoding"))
+_MASKING_DROPS = frozenset((b"range", b"if-range", b"accept-encoding",
+                            # an ETag that hashes the body would confirm a guessed value
+                            b"if-none-match", b"if-match", b"if-modified-since",
+                            b"if-unmodified-since"))
 _REASONS = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed",
             413: b"Content Too Large", 502: b"Bad Gateway", 505: b"HTTP Version Not Supported"}

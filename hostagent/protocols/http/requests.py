@@ -32,7 +32,8 @@ def _unquote_unreserved(segment: bytes) -> bytes:
 
 def normalize_target(target: bytes) -> tuple[str, str]:
     """(path, query) of an origin-form request target: unreserved characters decoded,
-    dot segments removed (RFC 3986 5.2.4), percent-escapes upper-cased."""
+    dot segments removed (RFC 3986 5.2.4), empty segments merged (as nginx and Spring
+    read them), percent-escapes upper-cased."""
     if not target.startswith(b"/"):
         raise BadTarget("the request target must be a path (origin-form)")
     path, sep, query = target.partition(b"?")
@@ -44,6 +45,8 @@ def normalize_target(target: bytes) -> tuple[str, str]:
     segments = [_unquote_unreserved(s) for s in path.split(b"/")[1:]]
     for i, seg in enumerate(segments):
         last = i == len(segments) - 1
+        if seg == b"" and not last:
+            continue
         if seg == b".":
             if last:
                 out.append(b"")
@@ -60,6 +63,26 @@ def normalize_target(target: bytes) -> tuple[str, str]:
         return norm.decode("ascii"), query.decode("ascii") if sep else ""
     except UnicodeDecodeError:
         raise BadTarget("a request target must be ASCII") from None
+
+
+def path_readings(path: str) -> tuple[str, ...]:
+    """The paths a server may take `path` (normalized) for: as it is, without `;`
+    parameters (Tomcat, Spring), and with encoded slashes decoded (Go before 1.22, some
+    proxies). Policy judges every reading; more than one is flagged `ambiguous_path`."""
+    out = [path]
+    if ";" in path:
+        try:
+            out.append(normalize_target("/".join(seg.split(";", 1)[0]
+                                                 for seg in path.split("/")).encode())[0])
+        except BadTarget:
+            pass
+    if "%2F" in path or "%5C" in path:
+        decoded = path.replace("%2F", "/").replace("%5C", "/")
+        try:
+            out.append(normalize_target(decoded.encode())[0])
+        except BadTarget:
+            pass
+    return tuple(dict.fromkeys(out))
 
 
 def host_values(host: bytes) -> tuple[str, ...]:
@@ -87,8 +110,29 @@ def _pairs(pairs):
 
 
 def parse_json(body: bytes):
-    """The body as JSON (no duplicate keys), or ValueError."""
+    """The body as JSON (no duplicate keys, bounded size), or ValueError."""
+    if body.startswith(b"\xef\xbb\xbf"):
+        body = body[3:]
+    # (counted before parsing: a few MB of "[{},{}...]" is a GB of Python objects)
+    if body.count(b",") + body.count(b"{") + body.count(b"[") > 2 * MAX_FIELDS:
+        raise ValueError(f"more than {MAX_FIELDS} JSON fields")
     return json.loads(body, object_pairs_hook=_pairs)
+
+
+def looks_like_json(body: bytes) -> bool:
+    return body.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"[")
+
+
+def form_fields(data: str) -> list[str]:
+    """`a=1&b=x` as fields `$.a=1`, `$.b=x`: form bodies and query strings, which web
+    frameworks bind into the same objects JSON bodies go to."""
+    from urllib.parse import parse_qsl
+    try:
+        pairs = parse_qsl(data, keep_blank_values=True, max_num_fields=MAX_FIELDS,
+                          errors="replace")
+    except ValueError:
+        raise ValueError(f"more than {MAX_FIELDS} form fields") from None
+    return [f"$.{k}={v}" for k, v in pairs]
 
 
 def flatten(doc, limit: int = MAX_FIELDS) -> list[str]:
@@ -146,9 +190,18 @@ def request_for(*, target: str, identity: dict, method: str, host: bytes | None,
                 parsed: bool = True, protocol: str = "http") -> Request:
     text = f"{method} {path}{'?' + query if query else ''}"
     hosts = host_values(host) if host else ()
+    paths = path_readings(path)
+    # encoded slashes: servers differ on where the path's segments are (see path_readings)
+    ambiguous = ("ambiguous_path",) if "%2F" in path or "%5C" in path else ()
+    fields = list(body_fields or ())
+    try:
+        fields += form_fields(query) if query else []
+    except ValueError:
+        parsed = False
     return Request(target=target, protocol=protocol, identity=identity, action=method,
-                   resources=(path,), text=text, parsed=parsed,
-                   attributes={"methods": (method,), "hosts": hosts, "paths": (path,),
+                   resources=(path,), text=text, parsed=parsed, unknown=ambiguous,
+                   attributes={"methods": (method,), "hosts": hosts, "paths": paths,
+                               "flags": ambiguous,
                                "headers": tuple(f"{n.decode('latin-1')}: "
                                                 f"{v.decode('latin-1')}" for n, v in headers),
-                               "json": tuple(body_fields or ())})
+                               "json": tuple(fields)})

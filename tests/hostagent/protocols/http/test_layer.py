@@ -114,7 +114,7 @@ def test_the_injected_token_echoed_back_is_blanked_across_chunk_boundaries():
 
 def test_a_denied_request_gets_a_403_naming_the_rule_and_the_connection_goes_on():
     lay = layer()
-    out = run(lay, DataReceived(CLIENT, b"DELETE /users/1 HTTP/1.1\r\nHost: a\r\n\r\n" + get(b"/next")))
+    out = run(lay, DataReceived(CLIENT, b"DELETE /users/1 HTTP/1.1\r\nHost: api.example\r\n\r\n" + get(b"/next")))
     assert not any(isinstance(c, ToUpstream) and b"DELETE" in c.data for c in out)
     answer = client_bytes(out)
     assert answer.startswith(b"HTTP/1.1 403 Forbidden\r\n")
@@ -135,7 +135,7 @@ def test_disguised_paths_are_judged_as_the_server_reads_them(path):
 def test_json_body_fields_are_judged_and_duplicate_keys_are_unparseable():
     def post(body: bytes, ctype=b"application/json"):
         lay = layer()
-        return run(lay, DataReceived(CLIENT, b"POST /push HTTP/1.1\r\nHost: a\r\nContent-Type: "
+        return run(lay, DataReceived(CLIENT, b"POST /push HTTP/1.1\r\nHost: api.example\r\nContent-Type: "
                                      + ctype + b"\r\nContent-Length: " + str(len(body)).encode()
                                      + b"\r\n\r\n" + body))
     assert client_bytes(post(b'{"force": true}')).startswith(b"HTTP/1.1 403")
@@ -146,14 +146,14 @@ def test_json_body_fields_are_judged_and_duplicate_keys_are_unparseable():
     allowed = post(b'{"force": false}')
     assert upstream_bytes(allowed).endswith(b'{"force": false}')
     gz = gzip.compress(b'{"force": true}')
-    out = run(layer(), DataReceived(CLIENT, b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Encoding: gzip"
+    out = run(layer(), DataReceived(CLIENT, b"POST /p HTTP/1.1\r\nHost: api.example\r\nContent-Encoding: gzip"
                                     b"\r\nContent-Length: " + str(len(gz)).encode() + b"\r\n\r\n" + gz))
     assert client_bytes(out).startswith(b"HTTP/1.1 403")
 
 
 def test_a_chunked_json_body_is_judged_once_whole():
     lay = layer()
-    out = run(lay, DataReceived(CLIENT, b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked"
+    out = run(lay, DataReceived(CLIENT, b"POST /p HTTP/1.1\r\nHost: api.example\r\nTransfer-Encoding: chunked"
                                 b"\r\n\r\n5\r\n{\"for\r\n"))
     assert out == []
     out = run(lay, DataReceived(CLIENT, b"a\r\nce\": true}\r\n0\r\n\r\n"))
@@ -162,15 +162,15 @@ def test_a_chunked_json_body_is_judged_once_whole():
 
 def test_a_body_too_big_to_judge_is_refused():
     lay = layer(max_body=1024)
-    out = run(lay, DataReceived(CLIENT, b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n"
+    out = run(lay, DataReceived(CLIENT, b"POST /p HTTP/1.1\r\nHost: api.example\r\nContent-Length: 5000\r\n\r\n"
                                 + b"x" * 2000))
     assert client_bytes(out).startswith(b"HTTP/1.1 413")
 
 
 @pytest.mark.parametrize("head", [
-    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
-    b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n folded\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: api.example\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: api.example\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    b"GET / HTTP/1.1\r\nHost: api.example\r\nX-A: 1\r\n folded\r\n\r\n",
 ])
 def test_smuggling_heads_are_refused_with_400_and_the_connection_closed(head):
     out = run(layer(), DataReceived(CLIENT, head))
@@ -180,7 +180,7 @@ def test_smuggling_heads_are_refused_with_400_and_the_connection_closed(head):
 
 def test_unknown_transfer_codings_and_http2_preface_end_the_session():
     with pytest.raises(ProtocolError):
-        run(layer(), DataReceived(CLIENT, b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"))
+        run(layer(), DataReceived(CLIENT, b"POST / HTTP/1.1\r\nHost: api.example\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"))
     out = run(layer(), DataReceived(CLIENT, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
     assert isinstance(out[-1], Close) and b"505" in out[-1].final
 
@@ -196,7 +196,7 @@ def test_connect_is_refused_and_recorded():
 
 def test_a_held_request_waits_then_goes_on_when_approved():
     lay = layer()
-    out = run(lay, DataReceived(CLIENT, b"POST /deploy HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\n{}"))
+    out = run(lay, DataReceived(CLIENT, b"POST /deploy HTTP/1.1\r\nHost: api.example\r\nContent-Length: 2\r\n\r\n{}"))
     hold = next(c for c in out if isinstance(c, Hold))
     assert not any(isinstance(c, ToUpstream) for c in out)
     out = run(lay, ApprovalDecided(hold.key, True, "ok"))
@@ -235,7 +235,7 @@ def test_pipelining_is_bounded():
 
 def test_head_204_and_close_delimited_answers():
     lay = layer()
-    run(lay, DataReceived(CLIENT, b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\n"))
+    run(lay, DataReceived(CLIENT, b"HEAD /h HTTP/1.1\r\nHost: api.example\r\n\r\n"))
     out = run(lay, DataReceived(UPSTREAM, b"HTTP/1.1 200 OK\r\nContent-Length: 123\r\n\r\n"))
     assert b"content-length: 123" in client_bytes(out).lower()
     run(lay, DataReceived(CLIENT, get(b"/n")))
@@ -251,7 +251,7 @@ def test_head_204_and_close_delimited_answers():
 
 def test_100_continue_is_relayed_never_invented():
     lay = layer(judge_json=False)
-    out = run(lay, DataReceived(CLIENT, b"PUT /u HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n"
+    out = run(lay, DataReceived(CLIENT, b"PUT /u HTTP/1.1\r\nHost: api.example\r\nContent-Length: 5000\r\n"
                                 b"Expect: 100-continue\r\n\r\n"))
     assert not any(isinstance(c, ToClient) for c in out)      # nothing invented
     assert b"expect: 100-continue" in upstream_bytes(out).lower()
@@ -422,3 +422,48 @@ def test_an_allowed_websocket_upgrade_is_handed_to_the_raw_relay_with_what_follo
     handoff = out[-1]
     assert isinstance(handoff, Handoff)
     assert handoff.client_data == b"\x81\x02hi" and handoff.upstream_data == b"\x81\x02yo"
+
+
+@pytest.mark.parametrize("host", [b"evil.example", b"api.example.evil", b"127.0.0.2:80"])
+def test_a_host_that_is_not_the_targets_is_refused_before_credentials_go_anywhere(host):
+    out = run(layer(), DataReceived(CLIENT, b"GET /echo HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"))
+    assert client_bytes(out).startswith(b"HTTP/1.1 421")
+    assert not any(isinstance(c, ToUpstream) for c in out)
+    for ok_host in (b"API.example.", b"127.0.0.1:8080"):
+        out = run(layer(), DataReceived(CLIENT, b"GET / HTTP/1.1\r\nHost: " + ok_host + b"\r\n\r\n"))
+        assert any(isinstance(c, ToUpstream) for c in out)
+
+
+def test_bodies_a_server_may_read_as_json_are_judged_or_unparseable():
+    def post(body: bytes, ctype: bytes, target=b"/push"):
+        return client_bytes(run(layer(), DataReceived(
+            CLIENT, b"POST " + target + b" HTTP/1.1\r\nHost: api.example\r\nContent-Type: " + ctype
+            + b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)))
+    for body, ctype in ((b'{"force":true} x', b"text/plain"), (b'{"force":true}\n{"x":1}', b""),
+                        (b'{"force":true,"a":"\xff"}', b"text/plain"),
+                        (b'{"force":true} /*c*/', b"text/json"),
+                        (b"force=true", b"application/x-www-form-urlencoded"),
+                        (b"[{}" + b",{}" * 30000 + b"]", b"application/json")):
+        assert post(body, ctype).startswith(b"HTTP/1.1 403"), body[:40]
+    assert post(b"", b"", target=b"/push?force=true").startswith(b"HTTP/1.1 403")
+    assert not post(b"just text", b"text/plain").startswith(b"HTTP/1.1 403")
+
+
+@pytest.mark.parametrize("path", [b"//admin", b"/;/admin", b"/admin;x=1", b"/x/..%2Fadmin",
+                                  b"/admin%2Fsecret"])
+def test_paths_servers_read_differently_are_judged_by_every_reading(path):
+    out = run(layer(), DataReceived(CLIENT, get(path)))
+    assert client_bytes(out).startswith(b"HTTP/1.1 403"), path
+
+
+def test_a_secret_a_detector_would_cut_apart_is_still_blanked_whole():
+    token = b"xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx"
+    policy = Policy(rules=RULES)
+    lay = HttpLayer(decide=lambda r: decide(policy, r), target="api", identity={},
+                    masker=BodyMasker(Masker((MaskRule("p", detectors=("phone", "email")),)), ()),
+                    inject=((b"x-api-key", token),), names=("api.example",))
+    run(lay, DataReceived(CLIENT, get(b"/echo")))
+    out = run(lay, DataReceived(UPSTREAM, ok(b'{"key": "' + token + b'"}', b"application/json",
+                                             b"X-Echo: " + token + b" ann@example.com\r\n")))
+    got = client_bytes(out)
+    assert b"AbCdEfGhIjKlMnOpQrStUvWx" not in got and b"ann@example.com" not in got
