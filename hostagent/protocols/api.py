@@ -190,6 +190,10 @@ Action = Command   # the name the first PostgreSQL layer used
 
 
 class Layer(Protocol):
+    # whether the driver passes a side's EOF (a half-close) on to the other side at once
+    # (False: the layer ends the session itself, e.g. once queued requests are answered)
+    relays_eof: bool = True
+
     def handle(self, event: Event) -> list[Command]: ...
 
     def buffered(self) -> int:

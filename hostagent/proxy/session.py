@@ -255,8 +255,10 @@ class Session:
         if self.ended.is_set():
             return
         transport = other.transport
-        if transport is not None and not other.handshaking and not other.lost \
-                and transport.can_write_eof():
+        # (a layer that answers in turns, like HTTP's, says when the other side may
+        # hear it: requests the client sent before its EOF may still be queued in it)
+        if getattr(self.layer, "relays_eof", True) and transport is not None \
+                and not other.handshaking and not other.lost and transport.can_write_eof():
             self.turn.flush()              # what the layer sent goes before the EOF
             if not transport.is_closing():
                 transport.write_eof()      # a half-close: the other way keeps flowing

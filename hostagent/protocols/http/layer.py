@@ -61,6 +61,8 @@ class Exchange:
 
 class HttpLayer:
     name = "http"
+    # a client's half-close waits until what it sent before is answered (pipelining)
+    relays_eof = False
 
     def __init__(self, *, decide, target: str, identity: dict, protocol: str = "http",
                  tls: bool = False, names: tuple[str, ...] = (), server_name: str = "",
@@ -402,7 +404,11 @@ class HttpLayer:
         if self.server is None or self.server.ended:
             return [Close("the server closed the connection")]
         self.server.feed(b"")
-        return self._upstream_events() or self._fail(
+        try:
+            out = self._upstream_events()
+        except ProtocolError:     # (h11: closed in the middle of its answer)
+            out = []
+        return out or self._fail(
             502, "agentgate: the server closed the connection before answering",
             "the server closed the connection before answering")
 
@@ -585,12 +591,13 @@ class HttpLayer:
             return [Close("the server closes after this answer")]
         later = bytes(c.later)
         self.client, self.server, self.ex = ClientSide(), None, None
+        if not later and self.client_eof:
+            return [Close("client closed")]
         if later:
             self.client.feed(later)
-            return self._client_events()
         if self.client_eof:
-            return [Close("client closed")]
-        return []
+            self.client.eof()     # (an unfinished request behind it is an error)
+        return self._client_events()
 
 
 def _closes(resp: h11.Response) -> bool:

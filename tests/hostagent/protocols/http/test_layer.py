@@ -467,3 +467,23 @@ def test_a_secret_a_detector_would_cut_apart_is_still_blanked_whole():
                                              b"X-Echo: " + token + b" ann@example.com\r\n")))
     got = client_bytes(out)
     assert b"AbCdEfGhIjKlMnOpQrStUvWx" not in got and b"ann@example.com" not in got
+
+
+def test_a_half_close_waits_for_the_pipelined_requests_before_it():
+    lay = layer()
+    assert lay.relays_eof is False      # the driver must not pass the EOF on by itself
+    out = run(lay, DataReceived(CLIENT, get(b"/1") + get(b"/2")), EofReceived(CLIENT))
+    assert not any(isinstance(c, Close) for c in out)
+    out = run(lay, DataReceived(UPSTREAM, ok(b"one")))
+    assert any(isinstance(c, ToUpstream) and c.data.startswith(b"GET /2 ") for c in out)
+    assert not any(isinstance(c, Close) for c in out)
+    out = run(lay, DataReceived(UPSTREAM, ok(b"two")))
+    assert client_bytes(out).endswith(b"two") and isinstance(out[-1], Close)
+
+
+def test_a_server_that_closes_without_answering_gets_the_client_a_502():
+    lay = layer()
+    run(lay, DataReceived(CLIENT, get(b"/x")))
+    out = run(lay, EofReceived(UPSTREAM))
+    assert isinstance(out[-1], Close) and out[-1].final.startswith(b"HTTP/1.1 502")
+    assert b"before answering" in out[-1].final
