@@ -45,6 +45,7 @@ def local_ca(cfg: HostAgentConfig, targets: Targets) -> LocalCA | None:
         ca = LocalCA.load_or_create(cfg.ca_dir or Path(cfg.state_dir) / "ca")
         ca.constrain(names)
         ca.bundle()
+        ca.public_dir = publish_trust(ca, cfg.intercept.tree)
     except (CAError, OSError, ValueError) as exc:
         raise InterceptError(f"local CA: {exc}") from None
     if ca.remade:
@@ -53,12 +54,34 @@ def local_ca(cfg: HostAgentConfig, targets: Targets) -> LocalCA | None:
     return ca
 
 
+TRUST_DIR = Path("/run/agentgate/trust")
+
+
+def publish_trust(ca: LocalCA, tree: str) -> Path:
+    """The bundle and the root where agents of any user can read them: the state
+    directory is root's alone (0700). /run/agentgate/trust/<tree>/{bundle,ca}.pem."""
+    out = TRUST_DIR / tree
+    for d in (TRUST_DIR.parent, TRUST_DIR, out):
+        d.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(d, 0o755)
+    for name, src in (("bundle.pem", ca.directory / "bundle.pem"), ("ca.pem", ca.cert_path)):
+        data = src.read_bytes()
+        dst = out / name
+        if not dst.exists() or dst.read_bytes() != data:
+            tmp = out / f".{name}.{os.getpid()}"
+            tmp.write_bytes(data)
+            os.chmod(tmp, 0o644)
+            tmp.replace(dst)
+    return out
+
+
 def agent_env(ca: LocalCA | None) -> dict[str, str]:
     """What an agent's environment gets so its TLS clients trust the local CA: every
     common client's CA-bundle variable, pointing at the system's CAs plus ours."""
-    if ca is None:
+    public = getattr(ca, "public_dir", None)
+    if public is None:
         return {}
-    return trust_env(ca.directory / "bundle.pem", ca.cert_path)
+    return trust_env(public / "bundle.pem", public / "ca.pem")
 
 
 def resolvers(cfg: HostAgentConfig) -> list[tuple[str, int]]:

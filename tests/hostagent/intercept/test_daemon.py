@@ -512,7 +512,7 @@ address = "127.0.0.1:9"
                            capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stderr
         bundle, ca, curl = p.stdout.split()
-        assert bundle == curl and bundle.endswith("/ca/bundle.pem")
+        assert bundle == curl and bundle == f"/run/agentgate/trust/{host.tree}/bundle.pem"
         root = open(ca).read()
         assert root.startswith("-----BEGIN CERTIFICATE-----") and root in open(bundle).read()
     finally:
