@@ -26,7 +26,7 @@ from hostagent.proxy.targets import Targets, build_targets
 from hostagent.recording.samples import SampleLimits
 from hostagent.recording.shipper import Shipper
 from hostagent.recording.spool import Spool
-from hostagent.tls import CAError, LocalCA, trust_env
+from hostagent.tls import CAError, LocalCA, trust_env, write_file
 
 UNIX_PROXY_DIR = Path("/run/agentgate/unix")
 log = logging.getLogger("agentgate.hostagent")
@@ -68,10 +68,7 @@ def publish_trust(ca: LocalCA, tree: str) -> Path:
         data = src.read_bytes()
         dst = out / name
         if not dst.exists() or dst.read_bytes() != data:
-            tmp = out / f".{name}.{os.getpid()}"
-            tmp.write_bytes(data)
-            os.chmod(tmp, 0o644)
-            tmp.replace(dst)
+            write_file(out, name, data, 0o644, replace=True)
     return out
 
 

@@ -132,33 +132,24 @@ def _path_length(cert: x509.Certificate) -> int | None:
     return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.path_length
 
 
-def _write_new(directory: pathlib.Path, name: str, data: bytes, mode: int) -> None:
-    # Written aside then linked: the final name never shows a partial file, and link
-    # (unlike rename) refuses to replace a file that somehow appeared meanwhile.
+def write_file(directory: pathlib.Path, name: str, data: bytes, mode: int, *,
+               replace: bool = False) -> None:
+    """Written aside, then put in place: the final name never shows a partial file.
+    replace=False links it (link, unlike rename, refuses to replace a file that somehow
+    appeared meanwhile); replace=True renames it over: readers see the old or the new."""
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
     try:
         os.fchmod(fd, mode)
         os.write(fd, data)
         os.fsync(fd)
-        os.link(tmp, directory / name)
+        if replace:
+            os.replace(tmp, directory / name)
+        else:
+            os.link(tmp, directory / name)
     finally:
         os.close(fd)
-        os.unlink(tmp)
-
-
-def _write_replace(directory: pathlib.Path, name: str, data: bytes, mode: int) -> None:
-    # Written aside then renamed over: readers see the old file or the new, never half.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-        os.replace(tmp, directory / name)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    finally:
-        os.close(fd)
+        if not replace or os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 @contextlib.contextmanager
@@ -248,8 +239,8 @@ class LocalCA:
     @classmethod
     def _create(cls, d: pathlib.Path, dfd: int, name: str) -> x509.Certificate:
         key, cert = cls._mint_ca(name)
-        _write_new(d, "ca.key", _key_pem(key), 0o600)
-        _write_new(d, "ca.pem", _cert_pem(cert), 0o644)
+        write_file(d, "ca.key", _key_pem(key), 0o600)
+        write_file(d, "ca.pem", _cert_pem(cert), 0o644)
         os.fsync(dfd)
         return cert
 
@@ -309,8 +300,8 @@ class LocalCA:
             found = self._load_issuing(key)
             if found is None:
                 found = self._mint_issuing(want)
-                _write_replace(self.directory, "issuing.key", _key_pem(found[0]), 0o600)
-                _write_replace(self.directory, "issuing.pem", _cert_pem(found[1]), 0o644)
+                write_file(self.directory, "issuing.key", _key_pem(found[0]), 0o600, replace=True)
+                write_file(self.directory, "issuing.pem", _cert_pem(found[1]), 0o644, replace=True)
                 os.fsync(dfd)
         if key != self._constraints:
             self._cache.clear()   # leaves made for other constraints may name what's now out
@@ -475,7 +466,7 @@ class LocalCA:
                 return out
         except FileNotFoundError:
             pass
-        _write_replace(self.directory, "bundle.pem", data, 0o644)
+        write_file(self.directory, "bundle.pem", data, 0o644, replace=True)
         return out
 
     @staticmethod
