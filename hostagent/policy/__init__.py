@@ -87,6 +87,10 @@ class Request:
     text: str = ""
     parsed: bool = True
     unknown: tuple[str, ...] = ()
+    # attributes whose values are readings of one thing (HTTP paths as servers may read
+    # them): a deny or review rule matches if any reading does, an allow rule only if
+    # every reading does
+    readings: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,11 @@ def _matches(rule: Rule, req: Request) -> bool:
                 return False
     attrs = req.attributes
     for name, patterns in rule.matchers:
-        if not _any(patterns, attrs.get(name, ())):
+        values = attrs.get(name, ())
+        if rule.action == "allow" and name in req.readings and values:
+            if not all(_any(patterns, (v,)) for v in values):
+                return False
+        elif not _any(patterns, values):
             return False
     if rule.match is not None and not rule.match.search(normalize(req.text)):
         return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 import zlib
 
 from hostagent.masking import MASK, Masker
@@ -51,9 +52,12 @@ def decode(body: bytes, codings: list[bytes], limit: int) -> bytes:
     return body
 
 
+MAX_MEMBERS = 64     # gzip members in one body (each costs a new decoder)
+
+
 def _zlib(data: bytes, wbits: int, limit: int, name: str, members: bool = False) -> bytes:
     out = bytearray()
-    while data:
+    for _ in range(MAX_MEMBERS):
         d = zlib.decompressobj(wbits)
         try:
             out += d.decompress(data, limit + 1 - len(out))
@@ -63,7 +67,9 @@ def _zlib(data: bytes, wbits: int, limit: int, name: str, members: bool = False)
             raise MaskRefused(f"the body decodes past {limit} bytes")
         # gzip allows several members one after another: each is part of the body
         data = d.unused_data if members and d.eof else b""
-    return bytes(out)
+        if not data:
+            return bytes(out)
+    raise MaskRefused(f"a {name} body of more than {MAX_MEMBERS} members")
 
 
 def _brotli(data: bytes, limit: int) -> bytes:
@@ -137,22 +143,28 @@ class BodyMasker:
         return self.masker.scan(text)[0] if self.detectors else text
 
     def mask_body(self, body: bytes, mtype: str) -> bytes:
-        """A whole body (already decoded)."""
+        """A whole body (already decoded). JSON in the wrappers servers put around it
+        (a BOM, a json-seq separator, an XSSI guard, a JSONP callback) is found too."""
         doc = None
-        text = body[3:] if body.startswith(b"\xef\xbb\xbf") else body
-        looks = text.lstrip()[:1] in (b"{", b"[")
-        if is_json(mtype) or looks:
+        prefix, text, suffix = unwrap(body)
+        if is_json(mtype) or text.lstrip()[:1] in (b"{", b"["):
             try:
-                doc = json.loads(text)
+                doc = _parse(text)
             except (ValueError, RecursionError):
                 if self.paths:
                     # fields a rule names could be in it: not passed unmasked
                     raise MaskRefused("a JSON body that does not parse can't have its "
                                       "fields masked") from None
-        if doc is not None and isinstance(doc, (dict, list)):
+        if isinstance(doc, (dict, list)):
+            return prefix + self._json(doc) + suffix
+        return self._text(body)
+
+    def _json(self, doc) -> bytes:
+        try:
             return json.dumps(self.mask_json(doc), ensure_ascii=False,
                               separators=(",", ":")).encode()
-        return self._text(body)
+        except RecursionError:
+            raise MaskRefused("JSON nested too deep to mask") from None
 
     def _text(self, body: bytes) -> bytes:
         if not self.detectors:
@@ -164,23 +176,81 @@ class BodyMasker:
             return self.mask_text(body.decode("latin-1")).encode("latin-1")
 
     def mask_line(self, line: bytes) -> bytes:
-        """One line of a stream (SSE `data:` lines and NDJSON lines may be JSON)."""
+        """One line of a stream (NDJSON lines may be JSON)."""
         stripped = line.rstrip(b"\r\n")
         end = line[len(stripped):]
-        prefix, payload = b"", stripped
-        if stripped.startswith(b"data:"):
-            prefix, payload = b"data:", stripped[5:]
-            if payload.startswith(b" "):
-                prefix, payload = b"data: ", payload[1:]
-        if self.paths and payload.lstrip()[:1] in (b"{", b"["):
+        return self._payload(stripped) + end
+
+    def _payload(self, payload: bytes) -> bytes:
+        prefix, text, suffix = unwrap(payload)
+        if self.paths and text.lstrip()[:1] in (b"{", b"["):
             try:
-                doc = json.loads(payload)
+                doc = _parse(text)
             except (ValueError, RecursionError):
-                return prefix + MASK.encode() + end   # can't find the fields: all of it
+                return MASK.encode()      # can't find the fields: all of it
             if isinstance(doc, (dict, list)):
-                return prefix + json.dumps(self.mask_json(doc), ensure_ascii=False,
-                                           separators=(",", ":")).encode() + end
-        return prefix + self._text(payload) + end
+                try:
+                    return prefix + self._json(doc) + suffix
+                except MaskRefused:
+                    return MASK.encode()
+        return self._text(payload)
+
+    def mask_event(self, event: bytes) -> bytes:
+        """One server-sent event (its lines up to the blank line): its `data:` lines
+        are one value (JSON may be split over them), masked as one."""
+        lines = event.split(b"\n")
+        data = [ln[6:] if ln.startswith(b"data: ") else ln[5:]
+                for ln in (x.rstrip(b"\r") for x in lines) if ln.startswith(b"data:")]
+        if not data:
+            return b"\n".join(self._text(ln) for ln in lines)
+        masked = self._payload(b"\n".join(data))
+        out, done = [], False
+        for ln in lines:
+            if ln.rstrip(b"\r").startswith(b"data:"):
+                if not done:
+                    out += [b"data: " + part for part in masked.split(b"\n")]
+                    done = True
+            else:
+                out.append(self._text(ln))
+        return b"\n".join(out)
+
+
+# JSON as servers wrap it: XSSI guards before it, a JSONP callback around it
+_GUARDS = (b")]}',", b")]}'", b"while(1);", b"for(;;);", b"{}&&")
+_JSONP = re.compile(rb"\A(\s*[A-Za-z_$][\w$.]*\s*\()(.*)(\)\s*;?\s*)\Z", re.S)
+MAX_MASKED_NODES = 500_000     # containers and values in an answer masked as JSON
+
+
+def unwrap(body: bytes) -> tuple[bytes, bytes, bytes]:
+    """(prefix, JSON text, suffix) of a body that may carry JSON inside a wrapper."""
+    start = 0
+    if body.startswith(b"\xef\xbb\xbf"):
+        start = 3
+    if body[start:start + 1] == b"\x1e":            # application/json-seq
+        start += 1
+    rest = body[start:].lstrip()
+    for guard in _GUARDS:
+        if rest.startswith(guard):
+            start = len(body) - len(rest) + len(guard)
+            rest = body[start:].lstrip()
+            break
+    while rest.startswith(b"//"):                      # comment lines before it
+        nl = rest.find(b"\n")
+        if nl < 0:
+            break
+        rest = rest[nl + 1:].lstrip()
+    start = len(body) - len(rest)
+    m = _JSONP.match(body, start)
+    if m and m.group(2).lstrip()[:1] in (b"{", b"["):
+        return body[:m.start(2)], m.group(2), m.group(3)
+    return body[:start], body[start:], b""
+
+
+def _parse(text: bytes):
+    # (counted before parsing: megabytes of "[{},{}...]" are a GB of Python objects)
+    if text.count(b",") + text.count(b"{") + text.count(b"[") > MAX_MASKED_NODES:
+        raise ValueError("too many JSON values to mask")
+    return json.loads(text)
 
 
 class Scrubber:

@@ -10,6 +10,7 @@ rewritten whole, or, for event streams, masked line by line.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 import h11
@@ -77,7 +78,9 @@ class HttpLayer:
         drop = {n.lower() for n, _ in inject}
         if not keep_authorization:
             drop.add(b"authorization")
-        self.dropped = frozenset(drop)
+        # (method and URL overrides: frameworks and proxies behind would act on what the
+        # policy did not judge)
+        self.dropped = frozenset(drop) | _OVERRIDES
         self.secret_names = frozenset(n.decode("latin-1").lower() for n, _ in inject)
         # what must never reach the agent, even echoed back by the server
         secrets = []
@@ -85,7 +88,12 @@ class HttpLayer:
             secrets.append(value)
             if value.lower().startswith(b"bearer "):
                 secrets.append(value[7:].strip())
-        self.secrets = tuple(v for v in secrets if len(v) >= 8)
+        # ...and as an echo may give them back: JSON-escaped, percent-encoded
+        from urllib.parse import quote, quote_plus
+        secrets += [v.replace(b"/", b"\\/") for v in secrets] + \
+            [quote(v, safe="").encode() for v in secrets] + \
+            [quote_plus(v, safe="").encode() for v in secrets]
+        self.secrets = tuple(dict.fromkeys(v for v in secrets if len(v) >= 8))
         self.masker = masker if masker is not None and masker.active else None
         self.judge_json = judge_json
         self.max_body = max_body
@@ -205,9 +213,12 @@ class HttpLayer:
             ex.path, ex.query = normalize_target(req.target)
         except BadTarget as exc:
             return self._fail(400, f"agentgate: {exc}", str(exc))
-        host = header(req.headers, b"host") or b""
-        ex.host = host.decode("latin-1")
-        if host and host_values(host)[0].strip("[]") not in self.hostnames:
+        host = header(req.headers, b"host")
+        if host is None and req.http_version == b"1.0" and self.names:
+            host = self.names[0].encode()      # (HTTP/1.1 upstream needs one)
+        ex.host = (host or b"").decode("latin-1")
+        if not _HOST.fullmatch(host or b"") or \
+                host_values(host)[0].strip("[]") not in self.hostnames:
             # the connection goes to the target whatever the Host says; behind a shared
             # ingress another name is another site, and would get the target's credentials
             return self._judged_refusal(ex, 421, f"the Host {ex.host!r} is not a name of "
@@ -262,6 +273,8 @@ class HttpLayer:
                                  self.max_body)
         except MaskRefused:
             return None, False
+        if mtype.startswith("multipart/"):
+            return None, False     # (its fields are not read: a rule could not see them)
         if mtype == "application/x-www-form-urlencoded":
             try:
                 return form_fields(body.decode("utf-8", "replace")), True
@@ -364,6 +377,8 @@ class HttpLayer:
         req = ex.request
         headers = end_to_end(req.headers, self.dropped | _MASKING_DROPS
                              if self.masker or self.secrets else self.dropped)
+        if header(req.headers, b"host") is None:
+            headers.append((b"host", ex.host.encode("latin-1")))
         upgrade = tokens(req.headers, b"upgrade")
         if b"websocket" in upgrade and b"upgrade" in tokens(req.headers, b"connection"):
             headers += [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
@@ -377,9 +392,12 @@ class HttpLayer:
             headers.append((b"content-length", header(req.headers, b"content-length")))
         self.server = ServerSide()
         target = (ex.path + ("?" + ex.query if ex.query else "")).encode()
-        out: list[Command] = [ToUpstream(self.server.send(h11.Request(
-            method=req.method, target=target, headers=headers,
-            http_version=b"1.1")), starts=(ex.id,))]
+        try:
+            head = h11.Request(method=req.method, target=target, headers=headers,
+                               http_version=b"1.1")
+        except h11.LocalProtocolError as exc:
+            return self._fail(400, f"agentgate: the request can't be sent on: {exc}", str(exc))
+        out: list[Command] = [ToUpstream(self.server.send(head), starts=(ex.id,))]
         ex.phase, ex.forwarded = "forward", True
         if ex.body:
             out.append(ToUpstream(self.server.send(h11.Data(bytes(ex.body)))))
@@ -479,7 +497,13 @@ class HttpLayer:
 
     def _head(self, resp: h11.Response, extra=(), drop=frozenset()) -> bytes:
         self.ex.answered = True
-        headers = self._clean(end_to_end(resp.headers, drop)) + list(extra)
+        if self.masker is not None:
+            drop = drop | _DIGESTS
+            headers = [(n, v) for n, v in end_to_end(resp.headers, drop)
+                       if not n.lower().startswith(_DIGEST_PREFIXES)]
+        else:
+            headers = end_to_end(resp.headers, drop)
+        headers = self._clean(headers) + list(extra)
         reason = self._clean([(b"", resp.reason)])[0][1]
         if not self.server.conn.our_state is h11.DONE and _closes(resp):
             headers.append((b"connection", b"close"))
@@ -516,8 +540,17 @@ class HttpLayer:
                 return self._fail(502, f"agentgate: the answer is over {self.max_body} bytes "
                                        f"and can't be masked", "answer too large to mask")
             return []
+        sse = ex.mtype == "text/event-stream"
+        # (only what came since the last look is searched: a long line in small reads
+        # is not scanned again and again)
+        since = max(0, len(ex.lines) - 3)
         ex.lines += data
-        cut = ex.lines.rfind(b"\n") + 1
+        # (event streams in whole events: JSON may be split over an event's data lines)
+        if sse:
+            ends = [m.end() for m in _EVENT_END.finditer(ex.lines, since)]
+            cut = ends[-1] if ends else 0
+        else:
+            cut = ex.lines.rfind(b"\n", since) + 1
         if not cut:
             if len(ex.lines) > self.max_body:
                 return [Close(f"a line of the event stream is over {self.max_body} bytes "
@@ -526,7 +559,12 @@ class HttpLayer:
         chunk, ex.lines = bytes(ex.lines[:cut]), ex.lines[cut:]
         if ex.scrub is not None:
             chunk = ex.scrub.whole(chunk)
-        masked = b"".join(self.masker.mask_line(ln) for ln in chunk.splitlines(keepends=True))
+        if sse:     # (split keeps the separators: events at even places)
+            masked = b"".join(self.masker.mask_event(part) if i % 2 == 0 else part
+                              for i, part in enumerate(_EVENT_END.split(chunk)))
+        else:
+            masked = b"".join(self.masker.mask_line(ln)
+                              for ln in chunk.splitlines(keepends=True))
         if ex.scrub is not None:
             masked = ex.scrub.whole(masked)
         if len(ex.sample) < self.sample_bytes:
@@ -555,8 +593,9 @@ class HttpLayer:
             out.append(ToClient(head + self.client.send(h11.Data(body)) if body else head))
             ex.resp_body = bytearray()
         elif ex.mode == "lines" and ex.lines:
-            masked = self.masker.mask_line(ex.scrub.whole(bytes(ex.lines)) if ex.scrub
-                                           else bytes(ex.lines))
+            rest = ex.scrub.whole(bytes(ex.lines)) if ex.scrub else bytes(ex.lines)
+            masked = self.masker.mask_event(rest) if ex.mtype == "text/event-stream" \
+                else self.masker.mask_line(rest)
             if ex.scrub is not None:
                 masked = ex.scrub.whole(masked)
             ex.lines = bytearray()
@@ -609,9 +648,19 @@ _REWRITTEN = frozenset((b"content-encoding", b"content-md5", b"digest", b"etag",
                         b"content-range", b"accept-ranges"))
 # with masking on, a part of a body could split a value the detectors look for: whole
 # bodies are asked for
-_MASKING_DROPS = frozenset((b"range", b"if-range", b"accept-encoding",
+_MASKING_DROPS = frozenset((b"range", b"if-range", b"accept-encoding", b"want-repr-digest",
+                            b"want-content-digest",
                             # an ETag that hashes the body would confirm a guessed value
                             b"if-none-match", b"if-match", b"if-modified-since",
                             b"if-unmodified-since"))
+_EVENT_END = re.compile(rb"(\r?\n\r?\n)")   # a server-sent event ends with a blank line
+# hashes of a body (or of the unmasked one): with masking on they would confirm a guess
+_DIGESTS = frozenset((b"etag", b"content-md5", b"digest", b"repr-digest", b"content-digest",
+                      b"x-goog-hash"))
+_DIGEST_PREFIXES = (b"x-amz-checksum-", b"x-amz-meta-")
+_OVERRIDES = frozenset((b"x-http-method-override", b"x-http-method", b"x-method-override",
+                        b"x-original-url", b"x-rewrite-url", b"x-original-method"))
+# a host name or an address, and a port of digits: nothing a URL parser reads otherwise
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(?::[0-9]{1,5})?")
 _REASONS = {400: b"Bad Request", 403: b"Forbidden", 405: b"Method Not Allowed",
             413: b"Content Too Large", 502: b"Bad Gateway", 505: b"HTTP Version Not Supported"}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 
 from hostagent.policy import Request
 
@@ -47,6 +48,11 @@ def normalize_target(target: bytes) -> tuple[str, str]:
         last = i == len(segments) - 1
         if seg == b"" and not last:
             continue
+        # ".;x" and "..;x" are dot segments to Tomcat, Jetty and Spring (parameters go
+        # first): as such they go upstream, as such they are judged
+        dot = seg.split(b";", 1)[0]
+        if dot in (b".", b".."):
+            seg = dot
         if seg == b".":
             if last:
                 out.append(b"")
@@ -123,34 +129,76 @@ def looks_like_json(body: bytes) -> bool:
     return body.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] in (b"{", b"[")
 
 
-def form_fields(data: str) -> list[str]:
-    """`a=1&b=x` as fields `$.a=1`, `$.b=x`: form bodies and query strings, which web
-    frameworks bind into the same objects JSON bodies go to."""
-    from urllib.parse import parse_qsl
-    try:
-        pairs = parse_qsl(data, keep_blank_values=True, max_num_fields=MAX_FIELDS,
-                          errors="replace")
-    except ValueError:
-        raise ValueError(f"more than {MAX_FIELDS} form fields") from None
-    return [f"$.{k}={v}" for k, v in pairs]
+def _key(k: str) -> str:
+    # keys as the most lenient binder reads them: Go's encoding/json folds case (ſ is s,
+    # the Kelvin sign k); rules are matched case-insensitively anyway
+    return unicodedata.normalize("NFKC", k).casefold()
 
 
-def flatten(doc, limit: int = MAX_FIELDS) -> list[str]:
-    """Leaves as "path=value": `$.a.b=x`, `$.items[0].name=y`; strings as they are,
-    other scalars as JSON (true, 42, null). ValueError past `limit` leaves."""
-    out: list[str] = []
+def _value(v) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e18:
+        return str(int(v))     # 1e6 and 1000000.0 are 1000000 to JavaScript, Jackson, Go
+    return json.dumps(v)
+
+
+def form_fields(data: str) -> list[tuple[str, str]]:
+    """`a=1&b=x` as fields (`$.a`, "1"), (`$.b`, "x"): form bodies and query strings,
+    which web frameworks bind into the same objects JSON bodies go to. `;` separates
+    too (Rack, old Go), and bracket keys nest (`user[admin]` is `$.user.admin`, `a[]`
+    indexes: Rails, PHP, qs)."""
+    from urllib.parse import unquote_plus
+    out: list[tuple[str, str]] = []
+    counts: dict[str, int] = {}
+    for part in re.split(r"[&;]", data):
+        if not part:
+            continue
+        k, _, v = part.partition("=")
+        k, v = unquote_plus(k, errors="replace"), unquote_plus(v, errors="replace")
+        head, *rest = k.split("[")
+        path = "$." + _key(head)
+        for r in rest:
+            name = r.rstrip("]")
+            if name == "":
+                n = counts[path] = counts.get(path, -1) + 1
+                path += f"[{n}]"
+            else:
+                path += "." + _key(name)
+        out.append((path, v))
+        if len(out) > MAX_FIELDS:
+            raise ValueError(f"more than {MAX_FIELDS} form fields")
+    return out
+
+
+def flatten(doc, limit: int = MAX_FIELDS) -> list[tuple[str, str]]:
+    """Leaves as (path, value): (`$.a.b`, "x"), (`$.items[0].name`, "y"); strings as they
+    are, other scalars as JSON (true, 42, null). ValueError past `limit` leaves."""
+    out: list[tuple[str, str]] = []
     stack = [("$", doc)]
     while stack:
         path, node = stack.pop()
         if isinstance(node, dict):
-            stack += [(f"{path}.{k}", v) for k, v in reversed(list(node.items()))]
+            stack += [(f"{path}.{_key(k)}", v) for k, v in reversed(list(node.items()))]
         elif isinstance(node, list):
             stack += [(f"{path}[{i}]", v) for i, v in reversed(list(enumerate(node)))]
         else:
-            out.append(f"{path}={node if isinstance(node, str) else json.dumps(node)}")
+            out.append((path, _value(node)))
             if len(out) > limit:
                 raise ValueError(f"more than {limit} JSON fields")
     return out
+
+
+def field_strings(fields: list[tuple[str, str]]) -> list[str]:
+    """Fields as the `json` matcher sees them, "path=value"; ValueError if a path comes
+    twice (keys differing in case only, a form key repeated, a query key also in the
+    body): binders differ on which one wins, so none is guessed."""
+    seen: set[str] = set()
+    for path, _ in fields:
+        if path in seen:
+            raise DuplicateKey(f"the field {path} is given twice")
+        seen.add(path)
+    return [f"{p}={v}" for p, v in fields]
 
 
 def path_glob(path: str) -> str:
@@ -186,22 +234,27 @@ def json_patterns(table: dict) -> list[str]:
 
 
 def request_for(*, target: str, identity: dict, method: str, host: bytes | None, path: str,
-                query: str, headers, body_fields: list[str] | None,
+                query: str, headers, body_fields: list[tuple[str, str]] | None,
                 parsed: bool = True, protocol: str = "http") -> Request:
     text = f"{method} {path}{'?' + query if query else ''}"
     hosts = host_values(host) if host else ()
     paths = path_readings(path)
     # encoded slashes: servers differ on where the path's segments are (see path_readings)
     ambiguous = ("ambiguous_path",) if "%2F" in path or "%5C" in path else ()
-    fields = list(body_fields or ())
+    fields: list[str] = []
+    methods = [method]
     try:
-        fields += form_fields(query) if query else []
+        pairs = list(body_fields or ()) + (form_fields(query) if query else [])
+        fields = field_strings(pairs)
+        # (Rails and Laravel take a form's or query's _method as the method)
+        methods += [v.upper() for p, v in pairs if p == "$._method"]
     except ValueError:
         parsed = False
     return Request(target=target, protocol=protocol, identity=identity, action=method,
                    resources=(path,), text=text, parsed=parsed, unknown=ambiguous,
-                   attributes={"methods": (method,), "hosts": hosts, "paths": paths,
-                               "flags": ambiguous,
+                   readings=("paths", "methods"),
+                   attributes={"methods": tuple(dict.fromkeys(methods)), "hosts": hosts,
+                               "paths": paths, "flags": ambiguous,
                                "headers": tuple(f"{n.decode('latin-1')}: "
                                                 f"{v.decode('latin-1')}" for n, v in headers),
                                "json": tuple(fields)})

@@ -17,7 +17,8 @@ from hostagent.protocols.api import (CLIENT, UPSTREAM, ApprovalDecided, Close, D
                                      TlsFailed, ToClient, ToUpstream)
 from hostagent.protocols.http.bodies import BodyMasker, MaskRefused, Scrubber, decode
 from hostagent.protocols.http.layer import MAX_PIPELINED, HttpLayer
-from hostagent.protocols.http.requests import (BadTarget, flatten, json_patterns,
+from hostagent.protocols.http.requests import (BadTarget, field_strings, flatten,
+                                               form_fields, json_patterns,
                                                normalize_target, parse_json)
 from hostagent.protocols.http.wire import HeadError, check_head
 from tests.hostagent.protocols.playbook import Playbook, record, sends
@@ -374,14 +375,15 @@ def test_check_head_refuses_ambiguous_framing():
 
 
 def test_flatten_and_json_patterns_in_policy():
-    doc = parse_json(b'{"a": {"b": [1, "x", {"c": null}]}, "force": true}')
-    assert flatten(doc) == ["$.a.b[0]=1", "$.a.b[1]=x", "$.a.b[2].c=null", "$.force=true"]
+    doc = parse_json(b'{"a": {"b": [1, "x", {"c": null}]}, "Force": true, "n": 1e6}')
+    assert field_strings(flatten(doc)) == ["$.a.b[0]=1", "$.a.b[1]=x", "$.a.b[2].c=null",
+                                           "$.force=true", "$.n=1000000"]
     rule = Rule(name="r", action="deny", matchers=tuple(
         ("json", (p,)) for p in json_patterns({"$.a.b[*].c": "null", "$.force": "true"})))
     pol = Policy(rules=(rule,))
     from hostagent.policy import Request
     req = lambda fields: Request(target="t", protocol="http", attributes={"json": fields})
-    assert decide(pol, req(flatten(doc))).action == "deny"
+    assert decide(pol, req(field_strings(flatten(doc)))).action == "deny"
     assert decide(pol, req(["$.force=true"])).action == "allow"     # every entry must match
 
 
@@ -487,3 +489,105 @@ def test_a_server_that_closes_without_answering_gets_the_client_a_502():
     out = run(lay, EofReceived(UPSTREAM))
     assert isinstance(out[-1], Close) and out[-1].final.startswith(b"HTTP/1.1 502")
     assert b"before answering" in out[-1].final
+
+
+def test_fields_binders_read_alike_are_one_field_given_twice_is_unparseable():
+    assert field_strings(form_fields("user[admin]=true&a[]=1&a[]=2;b=x")) == [
+        "$.user.admin=true", "$.a[0]=1", "$.a[1]=2", "$.b=x"]
+    for pairs in (form_fields("env=staging&env=prod"),
+                  flatten(parse_json('{"env": "staging", "Env": "prod"}'.encode())),
+                  flatten(parse_json('{"skip": 1, "\u017fkip": 2}'.encode()))):
+        with pytest.raises(ValueError):
+            field_strings(pairs)
+
+
+def allow_only(**matchers):
+    rules = (Rule(name="ok", action="allow", matchers=tuple(matchers.items())),)
+    policy = Policy(default="deny", rules=rules)
+    return HttpLayer(decide=lambda r: decide(policy, r), target="api", identity={},
+                     names=("api.example",), judge_json=True)
+
+
+@pytest.mark.parametrize("path", [b"/public/..;/admin", b"/public/%2e%2e;/admin",
+                                  b"/public/x/..;/..;/admin", b"/public/..%2Fadmin"])
+def test_an_allow_rule_must_hold_for_every_reading_of_the_path(path):
+    out = run(allow_only(paths=("/public/*",)), DataReceived(CLIENT, get(path)))
+    assert client_bytes(out).startswith(b"HTTP/1.1 403"), path
+    out = run(allow_only(paths=("/public/*",)), DataReceived(CLIENT, get(b"/public/x")))
+    assert any(isinstance(c, ToUpstream) for c in out)
+
+
+def test_an_allow_rule_on_a_field_can_not_be_met_by_one_harmless_copy():
+    lay = allow_only(json=json_patterns({"$.env": "staging"}))
+    for body, ctype in ((b"env=staging&env=prod", b"application/x-www-form-urlencoded"),
+                        (b'{"env":"staging","Env":"prod"}', b"application/json"),
+                        (b"--XX\r\nContent-Disposition: form-data; name=\"env\"\r\n\r\nprod"
+                         b"\r\n--XX--\r\n", b"multipart/form-data; boundary=XX")):
+        out = run(allow_only(json=json_patterns({"$.env": "staging"})), DataReceived(
+            CLIENT, b"POST /d HTTP/1.1\r\nHost: api.example\r\nContent-Type: " + ctype
+            + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body))
+        assert client_bytes(out).startswith(b"HTTP/1.1 403"), body
+    out = run(lay, DataReceived(CLIENT, b"POST /d?env=prod HTTP/1.1\r\nHost: api.example\r\n"
+                                b"Content-Type: application/json\r\nContent-Length: 17\r\n\r\n"
+                                b'{"env":"staging"}'))
+    assert client_bytes(out).startswith(b"HTTP/1.1 403")
+
+
+def test_method_overrides_are_judged_or_dropped():
+    out = run(layer(), DataReceived(CLIENT, get(b"/x", b"X-HTTP-Method-Override: DELETE\r\n")))
+    assert b"override" not in upstream_bytes(out).lower()
+    out = run(layer(), DataReceived(CLIENT, b"POST /x?_method=delete HTTP/1.1\r\nHost: api.example"
+                                    b"\r\nContent-Length: 0\r\n\r\n"))
+    assert client_bytes(out).startswith(b"HTTP/1.1 403")
+
+
+@pytest.mark.parametrize("host", [b"api.example:80@x.evil.com", b"api.example:evil.com",
+                                  b"api.example:", b"[api.example]:443", b""])
+def test_hosts_a_url_parser_reads_otherwise_are_refused(host):
+    out = run(layer(), DataReceived(CLIENT, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"))
+    assert client_bytes(out).startswith(b"HTTP/1.1 421"), host
+
+
+def test_an_http10_request_without_host_gets_the_targets_name_upstream():
+    out = run(layer(), DataReceived(CLIENT, b"GET /x HTTP/1.0\r\n\r\n"))
+    assert b"host: api.example" in upstream_bytes(out).lower()
+
+
+def test_digests_that_would_confirm_a_guess_are_dropped_when_masking():
+    lay = masked_layer()
+    run(lay, DataReceived(CLIENT, b"HEAD /j HTTP/1.1\r\nHost: api.example\r\nWant-Repr-Digest: sha-256=1\r\n\r\n"))
+    out = run(lay, DataReceived(UPSTREAM, b"HTTP/1.1 200 OK\r\nETag: \"abc\"\r\nRepr-Digest: sha-256=:x:\r\n"
+                                b"x-amz-checksum-sha256: y\r\nContent-Length: 5\r\n\r\n"))
+    head = client_bytes(out).lower()
+    assert b"etag" not in head and b"digest" not in head and b"checksum" not in head
+
+
+@pytest.mark.parametrize("body, ctype", [
+    (b'\x1e{"users":[{"card":"4111 1111 1111 1111"}]}', b"application/json-seq"),
+    (b'cb({"users":[{"card":"4111 1111 1111 1111"}]});', b"application/javascript"),
+    (b")]}'\n{\"users\":[{\"card\":\"4111 1111 1111 1111\"}]}", b"text/plain"),
+    (b'// x\n{"users":[{"card":"4111 1111 1111 1111"}]}', b"text/plain"),
+])
+def test_json_in_the_wrappers_servers_put_around_it_is_masked(body, ctype):
+    lay = masked_layer()
+    run(lay, DataReceived(CLIENT, get(b"/j")))
+    out = run(lay, DataReceived(UPSTREAM, ok(body, ctype)))
+    assert b"4111" not in client_bytes(out)
+
+
+def test_json_split_over_an_events_data_lines_is_masked_as_one():
+    lay = masked_layer()
+    run(lay, DataReceived(CLIENT, get(b"/sse")))
+    out = run(lay, DataReceived(UPSTREAM, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                b"Content-Length: 200\r\n\r\n"))
+    ev = b'id: 7\r\ndata: {"users":[{"name":"ann",\r\ndata: "card":"4111 1111 1111 1111"}]}\r\n\r\n'
+    out = run(lay, DataReceived(UPSTREAM, ev[:30]), DataReceived(UPSTREAM, ev[30:]))
+    got = client_bytes(out)
+    assert b"4111" not in got and b"id: 7" in got and got.endswith(b"\r\n\r\n")
+
+
+def test_deeply_nested_answers_are_refused_not_crashing():
+    lay = masked_layer()
+    run(lay, DataReceived(CLIENT, get(b"/deep")))
+    out = run(lay, DataReceived(UPSTREAM, ok(b"[" * 900 + b"]" * 900, b"application/json")))
+    assert client_bytes(out).startswith(b"HTTP/1.1 502")
