@@ -49,7 +49,9 @@ EVENT_KINDS: dict[str, tuple[str, str]] = {
                "expires_ns, decided_by, reason, error"),
     OUTPUT: ("protocols", "summary, rows_returned, rows_affected, duration_us, columns, "
              "sample, sample_capped, masked, sqlstate, error; status, headers, bytes (http)"),
-    DATA: ("tcp", "dir (in|out), data (bytes)"),
+    DATA: ("tcp, kubernetes", "dir (in|out), data (bytes); stream (stdin, stdout, stderr, "
+           "close: kubernetes)"),
+    "resize": ("kubernetes", "cols, rows (a terminal's size changed)"),
     SESSION_END: ("all", "reason, bytes_in, bytes_out; runs: exit_code, "
                   "refused_connections, incomplete, lost_events, events_suppressed"),
     "tls": ("protocols", "side (client|upstream), version, sni, alpn, verified (upstream), "

@@ -136,6 +136,8 @@ class StartUpstreamTls:
     verify: bool = True
     ca: str | None = None       # a CA file; None: the system's store
     alpn: tuple[str, ...] = ()
+    cert: str | None = None     # a client certificate (and its key) to present
+    key: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ PROTOCOLS: dict[str, str] = {
     "postgres": "hostagent.protocols.postgres",
     "http": "hostagent.protocols.http",
     "https": "hostagent.protocols.http.tls",
+    "kubernetes": "hostagent.protocols.kubernetes",
 }
 
 @dataclass(frozen=True)

@@ -300,17 +300,22 @@ class Proxy:
         ctx.sni_callback = _keep_sni
         return ctx
 
-    def upstream_tls(self, verify: bool, ca: str | None, alpn: tuple[str, ...]) -> ssl.SSLContext:
-        key = (verify, ca, alpn)
-        ctx = self._upstream_ctx.get(key)
+    def upstream_tls(self, verify: bool, ca: str | None, alpn: tuple[str, ...],
+                     cert: str | None = None, key: str | None = None) -> ssl.SSLContext:
+        """A context towards servers (cached by its settings). `cert`/`key`: the client
+        certificate the target's credentials are (Kubernetes); root's files, read here."""
+        cache = (verify, ca, alpn, cert, key)
+        ctx = self._upstream_ctx.get(cache)
         if ctx is None:
             ctx = ssl.create_default_context(cafile=ca)
+            if cert:
+                ctx.load_cert_chain(cert, key)
             if not verify:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE   # encrypted, not authenticated
             if alpn:
                 ctx.set_alpn_protocols(list(alpn))
-            self._upstream_ctx[key] = ctx
+            self._upstream_ctx[cache] = ctx
         return ctx
 
     async def ask_approval(self, session: Session, hold) -> tuple:

@@ -409,7 +409,7 @@ class Session:
                         leg.transport, leg, self.proxy.client_tls(cmd.names, cmd.alpn),
                         server_side=True, ssl_handshake_timeout=CONNECT_TIMEOUT), early)
             else:
-                ctx = self.proxy.upstream_tls(cmd.verify, cmd.ca, cmd.alpn)
+                ctx = self.proxy.upstream_tls(cmd.verify, cmd.ca, cmd.alpn, cmd.cert, cmd.key)
                 transport = await self._loop.start_tls(
                     leg.transport, leg, ctx, server_hostname=cmd.server_name or None,
                     ssl_handshake_timeout=CONNECT_TIMEOUT)
@@ -481,7 +481,7 @@ class Session:
                 elif t is StartUpstreamTls:
                     try:
                         await writer.start_tls(
-                            self.proxy.upstream_tls(cmd.verify, cmd.ca, cmd.alpn),
+                            self.proxy.upstream_tls(cmd.verify, cmd.ca, cmd.alpn, cmd.cert, cmd.key),
                             server_hostname=cmd.server_name or None,
                             ssl_handshake_timeout=CONNECT_TIMEOUT)
                     except (ssl.SSLError, ssl.CertificateError, ValueError) as exc:

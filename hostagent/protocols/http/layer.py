@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import h11
 
 from agentgate.events import OUTPUT
-from hostagent.policy import Decision
+from hostagent.policy import Decision, Request
 from hostagent.protocols.api import (CLIENT, Aborted, ApprovalDecided, Close, Command,
                                      DataReceived, EofReceived, Handoff, HoldPending,
                                      ProtocolError, Record, Start, StartClientTls,
@@ -64,15 +64,19 @@ class HttpLayer:
     name = "http"
     # a client's half-close waits until what it sent before is answered (pipelining)
     relays_eof = False
+    # query parameters as `json` fields (web frameworks bind them with the body's)
+    query_fields = True
 
     def __init__(self, *, decide, target: str, identity: dict, protocol: str = "http",
                  tls: bool = False, names: tuple[str, ...] = (), server_name: str = "",
                  ca: str | None = None, inject: tuple[tuple[bytes, bytes], ...] = (),
                  keep_authorization: bool = False, masker: BodyMasker | None = None,
-                 judge_json: bool = False, max_body: int = 8 << 20, sample_bytes: int = 4096):
+                 judge_json: bool = False, max_body: int = 8 << 20, sample_bytes: int = 4096,
+                 client_cert: str | None = None, client_key: str | None = None):
         self.enforcer = Enforcer(decide)
         self.target, self.identity, self.protocol = target, identity, protocol
         self.tls, self.names, self.server_name, self.ca = tls, names, server_name, ca
+        self.client_cert, self.client_key = client_cert, client_key
         self.inject = inject
         self.hostnames = frozenset(n.lower().rstrip(".").strip("[]") for n in names)
         drop = {n.lower() for n, _ in inject}
@@ -151,7 +155,8 @@ class HttpLayer:
         # the server's name: the one the client asked for, if it is one of the target's
         name = self.server_name or (ev.sni if ev.sni in self.names else "") \
             or next(iter(self.names), "")
-        return [rec, StartUpstreamTls(name, verify=True, ca=self.ca, alpn=ALPN)]
+        return [rec, StartUpstreamTls(name, verify=True, ca=self.ca, alpn=ALPN,
+                                      cert=self.client_cert, key=self.client_key)]
 
     def _tls_failed(self, ev: TlsFailed) -> list[Command]:
         if ev.side == CLIENT:
@@ -286,16 +291,7 @@ class HttpLayer:
             return None, not (bodies.is_json(mtype) or looks_like_json(body))
 
     def _judge(self, ex: Exchange) -> list[Command]:
-        fields, parsed = self._body_fields(ex)
-        req = request_for(target=self.target, identity=self.identity, method=ex.method,
-                          host=ex.host.encode("latin-1"), path=ex.path, query=ex.query,
-                          headers=ex.request.headers, body_fields=fields, parsed=parsed,
-                          protocol=self.protocol)
-        rec = records.command_fields(
-            method=ex.method, path=ex.path, query=ex.query, host=ex.host,
-            version=ex.request.http_version.decode(), headers=ex.request.headers,
-            body=bytes(ex.body) if ex.body_done else None, limit=self.sample_bytes,
-            also=self.secret_names)
+        req, rec = self._policy_request(ex)
         verdict, recs = self.enforcer.judge([(req, rec)])
         if verdict.action == "allow":
             return recs + self._forward(ex)
@@ -305,6 +301,21 @@ class HttpLayer:
         hold = self.enforcer.hold(ex, verdict, req.text)
         self._held_key = hold.key
         return recs + [hold]
+
+    def _policy_request(self, ex: Exchange) -> tuple[Request, dict]:
+        """The policy request and the command record of an exchange (a child protocol,
+        e.g. Kubernetes, adds its own matchers and fields)."""
+        fields, parsed = self._body_fields(ex)
+        req = request_for(target=self.target, identity=self.identity, method=ex.method,
+                          host=ex.host.encode("latin-1"), path=ex.path, query=ex.query,
+                          headers=ex.request.headers, body_fields=fields, parsed=parsed,
+                          protocol=self.protocol, query_fields=self.query_fields)
+        rec = records.command_fields(
+            method=ex.method, path=ex.path, query=ex.query, host=ex.host,
+            version=ex.request.http_version.decode(), headers=ex.request.headers,
+            body=bytes(ex.body) if ex.body_done else None, limit=self.sample_bytes,
+            also=self.secret_names)
+        return req, rec
 
     def _decided(self, ev: ApprovalDecided) -> list[Command]:
         entry = self.enforcer.release(ev.key)
@@ -340,13 +351,15 @@ class HttpLayer:
                                     reason=_REASONS.get(status, b"")))
                 + c.send(h11.Data(payload)) + c.send(h11.EndOfMessage()))
 
+    def _refusal_body(self, status: int, d: Decision) -> dict:
+        return {"error": "refused by agentgate", "rule": d.rule, "reason": d.reason}
+
     def _deny(self, ex: Exchange, d: Decision, status: int = 403) -> list[Command]:
         ex.phase = "refused"
         # a client waiting for 100 may send its body or not: the connection can't be
         # trusted to be at a message boundary, so it ends with this answer
         close = not ex.body_done and self.client.waits_for_100
-        data = self._answer(status, {"error": "refused by agentgate", "rule": d.rule,
-                                     "reason": d.reason}, close)
+        data = self._answer(status, self._refusal_body(status, d), close)
         out: list[Command] = [
             Record(OUTPUT, {"summary": f"{status} refused by agentgate (rule {d.rule})",
                             "status": status, "error": d.reason}),
@@ -460,16 +473,20 @@ class HttpLayer:
             reason=ev.reason)))]
 
     def _switch(self, ev: h11.InformationalResponse) -> list[Command]:
-        """An allowed websocket upgrade: from here the bytes are relayed and recorded raw."""
-        from hostagent.protocols.tcp.layer import RawTcp
+        """An allowed websocket upgrade: from here the upgraded layer has the bytes."""
         head = self.client.send(h11.InformationalResponse(
             status_code=101, headers=self._clean(end_to_end(ev.headers)) + [
                 (b"connection", b"Upgrade"), (b"upgrade", b"websocket")], reason=ev.reason))
         later = bytes(self.client.later)     # (what followed the request, all of it)
         up_later = bytes(self.server.conn.trailing_data[0])
-        return [Record(OUTPUT, {"summary": "101 switching to websocket (relayed raw)",
-                                "status": 101}, stop=self.ex.id),
-                ToClient(head), Handoff(RawTcp(), later, up_later)]
+        layer, summary = self._upgraded(ev)
+        return [Record(OUTPUT, {"summary": summary, "status": 101}, stop=self.ex.id),
+                ToClient(head), Handoff(layer, later, up_later)]
+
+    def _upgraded(self, ev: h11.InformationalResponse):
+        """The layer for a connection upgraded to a websocket, and what the answer says."""
+        from hostagent.protocols.tcp.layer import RawTcp
+        return RawTcp(), "101 switching to websocket (relayed raw)"
 
     def _response(self, resp: h11.Response) -> list[Command]:
         ex = self.ex

@@ -235,7 +235,8 @@ def json_patterns(table: dict) -> list[str]:
 
 def request_for(*, target: str, identity: dict, method: str, host: bytes | None, path: str,
                 query: str, headers, body_fields: list[tuple[str, str]] | None,
-                parsed: bool = True, protocol: str = "http") -> Request:
+                parsed: bool = True, protocol: str = "http",
+                query_fields: bool = True) -> Request:
     text = f"{method} {path}{'?' + query if query else ''}"
     hosts = host_values(host) if host else ()
     paths = path_readings(path)
@@ -244,7 +245,8 @@ def request_for(*, target: str, identity: dict, method: str, host: bytes | None,
     fields: list[str] = []
     methods = [method]
     try:
-        pairs = list(body_fields or ()) + (form_fields(query) if query else [])
+        pairs = list(body_fields or ()) + (form_fields(query) if query and query_fields
+                                           else [])
         fields = field_strings(pairs)
         # (Rails and Laravel take a form's or query's _method as the method)
         methods += [v.upper() for p, v in pairs if p == "$._method"]

@@ -7,11 +7,11 @@ from hostagent.protocols.http.bodies import BodyMasker
 from hostagent.protocols.http.layer import HttpLayer
 
 
-def layer_for(ctx, tls: bool) -> HttpLayer:
+def layer_for(ctx, tls: bool, cls=HttpLayer) -> HttpLayer:
     opts, policy = ctx.options, ctx.policy
     masker = for_target(policy.masks, ctx.target.name)
     paths = tuple((r.name, p) for r in masker.rules for p in getattr(r, "json", ()))
-    return HttpLayer(
+    return cls(
         decide=lambda req: decide(policy, req), target=ctx.target.name,
         identity=ctx.identity, protocol=ctx.target.protocol, tls=tls,
         names=tuple(dict.fromkeys((*ctx.target.names, ctx.dialed))),
@@ -19,6 +19,9 @@ def layer_for(ctx, tls: bool) -> HttpLayer:
         inject=opts.get("secret_headers") or (),
         keep_authorization=opts.keep_authorization,
         masker=BodyMasker(masker, paths),
-        judge_json=any(name == "json" for r in policy.rules for name, _ in r.matchers),
+        # (Kubernetes reads bodies always: an ephemeral container's command is in one)
+        judge_json=cls is not HttpLayer or any(
+            name == "json" for r in policy.rules for name, _ in r.matchers),
         max_body=opts.max_body,
-        sample_bytes=ctx.samples.bytes if ctx.samples else 4096)
+        sample_bytes=ctx.samples.bytes if ctx.samples else 4096,
+        client_cert=opts.get("client_cert"), client_key=opts.get("client_key"))

@@ -1,0 +1,74 @@
+"""The Kubernetes layer: the HTTP layer (every API call judged, recorded, the token or
+client certificate injected) where exec, attach, port-forward, ephemeral containers and
+nodes/proxy are judged as commands run in a pod, refused with a v1 Status, and, once
+upgraded, recorded as a terminal stream (stream.py)."""
+from __future__ import annotations
+
+from hostagent.policy import Decision, Request
+from hostagent.protocols.http.layer import Exchange, HttpLayer
+from hostagent.protocols.http.wire import header, tokens
+from hostagent.protocols.kubernetes.requests import namespaced, parse_exec
+from hostagent.protocols.kubernetes.stream import ExecStream
+
+_REASONS = {403: "Forbidden", 405: "MethodNotAllowed", 413: "RequestEntityTooLarge",
+            421: "BadRequest", 400: "BadRequest"}
+
+
+class KubernetesLayer(HttpLayer):
+    name = "kubernetes"
+    # (the API server's parameters are its own: exec repeats `command=`)
+    query_fields = False
+
+    def _judge(self, ex: Exchange):
+        # SPDY/3.1 (kubectl's old transport) is not parsed: what would run in the pod
+        # could not be recorded, so it is refused before anything starts (fail closed)
+        if b"spdy/3.1" in tokens(ex.request.headers, b"upgrade"):
+            return self._judged_refusal(ex, 400, "SPDY/3.1 streams are not supported "
+                                        "through agentgate: use websockets (kubectl 1.30+ "
+                                        "does by default; KUBECTL_REMOTE_COMMAND_WEBSOCKETS"
+                                        "=false turns them off)")
+        return super()._judge(ex)
+
+    def _policy_request(self, ex: Exchange) -> tuple[Request, dict]:
+        req, rec = super()._policy_request(ex)
+        pairs = self._pairs(ex)
+        run = parse_exec(ex.method, ex.path, ex.query, pairs)
+        attrs = dict(req.attributes)
+        ns, pod = namespaced(ex.path)
+        attrs["namespaces"] = (ns,) if ns else ()
+        attrs["pods"] = (pod,) if pod else ()
+        attrs["containers"] = ()
+        attrs["commands"] = ()
+        unknown = req.unknown
+        if run is not None:
+            ex.run = run
+            attrs["namespaces"] = (run.namespace,) if run.namespace else ()
+            attrs["pods"] = (run.pod,)
+            attrs["containers"] = (run.container,) if run.container else ()
+            attrs["commands"] = run.lines or (run.kind,)
+            attrs["flags"] = tuple(attrs.get("flags", ())) + (run.kind,) + \
+                (("stdin",) if run.stdin else ()) + (("tty",) if run.tty else ())
+            rec = {**rec, "text": run.text, "kind": run.kind, "namespace": run.namespace,
+                   "pod": run.pod, "container": run.container, "command": list(run.command),
+                   "stdin": run.stdin, "tty": run.tty}
+        req = Request(target=req.target, protocol=self.protocol, identity=req.identity,
+                      action=run.kind if run else req.action, resources=req.resources,
+                      attributes=attrs, text=run.text if run else req.text,
+                      parsed=req.parsed, unknown=unknown, readings=req.readings)
+        return req, rec
+
+    def _pairs(self, ex: Exchange):
+        fields, _ = self._body_fields(ex)
+        return fields
+
+    def _refusal_body(self, status: int, d: Decision) -> dict:
+        # what kubectl and the client libraries show their users: a v1 Status
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": f"agentgate: refused by rule {d.rule}: {d.reason}",
+                "reason": _REASONS.get(status, "Forbidden"), "code": status}
+
+    def _upgraded(self, ev):
+        sub = (header(ev.headers, b"sec-websocket-protocol") or b"").decode("latin-1")
+        run = getattr(self.ex, "run", None)
+        kind = run.kind if run is not None else "exec"
+        return ExecStream(sub, kind), f"101 {kind} stream ({sub or 'no subprotocol'})"

@@ -1,0 +1,148 @@
+"""The Kubernetes layer as scripts: exec judged before the upgrade, refused with a v1
+Status, the upgraded stream recorded by channel."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from wsproto.frame_protocol import FrameProtocol
+
+from hostagent.policy import Policy, Rule, decide
+from hostagent.protocols.api import (CLIENT, UPSTREAM, DataReceived, Handoff, Hold, Record,
+                                     ToClient, ToUpstream)
+from hostagent.protocols.kubernetes.layer import KubernetesLayer
+from hostagent.protocols.kubernetes.requests import parse_exec
+from hostagent.protocols.kubernetes.stream import ExecStream
+
+RULES = (
+    Rule(name="no-rm", action="deny", reason="no deleting in pods",
+         matchers=(("commands", ("rm *", "*rm -rf*")),)),
+    Rule(name="prod-shells", action="review", reason="a shell in prod",
+         matchers=(("namespaces", ("prod",)), ("flags", ("tty",)))),
+    Rule(name="no-kube-system", action="deny", reason="system pods",
+         matchers=(("namespaces", ("kube-system",)),)),
+)
+
+
+def layer() -> KubernetesLayer:
+    policy = Policy(rules=RULES)
+    return KubernetesLayer(decide=lambda r: decide(policy, r), target="k8s", identity={},
+                           names=("127.0.0.1",), judge_json=True,
+                           inject=((b"authorization", b"Bearer real-k8s-token-123"),))
+
+
+def run(lay, *events):
+    out = []
+    for ev in events:
+        out += lay.handle(ev)
+    return out
+
+
+def exec_request(query: str, ns: str = "default", pod: str = "web-1") -> bytes:
+    return (f"GET /api/v1/namespaces/{ns}/pods/{pod}/exec?{query} HTTP/1.1\r\n"
+            f"Host: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Sec-WebSocket-Protocol: v5.channel.k8s.io, v4.channel.k8s.io\r\n"
+            f"Authorization: Bearer placeholder\r\n\r\n").encode()
+
+
+def client_bytes(cmds) -> bytes:
+    return b"".join(bytes(c.data) for c in cmds if isinstance(c, ToClient))
+
+
+def test_parse_exec_reads_what_would_run():
+    e = parse_exec("GET", "/api/v1/namespaces/ns/pods/p/exec",
+                   "command=sh&command=-c&command=rm%20-rf%20/&container=main&stdin=true&tty=1",
+                   None)
+    assert (e.kind, e.namespace, e.pod, e.container, e.line, e.stdin, e.tty) == \
+        ("exec", "ns", "p", "main", "sh -c rm -rf /", True, True)
+    e = parse_exec("PATCH", "/api/v1/namespaces/ns/pods/p/ephemeralcontainers", "",
+                   [("$.spec.ephemeralcontainers[0].command[0]", "sh"),
+                    ("$.spec.ephemeralcontainers[0].args[0]", "-c")])
+    assert (e.kind, e.line) == ("ephemeral", "sh -c")
+    assert parse_exec("GET", "/api/v1/nodes/n1/proxy/logs/", "", None).kind == "nodeproxy"
+    assert parse_exec("GET", "/api/v1/namespaces/ns/pods/p", "", None) is None
+
+
+@pytest.mark.parametrize("query", ["command=rm&command=-rf&command=/data",
+                                   "command=sh&command=-c&command=rm%20-rf%20/data"])
+def test_a_denied_exec_never_reaches_the_api_server_and_gets_a_status(query):
+    out = run(layer(), DataReceived(CLIENT, exec_request(query)))
+    assert not any(isinstance(c, ToUpstream) for c in out)
+    body = client_bytes(out).split(b"\r\n\r\n", 1)[1]
+    status = json.loads(body)
+    assert status["kind"] == "Status" and status["code"] == 403
+    assert "no-rm" in status["message"]
+    cmd = next(c for c in out if isinstance(c, Record) and c.kind == "command")
+    assert cmd.fields["kind"] == "exec" and cmd.fields["decision"]["action"] == "deny"
+
+
+def test_a_tty_in_prod_is_held():
+    out = run(layer(), DataReceived(CLIENT, exec_request("command=bash&tty=true&stdin=true",
+                                                         ns="prod")))
+    assert any(isinstance(c, Hold) for c in out)
+    assert not any(isinstance(c, ToUpstream) for c in out)
+
+
+def test_other_api_calls_are_judged_by_namespace_too():
+    req = b"GET /api/v1/namespaces/kube-system/pods HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    out = run(layer(), DataReceived(CLIENT, req))
+    assert client_bytes(out).startswith(b"HTTP/1.1 403")
+
+
+def test_spdy_is_refused_before_anything_runs():
+    req = exec_request("command=ls").replace(b"Upgrade: websocket", b"Upgrade: SPDY/3.1")
+    out = run(layer(), DataReceived(CLIENT, req))
+    assert client_bytes(out).startswith(b"HTTP/1.1 400")
+    assert b"SPDY" in client_bytes(out)
+    assert not any(isinstance(c, ToUpstream) for c in out)
+
+
+def test_an_allowed_exec_is_upgraded_into_a_recorded_stream():
+    lay = layer()
+    out = run(lay, DataReceived(CLIENT, exec_request("command=cat&stdin=true")))
+    up = b"".join(c.data for c in out if isinstance(c, ToUpstream))
+    assert b"Bearer real-k8s-token-123" in up and b"placeholder" not in up
+    out = run(lay, DataReceived(UPSTREAM, b"HTTP/1.1 101 Switching Protocols\r\n"
+                                b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                                b"Sec-WebSocket-Protocol: v5.channel.k8s.io\r\n\r\n"))
+    handoff = out[-1]
+    assert isinstance(handoff, Handoff) and isinstance(handoff.layer, ExecStream)
+
+
+def frames(client: bool, *messages: bytes, text: bool = False) -> bytes:
+    fp = FrameProtocol(client=client, extensions=[])
+    return b"".join(fp.send_data(m.decode() if text else m, fin=True) for m in messages)
+
+
+def records(cmds, kind):
+    return [c.fields for c in cmds if isinstance(c, Record) and c.kind == kind]
+
+
+def test_the_stream_records_stdin_lines_output_resizes_and_the_exit_code():
+    s = ExecStream("v5.channel.k8s.io")
+    typed = frames(True, b"\x00ls -l\r", b"\x00echo hi\n", b'\x04{"Width":120,"Height":40}',
+                   b"\xff\x00")
+    out = []
+    for i in range(0, len(typed), 3):           # in pieces
+        out += s.handle(DataReceived(CLIENT, typed[i:i + 3]))
+    assert [c["text"] for c in records(out, "command")] == ["ls -l", "echo hi"]
+    assert records(out, "resize") == [{"cols": 120, "rows": 40}]
+    assert b"".join(c.data for c in out if isinstance(c, ToUpstream)) == typed   # as sent
+    status = json.dumps({"metadata": {}, "status": "Failure", "message": "exit code 3",
+                         "reason": "NonZeroExitCode",
+                         "details": {"causes": [{"reason": "ExitCode", "message": "3"}]}})
+    answer = frames(False, b"\x01total 0\n", b"\x02oops\n", b"\x03" + status.encode())
+    out = s.handle(DataReceived(UPSTREAM, answer))
+    data = records(out, "data")
+    assert [(d["stream"], d["data"]) for d in data] == [("stdout", b"total 0\n"),
+                                                        ("stderr", b"oops\n")]
+    assert records(out, "output")[0]["exit_code"] == 3
+
+
+def test_the_base64_protocol_is_decoded():
+    s = ExecStream("base64.channel.k8s.io")
+    msg = b"1" + base64.b64encode(b"hello\n")
+    out = s.handle(DataReceived(UPSTREAM, frames(False, msg, text=True)))
+    assert records(out, "data")[0]["data"] == b"hello\n"
