@@ -36,8 +36,8 @@ PACKAGES=(
   openssh-server openssh-client
   # tools
   curl iproute2 procps git ca-certificates
-  # HTTP: a load generator for bench/http.py
-  wrk
+  # asciicast exports are checked with asciinema; HTTP: a load generator for bench/http.py
+  wrk asciinema
   # packaging (.deb / .rpm)
   dpkg-dev rpm
 )

@@ -143,19 +143,25 @@ def replay(ctx: Ctx, session_id, speed, follow):
 
 @sessions.command()
 @click.argument("session_id")
-@click.option("--format", "fmt", type=click.Choice(["jsonl"]), default="jsonl", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "asciicast"]), default="jsonl",
+              show_default=True, help="jsonl: every event; asciicast: the terminal stream "
+                                      "as asciicast v2 (asciinema play/cat)")
 @click.option("-o", "--output", type=click.File("w"), default="-", help="File to write [stdout].")
 @pass_ctx
 def export(ctx: Ctx, session_id, fmt, output):
     """Export every event of a session, one JSON object per line.
 
     Each line has the decoded fields and the exact payload (payload_b64) and hashes,
-    so the chain can be re-verified from the export alone.
+    so the chain can be re-verified from the export alone. With --format asciicast, the
+    session's terminal stream (what was written to it, typed and resized) instead.
     """
-    n = 0
-    for ev in _events(ctx, session_id):
-        output.write(json.dumps(event_json(ev), ensure_ascii=False) + "\n")
-        n += 1
+    if fmt == "asciicast":
+        n = _asciicast(_events(ctx, session_id), output)
+    else:
+        n = 0
+        for ev in _events(ctx, session_id):
+            output.write(json.dumps(event_json(ev), ensure_ascii=False) + "\n")
+            n += 1
     if n == 0:
         ctx.call(ctx.stub(rpc.SessionsStub).Get, pb.GetSessionRequest(id=session_id))
     click.echo(f"exported {n} events", err=True)
@@ -186,3 +192,36 @@ def verify(ctx: Ctx, session_id):
     state = "complete" if s.ended_ns else "still open (or its end not yet received)"
     click.echo(f"ok: session {session_id}: {report.count} events, chain intact, {state}; "
                f"head {report.head.hex()}")
+
+
+def _asciicast(events, output) -> int:
+    """asciicast v2: a header line, then [seconds, "o"|"i"|"r", text] per event."""
+    n = 0
+    start = None
+    width, height = 80, 24
+    lines = []
+    for ev in events:
+        if start is None:
+            start = ev.mono_ns
+            wall = ev.wall_ns
+        try:
+            f = unpack_payload(ev.payload)
+        except Exception:
+            continue
+        t = round((ev.mono_ns - start) / 1e9, 6)
+        if ev.kind == DATA and isinstance(f.get("data"), bytes):
+            if f.get("stream") == "close":
+                continue
+            code = "o" if f.get("dir", "out") == "out" else "i"
+            lines.append([t, code, f["data"].decode("utf-8", "replace")])
+        elif ev.kind == "resize" and f.get("cols"):
+            if not any(x[1] in ("o", "i") for x in lines):
+                width, height = int(f["cols"]), int(f.get("rows") or height)
+            lines.append([t, "r", f"{int(f['cols'])}x{int(f.get('rows') or 0)}"])
+        n += 1
+    header = {"version": 2, "width": width, "height": height,
+              "timestamp": int((wall if start is not None else 0) / 1e9)}
+    output.write(json.dumps(header) + "\n")
+    for line in lines:
+        output.write(json.dumps(line, ensure_ascii=False) + "\n")
+    return n
