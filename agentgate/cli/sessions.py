@@ -203,7 +203,7 @@ def _asciicast(events, output) -> int:
     for ev in events:
         if start is None:
             start = ev.mono_ns
-            wall = ev.wall_ns
+            wall = ev.wall_time_ns
         try:
             f = unpack_payload(ev.payload)
         except Exception:
