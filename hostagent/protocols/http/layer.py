@@ -66,6 +66,8 @@ class HttpLayer:
     relays_eof = False
     # query parameters as `json` fields (web frameworks bind them with the body's)
     query_fields = True
+    # protocols an allowed request may switch the connection to (its layer: _upgraded)
+    upgrades = frozenset((b"websocket",))
 
     def __init__(self, *, decide, target: str, identity: dict, protocol: str = "http",
                  tls: bool = False, names: tuple[str, ...] = (), server_name: str = "",
@@ -393,8 +395,9 @@ class HttpLayer:
         if header(req.headers, b"host") is None:
             headers.append((b"host", ex.host.encode("latin-1")))
         upgrade = tokens(req.headers, b"upgrade")
-        if b"websocket" in upgrade and b"upgrade" in tokens(req.headers, b"connection"):
-            headers += [(b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
+        if len(upgrade) == 1 and upgrade[0] in self.upgrades \
+                and b"upgrade" in tokens(req.headers, b"connection"):
+            headers += [(b"connection", b"Upgrade"), (b"upgrade", header(req.headers, b"upgrade"))]
         headers += list(self.inject)
         if self.masker or self.secrets:
             # codings we may have to undo: identity asked for, whatever comes is decoded
@@ -474,9 +477,14 @@ class HttpLayer:
 
     def _switch(self, ev: h11.InformationalResponse) -> list[Command]:
         """An allowed websocket upgrade: from here the upgraded layer has the bytes."""
+        offered = tokens(self.ex.request.headers, b"upgrade")
+        upgrade = header(ev.headers, b"upgrade") or b""
+        if upgrade.strip().lower() not in offered:
+            return self._fail(502, "agentgate: the server switched to a protocol the client "
+                                   "did not ask for", "unasked-for protocol switch")
         head = self.client.send(h11.InformationalResponse(
             status_code=101, headers=self._clean(end_to_end(ev.headers)) + [
-                (b"connection", b"Upgrade"), (b"upgrade", b"websocket")], reason=ev.reason))
+                (b"connection", b"Upgrade"), (b"upgrade", upgrade)], reason=ev.reason))
         later = bytes(self.client.later)     # (what followed the request, all of it)
         up_later = bytes(self.server.conn.trailing_data[0])
         layer, summary = self._upgraded(ev)

@@ -4,38 +4,22 @@ nodes/proxy are judged as commands run in a pod, refused with a v1 Status, and, 
 upgraded, recorded as a terminal stream (stream.py)."""
 from __future__ import annotations
 
-from agentgate.events import COMMAND
 from hostagent.policy import Decision, Request
-from hostagent.protocols.api import Record
 from hostagent.protocols.http.layer import Exchange, HttpLayer
 from hostagent.protocols.http.wire import header, tokens
 from hostagent.protocols.kubernetes.requests import namespaced, parse_exec
 from hostagent.protocols.kubernetes.stream import ExecStream
 
-_SPDY = ("SPDY/3.1 streams are not supported through agentgate: use websockets (kubectl "
-         "1.30+ does by default; KUBECTL_REMOTE_COMMAND_WEBSOCKETS=false turns them off)")
 _REASONS = {403: "Forbidden", 405: "MethodNotAllowed", 413: "RequestEntityTooLarge",
             421: "BadRequest", 400: "BadRequest"}
 
 
 class KubernetesLayer(HttpLayer):
     name = "kubernetes"
+    # kubectl's remotecommand falls back to SPDY/3.1 (spdy.py reads it)
+    upgrades = frozenset((b"websocket", b"spdy/3.1"))
     # (the API server's parameters are its own: exec repeats `command=`)
     query_fields = False
-
-    def _judge(self, ex: Exchange):
-        # SPDY/3.1 (kubectl's old transport, and its fallback when a websocket exec is
-        # refused) is not parsed: what would run in the pod could not be recorded, so it
-        # is refused before anything starts (fail closed), by the policy's rule if the
-        # policy refuses it anyway, so that the user sees why
-        if b"spdy/3.1" not in tokens(ex.request.headers, b"upgrade"):
-            return super()._judge(ex)
-        req, rec = self._policy_request(ex)
-        d = self.enforcer.decide(req)
-        if d.action != "deny":
-            d = Decision("deny", "(agentgate)", _SPDY)
-        return [Record(COMMAND, {**rec, "decision": d.as_dict()})] + \
-            self._deny(ex, d, status=403 if d.rule != "(agentgate)" else 400)
 
     def _policy_request(self, ex: Exchange) -> tuple[Request, dict]:
         req, rec = super()._policy_request(ex)
@@ -76,7 +60,10 @@ class KubernetesLayer(HttpLayer):
                 "reason": _REASONS.get(status, "Forbidden"), "code": status}
 
     def _upgraded(self, ev):
-        sub = (header(ev.headers, b"sec-websocket-protocol") or b"").decode("latin-1")
+        spdy = b"spdy/3.1" in tokens(ev.headers, b"upgrade")
+        sub = (header(ev.headers, b"x-stream-protocol-version" if spdy else
+                      b"sec-websocket-protocol") or b"").decode("latin-1")
         run = getattr(self.ex, "run", None)
         kind = run.kind if run is not None else "exec"
-        return ExecStream(sub, kind), f"101 {kind} stream ({sub or 'no subprotocol'})"
+        return ExecStream(sub, kind, spdy=spdy), \
+            f"101 {kind} stream ({'SPDY/3.1 ' if spdy else ''}{sub or 'no subprotocol'})"

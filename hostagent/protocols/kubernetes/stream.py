@@ -73,10 +73,15 @@ class _Reader:
 class ExecStream:
     name = "kubernetes-stream"
 
-    def __init__(self, subprotocol: str, kind: str = "exec"):
+    def __init__(self, subprotocol: str, kind: str = "exec", spdy: bool = False):
         b64 = subprotocol.startswith("base64.")
-        self.client = _Reader(client=False, b64=b64)    # frames the agent sends
-        self.server = _Reader(client=True, b64=b64)
+        if spdy:     # (the same channels, over SPDY/3.1 streams)
+            from hostagent.protocols.kubernetes.spdy import SpdyReader
+            streams: dict[int, int] = {}
+            self.client, self.server = SpdyReader(True, streams), SpdyReader(False, streams)
+        else:
+            self.client = _Reader(client=False, b64=b64)    # frames the agent sends
+            self.server = _Reader(client=True, b64=b64)
         self.kind = kind
         self.subprotocol = subprotocol
         self.line = bytearray()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
+import zlib
 
 import pytest
 from wsproto.frame_protocol import FrameProtocol
@@ -13,6 +15,7 @@ from hostagent.protocols.api import (CLIENT, UPSTREAM, DataReceived, Handoff, Ho
                                      ToClient, ToUpstream)
 from hostagent.protocols.kubernetes.layer import KubernetesLayer
 from hostagent.protocols.kubernetes.requests import parse_exec
+from hostagent.protocols.kubernetes.spdy import DICTIONARY
 from hostagent.protocols.kubernetes.stream import ExecStream
 
 RULES = (
@@ -91,12 +94,39 @@ def test_other_api_calls_are_judged_by_namespace_too():
     assert client_bytes(out).startswith(b"HTTP/1.1 403")
 
 
-def test_spdy_is_refused_before_anything_runs():
-    req = exec_request("command=ls").replace(b"Upgrade: websocket", b"Upgrade: SPDY/3.1")
-    out = run(layer(), DataReceived(CLIENT, req))
-    assert client_bytes(out).startswith(b"HTTP/1.1 400")
-    assert b"SPDY" in client_bytes(out)
-    assert not any(isinstance(c, ToUpstream) for c in out)
+def spdy_headers(deflate, pairs: dict) -> bytes:
+    raw = struct.pack("!I", len(pairs)) + b"".join(
+        struct.pack("!I", len(k)) + k.encode() + struct.pack("!I", len(v)) + v.encode()
+        for k, v in pairs.items())
+    return deflate.compress(raw) + deflate.flush(zlib.Z_SYNC_FLUSH)
+
+
+def spdy_control(ftype: int, payload: bytes, flags: int = 0) -> bytes:
+    return struct.pack("!HHI", 0x8003, ftype, (flags << 24) | len(payload)) + payload
+
+
+def spdy_data(stream: int, data: bytes, flags: int = 0) -> bytes:
+    return struct.pack("!II", stream, (flags << 24) | len(data)) + data
+
+
+def test_a_spdy_stream_is_recorded_by_channel_like_a_websocket_one():
+    deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, 15, 8,
+                               zlib.Z_DEFAULT_STRATEGY, DICTIONARY)
+    syns = b"".join(spdy_control(1, struct.pack("!IIH", sid, 0, 0) + spdy_headers(
+        deflate, {"streamtype": kind})) for sid, kind in ((1, "error"), (3, "stdin"),
+                                                         (5, "stdout"), (7, "resize")))
+    s = ExecStream("v4.channel.k8s.io", spdy=True)
+    sent = syns + spdy_data(3, b"whoami\n") + spdy_data(7, b'{"Width":90,"Height":30}')
+    out = []
+    for i in range(0, len(sent), 7):
+        out += s.handle(DataReceived(CLIENT, sent[i:i + 7]))
+    assert b"".join(c.data for c in out if isinstance(c, ToUpstream)) == sent
+    assert [c["text"] for c in records(out, "command")] == ["whoami"]
+    assert records(out, "resize") == [{"cols": 90, "rows": 30}]
+    out = s.handle(DataReceived(UPSTREAM, spdy_data(5, b"root\n") + spdy_data(
+        1, b'{"metadata":{},"status":"Success"}', flags=1)))
+    assert [d["data"] for d in records(out, "data")] == [b"root\n"]
+    assert records(out, "output")[0]["exit_code"] == 0
 
 
 def test_an_allowed_exec_is_upgraded_into_a_recorded_stream():

@@ -143,12 +143,19 @@ def test_exit_codes_and_stdin_pass_through(host, cluster):
     assert 3 in [o.get("exit_code") for o in events(host, "output")]
 
 
-def test_spdy_is_refused_with_a_clear_message(host, cluster):
+def test_kubectl_over_spdy_is_judged_and_recorded_too(host, cluster):
+    env = {"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"}
+    p = agent(host, "kubectl exec -i pod-a -- cat", stdin="over spdy\n", extra_env=env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "over spdy\n"
+    assert any(e.get("protocol", "").lower().startswith("spdy") or e.get("transport") == "spdy"
+               for e in cluster.execs) or cluster.execs
+    data = events(host, "data")
+    assert b"over spdy\n" in b"".join(d["data"] for d in data if d.get("stream") == "stdout")
+    assert "over spdy" in [c["text"] for c in events(host, "command") if c.get("via") == "stdin"]
     n = len(cluster.execs)
-    p = agent(host, "kubectl exec pod-a -- echo hi",
-              extra_env={"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"})
-    assert p.returncode != 0
-    assert "SPDY" in p.stderr, p.stderr
+    p = agent(host, "kubectl exec pod-a -- rm -rf /tmp/nothing-here", extra_env=env)
+    assert p.returncode != 0 and "no-destruction-in-pods" in p.stderr
     assert cluster.execs[n:] == []
 
 
