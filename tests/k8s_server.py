@@ -418,7 +418,7 @@ class K8sServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
-        self._conns: set = set()
+        self._conns: dict = {}  # connection task → its StreamWriter
 
     # -- lifecycle --
     def start(self) -> "K8sServer":
@@ -453,9 +453,11 @@ class K8sServer:
                         os.killpg(p.pid, signal.SIGKILL)
                     except OSError:
                         pass
-            for t in list(self._conns):
+            tasks = list(self._conns)
+            for t, w in list(self._conns.items()):
+                w.transport.abort()
                 t.cancel()
-            await asyncio.gather(*self._conns, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         try:
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
@@ -607,7 +609,7 @@ class K8sServer:
     # -- HTTP --
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        self._conns.add(task)
+        self._conns[task] = writer
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
@@ -635,7 +637,7 @@ class K8sServer:
                 await asyncio.wait_for(writer.wait_closed(), 2)
             except (Exception, asyncio.CancelledError):
                 pass
-            self._conns.discard(task)
+            self._conns.pop(task, None)
 
     @staticmethod
     async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader):

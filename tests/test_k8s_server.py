@@ -53,9 +53,12 @@ def get(k8s, path, token=TOKEN):
         return e.code, json.loads(e.read())
 
 
-def api_client(k8s):
+@pytest.fixture
+def api(k8s):
     from kubernetes import client, config
-    return client.CoreV1Api(config.new_client_from_config(config_file=str(k8s.kc)))
+    api_client = config.new_client_from_config(config_file=str(k8s.kc))
+    yield client.CoreV1Api(api_client)
+    api_client.close()
 
 
 # -- kubectl over WebSocket (the default in kubectl 1.32) --
@@ -147,9 +150,8 @@ def test_kubectl_spdy(k8s):
 
 # -- the official Python client --
 
-def test_python_client_exec(k8s):
+def test_python_client_exec(k8s, api):
     from kubernetes.stream import stream
-    api = api_client(k8s)
     out = stream(api.connect_get_namespaced_pod_exec, "pod-a", "default",
                  command=["sh", "-c", "echo hello"], container="main",
                  stderr=True, stdin=False, stdout=True, tty=False)
@@ -161,12 +163,12 @@ def test_python_client_exec(k8s):
     resp.close_channel(0)  # v5 close signal: cat sees EOF
     resp.run_forever(timeout=5)
     assert (resp.read_stdout(), resp.returncode) == ("abc\n", 0)
+    resp.close()
     assert k8s.execs[-1]["container"] == "sidecar"
 
 
-def test_python_client_tty_and_resize(k8s):
+def test_python_client_tty_and_resize(k8s, api):
     from kubernetes.stream import stream
-    api = api_client(k8s)
     resp = stream(api.connect_get_namespaced_pod_exec, "pod-a", "default", command=["sh"],
                   container="main", stderr=True, stdin=True, stdout=True, tty=True,
                   _preload_content=False)
@@ -175,13 +177,13 @@ def test_python_client_tty_and_resize(k8s):
     resp.run_forever(timeout=5)
     assert "40 100" in resp.read_stdout()
     assert resp.returncode == 6
+    resp.close()
     e = k8s.execs[-1]
     assert e["tty"] is True and e["resizes"] == [(100, 40)] and e["exit_code"] == 6
 
 
-def test_client_going_away_kills_the_command(k8s):
+def test_client_going_away_kills_the_command(k8s, api):
     from kubernetes.stream import stream
-    api = api_client(k8s)
     resp = stream(api.connect_get_namespaced_pod_exec, "pod-a", "default",
                   command=["sleep", "30"], container="main", stderr=True, stdout=True,
                   _preload_content=False)
