@@ -400,11 +400,15 @@ class _SpdyFramer:
 
 class K8sServer:
     def __init__(self, directory: Path | None = None, token: str | None = None,
-                 pods=("default/pod-a", "default/pod-b"), cwd: str = "/"):
+                 pods=("default/pod-a", "default/pod-b"), cwd: str = "/",
+                 client_ca: Path | None = None):
         self._own_dir = directory is None
         self.dir = Path(tempfile.mkdtemp(prefix="agentgate-k8s-server-")) if directory is None \
             else Path(directory)
         self.token = token
+        # with a client CA: requests must come with a certificate it signed (the CN is
+        # the user, as an API server reads it), else 401
+        self.client_ca = client_ca
         self.cwd = cwd
         self.pods: dict[tuple[str, str], dict] = {}
         for p in pods:
@@ -429,6 +433,9 @@ class K8sServer:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(cert, key)
         ctx.set_alpn_protocols(["http/1.1"])
+        if self.client_ca is not None:
+            ctx.load_verify_locations(cafile=str(self.client_ca))
+            ctx.verify_mode = ssl.CERT_OPTIONAL
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="k8s-server",
                                         daemon=True)
@@ -621,7 +628,15 @@ class K8sServer:
                     pass
                 method, target = req.method.decode(), req.target.decode("latin-1")
                 headers = _Headers(list(req.headers))
-                self.requests.append((method, target, headers.as_dict()))
+                peer = writer.get_extra_info("peercert") or {}
+                cn = next((v for rdn in peer.get("subject", ()) for k, v in rdn
+                           if k == "commonName"), None)
+                self.requests.append((method, target, {**headers.as_dict(),
+                                                       **({":client-cn": cn} if cn else {})}))
+                if self.client_ca is not None and cn is None:
+                    await self._respond(conn, writer, 401, status_failure(
+                        401, "Unauthorized", "a client certificate is required"))
+                    return
                 if await self._route(conn, reader, writer, method, target, headers):
                     return  # upgraded; the connection is done
                 if conn.our_state is h11.MUST_CLOSE or conn.their_state is not h11.DONE:

@@ -185,3 +185,32 @@ print(stream(api.connect_get_namespaced_pod_exec, "pod-a", "default",
     assert "from-python" in p.stdout
     assert any(c.get("kind") == "exec" and "from-python" in c["text"]
                for c in events(host, "command"))
+
+
+def test_a_client_certificate_is_injected_and_never_held_by_the_agent(tmp_path, collector):
+    from tests.certs import CA
+    users = CA(tmp_path / "users", name="k8s-users-ca")
+    cert, key = users.issue("agentgate-bot")
+    server = K8sServer(client_ca=users.pem).start()
+    echo = EchoServer()
+    h = Host(tmp_path, collector, echo)
+    try:
+        h.config = h.write("k8s-mtls", extra=f'''
+[[targets]]
+name = "cluster"
+protocol = "kubernetes"
+address = ["127.0.0.1:{server.port}"]
+ca = "{server.ca_pem}"
+client_cert = "{cert}"
+client_key = "{key}"
+''')
+        h.kubeconfig = server.kubeconfig(h.public / "kubeconfig", token="placeholder")
+        h.kubeconfig.chmod(0o644)
+        p = agent(h, "kubectl exec pod-a -- echo with-a-certificate")
+        assert p.returncode == 0, p.stderr
+        assert p.stdout == "with-a-certificate\n"
+        assert {r[2].get(":client-cn") for r in server.requests} == {"agentgate-bot"}
+    finally:
+        h.cleanup()
+        echo.close()
+        server.stop()
