@@ -14,7 +14,7 @@ import pytest
 
 from tests.hostagent.intercept.conftest import EchoServer, Host
 from tests.k8s_server import K8sServer
-from tests.support import BIN, run_cli
+from tests.support import BIN, run_cli, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF interception needs root")
 TOKEN = "real-cluster-token-5d4c3b2a"
@@ -27,6 +27,11 @@ name = "no-destruction-in-pods"
 action = "deny"
 reason = "agents may not delete files in pods"
 commands = ["rm *", "*rm -rf*"]
+[[rules]]
+name = "restarts-need-a-human"
+action = "review"
+reason = "a human says"
+commands = ["echo restart*"]
 """
 
 
@@ -214,3 +219,33 @@ client_key = "{key}"
         h.cleanup()
         echo.close()
         server.stop()
+
+
+
+def pending(h: Host) -> list[dict]:
+    r = run_cli("approvals", "list", "--pending", "--json", collector=h.collector)
+    return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else []
+
+
+def test_a_held_exec_starts_only_once_approved(host, cluster):
+    n = len(cluster.execs)
+    args = [str(BIN / "agentgate"), "run", "--config", str(host.config), "--user", "nobody",
+            "--", "sh", "-c", "kubectl exec pod-a -- echo restart-now"]
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**ENV, "KUBECONFIG": str(host.kubeconfig)})
+    try:
+        (ap,) = wait_for(lambda: pending(host), what="the approval request")
+        assert ap["rule"] == "restarts-need-a-human"
+        assert "echo restart-now" in ap["command"]
+        assert cluster.execs[n:] == []                 # nothing started while held
+        r = run_cli("approvals", "approve", ap["id"], "--reason", "go", collector=host.collector)
+        assert r.returncode == 0, r.stderr
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    host._watch_run(err)
+    assert p.returncode == 0, err
+    assert out == "restart-now\n"
+    assert [e["command"] for e in cluster.execs[n:]] == [["echo", "restart-now"]]
