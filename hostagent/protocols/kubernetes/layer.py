@@ -7,7 +7,8 @@ from __future__ import annotations
 from hostagent.policy import Decision, Request
 from hostagent.protocols.http.layer import Exchange, HttpLayer
 from hostagent.protocols.http.wire import header, tokens
-from hostagent.protocols.kubernetes.requests import namespaced, parse_exec
+from hostagent.protocols.http.bodies import media_type
+from hostagent.protocols.kubernetes.requests import Unjudgeable, namespaced, parse_exec
 from hostagent.protocols.kubernetes.stream import ExecStream
 
 _REASONS = {403: "Forbidden", 405: "MethodNotAllowed", 413: "RequestEntityTooLarge",
@@ -24,7 +25,12 @@ class KubernetesLayer(HttpLayer):
     def _policy_request(self, ex: Exchange) -> tuple[Request, dict]:
         req, rec = super()._policy_request(ex)
         pairs = self._pairs(ex)
-        run = parse_exec(ex.method, ex.path, ex.query, pairs)
+        unjudgeable = ""
+        try:
+            run = parse_exec(ex.method, ex.path, ex.query, pairs, content_type=media_type(
+                header(ex.request.headers, b"content-type")))
+        except Unjudgeable as exc:
+            run, unjudgeable = None, str(exc)
         attrs = dict(req.attributes)
         ns, pod = namespaced(ex.path)
         attrs["namespaces"] = (ns,) if ns else ()
@@ -43,10 +49,13 @@ class KubernetesLayer(HttpLayer):
             rec = {**rec, "text": run.text, "kind": run.kind, "namespace": run.namespace,
                    "pod": run.pod, "container": run.container, "command": list(run.command),
                    "stdin": run.stdin, "tty": run.tty}
+        if unjudgeable:
+            rec = {**rec, "error": unjudgeable}
         req = Request(target=req.target, protocol=self.protocol, identity=req.identity,
                       action=run.kind if run else req.action, resources=req.resources,
                       attributes=attrs, text=run.text if run else req.text,
-                      parsed=req.parsed, unknown=unknown, readings=req.readings)
+                      parsed=req.parsed and not unjudgeable, unknown=unknown,
+                      readings=req.readings)
         return req, rec
 
     def _pairs(self, ex: Exchange):
@@ -62,7 +71,7 @@ class KubernetesLayer(HttpLayer):
     def _upgraded(self, ev):
         spdy = b"spdy/3.1" in tokens(ev.headers, b"upgrade")
         sub = (header(ev.headers, b"x-stream-protocol-version" if spdy else
-                      b"sec-websocket-protocol") or b"").decode("latin-1")
+                      b"sec-websocket-protocol") or b"").decode("latin-1").strip()
         run = getattr(self.ex, "run", None)
         kind = run.kind if run is not None else "exec"
         return ExecStream(sub, kind, spdy=spdy), \

@@ -43,11 +43,32 @@ class Exec:
 
 
 def _flag(params: list[tuple[str, str]], name: str) -> bool:
-    return any(k == name and v.lower() in ("1", "true", "yes") for k, v in params)
+    # as the API server converts it: the first value, true unless "0" or "false"
+    values = [v for k, v in params if k == name]
+    return bool(values) and values[0].strip().lower() not in ("0", "false")
 
 
-def parse_exec(method: str, path: str, query: str, body_fields) -> Exec | None:
-    """The exec-like action a request is, or None (an ordinary API call)."""
+# a query Go's url.ParseQuery reads otherwise (it drops pairs with a bad escape or a
+# semicolon): the command it runs would not be the one judged
+_ODD_QUERY = re.compile(r";|%(?![0-9A-Fa-f]{2})")
+_RUNS = frozenset(("exec", "attach", "portforward", "ephemeralcontainers", "proxy", "run"))
+_KUBELET = re.compile(r"/(exec|run|attach|portforward)/([^/]+)/([^/]+)(?:/([^/]+))?(?:/.*)?",
+                      re.I)
+
+
+class Unjudgeable(ValueError):
+    """A request that runs something, in a form whose command can't be known."""
+
+
+def parse_exec(method: str, path: str, query: str, body_fields, *,
+               content_type: str = "") -> Exec | None:
+    """The exec-like action a request is, or None (an ordinary API call). Unjudgeable
+    for one that runs something in a form that can't be read as the server will."""
+    # (the API server trims slashes and merges empty segments before it routes)
+    path = "/" + "/".join(seg for seg in path.split("/") if seg)
+    runs = _RUNS & {seg.lower() for seg in path.split("/")}
+    if runs and _ODD_QUERY.search(query):
+        raise Unjudgeable("a query the API server reads otherwise (';' or a bad escape)")
     params = parse_qsl(query, keep_blank_values=True)
     m = _POD.fullmatch(path)
     if m:
@@ -60,20 +81,46 @@ def parse_exec(method: str, path: str, query: str, body_fields) -> Exec | None:
                     _flag(params, "tty"))
     m = _EPHEMERAL.fullmatch(path)
     if m and method in ("PATCH", "PUT", "POST"):
-        # the ephemeral containers' command and args, as they will run
-        cmds: dict[str, list[str]] = {}
-        for field, value in body_fields or ():
-            em = re.match(r"\$\.spec\.ephemeralcontainers\[(\d+)\]\.(command|args)\[\d+\]$",
-                          field)
-            if em:
-                cmds.setdefault(em.group(1), []).append(value)
-        lines = [v for v in cmds.values()] or [["(ephemeral container)"]]
-        return Exec("ephemeral", m.group(1), m.group(2), "", tuple(lines[0]),
-                    others=tuple(" ".join(v) for v in lines[1:]))
+        return _ephemeral(m.group(1), m.group(2), body_fields, content_type)
     m = _NODE_PROXY.fullmatch(path)
     if m:
-        return Exec("nodeproxy", "", m.group(1), "", (f"{method} {m.group(2) or '/'}",))
+        rest = m.group(2) or "/"
+        k = _KUBELET.fullmatch(rest)
+        if k:    # the kubelet's own exec/run/attach endpoints, behind the node's proxy
+            kind, ns, pod, container = k.groups()
+            command = tuple(v for key, v in params if key in ("command", "cmd"))
+            command += tuple(v for key, v in (body_fields or ()) if key in ("$.cmd",))
+            return Exec("nodeproxy", ns, pod, container or "", command or (kind.lower(),),
+                        _flag(params, "input") or _flag(params, "stdin"),
+                        _flag(params, "tty"))
+        return Exec("nodeproxy", "", m.group(1), "", (f"{method} {rest}",))
+    if runs & {"exec", "attach", "portforward", "ephemeralcontainers"}:
+        # a path that names one of them but is not a form we know: not guessed
+        raise Unjudgeable(f"an API path that runs something, in an unknown form: {path}")
     return None
+
+
+_PATCH_TYPES = ("application/json", "application/merge-patch+json",
+                "application/strategic-merge-patch+json")
+
+
+def _ephemeral(ns: str, pod: str, body_fields, content_type: str) -> Exec:
+    """The ephemeral containers' command lines (command, then args, as they will run)."""
+    if content_type and content_type not in _PATCH_TYPES:
+        # (JSON patch operations, YAML, protobuf: their commands are not read)
+        raise Unjudgeable(f"an ephemeral container in a {content_type} body")
+    parts: dict[str, dict[str, list[str]]] = {}
+    for field, value in body_fields or ():
+        em = re.match(r"\$\.spec\.ephemeralcontainers\[(\d+)\]\.(command|args)\[\d+\]$",
+                      field)
+        if em:
+            parts.setdefault(em.group(1), {}).setdefault(em.group(2), []).append(value)
+            if "$(" in value:
+                raise Unjudgeable("an ephemeral container's command expands variables")
+    lines = [c.get("command", ["(the image's entrypoint)"]) + c.get("args", [])
+             for c in parts.values()] or [["(ephemeral container)"]]
+    return Exec("ephemeral", ns, pod, "", tuple(lines[0]),
+                others=tuple(" ".join(v) for v in lines[1:]))
 
 
 def namespaced(path: str) -> tuple[str, str]:
@@ -82,4 +129,9 @@ def namespaced(path: str) -> tuple[str, str]:
     if not m:
         return "", ""
     ns, kind, name = m.groups()
-    return ns, name if kind == "pods" and name else ""
+    if kind == "pods" and name:
+        # pods/http:web:8080/proxy names the pod web
+        bits = name.split(":")
+        name = bits[1] if len(bits) == 3 else bits[0]
+        return ns, name
+    return ns, ""

@@ -65,6 +65,9 @@ class SpdyReader:
                 continue
             stream = int.from_bytes(head[:4], "big") & 0x7FFFFFFF
             channel = self.streams.get(stream)
+            if channel is None and self.client and payload:
+                # (data on a stream no SYN_STREAM named: what it carries can't be filed)
+                raise ProtocolError(f"SPDY data on stream {stream}, which was not opened")
             if channel is not None:
                 ended = bool(flags & FIN) if channel == 3 else True
                 out.append((channel, payload, ended))
@@ -75,9 +78,9 @@ class SpdyReader:
             headers = self._headers(payload[10:])
             if self.client:
                 stream = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
-                kind = headers.get("streamtype", "")
-                if kind in CHANNELS:
-                    self.streams[stream] = CHANNELS[kind]
+                # (unknown stream types, e.g. port-forward's data and error streams, are
+                # recorded by number)
+                self.streams[stream] = CHANNELS.get(headers.get("streamtype", ""), 100 + stream)
         elif ftype in (SYN_REPLY, HEADERS) and len(payload) >= 4:
             self._headers(payload[4:])     # (the compression context moves on)
 
@@ -87,13 +90,17 @@ class SpdyReader:
             if self.inflate.unconsumed_tail:
                 raise ProtocolError("a SPDY header block inflates past 64 KiB")
             out, n, pos = {}, struct.unpack_from("!I", raw)[0], 4
-            for _ in range(min(n, 256)):
+            for _ in range(n):
                 ln = struct.unpack_from("!I", raw, pos)[0]
-                name = raw[pos + 4:pos + 4 + ln].decode("latin-1")
+                name = raw[pos + 4:pos + 4 + ln].decode("latin-1").lower()
                 pos += 4 + ln
                 lv = struct.unpack_from("!I", raw, pos)[0]
-                out[name.lower()] = raw[pos + 4:pos + 4 + lv].decode("latin-1")
+                # as Go's spdystream reads it: values split at NUL, the first one counts
+                value = raw[pos + 4:pos + 4 + lv].decode("latin-1").split("\x00")[0]
+                out.setdefault(name, value)
                 pos += 4 + lv
+                if pos > len(raw):
+                    raise struct.error("a header past the block's end")
             return out
         except (zlib.error, struct.error) as exc:
             raise ProtocolError(f"a SPDY header block that does not decode: {exc}") from None

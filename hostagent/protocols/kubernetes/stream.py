@@ -22,6 +22,10 @@ from hostagent.protocols.api import (CLIENT, Aborted, Close, Command, DataReceiv
 from hostagent.protocols.api import ProtocolError
 
 STREAMS = {0: "stdin", 1: "stdout", 2: "stderr", 3: "error", 4: "resize"}
+KNOWN = frozenset(("v5.channel.k8s.io", "v4.channel.k8s.io", "v3.channel.k8s.io",
+                   "v2.channel.k8s.io", "channel.k8s.io", "base64.channel.k8s.io",
+                   "v4.base64.channel.k8s.io", "portforward.k8s.io",
+                   "v4.channel.k8s.io,portforward.k8s.io"))
 MAX_MESSAGE = 1 << 20      # what is kept of one message to decode it (base64, status, resize)
 MAX_LINE = 4096            # a typed line longer than this is recorded in pieces
 
@@ -49,7 +53,7 @@ class _Reader:
                     self.text += payload
                     if len(self.text) > MAX_MESSAGE:
                         raise ProtocolError("a base64 channel message over 1 MiB")
-                    if f.message_finished:
+                    if f.frame_finished:
                         text, self.text = bytes(self.text), bytearray()
                         if text:
                             try:
@@ -62,8 +66,11 @@ class _Reader:
                     if not payload:
                         continue
                     self.channel, payload = payload[0], payload[1:]
-                out.append((self.channel, payload, f.message_finished))
-                if f.message_finished:
+                # (the API server's websocket code reads each frame as a message of its
+                # own, its first byte a channel: so does this, or a continuation frame
+                # could carry stdin the recording would file elsewhere)
+                out.append((self.channel, payload, f.frame_finished))
+                if f.frame_finished:
                     self.channel = None
         except ParseFailed as exc:
             raise ProtocolError(f"bad websocket frame: {exc}") from None
@@ -74,7 +81,10 @@ class ExecStream:
     name = "kubernetes-stream"
 
     def __init__(self, subprotocol: str, kind: str = "exec", spdy: bool = False):
-        b64 = subprotocol.startswith("base64.")
+        if not spdy and subprotocol not in KNOWN:
+            # (a stream whose framing is not known can't be recorded: fail closed)
+            raise ProtocolError(f"an exec stream in an unknown subprotocol {subprotocol!r}")
+        b64 = "base64." in subprotocol
         if spdy:     # (the same channels, over SPDY/3.1 streams)
             from hostagent.protocols.kubernetes.spdy import SpdyReader
             streams: dict[int, int] = {}
@@ -109,7 +119,7 @@ class ExecStream:
                 out.append(Record(DATA, {"dir": "in", "stream": "stdin", "data": piece}))
                 out += self._typed(piece)
             elif channel == 4:
-                self.resize += piece
+                self.resize += piece[:MAX_MESSAGE - len(self.resize)]
                 if ended:
                     out.append(self._resized(bytes(self.resize)))
                     self.resize = bytearray()

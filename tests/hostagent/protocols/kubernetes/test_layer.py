@@ -11,10 +11,10 @@ import pytest
 from wsproto.frame_protocol import FrameProtocol
 
 from hostagent.policy import Policy, Rule, decide
-from hostagent.protocols.api import (CLIENT, UPSTREAM, DataReceived, Handoff, Hold, Record,
-                                     ToClient, ToUpstream)
+from hostagent.protocols.api import (CLIENT, UPSTREAM, DataReceived, Handoff, Hold,
+                                     ProtocolError, Record, ToClient, ToUpstream)
 from hostagent.protocols.kubernetes.layer import KubernetesLayer
-from hostagent.protocols.kubernetes.requests import parse_exec
+from hostagent.protocols.kubernetes.requests import Unjudgeable, parse_exec
 from hostagent.protocols.kubernetes.spdy import DICTIONARY
 from hostagent.protocols.kubernetes.stream import ExecStream
 
@@ -176,3 +176,80 @@ def test_the_base64_protocol_is_decoded():
     msg = b"1" + base64.b64encode(b"hello\n")
     out = s.handle(DataReceived(UPSTREAM, frames(False, msg, text=True)))
     assert records(out, "data")[0]["data"] == b"hello\n"
+
+
+@pytest.mark.parametrize("path", ["/api/v1/namespaces/default/pods/web-1/exec/",
+                                  "/api/v1/namespaces/default/pods/web-1//exec",
+                                  "/api/v1/namespaces//default/pods/web-1/exec/."])
+def test_paths_the_api_server_routes_to_exec_are_judged_as_exec(path):
+    req = exec_request("command=rm&command=-rf&command=/x").replace(
+        b"/api/v1/namespaces/default/pods/web-1/exec", path.encode())
+    out = run(layer(), DataReceived(CLIENT, req))
+    assert not any(isinstance(c, ToUpstream) for c in out), path
+
+
+def test_flags_are_read_as_the_api_server_converts_them():
+    for q in ("stdin=t", "stdin=on", "stdin=", "stdin", "stdin=TRUE&stdin=false"):
+        assert parse_exec("GET", "/api/v1/namespaces/n/pods/p/exec", "command=sh&" + q,
+                          None).stdin, q
+    for q in ("stdin=0", "stdin=False", "stdin=false&stdin=true", ""):
+        assert not parse_exec("GET", "/api/v1/namespaces/n/pods/p/exec", "command=sh&" + q,
+                              None).stdin, q
+
+
+@pytest.mark.parametrize("query", ["command=%zz&command=rm&command=-rf&command=/x",
+                                   "command=rm;command=-rf&command=/x",
+                                   "container=x;y&container=db&command=ls"])
+def test_queries_go_reads_otherwise_are_unparseable(query):
+    with pytest.raises(Unjudgeable):
+        parse_exec("GET", "/api/v1/namespaces/n/pods/p/exec", query, None)
+    out = run(layer(), DataReceived(CLIENT, exec_request(query)))
+    assert not any(isinstance(c, ToUpstream) for c in out)
+
+
+def test_ephemeral_containers_are_read_as_they_will_run_or_refused():
+    e = parse_exec("PATCH", "/api/v1/namespaces/ns/pods/p/ephemeralcontainers", "",
+                   [("$.spec.ephemeralcontainers[0].args[0]", "-rf"),
+                    ("$.spec.ephemeralcontainers[0].command[0]", "rm")],
+                   content_type="application/strategic-merge-patch+json")
+    assert e.line == "rm -rf"
+    for ctype in ("application/json-patch+json", "application/apply-patch+yaml",
+                  "application/vnd.kubernetes.protobuf"):
+        with pytest.raises(Unjudgeable):
+            parse_exec("PATCH", "/api/v1/namespaces/ns/pods/p/ephemeralcontainers", "", [],
+                       content_type=ctype)
+    with pytest.raises(Unjudgeable):
+        parse_exec("PATCH", "/api/v1/namespaces/ns/pods/p/ephemeralcontainers", "",
+                   [("$.spec.ephemeralcontainers[0].command[0]", "$(CMD)")],
+                   content_type="application/json")
+
+
+def test_the_kubelets_exec_behind_a_nodes_proxy_is_judged_by_its_command():
+    e = parse_exec("GET", "/api/v1/nodes/n1/proxy/exec/prod/web/c",
+                   "command=rm&command=-rf&command=/", None)
+    assert (e.kind, e.namespace, e.pod, e.container, e.line) == \
+        ("nodeproxy", "prod", "web", "c", "rm -rf /")
+
+
+def test_the_v4_base64_protocol_is_decoded_and_unknown_ones_refused():
+    s = ExecStream("v4.base64.channel.k8s.io")
+    out = s.handle(DataReceived(UPSTREAM, frames(False, b"1" + base64.b64encode(b"out\n"),
+                                                 text=True)))
+    assert records(out, "data")[0]["data"] == b"out\n"
+    with pytest.raises(ProtocolError):
+        ExecStream("v9.mystery.k8s.io")
+
+
+def test_each_frame_is_a_channel_message_as_the_api_server_reads_it():
+    fp = FrameProtocol(client=True, extensions=[])
+    # a fragmented message: the continuation frame starts with its own channel byte
+    data = fp.send_data(b"\x04" + b" " * 300, fin=False) + fp.send_data(b"\x00rm -rf /x\n",
+                                                                        fin=True)
+    out = ExecStream("v5.channel.k8s.io").handle(DataReceived(CLIENT, data))
+    assert [c["text"] for c in records(out, "command")] == ["rm -rf /x"]
+
+
+def test_spdy_data_on_a_stream_nobody_opened_ends_the_session():
+    s = ExecStream("v4.channel.k8s.io", spdy=True)
+    with pytest.raises(ProtocolError):
+        s.handle(DataReceived(CLIENT, spdy_data(9, b"whoami\n")))
