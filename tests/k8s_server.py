@@ -1,4 +1,4 @@
-"""A small fake Kubernetes API server for the pod exec endpoints, for the proxy's tests.
+"""A small fake Kubernetes API server for the pod exec, attach and port-forward endpoints, for the proxy's tests.
 
 kubectl and the official Python client talk to it unchanged; the commands they exec RUN FOR
 REAL as local subprocesses (as root, cwd "/", the test process's environment).
@@ -32,7 +32,23 @@ Endpoints (JSON, Kubernetes shapes; errors are v1 Status objects):
       offers that is in this list; no Sec-WebSocket-Protocol at all means channel.k8s.io).
     * SPDY/3.1 (Upgrade: SPDY/3.1, X-Stream-Protocol-Version v4/v3/v2.channel.k8s.io or
       channel.k8s.io), streams selected by their "streamtype" header.
-  attach and portforward answer 400 (not implemented).
+  GET|POST .../pods/{name}/attach?container=..&stdin=..&stdout=..&stderr=..&tty=..: the same
+    transports and channels as exec, attached to the container's main process (its spec's
+    command: main is `sh` with stdin open, on a pty in pod-b (tty: true); sidecar `sleep`),
+    started on the first attach and shared; output from then on; stdin EOF or the client going
+    away detaches (the process keeps running); the attach ends with a Success Status (kubelet's
+    ServeAttach: no exit code) when it detaches or the process exits; the next attach restarts
+    it (restartCount + 1). server.attaches: records like execs' without command, plus detached.
+  GET|POST .../pods/{name}/portforward: SPDY/3.1 (X-Stream-Protocol-Version portforward.k8s.io;
+    per forwarded connection an error and a data stream, headers streamtype/port/requestid),
+    the same SPDY tunnelled in binary websocket messages (subprotocol
+    SPDY/3.1+portforward.k8s.io: kubectl 1.31+, no ports= in the query), or the kubelet's
+    websocket protocol (v4.channel.k8s.io / v4.base64.channel.k8s.io / none, ports= required:
+    channels 2i data, 2i+1 error, each opened with the port, 2 bytes little-endian). Each
+    forward dials 127.0.0.1:PORT (then [::1]) on this host; a failure is the kubelet's
+    "error forwarding port N to pod ..." on the error stream. server.portforwards: [{namespace,
+    pod, method, ports, transport, protocol, connections: [{port, error, sent, received}],
+    ended}].
 
 Exec semantics follow the kubelet: an empty first message on the lowest writable channel (stdout,
 else stderr, else error); with tty=true the command runs on a pty (stderr is then ignored) and
@@ -55,6 +71,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import struct
 import tempfile
@@ -348,6 +365,267 @@ class _Exec:
                     return
 
 
+class _MainProcess:
+    """A container's main process (its spec's command), as attach sees it: started on the first
+    attach (the fake's stand-in for the container starting), shared by every attach to it, its
+    output broadcast to those attached at the time (none is kept: containerd's attach has no
+    history), its stdin the container's (`stdin: true` in the spec; else attach's stdin is
+    dropped), on a pty if the spec says `tty: true`. When it exits the container "restarts":
+    the next attach starts it again and the pod's restartCount goes up."""
+
+    def __init__(self, server: "K8sServer", spec: dict):
+        self.server, self.spec = server, spec
+        self.tty, self.stdin = bool(spec.get("tty")), bool(spec.get("stdin"))
+        self.proc: asyncio.subprocess.Process | None = None
+        self.master: int | None = None
+        self.subscribers: set[asyncio.Queue] = set()
+        self.exit_code: int | None = None
+        self.ended = asyncio.Event()
+        self._in: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        cmd = self.spec["command"]
+        env = dict(os.environ)
+        if self.tty:
+            env["TERM"] = "xterm"
+            self.master, slave = os.openpty()
+            try:
+                self.proc = await asyncio.create_subprocess_exec(
+                    *cmd, stdin=slave, stdout=slave, stderr=slave, cwd=self.server.cwd, env=env,
+                    start_new_session=True, preexec_fn=_set_ctty)
+            except OSError:
+                os.close(self.master)
+                self.master = None
+                raise
+            finally:
+                os.close(slave)
+            readers = [asyncio.create_task(self._pump_pty())]
+        else:
+            pipe = asyncio.subprocess.PIPE
+            self.proc = await asyncio.create_subprocess_exec(
+                *cmd, stdin=pipe if self.stdin else asyncio.subprocess.DEVNULL, stdout=pipe,
+                stderr=pipe, cwd=self.server.cwd, env=env, start_new_session=True)
+            readers = [asyncio.create_task(self._pump(self.proc.stdout, STDOUT)),
+                       asyncio.create_task(self._pump(self.proc.stderr, STDERR))]
+        self.server._procs.add(self.proc)
+        self._tasks = readers + [asyncio.create_task(self._writer()),
+                                 asyncio.create_task(self._reap(readers))]
+
+    def _broadcast(self, item) -> None:
+        for q in list(self.subscribers):
+            q.put_nowait(item)
+
+    async def _pump(self, stream: asyncio.StreamReader, channel: int) -> None:
+        while data := await stream.read(32768):
+            self._broadcast((channel, data))
+
+    async def _pump_pty(self) -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        master = self.master
+
+        def readable():
+            try:
+                data = os.read(master, 32768)
+            except OSError:
+                data = b""
+            if data:
+                self._broadcast((STDOUT, data))
+            else:
+                loop.remove_reader(master)
+                if not done.done():
+                    done.set_result(None)
+
+        loop.add_reader(master, readable)
+        try:
+            await done
+        finally:
+            loop.remove_reader(master)
+
+    async def _writer(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            data = await self._in.get()
+            try:
+                if self.tty:
+                    await loop.run_in_executor(None, _write_all, self.master, data)
+                else:
+                    self.proc.stdin.write(data)
+                    await self.proc.stdin.drain()
+            except (OSError, RuntimeError, AttributeError):
+                pass
+
+    async def _reap(self, readers) -> None:
+        rc = await self.proc.wait()
+        _, pending = await asyncio.wait(readers, timeout=2.0)
+        for t in pending:
+            t.cancel()
+        self.exit_code = 128 - rc if rc < 0 else rc
+        self.server._procs.discard(self.proc)
+        if self.master is not None:
+            os.close(self.master)
+            self.master = None
+        self.ended.set()
+        self._broadcast(None)
+        for t in self._tasks:
+            if t is not asyncio.current_task():
+                t.cancel()
+
+    def write(self, data: bytes) -> None:
+        if self.stdin and not self.ended.is_set():
+            self._in.put_nowait(data)
+
+    def resize(self, w: int, h: int) -> None:
+        if self.tty and self.master is not None:
+            try:
+                fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", h, w, 0, 0))
+            except OSError:
+                pass
+
+
+class _Attach(_Exec):
+    """One attach to a container's main process (the kubelet's and containerd's behaviour):
+    output from then on; stdin (if the container has one) goes to the process; the client's
+    stdin EOF detaches (the pods here are not StdinOnce), as does the client going away: the
+    process keeps running. The attach ends with a Success Status on the error channel when
+    the client detaches or the process exits (the exit code is not reported: attach has
+    none); an InternalError Status if the process cannot be started."""
+
+    def __init__(self, server: "K8sServer", record: dict, send):
+        super().__init__(server, record, send)
+        self.main: _MainProcess | None = None
+        self.early: list[bytes] = []
+        self.detached = asyncio.Event()
+
+    def feed_stdin(self, data: bytes) -> None:
+        if self.want_stdin and data:
+            if self.main is None:
+                self.early.append(data)
+            else:
+                self.main.write(data)
+
+    def stdin_eof(self) -> None:
+        if self.want_stdin:
+            self.detached.set()
+
+    def _apply_size(self) -> None:
+        if self.main is not None and self.size is not None:
+            self.main.resize(*self.size)
+
+    def kill(self) -> None:
+        self.killed = True
+        self.detached.set()
+
+    async def run(self) -> tuple[int | None, str | None]:
+        r = self.record
+        try:
+            self.main = await self.server._main_process(r["namespace"], r["pod"], r["container"])
+        except OSError as e:
+            return None, f"failed to start container process: {e}"
+        q: asyncio.Queue = asyncio.Queue()
+        self.main.subscribers.add(q)
+        for data in self.early:
+            self.main.write(data)
+        self.early.clear()
+        self._apply_size()
+
+        async def pump():
+            while (item := await q.get()) is not None:
+                channel, data = item
+                if (channel == STDOUT and self.want_stdout) or \
+                        (channel == STDERR and self.want_stderr):
+                    await self.send(channel, data)
+
+        pump_task = asyncio.create_task(pump())
+        detach_task = asyncio.create_task(self.detached.wait())
+        try:
+            await asyncio.wait({pump_task, detach_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.main.subscribers.discard(q)
+            for t in (pump_task, detach_task):
+                t.cancel()
+            await asyncio.gather(pump_task, detach_task, return_exceptions=True)
+        r["detached"] = not self.main.ended.is_set()
+        return (None if r["detached"] else self.main.exit_code), None
+
+
+def attach_status(error: str | None) -> dict:
+    """What the kubelet's ServeAttach writes on the error channel: Success whenever the attach
+    ends (the process's exit code is not reported), else an InternalError."""
+    if error is None:
+        return {"metadata": {}, "status": "Success"}
+    msg = f"error attaching to container: {error}"
+    return {"metadata": {}, "status": "Failure", "message": f"Internal error occurred: {msg}",
+            "reason": "InternalError", "details": {"causes": [{"message": msg}]}, "code": 500}
+
+
+class _WsWriter:
+    """A StreamWriter look-alike whose writes go out as binary websocket messages (the
+    SPDY-over-websocket tunnel of kubectl's port-forward)."""
+
+    def __init__(self, ws: WSConnection, writer: asyncio.StreamWriter):
+        self.ws, self.writer = ws, writer
+
+    def write(self, data: bytes) -> None:
+        if self.ws.state is ConnectionState.OPEN:
+            self.writer.write(self.ws.send(BytesMessage(data=data)))
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+
+async def _ws_messages(ws: WSConnection, reader, writer, leftover: bytes, on_message) -> None:
+    """Reads websocket messages until the close (answered) or EOF."""
+    parts: list = []
+    data = leftover or None
+    while True:
+        if data is None:
+            data = await reader.read(65536)
+        ws.receive_data(data or None)
+        for ev in ws.events():
+            if isinstance(ev, Message):
+                parts.append(ev.data)
+                if ev.message_finished:
+                    msg = "".join(parts) if isinstance(ev, TextMessage) else b"".join(parts)
+                    parts = []
+                    on_message(msg)
+            elif isinstance(ev, Ping):
+                writer.write(ws.send(ev.response()))
+            elif isinstance(ev, CloseConnection):
+                if ws.state is ConnectionState.REMOTE_CLOSING:
+                    writer.write(ws.send(ev.response()))
+                return
+        if not data:
+            return
+        data = None
+
+
+async def _dial(port: int):
+    """Connects to the "pod's" port (this host's) as containerd's port-forward does: localhost
+    over IPv4, then IPv6; → (reader, writer) or raises OSError with containerd's message."""
+    errors = []
+    for family, host, net in ((socket.AF_INET, "127.0.0.1", "tcp4"),
+                              (socket.AF_INET6, "::1", "tcp6")):
+        try:
+            return await asyncio.open_connection(host, port, family=family)
+        except OSError as e:
+            hp = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            why = os.strerror(e.errno).lower() if e.errno else str(e)
+            errors.append(f"dial {net} {hp}: connect: {why}")
+    raise OSError(f"IPv4: {errors[0]} IPv6 {errors[1]} ")
+
+
+def portforward_error(pod: dict, port: int, why: str) -> str:
+    """The kubelet's message on a port's error stream when the dial fails (the pod is its
+    sandbox id, the uid empty; containerd's text after it)."""
+    sandbox = uuid.uuid5(uuid.NAMESPACE_URL, f"sandbox/{pod['metadata']['uid']}").hex * 2
+    netns = f"/var/run/netns/cni-{uuid.uuid5(uuid.NAMESPACE_URL, sandbox)}"
+    return (f"error forwarding port {port} to pod {sandbox}, uid : failed to execute portforward "
+            f'in network namespace "{netns}": failed to connect to localhost:{port} inside '
+            f'namespace "{sandbox}", {why}')
+
+
 class _SpdyFramer:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
         self.reader, self.writer = reader, writer
@@ -418,6 +696,9 @@ class K8sServer:
         self.ca_pem: Path | None = None
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.execs: list[dict] = []
+        self.attaches: list[dict] = []
+        self.portforwards: list[dict] = []
+        self._mains: dict = {}   # (ns, pod, container) → _MainProcess
         self._procs: set = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -454,6 +735,9 @@ class K8sServer:
 
         async def shutdown():
             self._server.close()
+            for m in self._mains.values():
+                for t in m._tasks:
+                    t.cancel()
             for p in list(self._procs):
                 if p.returncode is None:
                     try:
@@ -512,8 +796,13 @@ class K8sServer:
         t = _now()
 
         def container(c):
+            # main: an interactive shell (stdin open; pod-b's on a terminal, as `kubectl run
+            # -it` makes it); sidecar: sleeps, no stdin
+            extra = {"stdin": True, **({"tty": True} if name == "pod-b" else {})} \
+                if c == "main" else {}
             return {"name": c, "image": "docker.io/library/busybox:1.36",
-                    "command": ["sleep", "infinity"], "resources": {},
+                    "command": ["sh"] if c == "main" else ["sleep", "infinity"], **extra,
+                    "resources": {},
                     "terminationMessagePath": "/dev/termination-log",
                     "terminationMessagePolicy": "File", "imagePullPolicy": "IfNotPresent"}
 
@@ -696,10 +985,13 @@ class K8sServer:
             if p[6] == "exec":
                 return await self._exec(conn, reader, writer, method, target, p[3], p[5],
                                         parse_qs(url.query, keep_blank_values=True), headers)
-            if p[6] in ("attach", "portforward") and (p[3], p[5]) in self.pods:
-                await self._respond(conn, writer, 400, status_failure(
-                    400, "BadRequest", f"pods/{p[6]} is not implemented by the fake K8sServer"))
-                return False
+            if p[6] == "attach":
+                return await self._attach(conn, reader, writer, method, target, p[3], p[5],
+                                          parse_qs(url.query, keep_blank_values=True), headers)
+            if p[6] == "portforward":
+                return await self._portforward(conn, reader, writer, method, target, p[3], p[5],
+                                               parse_qs(url.query, keep_blank_values=True),
+                                               headers)
         if method != "GET":
             code, body = self._get(url.path)
             if code == 200:
@@ -751,7 +1043,8 @@ class K8sServer:
                 return await self._spdy_exec(conn, reader, writer, headers, record)
         return await bad("Upgrade request required")
 
-    async def _ws_exec(self, conn, reader, writer, target, headers, record) -> bool:
+    async def _ws_exec(self, conn, reader, writer, target, headers, record,
+                       make=None, status_of=None, records=None) -> bool:
         offered = headers.tokens("sec-websocket-protocol")
         if offered:
             chosen = next((p for p in offered if p in WS_PROTOCOLS), None)
@@ -773,7 +1066,10 @@ class K8sServer:
         record.update(transport="websocket", protocol=chosen or V1)
         protocol = chosen or V1
         base64_mode = protocol in (BASE64, V4_BASE64)
-        self.execs.append(record)  # before the 101: the client may look as soon as it has it
+        make = make or _Exec
+        status_of = status_of or (lambda rc, err: exec_status(rc, record["command"], err))
+        # before the 101: the client may look as soon as it has it
+        (self.execs if records is None else records).append(record)
         writer.write(ws.send(AcceptConnection(subprotocol=chosen)))
         leftover = conn.trailing_data[0]
 
@@ -785,7 +1081,7 @@ class K8sServer:
             writer.write(ws.send(msg))
             await writer.drain()
 
-        session = _Exec(self, record, send)
+        session = make(self, record, send)
 
         def on_message(data: bytes | str) -> None:
             if isinstance(data, str):
@@ -850,7 +1146,7 @@ class K8sServer:
                 return True
             rc, err = run_task.result()
             record.update(exit_code=rc, error=err)
-            status = exec_status(rc, record["command"], err)
+            status = status_of(rc, err)
             if protocol in JSON_STATUS_PROTOCOLS:
                 await send(ERROR, json.dumps(status, separators=(",", ":")).encode())
             elif status["status"] != "Success":
@@ -870,7 +1166,10 @@ class K8sServer:
                     t.cancel()
             await asyncio.gather(reader_task, run_task, return_exceptions=True)
 
-    async def _spdy_exec(self, conn, reader, writer, headers, record) -> bool:
+    async def _spdy_exec(self, conn, reader, writer, headers, record,
+                         make=None, status_of=None, records=None) -> bool:
+        make = make or _Exec
+        status_of = status_of or (lambda rc, err: exec_status(rc, record["command"], err))
         offered = headers.tokens("x-stream-protocol-version")
         if not offered:
             await self._respond(conn, writer, 400, "unable to upgrade: X-Stream-Protocol-Version "
@@ -885,7 +1184,7 @@ class K8sServer:
                                  for p in SPDY_PROTOCOLS])
             return False
         record.update(transport="spdy", protocol=chosen)
-        self.execs.append(record)
+        (self.execs if records is None else records).append(record)
         writer.write(("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
                       f"Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {chosen}\r\n"
                       f"Date: {email.utils.formatdate(usegmt=True)}\r\n\r\n").encode())
@@ -966,7 +1265,7 @@ class K8sServer:
                 framer.data(streams["stdout" if channel == STDOUT else "stderr"], data)
                 await writer.drain()
 
-            session = _Exec(self, record, send)
+            session = make(self, record, send)
             for kind, data in early:
                 deliver(kind, data)
             run_task = asyncio.create_task(session.run())
@@ -981,7 +1280,7 @@ class K8sServer:
             for k in ("stdout", "stderr"):
                 if k in streams:
                     framer.data(streams[k], b"", fin=True)
-            status = exec_status(rc, record["command"], err)
+            status = status_of(rc, err)
             if chosen == V4:
                 framer.data(streams["error"], json.dumps(status, separators=(",", ":")).encode())
             elif status["status"] != "Success":
@@ -998,3 +1297,341 @@ class K8sServer:
                     t.cancel()
             await asyncio.gather(*(t for t in (reader_task, run_task) if t is not None),
                                  return_exceptions=True)
+
+    # -- attach --
+    async def _main_process(self, ns: str, pod: str, container: str) -> _MainProcess:
+        key = (ns, pod, container)
+        main = self._mains.get(key)
+        if main is not None and not main.ended.is_set():
+            return main
+        spec = next(c for c in self.pods[(ns, pod)]["spec"]["containers"]
+                    if c["name"] == container)
+        if main is not None:  # it exited: the container restarted
+            for st in self.pods[(ns, pod)]["status"]["containerStatuses"]:
+                if st["name"] == container:
+                    st["restartCount"] += 1
+        main = _MainProcess(self, spec)
+        await main.start()
+        self._mains[key] = main
+        return main
+
+    async def _attach(self, conn, reader, writer, method, target, ns, name, q, headers) -> bool:
+        def flag(k):
+            return (q.get(k) or ["false"])[-1] in _TRUE
+
+        async def bad(msg, code=400, reason="BadRequest"):
+            await self._respond(conn, writer, code, status_failure(code, reason, msg))
+            return False
+
+        pod = self.pods.get((ns, name))
+        if pod is None:
+            await self._respond(conn, writer, 404, status_failure(
+                404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"}))
+            return False
+        names = [c["name"] for c in pod["spec"]["containers"]]
+        container = (q.get("container") or [""])[-1]
+        if not container:
+            if len(names) != 1:
+                return await bad(f"a container name must be specified for pod {name}, choose one "
+                                 f"of: [{' '.join(names)}]")
+            container = names[0]
+        if container not in names:
+            return await bad(f"container {container} is not valid for pod {name}")
+        record = {"namespace": ns, "pod": name, "container": container,
+                  "stdin": flag("stdin"), "stdout": flag("stdout"), "stderr": flag("stderr"),
+                  "tty": flag("tty"), "method": method, "transport": None, "protocol": None,
+                  "exit_code": None, "error": None, "resizes": [], "detached": None}
+        if not (record["stdin"] or record["stdout"] or record["stderr"]):
+            return await bad("you must specify at least 1 of stdin, stdout, stderr")
+        upgrade = (headers.get("upgrade") or "").lower()
+        kw = dict(make=_Attach, status_of=lambda rc, err: attach_status(err),
+                  records=self.attaches)
+        if "upgrade" in (headers.get("connection") or "").lower():
+            if "websocket" in upgrade:
+                return await self._ws_exec(conn, reader, writer, target, headers, record, **kw)
+            if "spdy/3.1" in upgrade:
+                return await self._spdy_exec(conn, reader, writer, headers, record, **kw)
+        return await bad("Upgrade request required")
+
+    # -- port-forward --
+    async def _portforward(self, conn, reader, writer, method, target, ns, name, q,
+                           headers) -> bool:
+        async def bad(msg, code=400, reason="BadRequest"):
+            await self._respond(conn, writer, code, status_failure(code, reason, msg))
+            return False
+
+        pod = self.pods.get((ns, name))
+        if pod is None:
+            await self._respond(conn, writer, 404, status_failure(
+                404, "NotFound", f'pods "{name}" not found', {"name": name, "kind": "pods"}))
+            return False
+        ports: list[int] = []
+        for v in q.get("ports", []):
+            for s in v.split(","):
+                try:
+                    port = int(s)
+                except ValueError:
+                    return await bad(f'unable to parse port "{s}"')
+                if not 0 < port < 65536:
+                    return await bad(f"port {port} must be in the range 1 to 65535")
+                ports.append(port)
+        record = {"namespace": ns, "pod": name, "method": method, "ports": ports,
+                  "transport": None, "protocol": None, "connections": [], "ended": False}
+        upgrade = (headers.get("upgrade") or "").lower()
+        if "upgrade" not in (headers.get("connection") or "").lower() or not (
+                "websocket" in upgrade or "spdy/3.1" in upgrade):
+            return await bad("Upgrade request required")
+        try:
+            if "spdy/3.1" in upgrade:
+                offered = headers.tokens("x-stream-protocol-version")
+                if "portforward.k8s.io" not in offered:
+                    await self._respond(conn, writer, 403, f"unable to upgrade: unable to "
+                                        f"negotiate protocol: client supports {offered}, server "
+                                        f"accepts [portforward.k8s.io]\n",
+                                        [("X-Accepted-Stream-Protocol-Versions",
+                                          "portforward.k8s.io")])
+                    return False
+                record.update(transport="spdy", protocol="portforward.k8s.io")
+                self.portforwards.append(record)
+                writer.write(("HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n"
+                              "Upgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: portforward.k8s.io"
+                              f"\r\nDate: {email.utils.formatdate(usegmt=True)}\r\n\r\n").encode())
+                leftover = conn.trailing_data[0]
+                if leftover:
+                    reader._buffer[0:0] = leftover  # noqa: SLF001
+                await self._spdy_portforward(_SpdyFramer(reader, writer), writer, pod, record)
+                return True
+            offered = headers.tokens("sec-websocket-protocol")
+            tunnel = [p for p in offered if p.startswith("SPDY/3.1+")]
+            if tunnel:  # the API server's SPDY-over-websocket tunnel (kubectl 1.31+)
+                if "SPDY/3.1+portforward.k8s.io" not in tunnel:
+                    await self._respond(conn, writer, 403, f"unable to upgrade: unable to "
+                                        f"negotiate protocol: client supports "
+                                        f"{[p[9:] for p in tunnel]}, server accepts "
+                                        f"[portforward.k8s.io]\n")
+                    return False
+                chosen = "SPDY/3.1+portforward.k8s.io"
+            else:  # the kubelet's own websocket protocol (the Python client's)
+                chosen = next((p for p in offered if p in (V4, V4_BASE64)), None)
+                if offered and chosen is None:
+                    await self._respond(conn, writer, 403, f"requested protocol(s) are not "
+                                        f"supported: {offered}; supports "
+                                        f"{['', V4, V4_BASE64]}")
+                    return False
+                if not ports:
+                    await self._respond(conn, writer, 400,
+                                        'query parameter "port" is required\n')
+                    return False
+            ws = WSConnection(ConnectionType.SERVER)
+            try:
+                ws.initiate_upgrade_connection(headers.raw, target)
+                assert isinstance(next(iter(ws.events()), None), Request)
+            except Exception as e:  # noqa: BLE001
+                return await bad(f"invalid WebSocket upgrade request: {e}")
+            record.update(transport="websocket", protocol=chosen or "")
+            self.portforwards.append(record)
+            writer.write(ws.send(AcceptConnection(subprotocol=chosen)))
+            leftover = conn.trailing_data[0]
+            if tunnel:
+                tun = asyncio.StreamReader()
+
+                def on_message(msg):
+                    if isinstance(msg, bytes):
+                        tun.feed_data(msg)
+
+                async def pump():
+                    try:
+                        await _ws_messages(ws, reader, writer, leftover, on_message)
+                    finally:
+                        tun.feed_eof()
+
+                pump_task = asyncio.create_task(pump())
+                try:
+                    await self._spdy_portforward(_SpdyFramer(tun, _WsWriter(ws, writer)),
+                                                 writer, pod, record)
+                    if ws.state is ConnectionState.OPEN:
+                        writer.write(ws.send(CloseConnection(code=1000)))
+                        await writer.drain()
+                finally:
+                    pump_task.cancel()
+                    await asyncio.gather(pump_task, return_exceptions=True)
+                return True
+            await self._ws_portforward(ws, reader, writer, leftover, pod, record,
+                                       chosen == V4_BASE64)
+            return True
+        finally:
+            record["ended"] = True
+
+    async def _forward(self, pod, port, record, inbound: asyncio.Queue, send_data, send_error):
+        """One forwarded connection: dial the port, copy both ways (inbound: bytes, None for
+        the client's EOF); as containerd, once one direction ends the other gets a second."""
+        entry = {"port": port, "error": None, "sent": b"", "received": b""}
+        record["connections"].append(entry)
+        try:
+            r, w = await _dial(port)
+        except OSError as e:
+            entry["error"] = portforward_error(pod, port, str(e))
+            await send_error(entry["error"].encode())
+            return
+
+        async def to_pod():
+            while (data := await inbound.get()) is not None:
+                entry["received"] += data
+                w.write(data)
+                await w.drain()
+            if w.can_write_eof():
+                w.write_eof()
+
+        async def from_pod():
+            while data := await r.read(32768):
+                entry["sent"] += data
+                await send_data(data)
+
+        tasks = {asyncio.create_task(to_pod()), asyncio.create_task(from_pod())}
+        try:
+            _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            w.close()
+
+    async def _ws_portforward(self, ws, reader, writer, leftover, pod, record, b64) -> None:
+        """The kubelet's websocket port-forward: channels 2i (data) and 2i+1 (error) for the
+        i-th of `ports`, each opened with the port (2 bytes, little-endian); every port is
+        dialled at once; the websocket closes when every forward has ended."""
+        async def send(channel: int, data: bytes) -> None:
+            if ws.state is not ConnectionState.OPEN:
+                return
+            if b64:
+                msg = TextMessage(data=chr(ord("0") + channel) + base64.b64encode(data).decode())
+            else:
+                msg = BytesMessage(data=bytes([channel]) + data)
+            writer.write(ws.send(msg))
+            await writer.drain()
+
+        ports = record["ports"]
+        inbound = [asyncio.Queue() for _ in ports]
+
+        def on_message(msg):
+            if isinstance(msg, str):
+                if not msg:
+                    return
+                if b64:
+                    try:
+                        channel, payload = ord(msg[0]) - ord("0"), base64.b64decode(msg[1:])
+                    except ValueError:
+                        return
+                else:
+                    channel, payload = ord(msg[0]), msg[1:].encode()
+            else:
+                if not msg:
+                    return
+                channel, payload = msg[0], msg[1:]
+            if channel % 2 == 0 and channel // 2 < len(ports) and payload:
+                inbound[channel // 2].put_nowait(payload)
+
+        for i, port in enumerate(ports):
+            prefix = struct.pack("<H", port)
+            await send(2 * i, prefix)
+            await send(2 * i + 1, prefix)
+
+        async def reading():
+            try:
+                await _ws_messages(ws, reader, writer, leftover, on_message)
+            finally:
+                for qq in inbound:
+                    qq.put_nowait(None)
+
+        read_task = asyncio.create_task(reading())
+        forwards = [asyncio.create_task(self._forward(
+            pod, port, record, inbound[i],
+            lambda d, c=2 * i: send(c, d), lambda d, c=2 * i + 1: send(c, d)))
+            for i, port in enumerate(ports)]
+        try:
+            await asyncio.gather(*forwards, return_exceptions=True)
+            if ws.state is ConnectionState.OPEN:
+                writer.write(ws.send(CloseConnection(code=1000)))
+                await writer.drain()
+            try:
+                await asyncio.wait_for(asyncio.shield(read_task), 2)
+            except (asyncio.TimeoutError, ConnectionError):
+                pass
+        finally:
+            for t in (read_task, *forwards):
+                t.cancel()
+            await asyncio.gather(read_task, *forwards, return_exceptions=True)
+
+    async def _spdy_portforward(self, framer: "_SpdyFramer", writer, pod, record) -> None:
+        """The kubelet's SPDY port-forward: the client opens an error and a data stream per
+        forwarded connection (headers streamtype, port, requestid); the pair dials the port;
+        a dial failure is written on the error stream; both streams end with the forward."""
+        pairs: dict[str, dict] = {}
+        by_id: dict[int, dict] = {}
+        tasks: set[asyncio.Task] = set()
+
+        async def run_pair(pair):
+            async def send_data(data):
+                framer.data(pair["data"], data)
+                await framer.writer.drain()
+
+            async def send_error(data):
+                framer.data(pair["error"], data)
+                await framer.writer.drain()
+
+            try:
+                await self._forward(pod, pair["port"], record, pair["in"], send_data, send_error)
+            finally:
+                framer.data(pair["data"], b"", fin=True)
+                framer.data(pair["error"], b"", fin=True)
+                await framer.writer.drain()
+
+        while True:
+            try:
+                kind, a, flags, payload = await framer.read()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            if kind == "data":
+                info = by_id.get(a)
+                if info is not None and info["type"] == "data":
+                    if payload:
+                        info["pair"]["in"].put_nowait(payload)
+                    if flags & 1:
+                        info["pair"]["in"].put_nowait(None)
+            elif a == 1:  # SYN_STREAM
+                sid = struct.unpack_from("!I", payload)[0] & 0x7FFFFFFF
+                h = {k.lower(): v[0] for k, v in framer.headers(payload[10:]).items()}
+                framer.syn_reply(sid)
+                await framer.writer.drain()
+                stype = h.get("streamtype", "")
+                rid = h.get("requestid") or str(sid if stype == "error" else sid - 2)
+                try:
+                    port = int(h.get("port", ""))
+                except ValueError:
+                    port = 0
+                pair = pairs.setdefault(rid, {"in": asyncio.Queue(), "port": port})
+                if stype in ("data", "error"):
+                    pair[stype] = sid
+                    by_id[sid] = {"type": stype, "pair": pair}
+                    if flags & 1 and stype == "data":
+                        pair["in"].put_nowait(None)
+                if "data" in pair and "error" in pair and "task" not in pair:
+                    pair["task"] = asyncio.create_task(run_pair(pair))
+                    tasks.add(pair["task"])
+            elif a in (2, 8):
+                framer.headers(payload[4:])
+            elif a == 3:  # RST_STREAM
+                info = by_id.get(struct.unpack_from("!I", payload)[0] & 0x7FFFFFFF)
+                if info is not None and info["type"] == "data":
+                    info["pair"]["in"].put_nowait(None)
+            elif a == 6:
+                if struct.unpack_from("!I", payload)[0] & 1:
+                    framer.ping(payload)
+                    await framer.writer.drain()
+            elif a == 7:  # GOAWAY
+                break
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -255,3 +255,206 @@ def test_discovery_and_pods(k8s):
     assert status == 404 and body["reason"] == "NotFound" and body["code"] == 404
     r = kubectl(k8s, "get", "pods", "-o", "name")
     assert (r.returncode, r.stdout) == (0, b"pod/pod-a\npod/pod-b\n")
+
+
+# -- attach (the container's main process: pod-a's main is `sh` with stdin open) --
+
+def test_kubectl_attach(k8s):
+    for websockets in (True, False):
+        p = subprocess.Popen([KUBECTL, "--kubeconfig", str(k8s.kc), "attach", "-i", "pod-a",
+                              "-c", "main"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=dict(
+                                 os.environ, HOME=str(k8s.home),
+                                 KUBECTL_REMOTE_COMMAND_WEBSOCKETS=str(websockets).lower()))
+        p.stdin.write(b"echo typed-line\n")
+        p.stdin.flush()
+        time.sleep(1)
+        p.stdin.close()    # stdin's EOF detaches: the shell keeps running
+        out, err = p.stdout.read(), p.stderr.read()
+        assert p.wait(10) == 0, err
+        assert out == b"typed-line\n"
+        assert err == b"If you don't see a command prompt, try pressing enter.\n"
+        a = k8s.attaches[-1]
+        assert (a["container"], a["stdin"], a["tty"], a["detached"]) == ("main", True, False, True)
+        assert (a["transport"], a["method"]) == \
+            (("websocket", "GET") if websockets else ("spdy", "POST"))
+    # the same process, still running: an exit ends it, and the attach, with Success
+    # (stdin stays open: its EOF would detach first)
+    p = subprocess.Popen([KUBECTL, "--kubeconfig", str(k8s.kc), "attach", "-i", "pod-a", "-c",
+                          "main"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=dict(os.environ, HOME=str(k8s.home)))
+    p.stdin.write(b"exit 4\n")
+    p.stdin.flush()
+    assert p.wait(10) == 0     # (attach reports no exit code: Success)
+    p.stdin.close()
+    p.stdout.read(), p.stderr.read()
+    assert k8s.attaches[-1]["detached"] is False and k8s.attaches[-1]["exit_code"] == 4
+    _, path, headers = k8s.requests[-1]
+    assert path == ("/api/v1/namespaces/default/pods/pod-a/attach?container=main&stderr=true"
+                    "&stdin=true&stdout=true")
+
+
+def test_attach_tty_and_raw_websocket(k8s):
+    import websocket
+    ws = websocket.WebSocket(sslopt={"ca_certs": str(k8s.ca_pem)})
+    ws.connect(f"wss://127.0.0.1:{k8s.port}/api/v1/namespaces/default/pods/pod-b/attach"
+               "?container=main&stdin=true&stdout=true&tty=true",
+               header=[f"Authorization: Bearer {TOKEN}"],
+               subprotocols=["v5.channel.k8s.io"])
+    assert ws.recv() == b"\x01"     # the empty first message on stdout
+    ws.send_binary(b"\x04" + json.dumps({"Width": 91, "Height": 23}).encode())
+    ws.send_binary(b"\x00stty size; exit 0\n")
+    out = b""
+    while True:
+        op, data = ws.recv_data()
+        if op == websocket.ABNF.OPCODE_CLOSE:
+            break
+        out += data[1:] if data[:1] == b"\x01" else b""
+        if data[:1] == b"\x03":
+            assert json.loads(data[1:]) == {"metadata": {}, "status": "Success"}
+    ws.close()
+    assert b"23 91" in out
+    assert k8s.attaches[-1]["tty"] is True and k8s.attaches[-1]["resizes"] == [(91, 23)]
+    restarts = [s["restartCount"] for s in
+                get(k8s, "/api/v1/namespaces/default/pods/pod-b")[1]["status"]
+                ["containerStatuses"]]
+    assert restarts == [0, 0]
+    # the shell exited: the next attach starts it again (restartCount goes up)
+    p = subprocess.Popen([KUBECTL, "--kubeconfig", str(k8s.kc), "attach", "-i", "pod-b", "-c",
+                          "main"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=dict(os.environ, HOME=str(k8s.home)))
+    p.stdin.write(b"exit\n")
+    p.stdin.flush()
+    assert p.wait(10) == 0
+    p.stdin.close()
+    p.stdout.read(), p.stderr.read()
+    assert get(k8s, "/api/v1/namespaces/default/pods/pod-b")[1]["status"][
+        "containerStatuses"][0]["restartCount"] == 1
+
+
+# -- port-forward (to 127.0.0.1:PORT on this host: the "pod" is this machine) --
+
+@pytest.fixture(scope="module")
+def tcp_echo():
+    import socket
+    import threading
+    ls = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                c, _ = ls.accept()
+            except OSError:
+                return
+
+            def one(c=c):
+                with c:
+                    while d := c.recv(65536):
+                        c.sendall(d)
+            threading.Thread(target=one, daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield ls.getsockname()[1]
+    ls.close()
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _closed_port():
+    return _free_port()   # (nothing listens there)
+
+
+def _port_forward(k8s, remote, websockets):
+    import socket
+    local = _free_port()
+    env = dict(os.environ, HOME=str(k8s.home),
+               KUBECTL_PORT_FORWARD_WEBSOCKETS=str(websockets).lower())
+    p = subprocess.Popen([KUBECTL, "--kubeconfig", str(k8s.kc), "port-forward", "pod-a",
+                          f"{local}:{remote}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env=env)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            c = socket.create_connection(("127.0.0.1", local), timeout=5)
+            break
+        except OSError:
+            assert time.monotonic() < deadline and p.poll() is None, p.stderr.read()
+            time.sleep(0.05)
+    return p, c
+
+
+@pytest.mark.parametrize("websockets", [True, False])
+def test_kubectl_port_forward(k8s, tcp_echo, websockets):
+    p, c = _port_forward(k8s, tcp_echo, websockets)
+    try:
+        payload = b"ping " * 1000
+        c.sendall(payload)
+        c.shutdown(1)
+        got = b""
+        while d := c.recv(65536):
+            got += d
+        assert got == payload
+        c.close()
+        pf = k8s.portforwards[-1]
+        assert pf["ports"] == []           # kubectl names the port in the SPDY streams alone
+        assert (pf["transport"], pf["protocol"], pf["method"]) == (
+            ("websocket", "SPDY/3.1+portforward.k8s.io", "GET") if websockets else
+            ("spdy", "portforward.k8s.io", "POST"))
+        deadline = time.monotonic() + 5
+        while not pf["connections"] or pf["connections"][0]["sent"] != payload:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert pf["connections"][0]["port"] == tcp_echo
+        assert pf["connections"][0]["received"] == payload
+        assert p.poll() is None            # still forwarding
+    finally:
+        p.terminate()
+        p.communicate(timeout=5)
+    _, path, headers = [r for r in k8s.requests if "/portforward" in r[1]][-1]
+    assert path == "/api/v1/namespaces/default/pods/pod-a/portforward"
+    if websockets:
+        assert headers["sec-websocket-protocol"] == "SPDY/3.1+portforward.k8s.io"
+    else:
+        assert (headers["upgrade"], headers["x-stream-protocol-version"]) == \
+            ("SPDY/3.1", "portforward.k8s.io")
+
+
+@pytest.mark.parametrize("websockets", [True, False])
+def test_kubectl_port_forward_to_a_closed_port(k8s, websockets):
+    port = _closed_port()
+    p, c = _port_forward(k8s, port, websockets)
+    assert c.recv(10) == b""
+    c.close()
+    _, err = p.communicate(timeout=10)
+    assert p.returncode == 1
+    assert f"an error occurred forwarding".encode() in err
+    assert f"error forwarding port {port} to pod ".encode() in err
+    assert f"dial tcp4 127.0.0.1:{port}: connect: connection refused".encode() in err
+    assert err.endswith(b"error: lost connection to pod\n")
+
+
+def test_python_client_port_forward(k8s, api, tcp_echo):
+    from kubernetes.stream import portforward
+    closed = _closed_port()
+    pf = portforward(api.connect_get_namespaced_pod_portforward, "pod-a", "default",
+                     ports=f"{tcp_echo},{closed}")
+    s = pf.socket(tcp_echo)
+    s.sendall(b"over the websocket")
+    got = b""
+    while len(got) < 18:
+        got += s.recv(100)
+    assert got == b"over the websocket"
+    deadline = time.monotonic() + 5
+    while pf.error(closed) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert f"error forwarding port {closed}" in pf.error(closed)
+    s.close()
+    pf.close()
+    rec = k8s.portforwards[-1]
+    assert (rec["transport"], rec["protocol"], rec["ports"]) == \
+        ("websocket", "v4.channel.k8s.io", [tcp_echo, closed])

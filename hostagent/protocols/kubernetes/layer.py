@@ -62,6 +62,25 @@ class KubernetesLayer(HttpLayer):
         fields, _ = self._body_fields(ex)
         return fields
 
+    def _port_judge(self, run):
+        """A port-forward's ports, judged as its streams name them (`commands` sees
+        "port N"; a review can't be held mid-stream: it is refused)."""
+        def judge(port: str):
+            req = Request(target=self.target, protocol=self.protocol, identity=self.identity,
+                          action="portforward", resources=(run.pod,),
+                          text=f"portforward {run.namespace}/{run.pod}: port {port}",
+                          attributes={"namespaces": (run.namespace,), "pods": (run.pod,),
+                                      "containers": (), "commands": (f"port {port}",),
+                                      "flags": ("portforward",), "methods": (), "hosts": (),
+                                      "paths": (), "headers": (), "json": ()})
+            d = self.enforcer.decide(req)
+            if d.action == "review":
+                d = Decision("deny", d.rule, f"{d.reason} (a port opened inside a stream "
+                             f"can't be held for approval)")
+            return d, {"text": req.text, "kind": "portforward", "namespace": run.namespace,
+                       "pod": run.pod, "port": port}
+        return judge
+
     def _refusal_body(self, status: int, d: Decision) -> dict:
         # what kubectl and the client libraries show their users: a v1 Status
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -74,5 +93,6 @@ class KubernetesLayer(HttpLayer):
                       b"sec-websocket-protocol") or b"").decode("latin-1").strip()
         run = getattr(self.ex, "run", None)
         kind = run.kind if run is not None else "exec"
-        return ExecStream(sub, kind, spdy=spdy), \
+        judge = self._port_judge(run) if kind == "portforward" else None
+        return ExecStream(sub, kind, spdy=spdy, judge_port=judge), \
             f"101 {kind} stream ({'SPDY/3.1 ' if spdy else ''}{sub or 'no subprotocol'})"

@@ -45,6 +45,7 @@ class SpdyReader:
         self.streams = streams
         self.buf = bytearray()
         self.inflate = zlib.decompressobj(zdict=DICTIONARY)
+        self.opened: list[tuple[int, dict]] = []   # streams the client opened, to judge
 
     @property
     def text(self) -> bytearray:     # (what ExecStream counts as buffered)
@@ -81,6 +82,7 @@ class SpdyReader:
                 # (unknown stream types, e.g. port-forward's data and error streams, are
                 # recorded by number)
                 self.streams[stream] = CHANNELS.get(headers.get("streamtype", ""), 100 + stream)
+                self.opened.append((stream, headers))
         elif ftype in (SYN_REPLY, HEADERS) and len(payload) >= 4:
             self._headers(payload[4:])     # (the compression context moves on)
 

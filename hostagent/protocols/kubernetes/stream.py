@@ -77,10 +77,49 @@ class _Reader:
         return out
 
 
+class _Tunnel:
+    """SPDY/3.1 carried in binary websocket messages (`SPDY/3.1+portforward.k8s.io`,
+    kubectl's port-forward since 1.31)."""
+
+    def __init__(self, client: bool, streams: dict[int, int]):
+        from hostagent.protocols.kubernetes.spdy import SpdyReader
+        self.frames = FrameProtocol(client=not client, extensions=[])
+        self.spdy = SpdyReader(client, streams)
+
+    @property
+    def text(self) -> bytearray:
+        return self.spdy.buf
+
+    @property
+    def opened(self) -> list:
+        return self.spdy.opened
+
+    def pieces(self, data: bytes) -> list[tuple[int, bytes, bool]]:
+        out = []
+        self.frames.receive_bytes(data)
+        try:
+            for f in self.frames.received_frames():
+                if f.opcode in (Opcode.BINARY, Opcode.CONTINUATION):
+                    out += self.spdy.pieces(bytes(f.payload))
+        except ParseFailed as exc:
+            raise ProtocolError(f"bad websocket frame: {exc}") from None
+        return out
+
+
 class ExecStream:
     name = "kubernetes-stream"
 
-    def __init__(self, subprotocol: str, kind: str = "exec", spdy: bool = False):
+    def __init__(self, subprotocol: str, kind: str = "exec", spdy: bool = False,
+                 judge_port=None):
+        # judge_port(port) -> (Decision, command fields): a port-forward's ports are
+        # named only in its SPDY streams' headers, judged as each is opened
+        self.judge_port = judge_port
+        if subprotocol.upper().startswith("SPDY/3.1+"):
+            streams: dict[int, int] = {}
+            self.client, self.server = _Tunnel(True, streams), _Tunnel(False, streams)
+            self.kind, self.subprotocol = kind, subprotocol
+            self.line, self.status, self.resize = bytearray(), bytearray(), bytearray()
+            return
         if not spdy and subprotocol not in KNOWN:
             # (a stream whose framing is not known can't be recorded: fail closed)
             raise ProtocolError(f"an exec stream in an unknown subprotocol {subprotocol!r}")
@@ -114,7 +153,17 @@ class ExecStream:
 
     def _from_client(self, data: bytes) -> list[Command]:
         out: list[Command] = []
-        for channel, piece, ended in self.client.pieces(data):
+        pieces = self.client.pieces(data)
+        for _stream, headers in _take(getattr(self.client, "opened", None)):
+            port = headers.get("port")
+            if port is not None and self.judge_port is not None:
+                decision, fields = self.judge_port(port)
+                out.append(Record(COMMAND, {**fields, "decision": decision.as_dict()}))
+                if decision.action != "allow":
+                    # (nothing of the stream has gone on: the session ends here)
+                    return out + [Close(f"port-forward to port {port} refused by rule "
+                                        f"{decision.rule}: {decision.reason}")]
+        for channel, piece, ended in pieces:
             if channel == 0 and self.kind != "portforward":
                 out.append(Record(DATA, {"dir": "in", "stream": "stdin", "data": piece}))
                 out += self._typed(piece)
@@ -190,3 +239,11 @@ class ExecStream:
         if st.get("message"):
             f["error"] = str(st["message"])[:1024]
         return Record(OUTPUT, f)
+
+
+def _take(items: list | None) -> list:
+    if not items:
+        return []
+    out = list(items)
+    items.clear()
+    return out
