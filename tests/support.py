@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -192,3 +195,28 @@ def pg_session(n_commands: int = 3, target: str = "orders-db", user: str = "alic
     evs.append(("data", {"dir": "out", "data": b"hello from the terminal\r\n"}))
     evs.append((SESSION_END, {"reason": "client closed", "bytes_in": 120, "bytes_out": 640}))
     return evs
+
+
+@contextlib.contextmanager
+def raw_echo():
+    """A TCP server on 127.0.0.1 sending back every byte it gets, until EOF; its port."""
+    ls = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                c, _ = ls.accept()
+            except OSError:
+                return
+
+            def one(c=c):
+                with c:
+                    while d := c.recv(65536):
+                        c.sendall(d)
+            threading.Thread(target=one, daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield ls.getsockname()[1]
+    finally:
+        ls.close()

@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 
+from tests.support import raw_echo
 from tests.k8s_server import K8sServer
 
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
@@ -336,26 +337,8 @@ def test_attach_tty_and_raw_websocket(k8s):
 
 @pytest.fixture(scope="module")
 def tcp_echo():
-    import socket
-    import threading
-    ls = socket.create_server(("127.0.0.1", 0))
-
-    def serve():
-        while True:
-            try:
-                c, _ = ls.accept()
-            except OSError:
-                return
-
-            def one(c=c):
-                with c:
-                    while d := c.recv(65536):
-                        c.sendall(d)
-            threading.Thread(target=one, daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield ls.getsockname()[1]
-    ls.close()
+    with raw_echo() as port:
+        yield port
 
 
 def _free_port():

@@ -42,13 +42,15 @@ def cluster():
     s.stop()
 
 
-@pytest.fixture
-def host(tmp_path, collector, cluster):
+def make_host(tmp_path, collector, cluster, policy: str = POLICY, mode: str = "deny"):
+    """A host agent config with the `cluster` target (the real token injected) and the
+    agent's kubeconfig (the real address, a placeholder token, no CA data: the system
+    trust, which agentgate run extends with the local CA). -> (Host, EchoServer)"""
     echo = EchoServer()
     h = Host(tmp_path, collector, echo)
     (tmp_path / "token").write_text(TOKEN + "\n")        # root's alone
-    (tmp_path / "policy.toml").write_text(POLICY)
-    h.config = h.write("k8s", extra=f'''
+    (tmp_path / "policy.toml").write_text(policy)
+    h.config = h.write("k8s", mode=mode, extra=f'''
 [[targets]]
 name = "cluster"
 protocol = "kubernetes"
@@ -57,10 +59,14 @@ ca = "{cluster.ca_pem}"
 token_file = "{tmp_path}/token"
 ''')
     h.config.write_text(f'policy = "{tmp_path}/policy.toml"\n' + h.config.read_text())
-    # the agent's: the real address, a placeholder token, no CA data (the system trust,
-    # which agentgate run extends with the local CA)
     h.kubeconfig = cluster.kubeconfig(h.public / "kubeconfig", token="placeholder")
     h.kubeconfig.chmod(0o644)
+    return h, echo
+
+
+@pytest.fixture
+def host(tmp_path, collector, cluster):
+    h, echo = make_host(tmp_path, collector, cluster)
     yield h
     h.cleanup()
     echo.close()

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 
 import pytest
 
-from tests.hostagent.intercept.conftest import EchoServer, Host
 from tests.hostagent.protocols.kubernetes.test_proxy import (  # noqa: F401 - fixtures
-    TOKEN, agent, cluster, events)
-from tests.support import BIN
+    agent, cluster, events, make_host)
+from tests.support import BIN, raw_echo
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF interception needs root")
 POLICY = """
@@ -29,23 +27,9 @@ commands = ["port 22"]
 
 @pytest.fixture
 def host(tmp_path, collector, cluster):
-    echo = EchoServer()
-    h = Host(tmp_path, collector, echo)
-    (tmp_path / "token").write_text(TOKEN + "\n")
-    (tmp_path / "policy.toml").write_text(POLICY)
     # mode "allow": the agent's own client must reach kubectl's local port-forward listener
     # (in "deny" mode that loopback connect, to no target, is refused with EPERM)
-    h.config = h.write("k8s", mode="allow", extra=f'''
-[[targets]]
-name = "cluster"
-protocol = "kubernetes"
-address = ["127.0.0.1:{cluster.port}"]
-ca = "{cluster.ca_pem}"
-token_file = "{tmp_path}/token"
-''')
-    h.config.write_text(f'policy = "{tmp_path}/policy.toml"\n' + h.config.read_text())
-    h.kubeconfig = cluster.kubeconfig(h.public / "kubeconfig", token="placeholder")
-    h.kubeconfig.chmod(0o644)
+    h, echo = make_host(tmp_path, collector, cluster, POLICY, mode="allow")
     yield h
     h.cleanup()
     echo.close()
@@ -53,24 +37,8 @@ token_file = "{tmp_path}/token"
 
 @pytest.fixture(scope="module")
 def tcp_echo():
-    ls = socket.create_server(("127.0.0.1", 0))
-
-    def serve():
-        while True:
-            try:
-                c, _ = ls.accept()
-            except OSError:
-                return
-
-            def one(c=c):
-                with c:
-                    while d := c.recv(65536):
-                        c.sendall(d)
-            threading.Thread(target=one, daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield ls.getsockname()[1]
-    ls.close()
+    with raw_echo() as port:
+        yield port
 
 
 def _free_port() -> int:
