@@ -58,6 +58,7 @@ class Exchange:
     size: int = 0
     masked_before: dict = field(default_factory=dict)
     scrub: Scrubber | None = None
+    fields: list | None = None   # the body's fields, as judged
 
 
 class HttpLayer:
@@ -308,6 +309,7 @@ class HttpLayer:
         """The policy request and the command record of an exchange (a child protocol,
         e.g. Kubernetes, adds its own matchers and fields)."""
         fields, parsed = self._body_fields(ex)
+        ex.fields = fields
         req = request_for(target=self.target, identity=self.identity, method=ex.method,
                           host=ex.host.encode("latin-1"), path=ex.path, query=ex.query,
                           headers=ex.request.headers, body_fields=fields, parsed=parsed,

@@ -5,9 +5,9 @@ upgraded, recorded as a terminal stream (stream.py)."""
 from __future__ import annotations
 
 from hostagent.policy import Decision, Request
+from hostagent.protocols.http.bodies import media_type
 from hostagent.protocols.http.layer import Exchange, HttpLayer
 from hostagent.protocols.http.wire import header, tokens
-from hostagent.protocols.http.bodies import media_type
 from hostagent.protocols.kubernetes.requests import Unjudgeable, namespaced, parse_exec
 from hostagent.protocols.kubernetes.stream import ExecStream
 
@@ -24,10 +24,9 @@ class KubernetesLayer(HttpLayer):
 
     def _policy_request(self, ex: Exchange) -> tuple[Request, dict]:
         req, rec = super()._policy_request(ex)
-        pairs = self._pairs(ex)
         unjudgeable = ""
         try:
-            run = parse_exec(ex.method, ex.path, ex.query, pairs, content_type=media_type(
+            run = parse_exec(ex.method, ex.path, ex.query, ex.fields, content_type=media_type(
                 header(ex.request.headers, b"content-type")))
         except Unjudgeable as exc:
             run, unjudgeable = None, str(exc)
@@ -57,10 +56,6 @@ class KubernetesLayer(HttpLayer):
                       parsed=req.parsed and not unjudgeable, unknown=unknown,
                       readings=req.readings)
         return req, rec
-
-    def _pairs(self, ex: Exchange):
-        fields, _ = self._body_fields(ex)
-        return fields
 
     def _port_judge(self, run):
         """A port-forward's ports, judged as its streams name them (`commands` sees
