@@ -767,3 +767,39 @@ address = ["127.0.0.1:{mute.port}"]
     assert "closed the connection before answering" in json.loads(body)["error"]
     outputs = [f for k, f in events(h) if k == "output"]
     assert [o["status"] for o in outputs] == [502]
+
+
+def test_a_pinned_or_non_http_client_on_a_tls_target_fails_closed_and_is_recorded(
+        make_host, server):
+    h = make_host()
+    pinned = h.public / "upstream-ca.pem"          # trusts the real server's CA alone
+    pinned.write_bytes(server.ca_pem.read_bytes())
+    pinned.chmod(0o644)
+    py = script_file(h, "tls_odd.py", f'''
+import socket, ssl
+try:
+    ctx = ssl.create_default_context(cafile="{pinned}")
+    with socket.create_connection(("localhost", {server.https_port})) as s:
+        ctx.wrap_socket(s, server_hostname="localhost")
+    print("pinned: connected")
+except ssl.SSLCertVerificationError as e:
+    print("pinned: refused", e.verify_message)
+ctx = ssl.create_default_context()                 # the environment's bundle
+with socket.create_connection(("localhost", {server.https_port})) as s:
+    t = ctx.wrap_socket(s, server_hostname="localhost")
+    t.sendall(b"\\x00\\x01 not http at all\\r\\n\\r\\n")
+    got = b""
+    try:
+        while d := t.recv(4096):
+            got += d
+    except (ssl.SSLError, OSError):
+        pass
+    print("garbage:", got[:12])
+''')
+    p = agent(h, f"{VENV_PY} {py}")
+    assert "pinned: refused" in p.stdout, (p.stdout, p.stderr)
+    assert "garbage:" in p.stdout and "200" not in p.stdout.split("garbage:")[1]
+    reasons = [s["end_reason"] for s in h.sessions("https")]
+    assert any("client TLS handshake failed" in r for r in reasons), reasons
+    assert any("bad HTTP request" in r or "protocol error" in r or "400" in r
+               for r in reasons), reasons
