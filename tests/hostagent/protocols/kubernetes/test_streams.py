@@ -132,3 +132,55 @@ def test_kubectl_exec_tty_records_resize_and_exit_code(host, cluster):
     assert 3 in [o.get("exit_code") for o in events(host, "output")]
     exe = next(c for c in events(host, "command") if c.get("kind") == "exec")
     assert exe["tty"] is True and exe["stdin"] is True
+
+
+def test_kubectl_attach_over_spdy_is_recorded_too(host, cluster):
+    p = agent(host, "(echo 'echo typed-over-spdy'; sleep 1.5) | kubectl attach -i pod-a -c main",
+              extra_env={"KUBECTL_REMOTE_COMMAND_WEBSOCKETS": "false"})
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "typed-over-spdy\n"
+    assert "echo typed-over-spdy" in [c["text"] for c in events(host, "command")
+                                      if c.get("via") == "stdin"]
+
+
+def test_the_python_clients_port_forward_is_judged_before_it_starts_and_recorded(
+        host, cluster, tcp_echo):
+    script = host.public / "pf.py"
+    script.write_text(f'''
+from kubernetes import client, config
+from kubernetes.stream import portforward
+config.load_kube_config()
+api = client.CoreV1Api()
+pf = portforward(api.connect_get_namespaced_pod_portforward, "pod-a", "default",
+                 ports="{tcp_echo}")
+s = pf.socket({tcp_echo})
+s.sendall(b"python-through-the-proxy")
+got = b""
+while len(got) < 24:
+    got += s.recv(100)
+print(got.decode())
+s.close()
+pf.close()
+try:
+    portforward(api.connect_get_namespaced_pod_portforward, "pod-a", "default", ports="22")
+    print("port 22: forwarded")
+except Exception as exc:
+    print("port 22: refused", type(exc).__name__)
+''')
+    script.chmod(0o644)
+    # (its websocket trusts the kubeconfig's CA, not SSL_CERT_FILE: see test_proxy)
+    kc = cluster.kubeconfig(host.public / "kubeconfig-py", token="placeholder")
+    server_line = next(ln for ln in kc.read_text().splitlines() if "server:" in ln)
+    kc.write_text(kc.read_text().replace(server_line, server_line + "\n    certificate-"
+                                         f"authority: /run/agentgate/trust/{host.tree}/ca.pem"))
+    kc.chmod(0o644)
+    p = agent(host, f"{BIN / 'python'} {script}", extra_env={"KUBECONFIG": str(kc)})
+    assert p.returncode == 0, p.stderr
+    assert "python-through-the-proxy" in p.stdout
+    assert "port 22: refused" in p.stdout
+    cmds = [c for c in events(host, "command") if c.get("kind") == "portforward"]
+    assert [(c["command"], c["decision"]["action"]) for c in cmds] == \
+        [([f"port {tcp_echo}"], "allow"), (["port 22"], "deny")]
+    data = events(host, "data")
+    assert b"python-through-the-proxy" in b"".join(d["data"] for d in data
+                                                   if d.get("dir") == "in")
