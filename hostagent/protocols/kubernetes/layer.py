@@ -46,7 +46,8 @@ class KubernetesLayer(HttpLayer):
             attrs["flags"] = tuple(attrs.get("flags", ())) + (run.kind,) + \
                 (("stdin",) if run.stdin else ()) + (("tty",) if run.tty else ())
             rec = {**rec, "text": run.text, "kind": run.kind, "namespace": run.namespace,
-                   "pod": run.pod, "container": run.container, "command": list(run.command),
+                   "pod": run.pod, "container": run.container,
+                   "command": list(run.lines if run.kind == "portforward" else run.command),
                    "stdin": run.stdin, "tty": run.tty}
         if unjudgeable:
             rec = {**rec, "error": unjudgeable}
@@ -61,6 +62,14 @@ class KubernetesLayer(HttpLayer):
         """A port-forward's ports, judged as its streams name them (`commands` sees
         "port N"; a review can't be held mid-stream: it is refused)."""
         def judge(port: str):
+            if not (port.strip().isascii() and port.strip().isdigit()):
+                # (the kubelet reads the port as a decimal number; anything else is not
+                # judged, so not let through)
+                return Decision("deny", "(unparseable)", f"a port that is not a number: "
+                                f"{port!r}"), {"text": f"portforward {run.namespace}/"
+                                               f"{run.pod}: port {port!r}", "kind":
+                                               "portforward", "port": port}
+            port = str(int(port))
             req = Request(target=self.target, protocol=self.protocol, identity=self.identity,
                           action="portforward", resources=(run.pod,),
                           text=f"portforward {run.namespace}/{run.pod}: port {port}",

@@ -75,7 +75,13 @@ def parse_exec(method: str, path: str, query: str, body_fields, *,
         ns, pod, kind = m.groups()
         command = tuple(v for k, v in params if k == "command")
         if kind == "portforward":
-            command = tuple(f"port {v}" for k, v in params if k == "ports")
+            # (the kubelet splits `ports` at commas and reads each as a decimal number)
+            ports = [p.strip() for k, v in params if k == "ports" for p in v.split(",")]
+            if not all(p.isascii() and p.isdigit() for p in ports):
+                raise Unjudgeable(f"a port that is not a number: {ports}")
+            # (each port its own line: a `commands` glob judges each)
+            lines = [f"port {int(p)}" for p in ports]
+            return Exec(kind, ns, pod, "", tuple(lines[:1]), others=tuple(lines[1:]))
         container = next((v for k, v in params if k == "container"), "")
         return Exec(kind, ns, pod, container, command, _flag(params, "stdin"),
                     _flag(params, "tty"))

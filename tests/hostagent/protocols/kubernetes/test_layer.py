@@ -253,3 +253,12 @@ def test_spdy_data_on_a_stream_nobody_opened_ends_the_session():
     s = ExecStream("v4.channel.k8s.io", spdy=True)
     with pytest.raises(ProtocolError):
         s.handle(DataReceived(CLIENT, spdy_data(9, b"whoami\n")))
+
+
+def test_ports_are_read_as_the_kubelet_reads_them():
+    e = parse_exec("GET", "/api/v1/namespaces/n/pods/p/portforward", "ports=022,80&ports=8080",
+                   None)
+    assert e.lines == ("port 22", "port 80", "port 8080")
+    for bad in ("ports=%2B22", "ports=22abc", "ports=0x16"):
+        with pytest.raises(Unjudgeable):
+            parse_exec("GET", "/api/v1/namespaces/n/pods/p/portforward", bad, None)
