@@ -94,6 +94,15 @@ def parse_exec(method: str, path: str, query: str, body_fields, *,
         k = _KUBELET.fullmatch(rest)
         if k:    # the kubelet's own exec/run/attach endpoints, behind the node's proxy
             kind, ns, pod, container = k.groups()
+            if kind.lower() == "portforward":
+                ports = [p.strip() for key, v in params if key in ("port", "ports")
+                         for p in v.split(",")]
+                if not all(p.isascii() and p.isdigit() for p in ports):
+                    raise Unjudgeable(f"a port that is not a number: {ports}")
+                lines = [f"port {int(p)}" for p in ports] or ["portforward"]
+                # (its streams' ports are judged as they open, as for a pod's)
+                return Exec("portforward", ns, pod, "", tuple(lines[:1]),
+                            others=tuple(lines[1:]))
             command = tuple(v for key, v in params if key in ("command", "cmd"))
             command += tuple(v for key, v in (body_fields or ()) if key in ("$.cmd",))
             return Exec("nodeproxy", ns, pod, container or "", command or (kind.lower(),),

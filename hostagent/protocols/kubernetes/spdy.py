@@ -103,6 +103,10 @@ class SpdyReader:
                 pos += 4 + lv
                 if pos > len(raw):
                     raise struct.error("a header past the block's end")
+            if pos != len(raw):
+                # (spdystream reads one continuous stream: bytes past this list would
+                # start the next frame's headers there, unseen here)
+                raise ProtocolError("trailing bytes in a SPDY header block")
             return out
         except (zlib.error, struct.error) as exc:
             raise ProtocolError(f"a SPDY header block that does not decode: {exc}") from None

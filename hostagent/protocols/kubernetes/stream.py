@@ -156,6 +156,8 @@ class ExecStream:
         pieces = self.client.pieces(data)
         for _stream, headers in _take(getattr(self.client, "opened", None)):
             port = headers.get("port")
+            if self.judge_port is not None and port is None:
+                return out + [Close("a port-forward stream without a port")]
             if port is not None and self.judge_port is not None:
                 decision, fields = self.judge_port(port)
                 out.append(Record(COMMAND, {**fields, "decision": decision.as_dict()}))

@@ -262,3 +262,21 @@ def test_ports_are_read_as_the_kubelet_reads_them():
     for bad in ("ports=%2B22", "ports=22abc", "ports=0x16"):
         with pytest.raises(Unjudgeable):
             parse_exec("GET", "/api/v1/namespaces/n/pods/p/portforward", bad, None)
+
+
+def test_a_spdy_header_block_with_bytes_past_its_list_is_refused():
+    deflate = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, 15, 8,
+                               zlib.Z_DEFAULT_STRATEGY, DICTIONARY)
+    raw = struct.pack("!I", 1) + struct.pack("!I", 10) + b"streamtype" + \
+        struct.pack("!I", 4) + b"data" + b"\x00\x00\x00\x04next"     # trailing bytes
+    block = deflate.compress(raw) + deflate.flush(zlib.Z_SYNC_FLUSH)
+    s = ExecStream("portforward.k8s.io", "portforward", spdy=True,
+                   judge_port=lambda port: (None, {}))
+    with pytest.raises(ProtocolError):
+        s.handle(DataReceived(CLIENT, spdy_control(1, struct.pack("!IIH", 1, 0, 0) + block)))
+
+
+def test_a_port_forward_behind_a_nodes_proxy_is_judged_by_its_ports():
+    e = parse_exec("GET", "/api/v1/nodes/n1/proxy/portForward/default/web", "port=22", None)
+    assert (e.kind, e.namespace, e.pod, e.lines) == ("portforward", "default", "web",
+                                                     ("port 22",))
