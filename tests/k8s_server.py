@@ -771,7 +771,7 @@ class K8sServer:
         return f"https://127.0.0.1:{self.port}"
 
     def kubeconfig(self, path, server: str | None = None, token: str | None = "placeholder-token",
-                   ca: Path | None = None) -> Path:
+                   ca: Path | None = None, ca_path: str | None = None) -> Path:
         """Writes a kubeconfig with one context "fake" (namespace default) and returns its path.
         certificate-authority-data is `ca`'s PEM when given, else absent."""
         path = Path(path)
@@ -781,6 +781,8 @@ class K8sServer:
         if ca is not None:
             lines.append("    certificate-authority-data: "
                          + q(base64.b64encode(Path(ca).read_bytes()).decode()))
+        if ca_path is not None:   # a file the client reads when it starts, not now
+            lines.append(f"    certificate-authority: {q(ca_path)}")
         lines += ["users:", "- name: fake"]
         lines += ["  user:", f"    token: {q(token)}"] if token is not None else ["  user: {}"]
         lines += ["contexts:", "- name: fake", "  context:", "    cluster: fake", "    user: fake",

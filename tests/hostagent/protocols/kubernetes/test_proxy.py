@@ -186,10 +186,8 @@ print(stream(api.connect_get_namespaced_pod_exec, "pod-a", "default",
     # the Python client's websocket trusts certifi's CAs (or the kubeconfig's), not
     # SSL_CERT_FILE: its kubeconfig carries the agentgate CA, as published for agents
     # (a path, read when the client starts: `agentgate run` publishes it then)
-    kc = cluster.kubeconfig(host.public / "kubeconfig-py", token="placeholder")
-    server_line = next(ln for ln in kc.read_text().splitlines() if "server:" in ln)
-    kc.write_text(kc.read_text().replace(server_line, server_line + "\n    certificate-"
-                                         f"authority: /run/agentgate/trust/{host.tree}/ca.pem"))
+    kc = cluster.kubeconfig(host.public / "kubeconfig-py", token="placeholder",
+                            ca_path=f"/run/agentgate/trust/{host.tree}/ca.pem")
     kc.chmod(0o644)
     p = agent(host, f"{BIN / 'python'} {script}", extra_env={"KUBECONFIG": str(kc)})
     assert p.returncode == 0, p.stderr

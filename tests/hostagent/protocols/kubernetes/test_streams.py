@@ -169,10 +169,8 @@ except Exception as exc:
 ''')
     script.chmod(0o644)
     # (its websocket trusts the kubeconfig's CA, not SSL_CERT_FILE: see test_proxy)
-    kc = cluster.kubeconfig(host.public / "kubeconfig-py", token="placeholder")
-    server_line = next(ln for ln in kc.read_text().splitlines() if "server:" in ln)
-    kc.write_text(kc.read_text().replace(server_line, server_line + "\n    certificate-"
-                                         f"authority: /run/agentgate/trust/{host.tree}/ca.pem"))
+    kc = cluster.kubeconfig(host.public / "kubeconfig-py", token="placeholder",
+                            ca_path=f"/run/agentgate/trust/{host.tree}/ca.pem")
     kc.chmod(0o644)
     p = agent(host, f"{BIN / 'python'} {script}", extra_env={"KUBECONFIG": str(kc)})
     assert p.returncode == 0, p.stderr
