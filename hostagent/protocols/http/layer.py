@@ -335,8 +335,7 @@ class HttpLayer:
         d = Decision("deny", "(agentgate)", reason)
         rec = records.command_fields(
             method=ex.method, path=ex.path or ex.request.target.decode("latin-1"),
-            query=ex.query, host=header(ex.request.headers, b"host").decode("latin-1")
-            if header(ex.request.headers, b"host") else "",
+            query=ex.query, host=(header(ex.request.headers, b"host") or b"").decode("latin-1"),
             version=ex.request.http_version.decode(), headers=ex.request.headers, body=None,
             limit=self.sample_bytes, also=self.secret_names)
         return [Record("command", {**rec, "decision": d.as_dict()})] + \
