@@ -38,20 +38,29 @@ SESSION_END = "session_end"
 EVENT_KINDS: dict[str, tuple[str, str]] = {
     # kind: (who records it, its fields)
     SESSION_START: ("all", "host, target, protocol, destination, process (the kernel's "
-                    "identity), agent, session_group, mode, layer, via"),
+                    "identity), agent, session_group, mode, layer, via; an SSH channel's "
+                    "session: parent (its connection's session), channel (exec|shell|"
+                    "subsystem|forward), remote_user, command, subsystem, forward, "
+                    "destination, origin"),
     COMMAND: ("protocols", "text, decision (action allow|deny|review, rule, reason, would "
               "in audit mode), plus the protocol's: kinds, tables, functions, flags, "
               "database, statement, protocol (postgres); method, host, path, query, "
-              "http_version, headers (credentials redacted), body, body_bytes (http)"),
+              "http_version, headers (credentials redacted), body, body_bytes (http); kind "
+              "(login|exec|shell|line|subsystem|sftp|forward), remote_user, commands, "
+              "flags, via (stdin|terminal), term, cols, rows, modes, operation, paths, "
+              "writes, forward, destination (ssh)"),
     DECISION: ("protocols", "a verdict no command's own (masking refusing what would carry "
                "masked values elsewhere): action, rule, reason, would"),
     APPROVAL: ("proxy", "id, state (pending|approved|denied|expired|unavailable), rule, "
                "expires_ns, decided_by, reason, error"),
     OUTPUT: ("protocols", "summary, rows_returned, rows_affected, duration_us, columns, "
-             "sample, sample_capped, masked, sqlstate, error; status, headers, bytes (http)"),
-    DATA: ("tcp, kubernetes", "dir (in|out), data (bytes); stream (stdin, stdout, stderr, "
+             "sample, sample_capped, masked, sqlstate, error; status, headers, bytes (http); "
+             "exit_status, exit_signal, bytes_in, bytes_out; kind file: path, mode, "
+             "bytes_read, bytes_written, status (ssh)"),
+    DATA: ("tcp, kubernetes, ssh", "dir (in|out), data (bytes); stream (stdin, stdout, stderr, "
            "close: kubernetes)"),
-    "resize": ("kubernetes", "cols, rows (a terminal's size changed)"),
+    "resize": ("kubernetes, ssh", "cols, rows (a terminal's size changed)"),
+    "signal": ("ssh", "signal (sent by the agent to the remote command)"),
     SESSION_END: ("all", "reason, bytes_in, bytes_out; runs: exit_code, "
                   "refused_connections, incomplete, lost_events, events_suppressed"),
     "tls": ("protocols", "side (client|upstream), version, sni, alpn, verified (upstream), "
@@ -60,8 +69,9 @@ EVENT_KINDS: dict[str, tuple[str, str]] = {
                 "refused, dropped_params, client_tls"),
     "bind": ("postgres", "statement, portal, params (each cut at 1 KiB), formats"),
     "cancel": ("postgres", "matched, forwarded"),
-    "auth": ("postgres", "method (scram-sha-256[-plus], md5, cleartext, none), "
-             "channel_binding, server_verified (certificate, scram...)"),
+    "auth": ("postgres, ssh", "method (scram-sha-256[-plus], md5, cleartext, none; "
+             "publickey, password), channel_binding, server_verified (certificate, scram, "
+             "known_hosts...); remote_user, asked_user, server_key, refused (ssh)"),
     "catalog": ("postgres", "error, masking (the catalog could not be read: every result "
                 "column is masked)"),
     "exec": ("run", "pid, uid, comm, filename"),

@@ -276,7 +276,8 @@ class Daemon:
         icpt = self.stack.icpt
         return {"proxy_port": icpt.proxy_port, "tree": str(self.root), "mode": icpt.mode,
                 "unix_hooks": bool(icpt.unix_progs), "unix_proxies": self.stack.unix_proxies,
-                "env": agent_env(self.stack.proxy.ca if self.stack.proxy else None)}
+                "env": agent_env(self.stack.proxy.ca if self.stack.proxy else None,
+                                 self.stack.services)}
 
     async def enroll(self, pid: int, *, argv: list[str], user: str | None,
                      requested_by: str, unix: dict | None = None) -> dict:

@@ -151,6 +151,8 @@ def cleanup(config_path):
         dropins = Path(cfg.intercept.unit_dropin_dir or "/run/systemd/system")
         for unit in cfg.intercept.units:
             (dropins / f"{unit}.d" / "50-agentgate.conf").unlink(missing_ok=True)
+        from hostagent.protocols.ssh.keys import unpublish_tree
+        unpublish_tree(tree)     # the proxy's SSH host CA, as OpenSSH clients found it
         bpffs = Path("/sys/fs/bpf")
         pins = [p for p in [bpffs / tree, *bpffs.glob(f"{tree}-run-*")] if p.exists()]
         for p in pins:

@@ -290,7 +290,7 @@ async def _run_in_process(argv: list[str], cfg: HostAgentConfig, pw, mode: str |
             with _no_gc():
                 proc = await asyncio.create_subprocess_exec(
                     *argv, preexec_fn=_child_setup(pw, cg, unix=unix),
-                    env={**os.environ, **agent_env(stack.proxy.ca)})
+                    env={**os.environ, **agent_env(stack.proxy.ca, stack.services)})
         except (OSError, subprocess.SubprocessError) as exc:
             why = getattr(exc, "strerror", None) or str(exc)
             run.end(None, reason=f"could not start: {why}")

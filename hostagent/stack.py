@@ -72,13 +72,31 @@ def publish_trust(ca: LocalCA, tree: str) -> Path:
     return out
 
 
-def agent_env(ca: LocalCA | None) -> dict[str, str]:
+def agent_env(ca: LocalCA | None, services: dict | None = None) -> dict[str, str]:
     """What an agent's environment gets so its TLS clients trust the local CA: every
-    common client's CA-bundle variable, pointing at the system's CAs plus ours."""
+    common client's CA-bundle variable, pointing at the system's CAs plus ours; and
+    what protocols' host-wide state adds (SSH: its known_hosts)."""
+    env = {}
+    for service in (services or {}).values():
+        if hasattr(service, "env"):
+            env.update(service.env())
     public = getattr(ca, "public_dir", None)
-    if public is None:
-        return {}
-    return trust_env(public / "bundle.pem", public / "ca.pem")
+    if public is not None:
+        env.update(trust_env(public / "bundle.pem", public / "ca.pem"))
+    return env
+
+
+def protocol_services(cfg: HostAgentConfig, targets: Targets) -> dict:
+    """Each protocol's host-wide state (ProtocolSpec.setup), for its targets."""
+    services = {}
+    for spec in {t.spec.name: t.spec for t in targets.targets}.values():
+        if spec.setup is not None:
+            mine = [t for t in targets.targets if t.spec.name == spec.name]
+            try:
+                services[spec.name] = spec.setup(mine, Path(cfg.state_dir), cfg.intercept.tree)
+            except Exception as exc:
+                raise InterceptError(f"{spec.name}: {exc}") from None
+    return services
 
 
 def resolvers(cfg: HostAgentConfig) -> list[tuple[str, int]]:
@@ -105,6 +123,7 @@ class Stack:
         self.pin_dir: Path | None = None
         self.unix_dir: Path | None = None
         self.unix_proxies: list[str] = []     # the proxy's sockets for targets' unix paths
+        self.services: dict = {}
         self._tasks: list[asyncio.Task] = []
 
     def ship_to(self, address: CollectorAddress) -> Shipper:
@@ -200,9 +219,10 @@ class Stack:
         rec = cfg.recording
         samples = SampleLimits(rows=rec.sample_rows, bytes=rec.sample_bytes,
                                session_bytes=rec.session_sample_bytes)
+        self.services = protocol_services(cfg, targets)
         return Proxy(policy=policy, approver=approver, spool=self.spool, host=cfg.host,
                      targets=targets, ca=ca, samples=samples, raw=registry.get("tcp"),
-                     budget_bytes=cfg.budget_bytes, **kw)
+                     budget_bytes=cfg.budget_bytes, services=self.services, **kw)
 
     async def listen_plain(self) -> list[tuple[str, str, int]]:
         """The targets' plain listeners (`listen = "host:port"`), on the interception
@@ -238,6 +258,12 @@ class Stack:
             shutil.rmtree(self.pin_dir, ignore_errors=True)
         if self.unix_dir:
             shutil.rmtree(self.unix_dir, ignore_errors=True)
+        for name, service in self.services.items():
+            if hasattr(service, "unpublish"):
+                try:
+                    service.unpublish()
+                except OSError as exc:
+                    log.warning("%s: cannot remove what it published: %s", name, exc)
 
 
 def run_loop(coro):

@@ -217,6 +217,7 @@ class SessionContext:
     tls_available: bool = False   # the driver has a local CA: StartClientTls works
     samples: Any = None           # recording sample limits
     shared: dict = field(default_factory=dict)
+    service: Any = None           # the protocol's host-wide state (ProtocolSpec.setup)
 
     @property
     def options(self) -> Any:
@@ -224,3 +225,21 @@ class SessionContext:
 
 
 LayerFactory = Callable[[SessionContext], Layer]
+
+
+@dataclass(frozen=True)
+class Wire:
+    """What a protocol whose library owns the wire (ProtocolSpec.serve: SSH) is given
+    instead of a layer's events: the client's socket, and the driver's services. It
+    keeps the same rules: record before execute (recorder.record raises SpoolError when
+    it can't: refuse), fail closed."""
+    sock: Any                          # the client's connected socket (non-blocking)
+    early: bytes                       # what was read from it already: it comes first
+    connect: Callable                  # async () -> a socket connected to the target
+    recorder: Any                      # this session's SessionRecorder
+    # a session of its own for one part of this one (an SSH channel): its session_start
+    # is this session's plus `fields` (parent: this session's id); it records its end
+    open_recording: Callable[[dict], Any]
+    # async (recorder, command, rule, reason, on_pending=None) -> (approved, why): a
+    # Hold, awaited (on_pending(approval) once it exists: tell the client)
+    approve: Callable

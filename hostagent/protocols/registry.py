@@ -20,6 +20,7 @@ PROTOCOLS: dict[str, str] = {
     "http": "hostagent.protocols.http",
     "https": "hostagent.protocols.http.tls",
     "kubernetes": "hostagent.protocols.kubernetes",
+    "ssh": "hostagent.protocols.ssh",
 }
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class ProtocolSpec:
     summary: str
     options: tuple[Option, ...] = ()
     layer: Callable | None = None        # SessionContext -> Layer (sans-IO)
-    serve: Callable | None = None        # async (context, client_socket, connect_upstream)
+    serve: Callable | None = None        # async (SessionContext, api.Wire) -> end reason
     needs_ca: Callable[[Options], bool] = lambda opts: False
     policy_fields: tuple[str, ...] = ()  # rule matchers beyond the generic ones (policy)
     # matchers written as a table (HTTP's json = {"$.path" = "glob"}): its patterns, one
@@ -84,6 +85,10 @@ class ProtocolSpec:
     # at start, while the BPF programs compile: import the layer and warm its parsers, so
     # the first session (and its first statement) does not wait for them
     warm: Callable[[], None] | None = None
+    # at start, once for the protocol's targets: host-wide state its sessions share (SSH:
+    # the proxy's certified host key), given to them as SessionContext.service. It may
+    # have env() (what agents' environments get) and unpublish() (undone at stop).
+    setup: Callable[[list, Any, str], Any] | None = None    # (targets, state_dir, tree)
     fields: dict = field(default_factory=dict)               # documentation only
 
 

@@ -17,11 +17,11 @@ import ssl
 import struct
 from typing import Callable
 
-from agentgate.events import SESSION_END, SESSION_START
+from agentgate.events import APPROVAL, SESSION_END, SESSION_START
 from hostagent.intercept.identity import peer_identity, summary
 from hostagent.intercept.loader import ACT_TARGET, ConnRecord
 from hostagent.policy import Policy
-from hostagent.protocols.api import SessionContext
+from hostagent.protocols.api import SessionContext, Wire
 from hostagent.protocols.registry import ProtocolSpec
 from hostagent.proxy.budget import Budget
 from hostagent.proxy.net import connect_any, connect_leg, hostport, reset
@@ -42,7 +42,8 @@ class Proxy:
                  identify: Callable[[ConnRecord], dict], spool: Spool, host: str,
                  targets: Targets, raw: ProtocolSpec, session_group: str = "",
                  on_session: Callable[[str], None] | None = None, policy: Policy | None = None,
-                 approver=None, ca=None, samples=None, budget_bytes: int = 256 << 20):
+                 approver=None, ca=None, samples=None, budget_bytes: int = 256 << 20,
+                 services: dict | None = None):
         self.lookup = lookup
         self.unix_lookup = unix_lookup
         self.identify = identify
@@ -56,6 +57,7 @@ class Proxy:
         self.approver = approver
         self.ca = ca
         self.samples = samples
+        self.services = services or {}   # protocol name -> its setup's state
         self.budget = Budget(budget_bytes)
         self.turn = Turn(spool)
         self.shared: dict[str, dict] = {}          # per target: state its sessions share
@@ -225,7 +227,8 @@ class Proxy:
                                                      spec=self.raw),
                              identity=ident, dialed=dialed, policy=self.policy,
                              tls_available=self.ca is not None, samples=self.samples,
-                             shared=self.shared.setdefault(target.name if target else "", {}))
+                             shared=self.shared.setdefault(target.name if target else "", {}),
+                             service=self.services.get(spec.name))
         recorder = SessionRecorder(self.spool)
         start = {"host": self.host, "target": target.name if target else dst,
                  "protocol": spec.name, "destination": dst, "process": ident,
@@ -243,7 +246,8 @@ class Proxy:
         reason, counts = "client closed", {}
         try:
             if spec.serve is not None:   # it connects upstream itself, when it is ready to
-                reason = await self._serve(spec, ctx, writer, upstreams, recorder)
+                reason = await self._serve(spec, ctx, reader, writer, upstreams, recorder,
+                                           start)
                 return
             upstream = Leg(None, "upstream")
             try:
@@ -276,22 +280,48 @@ class Proxy:
             except SpoolError as exc:
                 log.error("cannot record the end of session %s: %s", recorder.session_id, exc)
 
-    async def _serve(self, spec, ctx, writer, upstreams, recorder) -> str:
+    async def _serve(self, spec, ctx, reader, writer, upstreams, recorder, start: dict) -> str:
         """A protocol whose library owns the wire (SSH with asyncssh) gets the client's
-        socket itself and a way to reach the target; it records through `record`."""
+        socket itself and the driver's services (api.Wire)."""
         sock = writer.get_extra_info("socket")
         client = socket.socket(fileno=socket.dup(sock.fileno()))
+        client.setblocking(False)
+        early = bytes(reader._buffer)   # (read before the session knew its protocol)
         writer.transport.abort()
+        children: list[SessionRecorder] = []
 
-        async def connect_upstream():
-            r, w, _ = await connect_any(upstreams, READ_SIZE)
-            return r, w
+        async def connect():
+            _r, w, _ = await connect_any(upstreams, READ_SIZE)
+            s = w.get_extra_info("socket")
+            dup = socket.socket(fileno=socket.dup(s.fileno()))
+            dup.setblocking(False)
+            w.transport.abort()
+            return dup
 
+        def open_recording(fields: dict) -> SessionRecorder:
+            child = SessionRecorder(self.spool)
+            child.record(SESSION_START, {**start, **fields, "parent": recorder.session_id})
+            children.append(child)
+            if self.on_session:
+                self.on_session(child.session_id)
+            return child
+
+        async def approve(rec, command: str, rule: str, reason: str, on_pending=None):
+            return await self.await_approval(rec, ctx, command, rule, reason, on_pending)
+
+        wire = Wire(sock=client, early=early, connect=connect, recorder=recorder,
+                    open_recording=open_recording, approve=approve)
         try:
-            return await spec.serve(ctx, client, connect_upstream, recorder.record) \
-                or "session ended"
+            return await spec.serve(ctx, wire) or "session ended"
         finally:
             client.close()
+            for child in children:    # (each normally records its own end)
+                if not child.ended:
+                    try:
+                        child.record(SESSION_END, {"reason": "connection closed"})
+                    except SpoolError as exc:
+                        log.error("cannot record the end of session %s: %s",
+                                  child.session_id, exc)
 
     # ------------------------------------------------------------------ for sessions
 
@@ -318,19 +348,41 @@ class Proxy:
             self._upstream_ctx[cache] = ctx
         return ctx
 
-    async def ask_approval(self, session: Session, hold) -> tuple:
+    async def ask_approval(self, recorder, ctx, command: str, rule: str, reason: str):
         """(approval, None) or (None, error): fail closed if none can be asked for."""
         if self.approver is None:
             return None, "no collector to ask"
         try:
             ap = await self.approver.ask(
-                session_id=session.recorder.session_id, host=self.host,
-                target=session.ctx.target.name, protocol=session.ctx.target.protocol,
-                command=hold.command, requested_by=str(session.ctx.identity.get("user", "")),
-                rule=hold.rule, reason=hold.reason)
+                session_id=recorder.session_id, host=self.host, target=ctx.target.name,
+                protocol=ctx.target.protocol, command=command,
+                requested_by=str(ctx.identity.get("user", "")), rule=rule, reason=reason)
         except Exception as exc:
             return None, str(exc)
         return ap, None
+
+    async def await_approval(self, recorder, ctx, command: str, rule: str, reason: str,
+                             on_pending=None) -> tuple[bool, str]:
+        """Ask, record, wait: (approved, why). Fail closed: if no approval can be asked
+        for or awaited, the answer is no. Raises SpoolError when it can't be recorded."""
+        ap, error = await self.ask_approval(recorder, ctx, command, rule, reason)
+        if ap is None:
+            recorder.record(APPROVAL, {"state": "unavailable", "error": error})
+            return False, f"{reason} (needs approval, which could not be requested: {error})"
+        recorder.record(APPROVAL, {"id": ap.id, "state": "pending", "rule": rule,
+                                   "expires_ns": ap.expires_ns})
+        if on_pending is not None:
+            on_pending(ap)
+        try:
+            state, by, why = await self.approver.wait(ap.id)
+        except Exception as exc:
+            state, by, why = "unavailable", "", str(exc)
+        recorder.record(APPROVAL, {"id": ap.id, "state": state, "decided_by": by,
+                                   "reason": why})
+        if state == "approved":
+            return True, why
+        what = {"denied": f"denied by {by}", "expired": "not approved in time"}.get(state, state)
+        return False, f"{reason} (approval {ap.id} {what}{': ' + why if why else ''})"
 
     def _sweep_start(self) -> None:
         if self._sweeper is None:

@@ -12,7 +12,6 @@ import logging
 import ssl
 import time
 
-from agentgate.events import APPROVAL
 from hostagent.protocols.api import (CLIENT, UPSTREAM, Aborted, Answer, ApprovalDecided,
                                      Close, DataReceived, EofReceived, Handoff, Hold,
                                      HoldPending, OpenSide, ProtocolError, Record, SideAnswered,
@@ -506,28 +505,11 @@ class Session:
         if no approval can be asked for or awaited, the command is refused."""
         from hostagent.approvals import when
         try:
-            ap, error = await self.proxy.ask_approval(self, hold)
-            if ap is None:
-                self.recorder.record(APPROVAL, {"state": "unavailable", "error": error})
-                self.feed(ApprovalDecided(hold.key, False, f"{hold.reason} (needs approval, "
-                                          f"which could not be requested: {error})"))
-                return
-            self.recorder.record(APPROVAL, {"id": ap.id, "state": "pending", "rule": hold.rule,
-                                            "expires_ns": ap.expires_ns})
-            self.feed(HoldPending(hold.key, ap.id, when(ap.expires_ns)))
-            try:
-                state, by, why = await self.proxy.approver.wait(ap.id)
-            except Exception as exc:
-                state, by, why = "unavailable", "", str(exc)
-            self.recorder.record(APPROVAL, {"id": ap.id, "state": state, "decided_by": by,
-                                            "reason": why})
-            if state == "approved":
-                self.feed(ApprovalDecided(hold.key, True, why))
-            else:
-                what = {"denied": f"denied by {by}",
-                        "expired": "not approved in time"}.get(state, state)
-                self.feed(ApprovalDecided(hold.key, False, f"{hold.reason} (approval {ap.id} "
-                                          f"{what}{': ' + why if why else ''})"))
+            approved, why = await self.proxy.await_approval(
+                self.recorder, self.ctx, hold.command, hold.rule, hold.reason,
+                on_pending=lambda ap: self.feed(HoldPending(hold.key, ap.id,
+                                                            when(ap.expires_ns))))
+            self.feed(ApprovalDecided(hold.key, approved, why))
         except SpoolError as exc:
             self._spool_failure(exc)
         finally:

@@ -1,0 +1,194 @@
+"""Lines typed into a remote shell, cut from the bytes an agent sends, so each can be
+judged before the shell runs it.
+
+With a pty (`ssh -t`, an interactive shell) the remote line editor echoes and edits as
+keys arrive, so keys pass through at once and only a line's end is held: the tracker
+keeps its own copy of the line (printable characters, DEL/^H erasing a character, ^U
+and ^C clearing it, bracketed paste as typed text) and hands it over as a Line at Enter.
+The caller sends the Enter only if the line is allowed, and `refusal()` (^C: the tty's
+interrupt, which bash/readline, cooked mode and most REPLs take as "discard the line")
+instead. What that promises, and what not:
+- the characters of a refused line did reach the remote editor; only its Enter is
+  withheld, and an interrupt sent;
+- editing we can't follow (arrows, Home/End, history, Tab completion, ^R search, ^W/^Y,
+  ^V, other controls, escape sequences, a line past `max_line`) makes the line unclean:
+  the caller takes it as unparseable, whatever its text says;
+- keys readline binds to run the line without Enter are held like an Enter: ^O
+  (operate-and-get-next; the line after it starts unclean, it is a history line) and
+  ^X (the prefix of ^X^E edit-and-execute; always unclean). Bindings we don't know of
+  (a user's inputrc, vi mode's `v`) are not covered;
+- a program in raw mode (vim, less, a REPL) sees keys we judge as shell lines, and a
+  shell line continued over several (heredoc bodies, if/then/fi, a pasted multi-line
+  buffer) is judged line by line: a line that is incomplete on its own doesn't parse.
+Without a pty (`ssh host sh < script`) the remote gets nothing of a line before it is
+judged: each line (up to "\\n") is a Line with its bytes, sent only if allowed. Editing
+bytes mean nothing there; a line with control characters or invalid UTF-8 is unclean.
+Memory is bounded: a line longer than `max_line` is judged in unclean pieces.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+CR, LF, TAB, ESC = 0x0D, 0x0A, 0x09, 0x1B
+INTR, EOF, KILL, DEL, BS = 0x03, 0x04, 0x15, 0x7F, 0x08
+# held as a line's end: -> whether the line as typed is what then runs
+ACCEPT = {0x0F: True, 0x18: False}
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+@dataclass(frozen=True)
+class Pass:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Line:
+    text: str
+    clean: bool
+    terminator: bytes
+    data: bytes = b""
+
+
+class LineTracker:
+    def __init__(self, pty: bool, max_line: int = 64 * 1024):
+        self.pty = pty
+        self.max_line = max_line
+        self._buf = bytearray()   # pty: our copy of the line; else the bytes held back
+        self._scan = 0            # (no "\n" before it in _buf)
+        self._clean = True
+        self._over = False        # past max_line: not stored any more
+        self._esc: bytes | None = None   # an escape sequence under way (after ESC)
+        self._paste = False       # inside a bracketed paste
+        self._after_cr = False
+
+    def feed(self, data: bytes) -> list[Pass | Line]:
+        return self._keys(data) if self.pty else self._held(data)
+
+    def eof(self) -> list[Pass | Line]:
+        if self.pty or not self._buf:
+            return []
+        raw = bytes(self._buf)
+        self._buf.clear()
+        self._scan = 0
+        line = self._line(raw, b"", raw)
+        self._over = False
+        return [line]
+
+    def refusal(self) -> bytes:
+        return b"\x03" if self.pty else b""
+
+    def buffered(self) -> int:
+        """Bytes held back from the remote (only without a pty)."""
+        return 0 if self.pty else len(self._buf)
+
+    # ------------------------------------------------------------------ with a pty
+
+    def _keys(self, data: bytes) -> list[Pass | Line]:
+        out: list[Pass | Line] = []
+        start = 0
+        for i, b in enumerate(data):
+            after_cr, self._after_cr = self._after_cr, False
+            if after_cr and b == LF:
+                continue             # CR LF: an Enter, then an Enter on an empty line
+            if self._esc is not None and self._escape(b):
+                continue
+            ends = b in (CR, LF) or (b in ACCEPT and not self._paste)
+            if not ends:
+                self._key(b)
+                continue
+            if i > start:
+                out.append(Pass(data[start:i]))
+            start = i + 1
+            if not ACCEPT.get(b, True):
+                self._clean = False
+            out.append(self._end(bytes((b,))))
+            self._after_cr = b == CR
+            # (after ^O the editor holds a history line; after ^X, a key of its own)
+            self._clean = b not in ACCEPT
+        if start < len(data):
+            out.append(Pass(data[start:]))
+        return out
+
+    def _key(self, b: int) -> None:
+        line = self._buf
+        if b == ESC:
+            self._esc = b""
+        elif b >= 0x20 and b != DEL or b == TAB and self._paste:
+            if len(line) >= self.max_line:
+                self._over = True
+            else:
+                line.append(b)
+        elif self._paste:
+            self._clean = False      # pasted controls: inserted as they are, or not
+        elif b in (DEL, BS):
+            n = len(line) - 1        # one character: its UTF-8 continuation bytes too
+            while n > 0 and len(line) - n < 4 and 0x80 <= line[n] < 0xC0:
+                n -= 1
+            del line[max(n, 0):]
+        elif b == KILL:
+            line.clear()             # (to the cursor: the whole line if we followed it)
+        elif b == INTR:
+            line.clear()
+            self._clean, self._over, self._paste = True, False, False
+        elif not (b == EOF and not line):
+            self._clean = False      # editing we don't follow (^D on a line: deletes)
+
+    def _escape(self, b: int) -> bool:
+        """Whether the byte belongs to the escape sequence under way."""
+        seq = self._esc
+        if b < 0x20 or b == DEL:     # a control: the sequence ends unfinished
+            self._esc, self._clean = None, False
+            return False
+        if not seq and b in b"[O":
+            self._esc = bytes((b,))
+            return True
+        if seq and seq[:1] == b"[" and not 0x40 <= b <= 0x7E:
+            self._esc = seq + bytes((b,)) if len(seq) < 16 else seq
+            return True
+        whole, self._esc = seq + bytes((b,)), None
+        if whole in (b"[200~", b"[201~"):
+            self._paste = whole == b"[200~"
+        else:
+            self._clean = False      # a cursor key, Alt+key, a function key
+        return True
+
+    def _end(self, terminator: bytes) -> Line:
+        line = self._line(bytes(self._buf), terminator, b"")
+        self._buf.clear()
+        self._over = False
+        return line
+
+    # --------------------------------------------------------------- without a pty
+
+    def _held(self, data: bytes) -> list[Pass | Line]:
+        buf, out = self._buf, []
+        buf += data
+        while True:
+            i = buf.find(b"\n", self._scan, self.max_line + 1)
+            if i < 0 and len(buf) <= self.max_line:
+                self._scan = len(buf)
+                return out
+            n = i + 1 if i >= 0 else self.max_line
+            raw = bytes(buf[:n])
+            del buf[:n]
+            self._scan = 0
+            if i >= 0:
+                out.append(self._line(raw[:-1], b"\n", raw))
+            else:
+                out.append(self._line(raw, b"", raw, over=True))
+            self._over = i < 0       # the rest of an overlong line is unclean too
+
+    def _line(self, body: bytes, terminator: bytes, data: bytes, over: bool = False) -> Line:
+        clean = not (over or self._over)
+        if self.pty:
+            clean = clean and self._clean
+        else:
+            if terminator and body.endswith(b"\r"):
+                body, terminator = body[:-1], b"\r\n"
+            clean = clean and not _CONTROL.search(body)
+        try:
+            text = body.decode()
+        except UnicodeDecodeError:
+            text, clean = body.decode(errors="replace"), False
+        return Line(text, clean, terminator, data)

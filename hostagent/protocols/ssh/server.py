@@ -1,0 +1,368 @@
+"""One SSH connection: the agent's side (asyncssh server on the redirected socket), the
+target's side (asyncssh client with the injected credentials), and what crosses.
+
+The agent logs in with anything (the "none" method): who it is comes from the kernel,
+and the account it acts as is the target's `user` or, without one, the name it gave;
+that login is judged, then the proxy logs in to the target, verifying the target's
+host key against the target's known_hosts. A refusal or failure at that point is said
+to the agent in an SSH banner (OpenSSH prints it) and its login fails.
+
+Channels: session channels are channels.AgentChannel; forwards (-L/-W, -R,
+streamlocal) are judged here, refused with an SSH open failure that names the rule,
+and once allowed, recorded as sessions of their own (relay.py). X11 and agent
+forwarding are refused (asyncssh's options), as is any global request but keepalives.
+"""
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+
+import asyncssh
+
+from agentgate.events import COMMAND
+from hostagent.policy import decide
+from hostagent.protocols.ssh.channels import AgentChannel
+from hostagent.protocols.ssh.relay import End, Joint
+from hostagent.protocols.ssh.requests import Who
+from hostagent.recording.spool import SpoolError
+
+log = logging.getLogger("agentgate.ssh")
+# asyncssh says every channel request at INFO: our records say what matters
+logging.getLogger("asyncssh").setLevel(logging.WARNING)
+LOGIN_TIMEOUT = 3600.0     # a login may wait for an approval
+PROHIBITED = asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+
+
+class _Primed(asyncssh.SSHServerConnection):
+    """asyncssh's server connection, fed first the bytes the driver read before the
+    session knew its protocol (the client's version line and KEXINIT may be among
+    them: the event loop reads an accepted socket at once), in connection_made, so
+    nothing read later can overtake them."""
+
+    def __init__(self, loop, options, early: bytes):
+        super().__init__(loop, options, wait="auth")
+        self._early = early
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        early, self._early = self._early, b""
+        if early:
+            self.data_received(early)
+
+
+async def _run_server(sock, early: bytes, **kw) -> asyncssh.SSHServerConnection:
+    """asyncssh.run_server, with `early` fed first (see _Primed)."""
+    loop = asyncio.get_running_loop()
+    options = await asyncssh.SSHServerConnectionOptions.construct(None, **kw)
+    options.waiter = loop.create_future()
+    _, conn = await loop.create_connection(lambda: _Primed(loop, options, early), sock=sock)
+    try:
+        await options.waiter
+    except BaseException:
+        conn.abort()
+        raise
+    return conn
+
+
+async def serve(ctx, wire) -> str:
+    conn = Connection(ctx, wire)
+    try:
+        server = await _run_server(
+            wire.sock, wire.early, server_factory=lambda: conn,
+            server_host_keys=ctx.service.server_keys(),
+            encoding=None, line_editor=False, allow_pty=True, agent_forwarding=False,
+            x11_forwarding=False, login_timeout=LOGIN_TIMEOUT, server_version="agentgate",
+            config=[], password_auth=False, kbdint_auth=False, public_key_auth=False,
+            host_based_auth=False, gss_auth=False, gss_kex=False)
+    except (asyncssh.Error, OSError, asyncio.TimeoutError, ConnectionError) as exc:
+        conn.close_upstream()
+        return conn.reason or f"SSH handshake with the agent failed: {exc or 'timeout'}"
+    try:
+        await server.wait_closed()
+    finally:
+        conn.close_upstream()
+        await conn.drain()
+    return conn.reason or "agent closed"
+
+
+class Connection(asyncssh.SSHServer):
+    def __init__(self, ctx, wire):
+        self.ctx = ctx
+        self.wire = wire
+        self.opts = ctx.options
+        self.conn = None
+        self.upstream: asyncssh.SSHClientConnection | None = None
+        self.who: Who | None = None
+        self.reason = ""
+        self.tasks: set[asyncio.Task] = set()
+
+    # ---------------------------------------------------------- services for channels
+
+    def spawn(self, coro) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("SSH channel task failed: %s", exc, exc_info=exc)
+            self.fail(f"internal error: {exc}")
+
+    async def drain(self) -> None:
+        for t in list(self.tasks):
+            t.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def open_recording(self, fields: dict):
+        try:
+            return self.wire.open_recording(fields)
+        except SpoolError as exc:
+            self.fail(f"recording failed: {exc}")
+            raise
+
+    def record(self, recorder, kind: str, fields: dict) -> None:
+        """Record, or end the whole connection (fail closed) and raise SpoolError."""
+        try:
+            recorder.record(kind, fields)
+        except SpoolError as exc:
+            self.fail(f"recording failed: {exc}")
+            raise
+
+    def fail(self, reason: str) -> None:
+        if not self.reason:
+            self.reason = reason
+            log.error("ssh session %s: %s: closing it", self.wire.recorder.session_id, reason)
+        if self.conn is not None:
+            self.conn.abort()
+        self.close_upstream()
+
+    def close_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.abort()
+
+    async def judge(self, recorder, req, fields: dict, tell) -> tuple[bool, str]:
+        """Decide, record the command with its decision, hold for approval if asked:
+        (allowed, why not)."""
+        d = decide(self.ctx.policy, req)
+        self.record(recorder, COMMAND, {**fields, "decision": d.as_dict()})
+        why = f"rule '{d.rule}': {d.reason}" if d.reason else f"rule '{d.rule}'"
+        if d.action == "allow":
+            return True, ""
+        if d.action == "deny":
+            return False, why
+
+        def pending(ap):
+            if tell is not None:
+                from hostagent.approvals import when
+                tell(f"agentgate: held for approval {ap.id} ({why}); expires "
+                     f"{when(ap.expires_ns)}")
+        try:
+            ok, why2 = await self.wire.approve(recorder, req.text, d.rule, d.reason, pending)
+        except SpoolError as exc:
+            self.fail(f"recording failed: {exc}")
+            raise
+        return ok, why2
+
+    def allowed_env(self, env: dict) -> dict:
+        allow = self.opts.env_allow
+        out = {}
+        for k, v in (env or {}).items():
+            name = k.decode(errors="replace") if isinstance(k, bytes) else str(k)
+            if any(fnmatch.fnmatchcase(name, p) for p in allow):
+                out[k] = v
+        return out
+
+    # ---------------------------------------------------------- login
+
+    def connection_made(self, conn) -> None:
+        self.conn = conn
+
+    def connection_lost(self, exc) -> None:
+        if exc and not self.reason:
+            self.reason = f"agent connection lost: {exc}"
+        self.close_upstream()
+
+    async def begin_auth(self, username: str) -> bool:
+        """False (no authentication needed) once the target accepted the proxy's login
+        for this account; else a banner saying why, and every method fails."""
+        if self.who is not None:
+            return self.upstream is None
+        remote = self.opts.user or username
+        self.who = Who(self.ctx.target.name, dict(self.ctx.identity), remote)
+        rec = self.wire.recorder
+        ok, why = await self.judge(rec, self.who.login(),
+                                   {"text": f"login as {remote}", "kind": "login",
+                                    "remote_user": remote, "asked_user": username}, None)
+        if not ok:
+            return self._refuse(f"login as {remote} refused: {why}")
+        try:
+            sock = await self.wire.connect()
+        except (OSError, asyncio.TimeoutError) as exc:
+            return self._refuse(f"the target is unreachable: {exc or 'timeout'}")
+        opts = self.opts
+        try:
+            self.upstream = await asyncssh.connect(
+                sock=sock, host=self.ctx.target.names[0] if self.ctx.target.names
+                else sock.getpeername()[0], port=sock.getpeername()[1], username=remote, known_hosts=opts._known_hosts,
+                client_keys=[opts._client_key] if opts._client_key else [],
+                password=opts._password, agent_path=None, config=[], gss_auth=False,
+                gss_kex=False, kbdint_auth=False, host_based_auth=False,
+                preferred_auth="publickey,password", encoding=None, connect_timeout=30)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            sock.close()
+            return self._refuse(f"the target's host key is not the one in its known_hosts "
+                                f"({exc.reason}): refusing to log in to it", "host key")
+        except asyncssh.PermissionDenied as exc:
+            sock.close()
+            return self._refuse(f"the target refused the proxy's credentials for {remote} "
+                                f"({exc.reason})", "credentials")
+        except (asyncssh.Error, OSError, asyncio.TimeoutError) as exc:
+            sock.close()
+            return self._refuse(f"cannot log in to the target: {exc or 'timeout'}")
+        key = self.upstream.get_server_host_key()
+        self.record(rec, "auth", {"remote_user": remote, "asked_user": username,
+                                  "method": "publickey" if opts._client_key else "password",
+                                  "server_verified": "known_hosts",
+                                  "server_key": key.get_fingerprint() if key else ""})
+        return False
+
+    def _refuse(self, message: str, what: str = "") -> bool:
+        self.reason = message
+        try:
+            self.record(self.wire.recorder, "auth", {"refused": message})
+        except SpoolError:
+            pass
+        log.warning("ssh session %s: %s", self.wire.recorder.session_id, message)
+        if self.conn is not None:
+            self.conn.send_auth_banner(f"agentgate: {message}\r\n")
+        return True
+
+    # ---------------------------------------------------------- channels
+
+    def session_requested(self):
+        if self.upstream is None:
+            return False
+        return AgentChannel(self)
+
+    def _forward(self, kind: str, where: str, open_target):
+        """Judge a forward; allowed: a coroutine opening it (its own recording)."""
+        req, fields = self.who.forward(kind, where)
+        d = decide(self.ctx.policy, req)
+        try:
+            self.record(self.wire.recorder, COMMAND, {**fields, "decision": d.as_dict()})
+        except SpoolError:
+            raise asyncssh.ChannelOpenError(PROHIBITED, "agentgate: recording failed") from None
+        if d.action == "deny":
+            raise asyncssh.ChannelOpenError(
+                PROHIBITED, f"agentgate: {kind} to {where} refused by rule '{d.rule}': "
+                            f"{d.reason}")
+
+        async def opened():
+            if d.action == "review":
+                ok, why = await self.wire.approve(self.wire.recorder, req.text, d.rule, d.reason)
+                if not ok:
+                    raise asyncssh.ChannelOpenError(PROHIBITED, f"agentgate: {why}")
+            recorder = self.open_recording({"channel": "forward", "forward": kind,
+                                            "destination": where,
+                                            "remote_user": self.who.remote_user})
+            joint = Joint(recorder, lambda exc: self.fail(f"recording failed: {exc}"))
+            mine, theirs = End(joint, "in"), End(joint, "out")
+            try:
+                await open_target(lambda: theirs)
+            except asyncssh.ChannelOpenError as exc:
+                joint.finish(f"the target refused: {exc.reason}")
+                raise
+            mine.join(theirs)
+            return mine
+        return opened()
+
+    def connection_requested(self, dest_host, dest_port, orig_host, orig_port):
+        if self.upstream is None:
+            return False
+        return self._forward("direct-tcpip", f"{dest_host}:{dest_port}",
+                             lambda f: self.upstream.create_connection(
+                                 f, dest_host, dest_port, orig_host, orig_port))
+
+    def unix_connection_requested(self, dest_path):
+        if self.upstream is None:
+            return False
+        return self._forward("direct-streamlocal", dest_path,
+                             lambda f: self.upstream.create_unix_connection(f, dest_path))
+
+    def server_requested(self, listen_host, listen_port):
+        """-R: a listener on the target; each connection to it is a forward of its own,
+        opened back to the agent."""
+        if self.upstream is None:
+            return False
+        req, fields = self.who.forward("tcpip-forward", f"{listen_host}:{listen_port}")
+        d = decide(self.ctx.policy, req)
+        try:
+            self.record(self.wire.recorder, COMMAND, {**fields, "decision": d.as_dict()})
+        except SpoolError:
+            return False
+        if d.action != "allow":     # (a listener can't wait for a human: refused)
+            return False
+
+        async def listen():
+            listener = None
+
+            def accepted(orig_host, orig_port):
+                where = f"{listen_host}:{listener.get_port() if listener else listen_port}"
+                recorder = self.open_recording({"channel": "forward", "forward": "forwarded-tcpip",
+                                                "destination": where,
+                                                "origin": f"{orig_host}:{orig_port}",
+                                                "remote_user": self.who.remote_user})
+                joint = Joint(recorder, lambda exc: self.fail(f"recording failed: {exc}"))
+                mine, theirs = End(joint, "in"), End(joint, "out")
+
+                async def back():
+                    try:
+                        await self.conn.create_connection(
+                            lambda: mine, listen_host, listener.get_port(), orig_host,
+                            orig_port)
+                    except (asyncssh.Error, OSError) as exc:
+                        joint.finish(f"the agent refused: {exc}")
+                        return
+                    mine.join(theirs)
+                self.spawn(back())
+                return theirs
+            listener = await self.upstream.create_server(accepted, listen_host, listen_port)
+            return listener
+        return listen()
+
+    def unix_server_requested(self, listen_path):
+        if self.upstream is None:
+            return False
+        req, fields = self.who.forward("streamlocal-forward", listen_path)
+        d = decide(self.ctx.policy, req)
+        try:
+            self.record(self.wire.recorder, COMMAND, {**fields, "decision": d.as_dict()})
+        except SpoolError:
+            return False
+        if d.action != "allow":
+            return False
+
+        async def listen():
+            def accepted():
+                recorder = self.open_recording({"channel": "forward",
+                                                "forward": "forwarded-streamlocal",
+                                                "destination": listen_path,
+                                                "remote_user": self.who.remote_user})
+                joint = Joint(recorder, lambda exc: self.fail(f"recording failed: {exc}"))
+                mine, theirs = End(joint, "in"), End(joint, "out")
+
+                async def back():
+                    try:
+                        await self.conn.create_unix_connection(lambda: mine, listen_path)
+                    except (asyncssh.Error, OSError) as exc:
+                        joint.finish(f"the agent refused: {exc}")
+                        return
+                    mine.join(theirs)
+                self.spawn(back())
+                return theirs
+            return await self.upstream.create_unix_server(accepted, listen_path)
+        return listen()

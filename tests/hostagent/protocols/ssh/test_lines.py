@@ -1,0 +1,165 @@
+"""Lines typed into a remote shell: scripts of bytes in, exactly what is passed on and
+what is judged out; and the same, however the bytes are cut into chunks."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from hostagent.protocols.ssh.lines import Line, LineTracker, Pass
+
+
+def feed(tracker: LineTracker, *chunks: bytes) -> list:
+    out = []
+    for chunk in chunks:
+        out += tracker.feed(chunk)
+    return out
+
+
+def pty(*chunks: bytes) -> list:
+    return feed(LineTracker(pty=True), *chunks)
+
+
+def held(*chunks: bytes, max_line: int = 64 * 1024) -> list:
+    t = LineTracker(pty=False, max_line=max_line)
+    return feed(t, *chunks) + t.eof()
+
+
+# ------------------------------------------------------------------------ with a pty
+
+@pytest.mark.parametrize("data, out", [
+    (b"ls -l\r", [Pass(b"ls -l"), Line("ls -l", True, b"\r")]),
+    (b"ls\n", [Pass(b"ls"), Line("ls", True, b"\n")]),
+    (b"\r", [Line("", True, b"\r")]),
+    # CR LF: an Enter, then an Enter on the line the Enter left empty
+    (b"ls\r\npwd\r", [Pass(b"ls"), Line("ls", True, b"\r"), Pass(b"\npwd"),
+                      Line("pwd", True, b"\r")]),
+    (b"ls\n\r", [Pass(b"ls"), Line("ls", True, b"\n"), Line("", True, b"\r")]),
+    # erasing: DEL and ^H, one character (UTF-8: all its bytes); nothing on an empty line
+    (b"rm\x7f\x7f\x7fecho\x08o h\xc3\xa9\x7fi\r",
+     [Pass(b"rm\x7f\x7f\x7fecho\x08o h\xc3\xa9\x7fi"), Line("echo hi", True, b"\r")]),
+    (b"\xe2\x82\xac\x7fok\r", [Pass(b"\xe2\x82\xac\x7fok"), Line("ok", True, b"\r")]),
+    # ^U clears the line; ^C clears it and whatever we lost track of
+    (b"rm -rf /\x15ls\r", [Pass(b"rm -rf /\x15ls"), Line("ls", True, b"\r")]),
+    (b"rm\x1b[D\x03ls\r", [Pass(b"rm\x1b[D\x03ls"), Line("ls", True, b"\r")]),
+    (b"rm\x1b[D\x15ls\r", [Pass(b"rm\x1b[D\x15ls"), Line("ls", False, b"\r")]),
+    # ^D: on an empty line it passes (logout); on a line it is editing we don't follow
+    (b"\x04", [Pass(b"\x04")]),
+    (b"ls\x04\r", [Pass(b"ls\x04"), Line("ls", False, b"\r")]),
+    # editing we can't follow: the line is unclean, the keys still pass
+    (b"\x1b[A\r", [Pass(b"\x1b[A"), Line("", False, b"\r")]),
+    (b"ls\x1bOD\r", [Pass(b"ls\x1bOD"), Line("ls", False, b"\r")]),
+    (b"ls \x1bb\r", [Pass(b"ls \x1bb"), Line("ls ", False, b"\r")]),
+    (b"ls\x1b[1;5D\r", [Pass(b"ls\x1b[1;5D"), Line("ls", False, b"\r")]),
+    (b"cat /et\t\r", [Pass(b"cat /et\t"), Line("cat /et", False, b"\r")]),
+    (b"\x12rm\r", [Pass(b"\x12rm"), Line("rm", False, b"\r")]),
+    (b"ls \x17\x19\r", [Pass(b"ls \x17\x19"), Line("ls ", False, b"\r")]),
+    (b"\x16\x07\r", [Pass(b"\x16\x07"), Line("", False, b"\r")]),
+    (b"ls\x01rm \r", [Pass(b"ls\x01rm "), Line("lsrm ", False, b"\r")]),
+    (b"\x1b\r", [Pass(b"\x1b"), Line("", False, b"\r")]),     # an escape cut short
+    (b"ls \xff\r", [Pass(b"ls \xff"), Line("ls \ufffd", False, b"\r")]),
+    # the next line starts clean
+    (b"\x1b[A\rls\r", [Pass(b"\x1b[A"), Line("", False, b"\r"), Pass(b"ls"),
+                       Line("ls", True, b"\r")]),
+    # keys that run the line without an Enter are held as its end
+    (b"ls\x0fpwd\r", [Pass(b"ls"), Line("ls", True, b"\x0f"), Pass(b"pwd"),
+                      Line("pwd", False, b"\r")]),
+    (b"rm\x18\x05", [Pass(b"rm"), Line("rm", False, b"\x18"), Pass(b"\x05")]),
+    # bracketed paste: typed text, its newlines end lines, its brackets are no editing
+    (b"\x1b[200~ls\nrm\tx\x1b[201~\r",
+     [Pass(b"\x1b[200~ls"), Line("ls", True, b"\n"), Pass(b"rm\tx\x1b[201~"),
+      Line("rm\tx", True, b"\r")]),
+    (b"\x1b[200~a\x0fb\x1b[201~\r", [Pass(b"\x1b[200~a\x0fb\x1b[201~"),
+                                     Line("ab", False, b"\r")]),
+    (b"\x1b[200~a\x1b[201~\t\r", [Pass(b"\x1b[200~a\x1b[201~\t"), Line("a", False, b"\r")]),
+])
+def test_pty(data, out):
+    assert pty(data) == out
+
+
+def test_pty_long_lines_are_unclean_and_bounded():
+    t = LineTracker(pty=True, max_line=8)
+    assert feed(t, b"12345678") == [Pass(b"12345678")]
+    assert feed(t, b"9\r") == [Pass(b"9"), Line("12345678", False, b"\r")]
+    assert feed(t, b"12345678\r") == [Pass(b"12345678"), Line("12345678", True, b"\r")]
+    t.feed(b"x" * 100_000)
+    assert len(t._buf) == 8 and t.buffered() == 0
+    assert feed(t, b"\x03ls\r") == [Pass(b"\x03ls"), Line("ls", True, b"\r")]
+
+
+def test_pty_refusal_and_eof():
+    t = LineTracker(pty=True)
+    assert t.refusal() == b"\x03"
+    assert t.feed(b"rm -rf /") == [Pass(b"rm -rf /")]
+    assert t.eof() == []
+
+
+# ------------------------------------------------------------------- without a pty
+
+@pytest.mark.parametrize("data, out", [
+    (b"ls -l\n", [Line("ls -l", True, b"\n", b"ls -l\n")]),
+    (b"ls\r\n", [Line("ls", True, b"\r\n", b"ls\r\n")]),
+    (b"ls\npwd\n\n", [Line("ls", True, b"\n", b"ls\n"), Line("pwd", True, b"\n", b"pwd\n"),
+                      Line("", True, b"\n", b"\n")]),
+    (b"echo\thi\n", [Line("echo\thi", True, b"\n", b"echo\thi\n")]),
+    # editing bytes mean nothing here: the line is unclean, as it is
+    (b"rm\x7fls\n", [Line("rm\x7fls", False, b"\n", b"rm\x7fls\n")]),
+    (b"ls\rrm\n", [Line("ls\rrm", False, b"\n", b"ls\rrm\n")]),
+    (b"\x1b[Als\n", [Line("\x1b[Als", False, b"\n", b"\x1b[Als\n")]),
+    (b"ls \xff\n", [Line("ls \ufffd", False, b"\n", b"ls \xff\n")]),
+    (b"echo h\xc3\xa9\n", [Line("echo hé", True, b"\n", b"echo h\xc3\xa9\n")]),
+    # the last line, unterminated, comes at eof
+    (b"ls\nexit", [Line("ls", True, b"\n", b"ls\n"), Line("exit", True, b"", b"exit")]),
+    (b"", []),
+])
+def test_held(data, out):
+    assert held(data) == out
+
+
+def test_held_sends_nothing_before_the_line_ends():
+    t = LineTracker(pty=False)
+    assert t.feed(b"rm -rf") == [] and t.buffered() == 6
+    assert t.feed(b" /\nl") == [Line("rm -rf /", True, b"\n", b"rm -rf /\n")]
+    assert t.buffered() == 1 and t.refusal() == b""
+    assert t.eof() == [Line("l", True, b"", b"l")] and t.buffered() == 0
+    assert t.eof() == []
+
+
+def test_held_long_lines_come_in_unclean_pieces():
+    assert held(b"12345678\n", max_line=8) == [Line("12345678", True, b"\n", b"12345678\n")]
+    assert held(b"0123456789abcdefghij\nok\n", max_line=8) == [
+        Line("01234567", False, b"", b"01234567"), Line("89abcdef", False, b"", b"89abcdef"),
+        Line("ghij", False, b"\n", b"ghij\n"), Line("ok", True, b"\n", b"ok\n")]
+    assert held(b"123456789", max_line=8) == [Line("12345678", False, b"", b"12345678"),
+                                               Line("9", False, b"", b"9")]
+    t = LineTracker(pty=False, max_line=1000)
+    for _ in range(100):
+        t.feed(b"x" * 997)
+        assert t.buffered() <= 1000
+
+
+# ------------------------------------------------------- however the bytes are cut
+
+_KEYS = st.lists(st.sampled_from([
+    b"l", b"s", b" ", b"\xc3\xa9", b"\xe2", b"\x82\xac", b"\r", b"\n", b"\r\n", b"\x7f", b"\x08",
+    b"\x15", b"\x03", b"\x04", b"\t", b"\x0f", b"\x18", b"\x1b", b"\x1b[A", b"\x1b[1;5D", b"\x1bb",
+    b"\x1bO", b"[", b"~", b"\x1b[200~", b"\x1b[201~", b"\x00", b"\xff"]), max_size=40)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_KEYS, st.data(), st.booleans(), st.sampled_from([4, 1024]))
+def test_the_same_however_cut(keys, data, with_pty, max_line):
+    stream = b"".join(keys)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=8)))
+    chunks = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)])]
+    whole, t = LineTracker(with_pty, max_line), LineTracker(with_pty, max_line)
+    one = whole.feed(stream) + whole.eof()
+    cut = feed(t, *chunks) + t.eof()
+    lines = [x for x in one if isinstance(x, Line)]
+    assert lines == [x for x in cut if isinstance(x, Line)]
+    passed = b"".join(x.data for x in one if isinstance(x, Pass))
+    assert passed == b"".join(x.data for x in cut if isinstance(x, Pass))
+    if with_pty:    # every byte reaches the remote: passed, or as a line's end
+        assert b"".join(x.data if isinstance(x, Pass) else x.terminator for x in one) == stream
+        assert all(len(x.text.encode()) <= max_line * 3 for x in lines)
+    else:           # nothing passes; every byte is in exactly one line
+        assert passed == b"" and b"".join(x.data for x in lines) == stream
