@@ -227,6 +227,9 @@ class AgentChannel(asyncssh.SSHServerSession):
             if not isinstance(item, Line):
                 await self._send(item.data)
                 continue
+            if not item.text.strip() and item.clean:      # (Enter alone runs nothing)
+                await self._send(item.data if not self.lines.pty else item.terminator)
+                continue
             via = "terminal" if self.lines.pty else "stdin"
             req, fields = self.conn.who.command("line", item.text, via=via)
             if not item.clean:
@@ -258,6 +261,12 @@ class AgentChannel(asyncssh.SSHServerSession):
     # ---------------------------------------------------------- the target's side
 
     def from_target(self, data: bytes, datatype) -> None:
+        try:
+            self._from_target(data, datatype)
+        except SpoolError:
+            pass      # (conn.record closed the connection: fail closed)
+
+    def _from_target(self, data: bytes, datatype) -> None:
         if self.ended:
             return
         if self.sftp is not None:
@@ -283,6 +292,12 @@ class AgentChannel(asyncssh.SSHServerSession):
             self.chan.write(data)
 
     def target_closed(self, exc) -> None:
+        try:
+            self._target_closed(exc)
+        except SpoolError:
+            pass
+
+    def _target_closed(self, exc) -> None:
         if self.ended:
             return
         if self.sftp is not None:
@@ -297,6 +312,7 @@ class AgentChannel(asyncssh.SSHServerSession):
         elif self.exit:
             out["exit_signal"] = self.exit[1]
         self.conn.record(self.recorder, OUTPUT, {**out, **self.counts})
+        self.chan.write_eof()
         if self.exit and self.exit[0] == "status":
             self.chan.exit(self.exit[1])
         elif self.exit:
@@ -309,14 +325,19 @@ class AgentChannel(asyncssh.SSHServerSession):
     # ---------------------------------------------------------- helpers
 
     def _tell(self, message: str) -> None:
-        """A line for the agent's eyes (stderr; in a terminal, on its own line)."""
+        """A line for the agent's eyes (stderr; in a terminal, on its own line),
+        recorded as what the agent saw (`stream` agentgate) so a replay is exact."""
         if self.chan is None or self.ended:
             return
         text = message.replace("\n", " ")
+        data = ("\r\n" + text + "\r\n" if self.term is not None else text + "\n").encode()
+        if self.recorder is not None and not self.recorder.ended:
+            self.conn.record(self.recorder, DATA, {"dir": "out", "data": data,
+                                                   "stream": "agentgate"})
         if self.term is not None:
-            self.chan.write(("\r\n" + text + "\r\n").encode())
+            self.chan.write(data)
         else:
-            self.chan.write_stderr((text + "\n").encode())
+            self.chan.write_stderr(data)
 
     def _end(self, reason: str) -> None:
         if self.ended:
@@ -340,8 +361,9 @@ class TargetChannel(asyncssh.SSHClientSession):
         self.agent.from_target(data, datatype)
 
     def eof_received(self) -> bool:
-        if not self.agent.ended:
-            self.agent.chan.write_eof()
+        # the agent gets it with the close: sshd goes on sending stderr after its EOF
+        # (stdout closed, the command still running), which a channel past its EOF
+        # can't carry
         return True
 
     def exit_status_received(self, status: int) -> None:

@@ -44,8 +44,10 @@ class Who:
         (so that is no unknown)."""
         cmds = split(text)
         unknown = tuple(f for f in cmds.unknown if not (lines_judged and f == STDIN))
+        # the simple commands alone (the full text too only if it has none): an
+        # allowlist's globs are written for commands, and `ls; cat x` is two of them
         req = self.request(action, text, parsed=cmds.parsed, unknown=unknown,
-                           commands=cmds.values)
+                           commands=cmds.values[1:] or cmds.values[:1])
         return req, {"text": text, "kind": action, "remote_user": self.remote_user,
                      "commands": list(cmds.values[1:]), "flags": list(unknown), **more}
 

@@ -142,6 +142,21 @@ def test_exec_runs_with_the_injected_key_and_is_recorded(host, sshd):
     assert "Accepted publickey for root" in sshd.log.read_text()
 
 
+def test_env_is_filtered_and_signals_and_late_stderr_are_relayed(host, sshd):
+    # LANG passes (env_allow's default), AGENTGATE_TEST_X doesn't (sshd would accept it)
+    env = "AGENTGATE_TEST_X=leak LANG=C.UTF-8"
+    p = agent(host, f"{env} " + ssh(sshd, "-o SendEnv=AGENTGATE_TEST_X -o SendEnv=LANG",
+                                    "127.0.0.1", "'echo \"[$AGENTGATE_TEST_X|$LANG]\"'"))
+    assert p.stdout == "[|C.UTF-8]\n", p.stderr
+    # stderr written after the command closed its stdout still arrives, in order
+    p = agent(host, ssh(sshd, "127.0.0.1", "'echo out; exec 1>&-; sleep 0.3; echo late >&2'"))
+    assert p.returncode == 0 and p.stdout == "out\n" and "late" in p.stderr, p.stderr
+    # killed by a signal: OpenSSH's exit status for that, and the signal recorded
+    p = agent(host, ssh(sshd, "127.0.0.1", "'kill -TERM $$'"))
+    assert p.returncode == 255, p.stderr
+    assert any(f.get("exit_signal") == "TERM" for f in events(host, "output", "exec"))
+
+
 def test_a_denied_command_never_reaches_the_server(host, sshd):
     victim = Path("/tmp") / f"agentgate-ssh-victim-{os.getpid()}"
     victim.write_text("keep me")
@@ -368,6 +383,10 @@ def test_a_shell_on_a_pty_is_recorded_replayed_and_lines_judged(host, sshd):
            + ssh(sshd, "-tt", "127.0.0.1"))
     subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "100", "-y", "30", cmd],
                    check=True, env=env, timeout=30)
+    # every byte ssh writes to its terminal, to compare with the recording (ssh takes a
+    # while to log in: this is in place long before its first byte)
+    subprocess.run(["tmux", "pipe-pane", "-o", "-t", name, f"cat >> {host.public}/pane.log"],
+                   check=True, env=env, timeout=30)
 
     def screen() -> str:
         return subprocess.run(["tmux", "capture-pane", "-p", "-t", name], capture_output=True,
@@ -397,9 +416,17 @@ def test_a_shell_on_a_pty_is_recorded_replayed_and_lines_judged(host, sshd):
     assert shell["term"] and shell["cols"] == 100
     out = b"".join(f["data"] for k, f in chan["events"] if k == "data" and f["dir"] == "out")
     assert b"typed-42" in out
+    # what the agent's terminal got, byte for byte, is what was recorded
+    seen = Path(host.public / "pane.log").read_bytes()
+    assert out in seen, (out[-300:], seen[-300:])
     # replay writes the terminal output byte for byte; asciicast for asciinema
     r = run_cli("sessions", "replay", chan["id"], "--speed", "0", collector=host.collector)
     assert r.returncode == 0 and "typed-42" in r.stdout
+    at = 0
+    # (run_cli reads text: universal newlines)
+    for chunk in (f["data"].decode().replace("\r\n", "\n").replace("\r", "\n")
+                  for k, f in chan["events"] if k == "data" and f["dir"] == "out"):
+        at = r.stdout.index(chunk, at) + len(chunk)     # each chunk, in order
     cast = host.tmp / "shell.cast"
     r = run_cli("sessions", "export", chan["id"], "--format", "asciicast", "-o", str(cast),
                 collector=host.collector)

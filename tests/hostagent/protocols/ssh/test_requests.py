@@ -1,0 +1,80 @@
+"""What policy sees of SSH actions, and how the rules judge it (no sockets)."""
+from __future__ import annotations
+
+from hostagent.policy import Policy, Rule, decide
+from hostagent.protocols.ssh.requests import Who
+from hostagent.protocols.ssh.sftp import Op
+
+WHO = Who("box", {"user": "bot", "uid": 1000}, "deploy")
+
+
+def policy(*rules, default="allow") -> Policy:
+    return Policy(default=default, unparseable="deny", rules=tuple(rules))
+
+
+def rule(name, action, **matchers) -> Rule:
+    return Rule(name=name, action=action, matchers=tuple(matchers.items()))
+
+
+def test_an_allowlist_must_allow_every_command_a_line_runs():
+    p = policy(rule("reads", "allow", commands=("ls", "ls *", "cat *")), default="deny")
+    for text, action in (("ls -la /srv", "allow"), ("ls; cat /etc/hosts", "allow"),
+                         ("ls; rm -rf /", "deny"), ("ls $(rm -rf /)", "deny"),
+                         ("ls && sh -c 'rm -rf /'", "deny"), ("cat x | sh", "deny")):
+        req, fields = WHO.command("exec", text)
+        assert decide(p, req).action == action, text
+        assert fields["kind"] == "exec" and fields["remote_user"] == "deploy"
+
+
+def test_a_deny_rule_matches_any_command_of_a_line():
+    p = policy(rule("no-rm", "deny", commands=("rm *",)))
+    for text in ("rm -rf /", "ls; rm -rf /", "echo `rm -rf /`", "sudo rm -rf /",
+                 "r''m -rf /", "bash -c 'ls; rm -rf /'"):
+        assert decide(p, WHO.command("exec", text)[0]).rule == "no-rm", text
+    assert decide(p, WHO.command("exec", "ls -la")[0]).action == "allow"
+
+
+def test_what_cant_be_known_takes_the_unparseable_decision():
+    p = policy()
+    for text in ("$CMD -rf /", "python3 -c 'import os'", "ls \"unterminated"):
+        d = decide(p, WHO.command("exec", text)[0])
+        assert (d.action, d.rule) == ("deny", "(unparseable)"), text
+    # a shell reading its commands from stdin: fine when its lines are judged
+    assert decide(p, WHO.command("exec", "bash -s", lines_judged=True)[0]).action == "allow"
+    assert decide(p, WHO.command("exec", "bash -s")[0]).action == "deny"
+    # an allow rule naming the flag lets it through
+    p = policy(rule("py", "allow", commands=("python3 *",), flags=("dynamic_command",)))
+    assert decide(p, WHO.command("exec", "python3 -c 'import os'")[0]).rule == "py"
+
+
+def test_remote_users_apply_to_every_action():
+    p = policy(rule("not-root", "deny", remote_users=("root",)))
+    root = Who("box", {}, "root")
+    assert decide(p, root.login()).rule == "not-root"
+    assert decide(p, root.command("exec", "id")[0]).rule == "not-root"
+    assert decide(p, WHO.login()).action == "allow"
+
+
+def test_sftp_operations_and_paths():
+    p = policy(rule("ro-etc", "deny", operations=("write",), paths=("/etc/*",)))
+    write = Op(id=3, name="open", paths=("/etc/passwd",), writes=True, kinds=("open", "write"))
+    read = Op(id=4, name="open", paths=("/etc/passwd",), writes=False, kinds=("open", "read"))
+    req, fields = WHO.sftp(write)
+    assert decide(p, req).rule == "ro-etc"
+    assert fields == {"text": "sftp open /etc/passwd", "kind": "sftp", "operation": "open",
+                      "paths": ["/etc/passwd"], "writes": True, "remote_user": "deploy"}
+    assert decide(p, WHO.sftp(read)[0]).action == "allow"
+    assert decide(p, WHO.subsystem("sftp")[0]).action == "allow"
+    p = policy(rule("no-sftp", "deny", subsystems=("sftp",)))
+    assert decide(p, WHO.subsystem("sftp")[0]).rule == "no-sftp"
+
+
+def test_forwards_by_destination():
+    p = policy(rule("db", "allow", forwards=("10.0.0.5:5432",)),
+               rule("none", "deny", forwards=("*",)))
+    assert decide(p, WHO.forward("direct-tcpip", "10.0.0.5:5432")[0]).rule == "db"
+    assert decide(p, WHO.forward("direct-tcpip", "10.0.0.5:22")[0]).rule == "none"
+    assert decide(p, WHO.forward("direct-streamlocal", "/run/docker.sock")[0]).rule == "none"
+    # a forward is no command: command rules don't see it
+    p = policy(rule("no-rm", "deny", commands=("*",)))
+    assert decide(p, WHO.forward("direct-tcpip", "10.0.0.5:22")[0]).action == "allow"
