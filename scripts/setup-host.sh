@@ -34,6 +34,8 @@ PACKAGES=(
   postgresql postgresql-contrib pgbouncer
   mariadb-server mariadb-client
   openssh-server openssh-client
+  # SSH tests drive a shell on a pty with tmux
+  tmux
   # tools
   curl iproute2 procps git ca-certificates
   # asciicast exports are checked with asciinema; HTTP: a load generator for bench/http.py

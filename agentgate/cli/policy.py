@@ -39,15 +39,22 @@ def check(file):
 @click.option("--header", "headers", multiple=True, metavar="'NAME: VALUE'",
               help="A request header (repeatable); Host names the host.")
 @click.option("--body", help="The request body (its JSON fields are judged).")
+@click.option("--command", "ssh_command", metavar="'COMMAND LINE'",
+              help="An SSH exec (ssh), e.g. 'ls; rm -rf /tmp/x': every command it runs "
+                   "is judged.")
+@click.option("--remote-user", default="root", show_default=True,
+              help="The account an SSH command runs as (ssh).")
 @click.option("--protocol", default="postgres", show_default=True,
               help="postgres, or http/https with --request.")
 @click.option("--database", default="", help="Database of the session.")
 @click.option("--user", default="", help="The agent's user name.")
 @click.option("--exe", default="", help="The agent's executable path.")
 @click.option("--json", "as_json", is_flag=True, help="An object with action, rule, reason.")
-def explain(file, target, sql, http, headers, body, protocol, database, user, exe, as_json):
-    """Show the decision for SQL (or an HTTP request) and the rule that made it. With
-    several statements, the strictest decides (deny, then review), as the proxy does."""
+def explain(file, target, sql, http, headers, body, ssh_command, remote_user, protocol, database,
+            user, exe, as_json):
+    """Show the decision for SQL (or an HTTP request, or an SSH command) and the rule
+    that made it. With several statements, the strictest decides (deny, then review),
+    as the proxy does."""
     from hostagent.policy import decide
     from hostagent.protocols.enforce import strictest
     from hostagent.protocols.postgres.classify import Unparseable, classify
@@ -57,8 +64,12 @@ def explain(file, target, sql, http, headers, body, protocol, database, user, ex
     if http is not None or protocol in ("http", "https"):
         _explain_http(p, target, http, headers, body, protocol, identity, as_json)
         return
+    if ssh_command is not None or protocol == "ssh":
+        _explain_ssh(p, target, ssh_command, remote_user, identity, as_json)
+        return
     if sql is None:
-        raise Failure("give --sql (postgres) or --request (http, https)", EXIT_USAGE)
+        raise Failure("give --sql (postgres), --request (http, https) or --command (ssh)",
+                      EXIT_USAGE)
     try:
         statements = classify(sql)
     except Unparseable:
@@ -76,6 +87,24 @@ def explain(file, target, sql, http, headers, body, protocol, database, user, ex
     click.echo(f"{final.action} (rule {final.rule}){': ' + final.reason if final.reason else ''}")
     if final.would:
         click.echo(f"audit mode: would {final.would}")
+
+
+def _explain_ssh(p, target, command, remote_user, identity, as_json) -> None:
+    from hostagent.policy import decide
+    from hostagent.protocols.ssh.requests import Who
+    if not command:
+        raise Failure("--command takes the command line an agent runs over SSH", EXIT_USAGE)
+    req, fields = Who(target, identity, remote_user).command("exec", command)
+    d = decide(p, req)
+    if as_json:
+        emit_json({**d.as_dict(), "commands": fields["commands"], "flags": fields["flags"],
+                   "parsed": req.parsed})
+        return
+    click.echo(f"{d.action} (rule {d.rule}){': ' + d.reason if d.reason else ''}")
+    if d.would:
+        click.echo(f"audit mode: would {d.would}")
+    for c in fields["commands"]:
+        click.echo(f"  runs: {c}")
 
 
 def _explain_http(p, target, http, headers, body, protocol, identity, as_json) -> None:

@@ -46,3 +46,19 @@ def test_explain_an_http_request():
     assert r.stdout.startswith("allow (rule (default))")
     r = run_cli("policy", "explain", policy, "--target", "deploy-api", "--request", "POST")
     assert r.returncode == 2 and "METHOD PATH" in r.stderr
+
+
+def test_explain_an_ssh_command(tmp_path):
+    policy = tmp_path / "p.toml"
+    policy.write_text('default = "deny"\n[[rules]]\nname = "reads"\naction = "allow"\n'
+                      'commands = ["ls", "ls *", "cat *"]\n')
+    r = run_cli("policy", "explain", str(policy), "--target", "web1", "--command", "ls -la /srv",
+                "--json")
+    assert json.loads(r.stdout)["rule"] == "reads"
+    # every command the line runs must be allowed
+    r = run_cli("policy", "explain", str(policy), "--target", "web1", "--command",
+                "ls; cat /etc/hosts | sh")
+    assert r.stdout.splitlines() == ["deny (rule (default)): no rule matched", "  runs: ls",
+                                     "  runs: cat /etc/hosts", "  runs: sh"]
+    r = run_cli("policy", "explain", str(policy), "--target", "web1", "--protocol", "ssh")
+    assert r.returncode == 2 and "--command" in r.stderr
