@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 import asyncssh
 
 from agentgate.events import DATA, OUTPUT, SESSION_END
+from hostagent.protocols.api import ProtocolError
 from hostagent.protocols.ssh.commands import reads_commands_from_stdin
 from hostagent.protocols.ssh.lines import Line, LineTracker
 from hostagent.protocols.ssh.sftp import SftpStream
@@ -24,6 +26,12 @@ from hostagent.recording.spool import SpoolError
 
 log = logging.getLogger("agentgate.ssh")
 QUEUE_HIGH, QUEUE_LOW = 1 << 20, 256 << 10   # agent input waiting: pause, resume reading
+# The pty modes passed on to the target: output processing, character size, speeds,
+# UTF-8. The others (special characters such as kill and erase, canonical mode, echo,
+# input mapping) would make the remote terminal read keys otherwise than the line
+# tracker does: the target's defaults stand for them.
+SAFE_MODES = frozenset((42, 70, 71, 72, 73, 74, 75, 90, 91, 92, 93, 128, 129))
+TERM_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 STDERR = asyncssh.EXTENDED_DATA_STDERR
 EOF = object()
 
@@ -59,6 +67,9 @@ class AgentChannel(asyncssh.SSHServerSession):
         self.chan = chan
 
     def pty_requested(self, term_type, term_size, term_modes) -> bool:
+        # (the type reaches the remote shell as $TERM: a name, not a payload)
+        if not TERM_TYPE.fullmatch(term_type or ""):
+            return False
         self.term = (term_type, term_size, term_modes)
         return True
 
@@ -80,6 +91,7 @@ class AgentChannel(asyncssh.SSHServerSession):
     # ---------------------------------------------------------- the agent's input
 
     def data_received(self, data: bytes, datatype) -> None:
+        self.conn.touch()
         self.queue.put_nowait(bytes(data))
         self.queued += len(data)
         if self.queued > QUEUE_HIGH and not self.paused:
@@ -133,6 +145,8 @@ class AgentChannel(asyncssh.SSHServerSession):
             pass
         except SpoolError:
             pass      # (conn.record closed the connection: fail closed)
+        except ProtocolError as exc:
+            self._broken(exc)
         except (asyncssh.Error, OSError) as exc:
             self._tell(f"agentgate: the target: {exc}")
             self.chan.exit(255)
@@ -174,6 +188,8 @@ class AgentChannel(asyncssh.SSHServerSession):
             raise Refused()
         env = conn.allowed_env(self.chan.get_environment())
         term_type, term_size, modes = self.term if self.term else (None, None, None)
+        if modes is not None:
+            modes = {k: v for k, v in modes.items() if k in SAFE_MODES}
         up_session = TargetChannel(self)
         self.up, _ = await conn.upstream.create_session(
             lambda: up_session, command=self.command or None,
@@ -261,10 +277,27 @@ class AgentChannel(asyncssh.SSHServerSession):
     # ---------------------------------------------------------- the target's side
 
     def from_target(self, data: bytes, datatype) -> None:
+        self.conn.touch()
         try:
             self._from_target(data, datatype)
         except SpoolError:
             pass      # (conn.record closed the connection: fail closed)
+        except ProtocolError as exc:
+            self._broken(exc)
+
+    def _broken(self, exc: Exception) -> None:
+        """Malformed SFTP from either side: this channel ends, the connection goes on."""
+        log.warning("ssh channel %s: %s: channel closed",
+                    self.recorder.session_id if self.recorder else "?", exc)
+        try:
+            if self.recorder is not None and not self.recorder.ended:
+                self.conn.record(self.recorder, OUTPUT, {"error": f"protocol error: {exc}"})
+        except SpoolError:
+            return
+        if self.up is not None:
+            self.up.close()
+        self.chan.close()
+        self._end(f"protocol error: {exc}")
 
     def _from_target(self, data: bytes, datatype) -> None:
         if self.ended:

@@ -13,8 +13,9 @@ from hostagent.recording.spool import SpoolError
 class Joint:
     """What the two ends share: the recording, the byte counts, the end."""
 
-    def __init__(self, recorder, on_failure):
+    def __init__(self, recorder, on_failure, touch=lambda: None):
         self.recorder = recorder
+        self.touch = touch                 # activity: the connection's idle clock
         self.on_failure = on_failure       # SpoolError: the whole SSH connection closes
         self.counts = {"bytes_in": 0, "bytes_out": 0}
         self.ends: list[End] = []
@@ -66,6 +67,7 @@ class End(asyncssh.SSHTCPSession, asyncssh.SSHUNIXSession):
     def data_received(self, data: bytes, datatype) -> None:
         if self.joint.done:
             return
+        self.joint.touch()
         self.joint.counts["bytes_in" if self.dir == "in" else "bytes_out"] += len(data)
         if not self.joint.record(DATA, {"dir": self.dir, "data": bytes(data)}):
             return

@@ -9,10 +9,31 @@ do, so `ls; rm -rf /` is not let through by `commands = ["ls *"]`.
 """
 from __future__ import annotations
 
+import ipaddress
+import posixpath
+import re
+import socket
 from dataclasses import dataclass
 
 from hostagent.policy import Request
 from hostagent.protocols.ssh.commands import STDIN, split
+
+# Expansions that run code bash finds inside a variable's value (an agent sets values
+# through LC_*/LANG or its terminal's type): indirection `${!x}`, transformations
+# `${x@P}`, substring offsets and subscripts (arithmetic, where `a[$(cmd)]` runs),
+# `$[...]` arithmetic
+_HIDDEN_EXPANSION = re.compile(r"\$\{[#!]?[^}]*?(?:\{|!|@|\[|:(?![-=?+]))|\$\[")
+# builtins that evaluate their arguments as arithmetic or variable names, where a
+# subscript's `$(...)` runs
+_EVALUATING = frozenset("let declare typeset local readonly export printf read unset test [ "
+                        "mapfile readarray getopts wait".split())
+# commands that change how the terminal (or the shell's line editor) reads keys: after
+# them, lines typed are not the lines we see
+_TERMINAL = frozenset("stty bind setterm reset tset".split())
+_SHELL_NAMES = frozenset("sh bash rbash dash zsh ksh mksh ash yash posh".split())
+_STDIN_FILES = re.compile(r"^(?:/dev/stdin|/dev/fd/\d+|/proc/(?:self|\d+|thread-self)/fd/\d+|-)$")
+# file transfers run as commands, whose files no SFTP rule sees
+_TRANSFERS = re.compile(r"^(?:scp(?: .*)? -[a-zA-Z]*[tf]|\S*sftp-server\b|rsync .*--server\b)")
 
 EMPTY = {"commands": (), "subsystems": (), "forwards": (), "paths": (), "operations": (),
          "flags": ()}
@@ -32,7 +53,8 @@ class Who:
             attributes["flags"] = tuple(attributes["flags"]) + tuple(unknown)
         return Request(target=self.target, protocol="ssh", identity=self.identity,
                        action=action, resources=(self.remote_user,), attributes=attributes,
-                       text=text, parsed=parsed, unknown=unknown, readings=("commands",))
+                       text=text, parsed=parsed, unknown=unknown,
+                       readings=("commands", "forwards", "paths"))
 
     def login(self) -> Request:
         return self.request("login", f"login as {self.remote_user}")
@@ -43,11 +65,19 @@ class Who:
         shell reading its commands from stdin whose lines will be judged as they come
         (so that is no unknown)."""
         cmds = split(text)
-        unknown = tuple(f for f in cmds.unknown if not (lines_judged and f == STDIN))
+        unknown = [f for f in cmds.unknown if not (lines_judged and f == STDIN)]
         # the simple commands alone (the full text too only if it has none): an
         # allowlist's globs are written for commands, and `ls; cat x` is two of them
+        values = list(cmds.values[1:] or cmds.values[:1])
+        for flag in hazards(text, values):
+            if flag not in unknown:
+                unknown.append(flag)
+        # `/bin/rm -rf x` is `rm -rf x` to a rule written for rm
+        values += [v.split(" ", 1)[0].rsplit("/", 1)[1] + v[len(v.split(" ", 1)[0]):]
+                   for v in values if "/" in v.split(" ", 1)[0]]
+        unknown = tuple(unknown)
         req = self.request(action, text, parsed=cmds.parsed, unknown=unknown,
-                           commands=cmds.values[1:] or cmds.values[:1])
+                           commands=tuple(dict.fromkeys(values)))
         return req, {"text": text, "kind": action, "remote_user": self.remote_user,
                      "commands": list(cmds.values[1:]), "flags": list(unknown), **more}
 
@@ -65,8 +95,10 @@ class Who:
         """One SFTP operation (sftp.Op): `operations` sees its kinds (open, read, write,
         remove, ...), `paths` its paths."""
         text = f"sftp {op.name} " + " ".join(op.paths) if op.paths else f"sftp {op.name}"
+        paths = tuple(normal_path(p) for p in op.paths)
         req = self.request("sftp", text, subsystems=("sftp",), operations=op.kinds,
-                           paths=op.paths)
+                           paths=tuple(p for p in paths if p is not None),
+                           parsed=None not in paths)
         return req, {"text": text, "kind": "sftp", "operation": op.name, "paths": list(op.paths),
                      "writes": op.writes, "remote_user": self.remote_user}
 
@@ -74,6 +106,62 @@ class Who:
         """kind: direct-tcpip (-L, -W), tcpip-forward (-R), direct-streamlocal,
         streamlocal-forward, x11, agent. `forwards` sees host:port (or the socket path)."""
         text = f"forward {kind} {where}"
-        return (self.request("forward", text, forwards=(where,), operations=(kind,)),
+        req = self.request("forward", text, forwards=forward_readings(where),
+                           operations=(kind,))
+        return (req,
                 {"text": text, "kind": "forward", "forward": kind, "destination": where,
                  "remote_user": self.remote_user})
+
+
+def hazards(text: str, values: list[str]) -> list[str]:
+    """Flags for what a command line runs that its words don't show (see the
+    patterns above); each takes the `unparseable` decision unless allowed by name."""
+    flags = []
+    if _HIDDEN_EXPANSION.search(text):
+        flags.append("dynamic_command")
+    for v in values:
+        words = v.split()
+        if not words:
+            continue
+        name = words[0].rsplit("/", 1)[-1]
+        if name in _EVALUATING and "[" in v and ("$" in v or "`" in v):
+            flags.append("dynamic_command")
+        if name in _TERMINAL:
+            flags.append("terminal_settings")
+        if name in _SHELL_NAMES and any(_STDIN_FILES.match(w) for w in words[1:]):
+            flags.append(STDIN)
+        if _TRANSFERS.match(" ".join([name] + words[1:])):
+            flags.append("file_transfer")
+    return list(dict.fromkeys(flags))
+
+
+def normal_path(path: str) -> str | None:
+    """An SFTP path as the server will read it (`//etc/x`, `/tmp/../etc/x` are
+    `/etc/x`); None for a relative one (other than "."): relative to a home directory
+    we don't know, so it can't be judged."""
+    if path in (".", ""):
+        return path
+    if not path.startswith("/"):
+        return None
+    return "/" + posixpath.normpath(path).lstrip("/")
+
+
+def forward_readings(where: str) -> tuple[str, ...]:
+    """A forward's destination as given, and its address written canonically when it
+    is one (`127.1`, `0x7f.1`, `::ffff:127.0.0.1` are 127.0.0.1)."""
+    host, sep, port = where.rpartition(":")
+    if not sep or host.startswith("/"):
+        return (where,)
+    bare = host.strip("[]").lower().rstrip(".")
+    canonical = bare
+    try:
+        addr = ipaddress.ip_address(bare)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        canonical = str(addr)
+    except ValueError:
+        try:
+            canonical = socket.inet_ntoa(socket.inet_aton(bare))   # 127.1, 0x7f.1, 2130706433
+        except OSError:
+            pass
+    return tuple(dict.fromkeys((where, f"{bare}:{port}", f"{canonical}:{port}")))

@@ -32,6 +32,7 @@ log = logging.getLogger("agentgate.ssh")
 logging.getLogger("asyncssh").setLevel(logging.WARNING)
 LOGIN_TIMEOUT = 3600.0     # a login may wait for an approval
 PROHIBITED = asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
+MAX_ENV, MAX_ENV_VALUE = 32, 4096      # variables a channel passes on, bytes each
 
 
 class _Primed(asyncssh.SSHServerConnection):
@@ -78,9 +79,11 @@ async def serve(ctx, wire) -> str:
     except (asyncssh.Error, OSError, asyncio.TimeoutError, ConnectionError) as exc:
         conn.close_upstream()
         return conn.reason or f"SSH handshake with the agent failed: {exc or 'timeout'}"
+    watchdog = asyncio.ensure_future(conn.watch_idle())
     try:
         await server.wait_closed()
     finally:
+        watchdog.cancel()
         conn.close_upstream()
         await conn.drain()
     return conn.reason or "agent closed"
@@ -96,6 +99,24 @@ class Connection(asyncssh.SSHServer):
         self.who: Who | None = None
         self.reason = ""
         self.tasks: set[asyncio.Task] = set()
+        self.last = asyncio.get_running_loop().time()   # the last byte either way
+        self.holding = 0                                 # approvals awaited
+
+    def touch(self) -> None:
+        self.last = asyncio.get_running_loop().time()
+
+    async def watch_idle(self) -> None:
+        """The target's idle_timeout: no byte either way on any channel, and no
+        approval awaited, for that long ends the connection."""
+        timeout = self.ctx.target.idle_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(30.0, timeout / 4))
+            if not self.holding and loop.time() - self.last > timeout:
+                self.reason = f"idle for {timeout:g} s: session closed"
+                if self.conn is not None:
+                    self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, self.reason)
+                return
 
     # ---------------------------------------------------------- services for channels
 
@@ -160,11 +181,15 @@ class Connection(asyncssh.SSHServer):
                 from hostagent.approvals import when
                 tell(f"agentgate: held for approval {ap.id} ({why}); expires "
                      f"{when(ap.expires_ns)}")
+        self.holding += 1
         try:
             ok, why2 = await self.wire.approve(recorder, req.text, d.rule, d.reason, pending)
         except SpoolError as exc:
             self.fail(f"recording failed: {exc}")
             raise
+        finally:
+            self.holding -= 1
+            self.touch()
         return ok, why2
 
     def allowed_env(self, env: dict) -> dict:
@@ -246,7 +271,26 @@ class Connection(asyncssh.SSHServer):
     def session_requested(self):
         if self.upstream is None:
             return False
-        return AgentChannel(self)
+        chan = self.conn.create_server_channel(encoding=None)
+        chan._process_env_request = self._env_request(chan)
+        return chan, AgentChannel(self)
+
+    def _env_request(self, chan):
+        """`env` requests filtered as they come (asyncssh would keep every one, however
+        many): what env_allow names, a bounded number of bounded values; the rest
+        refused."""
+        allow, kept = self.opts.env_allow, chan._env
+
+        def handle(packet) -> bool:
+            key, value = packet.get_string(), packet.get_string()
+            packet.check_end()
+            name = key.decode(errors="replace")
+            if (len(kept) < MAX_ENV and len(value) <= MAX_ENV_VALUE
+                    and any(fnmatch.fnmatchcase(name, p) for p in allow)):
+                kept[key] = value
+                return True
+            return False
+        return handle
 
     def _forward(self, kind: str, where: str, open_target):
         """Judge a forward; allowed: a coroutine opening it (its own recording)."""
@@ -269,7 +313,7 @@ class Connection(asyncssh.SSHServer):
             recorder = self.open_recording({"channel": "forward", "forward": kind,
                                             "destination": where,
                                             "remote_user": self.who.remote_user})
-            joint = Joint(recorder, lambda exc: self.fail(f"recording failed: {exc}"))
+            joint = Joint(recorder, lambda exc: self.fail(f"recording failed: {exc}"), self.touch)
             mine, theirs = End(joint, "in"), End(joint, "out")
             try:
                 await open_target(lambda: theirs)
@@ -316,7 +360,7 @@ class Connection(asyncssh.SSHServer):
                                                 "destination": where,
                                                 "origin": f"{orig_host}:{orig_port}",
                                                 "remote_user": self.who.remote_user})
-                joint = Joint(recorder, lambda exc: self.fail(f"recording failed: {exc}"))
+                joint = Joint(recorder, lambda exc: self.fail(f"recording failed: {exc}"), self.touch)
                 mine, theirs = End(joint, "in"), End(joint, "out")
 
                 async def back():
@@ -352,7 +396,7 @@ class Connection(asyncssh.SSHServer):
                                                 "forward": "forwarded-streamlocal",
                                                 "destination": listen_path,
                                                 "remote_user": self.who.remote_user})
-                joint = Joint(recorder, lambda exc: self.fail(f"recording failed: {exc}"))
+                joint = Joint(recorder, lambda exc: self.fail(f"recording failed: {exc}"), self.touch)
                 mine, theirs = End(joint, "in"), End(joint, "out")
 
                 async def back():

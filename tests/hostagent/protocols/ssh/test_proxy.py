@@ -61,7 +61,7 @@ def sshd(tmp_path_factory):
 
 
 def make_host(tmp_path, collector, sshd, policy: str = POLICY, known_hosts=None,
-              credentials: str | None = None, user: str = "root"):
+              credentials: str | None = None, user: str = "root", extra: str = ""):
     echo = EchoServer()
     h = Host(tmp_path, collector, echo)
     (tmp_path / "policy.toml").write_text(policy.replace("{echo}", str(echo.port)))
@@ -74,6 +74,7 @@ address = ["127.0.0.1:{sshd.port}"]
 user = "{user}"
 {creds}
 known_hosts = "{known_hosts or sshd.known_hosts}"
+{extra}
 ''')
     h.config.write_text(f'policy = "{tmp_path}/policy.toml"\n' + h.config.read_text())
     h.echo_server = echo
@@ -459,3 +460,15 @@ asyncio.run(main())
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines()[0] == "from-asyncssh"
     assert p.stdout.splitlines()[1].startswith("rc 1 agentgate: refused")
+
+
+def test_an_idle_connection_is_ended(tmp_path, collector, sshd):
+    h = make_host(tmp_path, collector, sshd, extra="idle_timeout = 2")
+    try:
+        p = agent(h, ssh(sshd, "127.0.0.1", "'sleep 60; echo woke'"))
+        assert p.returncode == 255 and "woke" not in p.stdout
+        conn = next(s for s in sessions(h) if not s["start"].get("parent"))
+        assert conn["end_reason"].startswith("idle for 2 s")
+    finally:
+        h.cleanup()
+        h.echo_server.close()

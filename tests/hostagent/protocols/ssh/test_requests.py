@@ -78,3 +78,40 @@ def test_forwards_by_destination():
     # a forward is no command: command rules don't see it
     p = policy(rule("no-rm", "deny", commands=("*",)))
     assert decide(p, WHO.forward("direct-tcpip", "10.0.0.5:22")[0]).action == "allow"
+
+
+def test_what_the_words_dont_show_is_flagged():
+    """Found by red-teaming: code bash runs from a variable's value (the agent sets
+    LC_*), settings after which typed lines aren't what we see, a script on stdin
+    behind a file name, file transfers no SFTP rule sees."""
+    p = policy(rule("echo", "allow", commands=("echo *", "ls *", "stty *", "scp *", "sh *",
+                                               "let *")), default="deny")
+    for text, flag in (("echo ${LC_X@P}", "dynamic_command"), ("echo ${!LC_X}", "dynamic_command"),
+                       ("ls ${LANG:LC_X}", "dynamic_command"), ("echo ${a[$x]}", "dynamic_command"),
+                       ("let 'a[$(id)]'", "dynamic_command"), ("stty kill %", "terminal_settings"),
+                       ("sh /dev/stdin", "stdin_program"), ("scp -t /etc/x", "file_transfer"),
+                       ("/usr/lib/openssh/sftp-server", "file_transfer")):
+        req, fields = WHO.command("exec", text)
+        assert flag in req.unknown and flag in fields["flags"], text
+        assert decide(p, req).action == "deny", text
+    for text in ("echo ${HOME:-/tmp}", "echo $HOME", "echo ${#HOME}"):
+        assert decide(p, WHO.command("exec", text)[0]).rule == "echo", text
+    # a path-qualified command is judged by its name too
+    p = policy(rule("no-rm", "deny", commands=("rm *",)))
+    assert decide(p, WHO.command("exec", "/bin/rm -rf /x")[0]).rule == "no-rm"
+
+
+def test_paths_and_destinations_are_judged_as_the_server_reads_them():
+    p = policy(rule("ro-etc", "deny", operations=("write",), paths=("/etc/*",)),
+               rule("no-ssh-tunnel", "deny", forwards=("127.0.0.1:22",)))
+    for path in ("//etc/x", "/tmp/../etc/x", "/./etc/x", "/etc//x"):
+        op = Op(id=1, name="open", paths=(path,), writes=True, kinds=("open", "write"))
+        assert decide(p, WHO.sftp(op)[0]).rule == "ro-etc", path
+    # a relative path is relative to a home we don't know: unparseable
+    op = Op(id=1, name="open", paths=("../etc/x",), writes=True, kinds=("open", "write"))
+    assert decide(p, WHO.sftp(op)[0]).rule == "(unparseable)"
+    rename = Op(id=2, name="posix-rename", paths=("/tmp/a", "//etc/a"), writes=True,
+                kinds=("posix-rename", "rename", "write"))
+    assert decide(p, WHO.sftp(rename)[0]).rule == "ro-etc"
+    for where in ("127.1:22", "[::ffff:127.0.0.1]:22", "0x7f.0.0.1:22", "127.0.0.1:22"):
+        assert decide(p, WHO.forward("direct-tcpip", where)[0]).rule == "no-ssh-tunnel", where
