@@ -472,3 +472,35 @@ def test_an_idle_connection_is_ended(tmp_path, collector, sshd):
     finally:
         h.cleanup()
         h.echo_server.close()
+
+
+def test_terminal_modes_and_variables_cant_make_the_run_line_differ(host, sshd):
+    """Red team: a kill character of the agent's choosing made the remote terminal drop
+    the judged part of a line; a variable's value ran through `${X@P}`."""
+    victim = Path("/tmp") / f"agentgate-ssh-modes-{os.getpid()}"
+    victim.write_text("keep me")
+    script = host.public / "modes.py"
+    script.write_text(f'''
+import asyncio, os, asyncssh
+async def main():
+    async with asyncssh.connect("127.0.0.1", {sshd.port}, username="nobody",
+            known_hosts=os.environ["AGENTGATE_SSH_KNOWN_HOSTS"], client_keys=None,
+            agent_path=None, config=None) as c:
+        p = await c.create_process("exec sh", term_type="xterm", term_size=(80, 24),
+                                   term_modes={{asyncssh.PTY_VKILL: ord("%")}})
+        p.stdin.write("echo hi%rm -f {victim}\\r")
+        print(await p.stdout.readuntil("{victim}\\r\\n"), flush=True)
+        p.stdin.write("exit\\r")
+        await p.wait()
+        r = await c.run("echo ${{LC_X@P}}", env={{"LC_X": "$(rm -f {victim})"}}, check=False)
+        print("rc", r.exit_status, r.stderr.strip())
+asyncio.run(main())
+''')
+    script.chmod(0o644)
+    try:
+        p = agent(host, f"{BIN / 'python'} {script}")
+        assert p.returncode == 0, p.stderr
+        assert victim.exists()
+        assert "rc 1 agentgate: refused" in p.stdout and "dynamic_command" in p.stdout
+    finally:
+        victim.unlink(missing_ok=True)
