@@ -171,7 +171,7 @@ class AgentChannel(asyncssh.SSHServerSession):
         # bash`): its lines are judged as typed ones
         stdin_lines = self.kind == "exec" and reads_commands_from_stdin(self.command)
         if self.kind == "exec":
-            req, fields = who.command("exec", self.command, lines_judged=stdin_lines)
+            req, fields = await conn.command("exec", self.command, lines_judged=stdin_lines)
         elif self.kind == "shell":
             req, fields = who.shell(self.term is not None)
         else:
@@ -195,6 +195,9 @@ class AgentChannel(asyncssh.SSHServerSession):
             lambda: up_session, command=self.command or None,
             subsystem=self.subsystem or None, env=env, term_type=term_type,
             term_size=term_size, term_modes=modes, encoding=None)
+        if self.ended:       # the agent went away meanwhile (an approval, the open)
+            self.up.close()
+            raise Refused()
         if self.kind == "shell" or stdin_lines:
             self.lines = LineTracker(pty=self.term is not None)
         elif self.kind == "subsystem" and self.subsystem == "sftp":
@@ -247,7 +250,7 @@ class AgentChannel(asyncssh.SSHServerSession):
                 await self._send(item.data if not self.lines.pty else item.terminator)
                 continue
             via = "terminal" if self.lines.pty else "stdin"
-            req, fields = self.conn.who.command("line", item.text, via=via)
+            req, fields = await self.conn.command("line", item.text, via=via)
             if not item.clean:
                 # (edited with keys we can't follow: what the shell got is not known)
                 req = self.conn.who.request("line", item.text, parsed=False)

@@ -2,24 +2,27 @@
 
 An agent told `commands = ["rm *"]` is denied can still write `r''m -rf /`,
 `ls; rm -rf /`, `echo $(rm -rf /)`, `sh -c 'rm -rf /'` or `sudo rm -rf /`. So a command
-line is parsed (bashlex) and every simple command it runs is a value of its own, as
-its words with the quotes removed: inside substitutions, subshells, lists, compound
-commands and function bodies, the string given to `sh -c`, `eval`, `trap`, `alias`,
-`find -exec`, and, behind a wrapper (sudo, env, timeout, xargs, ...), the wrapped
-command once more on its own. The policy judges them as readings: a deny rule matches
-if any does, an allow rule only if all do.
+line is parsed (bashlex) and every simple command it runs is a value of its own, as its
+words with the quotes removed: inside substitutions, subshells, lists, compound commands
+and function bodies; the command lines given to `sh -c` (`su -c`, `script -c`, `watch`,
+`env -S`), `eval`, `trap`, `alias` and PROMPT_COMMAND; and behind a wrapper (sudo, env,
+timeout, xargs, find -exec, ...) the wrapped command once more on its own. The policy
+judges them as readings: a deny rule matches if any does, an allow rule only if all do.
 
 What can't be known from the text is said, not guessed: a command whose name is
 computed (`$CMD -rf /`, a glob, brace expansion) or a program handed over in a form we
-don't read (`eval "$x"`, `bash <<< ...`, `python3 -c ...`, `source file`) is flagged
-`dynamic_command`; a shell that will read its commands from the session's stdin is
-flagged `stdin_program` (the caller then judges those lines as they come). Text bashlex
-can't parse (`[[ ]]`, `$(( ))`, `case`, arrays) is `parsed=False`, as is any text past
-the bounds on size, nesting and count, so it takes the policy's `unparseable` decision.
+don't read (`eval "$x"`, `bash <<< ...`, `curl ... | sh`, `python3 -c ...`, `source f`,
+`bind -x`, a prompt with a command substitution) is flagged `dynamic_command`; a shell
+that will read its commands from the session's stdin is flagged `stdin_program` (the
+caller then judges those lines as they come). Text bashlex can't parse (`[[ ]]`,
+`$(( ))`, `case`, arrays), or that it would read otherwise than bash does (see
+`_Text.word`), is `parsed=False`, as is text past the bounds on size, nesting and
+count: it takes the policy's `unparseable` decision.
 
-Best effort, by construction: bashlex is not bash, and wrappers and interpreters are
-an open set. The flags and the every-value rule for allowlists are what make an
-allowlist safe; deny lists only catch the disguises listed here.
+Best effort, by construction: bashlex is not bash, and wrappers and interpreters are an
+open set (`awk 'BEGIN{system(...)}'`, `ssh host ...`, `git -c core.pager=...` run
+commands we don't see). The flags and the every-value rule are what make an allowlist
+hold; a deny list only catches the disguises named here.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ import shlex
 from dataclasses import dataclass, field
 
 import bashlex
+import bashlex.errors
+import bashlex.subst
 
 DYNAMIC = "dynamic_command"
 STDIN = "stdin_program"
@@ -52,6 +57,21 @@ class _Unparseable(Exception):
 class _Word:
     text: str        # quotes removed; expansions left as written
     literal: bool    # what the shell will pass is exactly `text`
+
+
+def _guarded(paramexpand):
+    # bashlex loops forever, eating memory, on a `${` with no `}` after it in a word its
+    # tokenizer let through (`x'${'`, `$'${'`): made a parse error instead
+    def expand(parserobj, string, sindex):
+        if string[sindex + 1:sindex + 2] == "{" and "}" not in string[sindex + 2:]:
+            raise bashlex.errors.ParsingError("unterminated ${", string, sindex)
+        return paramexpand(parserobj, string, sindex)
+    expand.guarded = True
+    return expand
+
+
+if not getattr(bashlex.subst._paramexpand, "guarded", False):
+    bashlex.subst._paramexpand = _guarded(bashlex.subst._paramexpand)
 
 
 def split(text: str) -> Commands:
@@ -99,6 +119,7 @@ _WRAPPERS = {
     "exec": ({"-a"}, 0),
     "stdbuf": ({"-i", "-o", "-e"}, 0),
     "chroot": ({"--userspec", "--groups"}, 1),
+    "watch": ({"-n", "--interval", "-d", "-q", "--equexit"}, 0),
     **{name: (set(), 0) for name in ("nohup", "setsid", "command", "builtin", "busybox")},
 }
 _SHELLS = frozenset("sh bash rbash dash zsh ksh mksh ash yash posh fish csh tcsh".split())
@@ -108,6 +129,9 @@ _INTERPRETER = re.compile(r"(python|pypy|perl|ruby|php|lua|luajit|node|nodejs|Rs
 _PROGRAM_OPTS = {"python": "c", "pypy": "c", "perl": "eE", "ruby": "e", "php": "rR",
                  "lua": "e", "luajit": "e", "node": "ep", "nodejs": "ep", "Rscript": "e"}
 _INFO = frozenset(("-V", "-v", "--version", "-h", "--help"))
+_STDIN_FILES = frozenset(("-", "/dev/stdin", "/dev/fd/0", "/proc/self/fd/0"))
+# variables a shell runs, or reads a file named by, or expands again at each prompt
+_HOOKS = re.compile(r"(PROMPT_COMMAND|PS[0124]|BASH_ENV|ENV)(?:\[[^]]*\])?\+?=(.*)", re.S)
 
 
 @dataclass
@@ -118,7 +142,7 @@ class _Found:
     def split(self, text: str, depth: int, nest: int = 0) -> None:
         if depth > MAX_DEPTH or len(text) > MAX_TEXT:
             raise _Unparseable()
-        if not any(ln.strip() and not ln.strip().startswith("#") for ln in text.splitlines()):
+        if all(ln.lstrip(" \t")[:1] in ("", "#") for ln in text.split("\n")):
             return                   # blank or comments: runs nothing (bashlex fails on it)
         src = _TIME.sub(r"\1\\time", text)
         quoted = {}
@@ -233,8 +257,10 @@ class _Text:
 
     def command(self, n, stdin: bool, nest: int) -> None:
         self.nest = nest
-        assigns = [_Word(self.word(p).text, True) for p in n.parts if p.kind == "assignment"]
+        assigns = [self.word(p) for p in n.parts if p.kind == "assignment"]
         words = [self.word(p) for p in n.parts if p.kind == "word"]
+        for a in assigns:
+            self.hook(a)
         stdin = stdin or any(_reads_stdin(p) for p in n.parts if p.kind == "redirect")
         self.found.add(assigns + words)
         self.run(words, stdin, again=bool(assigns and words))
@@ -260,13 +286,21 @@ class _Text:
             self.program(args)
         elif name in ("source", ".") and args:
             self.flag(DYNAMIC)
-        elif name == "su":
+        elif name in ("su", "script"):     # -c: a command line; else a shell
             for i, a in enumerate(args):
-                if a.text in ("-c", "--command") and i + 1 < len(args):
+                t = a.text
+                if t.startswith("--command="):
+                    return self.program([_Word(t[10:], a.literal)])
+                if t == "--command" or t[:1] == "-" != t[1:2] and t.endswith("c"):
+                    if i + 1 == len(args):
+                        return self.flag(DYNAMIC)
                     return self.program(args[i + 1:i + 2])
-                if a.text.startswith("--command="):
-                    return self.program([_Word(a.text[10:], a.literal)])
             self.reads(stdin)
+        elif name in ("export", "declare", "typeset", "local", "readonly"):
+            for a in args:
+                self.hook(a)
+        elif name == "bind" and not {a.text for a in args} <= set("-l -p -P -v -V -s -S".split()):
+            self.flag(DYNAMIC)       # keys bound to run commands, or to run the line
         elif name == "trap" and len(args) > 1 and not args[0].text.startswith("-"):
             self.program(args[:1])
         elif name == "alias":
@@ -286,6 +320,7 @@ class _Text:
         while i < len(args):
             a = args[i].text
             if name in ("env", "sudo", "doas") and _ASSIGN.match(a):
+                self.hook(args[i])
                 i += 1
             elif a.startswith("-") and a != "--":
                 if name == "env" and a in ("-S", "--split-string"):
@@ -307,6 +342,8 @@ class _Text:
                         else a[2:] or "{}" if a.startswith("-i")
                         else a[10:] or "{}" if a.startswith("--replace") else "")
                 rest = _replacing(rest, mark) if mark else rest
+        if name == "watch" and not {"-x", "--exec"} & set(opts):
+            return self.program(rest)            # (watch runs it with sh -c)
         if rest:
             self.run(rest, stdin)
 
@@ -329,8 +366,10 @@ class _Text:
             self.program(args[i:i + 1])
         elif command:
             self.flag(DYNAMIC)
-        elif from_stdin or i >= len(args):
+        elif from_stdin or i >= len(args) or args[i].text in _STDIN_FILES:
             self.reads(stdin)
+        elif not args[i].literal:
+            self.flag(DYNAMIC)       # a script from `<(...)`, `$f`
         # (else it runs a script file: no more known of it than of `./script`)
 
     def interpreter(self, letters: str, args: list[_Word]) -> None:
@@ -343,12 +382,22 @@ class _Text:
             if t.startswith("--"):
                 continue
             if not t.startswith("-"):
-                return               # a script file
+                if _a_file(a):
+                    return           # a script file
+                break
             if set(t[1:]) & set(letters):
                 break
             if letters == "c" and t.endswith("m"):
                 return               # python -m module
         self.flag(DYNAMIC)           # a program in a word, or on stdin
+
+    def hook(self, w: _Word) -> None:
+        """An assignment to a variable whose value a shell runs later."""
+        m = _HOOKS.fullmatch(w.text)
+        if m and m.group(1) == "PROMPT_COMMAND":
+            self.program([_Word(m.group(2), w.literal)])
+        elif m and (m.group(1) in ("BASH_ENV", "ENV") or re.search(r"\$\(|`", m.group(2))):
+            self.flag(DYNAMIC)       # a file it reads; a prompt's command substitution
 
     def reads(self, stdin: bool) -> None:
         self.flag(DYNAMIC if stdin else STDIN)
@@ -363,6 +412,11 @@ class _Text:
 
     def flag(self, name: str) -> None:
         self.found.flags.append(name)
+
+
+def _a_file(w: _Word) -> bool:
+    """A script file named as it is, and not the session's stdin."""
+    return w.literal and w.text not in _STDIN_FILES
 
 
 def _reads_stdin(r) -> bool:

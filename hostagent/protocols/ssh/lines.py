@@ -3,27 +3,31 @@ judged before the shell runs it.
 
 With a pty (`ssh -t`, an interactive shell) the remote line editor echoes and edits as
 keys arrive, so keys pass through at once and only a line's end is held: the tracker
-keeps its own copy of the line (printable characters, DEL/^H erasing a character, ^U
-and ^C clearing it, bracketed paste as typed text) and hands it over as a Line at Enter.
-The caller sends the Enter only if the line is allowed, and `refusal()` (^C: the tty's
-interrupt, which bash/readline, cooked mode and most REPLs take as "discard the line")
-instead. What that promises, and what not:
+keeps its own copy of the line (printable characters; DEL and ^H erase a character, ^U
+and ^C clear the line, bracketed paste is typed text) and hands it over as a Line at
+Enter (CR or LF; CR LF is an Enter, then an Enter on the emptied line). The caller
+sends the Enter only if the line is allowed, and `refusal()` instead: ^C, the tty's
+interrupt, which bash/readline, cooked mode and most REPLs take as "discard the line".
+What that promises, and what not:
 - the characters of a refused line did reach the remote editor; only its Enter is
-  withheld, and an interrupt sent;
+  withheld, and an interrupt sent in its place;
 - editing we can't follow (arrows, Home/End, history, Tab completion, ^R search, ^W/^Y,
-  ^V, other controls, escape sequences, a line past `max_line`) makes the line unclean:
-  the caller takes it as unparseable, whatever its text says;
-- keys readline binds to run the line without Enter are held like an Enter: ^O
-  (operate-and-get-next; the line after it starts unclean, it is a history line) and
-  ^X (the prefix of ^X^E edit-and-execute; always unclean). Bindings we don't know of
+  ^V, any other control, an escape sequence, a line past `max_line`) makes the line
+  unclean: the caller takes it as unparseable, whatever its text says. The next line
+  starts clean; ^C makes the current one clean again;
+- keys readline binds to run the line without an Enter are held as its end too: ^O
+  (operate-and-get-next: the line after it starts unclean, it is a history line) and
+  ^X (the prefix of ^X^E edit-and-execute: always unclean). Bindings we don't know of
   (a user's inputrc, vi mode's `v`) are not covered;
-- a program in raw mode (vim, less, a REPL) sees keys we judge as shell lines, and a
-  shell line continued over several (heredoc bodies, if/then/fi, a pasted multi-line
-  buffer) is judged line by line: a line that is incomplete on its own doesn't parse.
-Without a pty (`ssh host sh < script`) the remote gets nothing of a line before it is
-judged: each line (up to "\\n") is a Line with its bytes, sent only if allowed. Editing
-bytes mean nothing there; a line with control characters or invalid UTF-8 is unclean.
-Memory is bounded: a line longer than `max_line` is judged in unclean pieces.
+- a program in raw mode (vim, less, a REPL) gets keys we judge as shell lines, and what
+  a shell reads over several lines (heredoc bodies, if/then/fi, a pasted multi-line
+  buffer) is judged line by line: a line incomplete on its own doesn't parse.
+Without a pty (`ssh host sh < script`) nothing of a line reaches the remote before it
+is judged: each line, up to LF, is a Line with its bytes, to send only if allowed (its
+text without the CR of a CR LF). Editing bytes mean nothing there: a line with other
+controls than Tab, or invalid UTF-8, is unclean.
+Memory is bounded either way: a line longer than `max_line` is unclean (without a pty,
+judged in pieces of `max_line` bytes).
 """
 from __future__ import annotations
 
@@ -114,6 +118,9 @@ class LineTracker:
         line = self._buf
         if b == ESC:
             self._esc = b""
+        elif b == INTR:              # (the tty's interrupt: read by no editor, even pasting)
+            line.clear()
+            self._clean, self._over, self._paste = True, False, False
         elif b >= 0x20 and b != DEL or b == TAB and self._paste:
             if len(line) >= self.max_line:
                 self._over = True
@@ -128,9 +135,6 @@ class LineTracker:
             del line[max(n, 0):]
         elif b == KILL:
             line.clear()             # (to the cursor: the whole line if we followed it)
-        elif b == INTR:
-            line.clear()
-            self._clean, self._over, self._paste = True, False, False
         elif not (b == EOF and not line):
             self._clean = False      # editing we don't follow (^D on a line: deletes)
 

@@ -33,6 +33,7 @@ logging.getLogger("asyncssh").setLevel(logging.WARNING)
 LOGIN_TIMEOUT = 3600.0     # a login may wait for an approval
 PROHIBITED = asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
 MAX_ENV, MAX_ENV_VALUE = 32, 4096      # variables a channel passes on, bytes each
+THREAD_ABOVE = 2048                    # a command line this long is parsed in a thread
 
 
 class _Primed(asyncssh.SSHServerConnection):
@@ -191,6 +192,13 @@ class Connection(asyncssh.SSHServer):
             self.holding -= 1
             self.touch()
         return ok, why2
+
+    async def command(self, action: str, text: str, **kw):
+        """who.command, off the event loop for a long text: parsing 64 KiB of shell
+        takes bashlex most of a second, which every other session would wait for."""
+        if len(text) > THREAD_ABOVE:
+            return await asyncio.to_thread(self.who.command, action, text, **kw)
+        return self.who.command(action, text, **kw)
 
     def allowed_env(self, env: dict) -> dict:
         allow = self.opts.env_allow

@@ -413,13 +413,19 @@ def test_the_spool_failing_refuses_with_the_protocols_error(tmp_path):
     run(main())
 
 
-async def serve_upper(ctx, client_sock, connect_upstream, record):
-    """A protocol whose library owns the wire (as asyncssh will for SSH): it gets the
-    client's socket and a way to reach the target."""
-    reader, writer = await asyncio.open_connection(sock=client_sock)
-    up_r, up_w = await connect_upstream()
-    line = await reader.readline()
-    record("command", {"text": line.decode().strip()})
+async def serve_upper(ctx, wire):
+    """A protocol whose library owns the wire (as asyncssh does for SSH): it gets the
+    client's socket (and what was read of it already), a way to reach the target, its
+    recorder, sessions of its own and approvals."""
+    reader, writer = await asyncio.open_connection(sock=wire.sock)
+    up = await wire.connect()
+    up_r, up_w = await asyncio.open_connection(sock=up)
+    line = wire.early + await reader.readline()
+    wire.recorder.record("command", {"text": line.decode().strip()})
+    child = wire.open_recording({"channel": "one"})
+    child.record("command", {"text": "in the child"})
+    ok, why = await wire.approve(child, "risky", "rule-x", "a human says")
+    child.record("output", {"approved": ok, "why": why})
     up_w.write(line.upper())
     writer.write(await up_r.readline())
     await writer.drain()
@@ -447,7 +453,16 @@ def test_a_protocol_that_owns_the_wire_gets_the_socket(tmp_path):
         spool.close()
         evs = events(spool)
         assert ("command", {"text": "hello"}) in evs
-        assert [f["reason"] for k, f in evs if k == "session_end"] == ["served"]
+        # the child: its own session, naming its parent, ended by the driver if not by
+        # the protocol; an approval that can't be asked for is a no (fail closed)
+        starts = [f for k, f in evs if k == "session_start"]
+        assert [s.get("channel") for s in starts] == [None, "one"]
+        assert starts[1]["parent"] and starts[1]["target"] == "t"
+        out = next(f for k, f in evs if k == "output")
+        assert out["approved"] is False and "no collector to ask" in out["why"]
+        assert ("approval", {"state": "unavailable", "error": "no collector to ask"}) in evs
+        assert sorted(f["reason"] for k, f in evs if k == "session_end") == \
+            ["connection closed", "served"]
     run(main())
 
 

@@ -3,6 +3,7 @@ what can't be known from the text, and the texts that don't parse."""
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 
 import pytest
@@ -37,7 +38,12 @@ RM = "rm -rf /"
     "cat <(rm -rf /)", "tee >(rm -rf /)", "trap 'rm -rf /' EXIT", "alias ls='rm -rf /'",
     "su -c 'rm -rf /'", "su root -c 'rm -rf /'", "env -S 'rm -rf /'",
     "find . -exec rm -rf / \\;", "ls # comment\nrm -rf /",
-    "cat <<'EOF' > f\nhello\nEOF\nrm -rf /", 'git commit -m "$(cat <<\'EOF\'\nmsg\nEOF\n)"; rm -rf /',
+    "cat <<'EOF' > f\nhello\nEOF\nrm -rf /",
+    'git commit -m "$(cat <<\'EOF\'\nmsg\nEOF\n)"; rm -rf /',
+    "echo $(cat <<'EOF'\nx\nEOF\n) && rm -rf /", "su -lc 'rm -rf /'",
+    "script -qc 'rm -rf /' /dev/null", "watch -n 1 'rm -rf /'", "watch -x rm -rf /",
+    "export PROMPT_COMMAND='rm -rf /'", "PROMPT_COMMAND='rm -rf /'",
+    "sudo PROMPT_COMMAND='rm -rf /' ls",
 ])
 def test_each_disguise_shows_the_command(text):
     c = split(text)
@@ -78,7 +84,9 @@ def test_a_comment_runs_nothing():
     "ruby -e 'x'", "node -e 'x'", "node --eval 'x'", "php -r 'x'", "python3", "python3 -",
     "echo 'x' | python3", "ls | xargs -I{} sh -c '{}'", "ls | xargs -i sh -c 'x {}'",
     "ls | xargs -I % %", "find . -exec sh -c '{}' \\;", "cat <<EOF\n$(rm -rf /)\nEOF",
-    "sh -c",
+    "sh -c", "bash <(curl x)", "python3 <(curl x)", "perl /dev/stdin",
+    "PS1='$(x)'", "export PS0='`x`'", "env BASH_ENV=x bash -c ls", "ENV=x sh -c ls",
+    "bind -x '\"\\C-t\": ls'", "bind '\"\\C-t\": accept-line'", "xargs sh -c",
 ])
 def test_what_cant_be_known_is_flagged(text):
     c = split(text)
@@ -90,6 +98,7 @@ def test_what_cant_be_known_is_flagged(text):
     "perl script.pl", "bash script.sh", "sh -c 'ls'", "cat <<'EOF'\n$(rm -rf /)\nEOF",
     "echo *.txt", "ls /tmp/[ab]", "[ -f x ] && ls", "cd ~/src", "python3 --version",
     "xargs -I{} echo {}", "echo {a,b}", "echo $HOME", "cat <<EOF\n$HOME\nEOF",
+    "PS1='\\u@\\h$ '", "export PATH=/bin", "bind -l",
 ])
 def test_what_is_known_is_not_flagged(text):
     c = split(text)
@@ -98,7 +107,9 @@ def test_what_is_known_is_not_flagged(text):
 
 @pytest.mark.parametrize("text, flags", [
     ("bash", (STDIN,)), ("sh -s", (STDIN,)), ("sudo -i", (STDIN,)), ("su -", (STDIN,)),
-    ("ls; bash -l", (STDIN,)), ("ls | bash", (DYNAMIC,)), ("bash <<< x", (DYNAMIC,)),
+    ("ls; bash -l", (STDIN,)), ("script -q /dev/null", (STDIN,)), ("su", (STDIN,)),
+    ("bash /dev/stdin", (STDIN,)), ("cat x | bash /dev/stdin", (DYNAMIC,)),
+    ("ls | bash", (DYNAMIC,)), ("bash <<< x", (DYNAMIC,)),
     ("bash -s < x", (DYNAMIC,)), ("python3", (DYNAMIC,)),
 ])
 def test_a_shell_on_stdin(text, flags):
@@ -135,6 +146,20 @@ def test_reads_commands_from_stdin(command, reads):
 def test_what_doesnt_parse(text):
     c = split(text)
     assert not c.parsed and c.values == (" ".join(text.split()),) and c.unknown == ()
+
+
+def test_what_bashlex_would_loop_on():
+    signal.signal(signal.SIGALRM, _too_long)
+    signal.alarm(10)      # (bashlex loops forever, eating memory, if not guarded)
+    try:
+        for text in ("x'${'", "echo x'${' }", "echo $'${'", "={?'><$a${<<\t|*'="):
+            assert not split(text).parsed
+    finally:
+        signal.alarm(0)
+
+
+def _too_long(*_):
+    raise TimeoutError("split() did not return")
 
 
 def test_nesting_within_the_bounds():

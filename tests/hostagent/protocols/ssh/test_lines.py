@@ -71,6 +71,7 @@ def held(*chunks: bytes, max_line: int = 64 * 1024) -> list:
     (b"\x1b[200~a\x0fb\x1b[201~\r", [Pass(b"\x1b[200~a\x0fb\x1b[201~"),
                                      Line("ab", False, b"\r")]),
     (b"\x1b[200~a\x1b[201~\t\r", [Pass(b"\x1b[200~a\x1b[201~\t"), Line("a", False, b"\r")]),
+    (b"\x1b[200~rm\x03ls\r", [Pass(b"\x1b[200~rm\x03ls"), Line("ls", True, b"\r")]),
 ])
 def test_pty(data, out):
     assert pty(data) == out
