@@ -4,6 +4,7 @@ once per test session in a temp dir with its own host key, config and authorized
     s = SshServer(tmp).start()
     s.port, s.known_hosts      # a known_hosts file with its host key ([127.0.0.1]:port)
     s.client_key               # the key it accepts for root (root's file, 0600)
+    s.cert_key, s.cert         # a key it accepts for root only with its certificate
     s.user, s.password_file    # a local account that logs in with a password (made for
                                # the tests, removed by stop())
     s.stop()
@@ -53,6 +54,14 @@ class SshServer:
         self.host_key = self._keygen("host_key")
         self.client_key = self._keygen("client_key")
         self.other_host_key = self._keygen("other_host_key")    # for "wrong key" tests
+        # a key sshd accepts only with its certificate (signed by a user CA it trusts)
+        user_ca = self._keygen("user_ca")
+        self.cert_key = self._keygen("cert_key")
+        self.cert = self.dir / "cert_key-cert.pub"
+        if not self.cert.exists():
+            subprocess.run(["ssh-keygen", "-q", "-s", str(user_ca), "-I", "agentgate-test",
+                            "-n", "root", "-V", "-5m:+1d", str(self.cert_key) + ".pub"],
+                           check=True, timeout=30)
         (self.dir / "authorized_keys").write_text(
             (self.dir / "client_key.pub").read_text())
         (self.dir / "authorized_keys").chmod(0o644)
@@ -72,6 +81,7 @@ ListenAddress 127.0.0.1:{self.port}
 HostKey {self.host_key}
 PidFile {self.dir}/sshd.pid
 AuthorizedKeysFile {self.dir}/authorized_keys
+TrustedUserCAKeys {self.dir}/user_ca.pub
 PermitRootLogin prohibit-password
 PasswordAuthentication yes
 KbdInteractiveAuthentication no

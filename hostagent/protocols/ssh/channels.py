@@ -26,6 +26,7 @@ from hostagent.recording.spool import SpoolError
 
 log = logging.getLogger("agentgate.ssh")
 QUEUE_HIGH, QUEUE_LOW = 1 << 20, 256 << 10   # agent input waiting: pause, resume reading
+MAX_REFUSALS = 100                           # refused lines or operations on one channel
 # The pty modes passed on to the target: output processing, character size, speeds,
 # UTF-8. The others (special characters such as kill and erase, canonical mode, echo,
 # input mapping) would make the remote terminal read keys otherwise than the line
@@ -53,8 +54,11 @@ class AgentChannel(asyncssh.SSHServerSession):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.queued = 0
         self.paused = False
-        self.writable = asyncio.Event()
+        self.writable = asyncio.Event()      # the target's side takes more
         self.writable.set()
+        self.agent_writable = asyncio.Event()    # the agent reads what we send it
+        self.agent_writable.set()
+        self.refusals = 0
         self.lines: LineTracker | None = None
         self.sftp: SftpStream | None = None
         self.exit = None                   # ("status", n) | ("signal", name, core, msg)
@@ -121,11 +125,13 @@ class AgentChannel(asyncssh.SSHServerSession):
             self.up.send_break(msec)
         return True
 
-    def pause_writing(self) -> None:        # the agent reads slowly: so does the target
+    def pause_writing(self) -> None:        # the agent reads slowly: so does the target,
+        self.agent_writable.clear()         # and so do we (refusals are answers too)
         if self.up is not None:
             self.up.pause_reading()
 
     def resume_writing(self) -> None:
+        self.agent_writable.set()
         if self.up is not None:
             self.up.resume_reading()
 
@@ -207,6 +213,7 @@ class AgentChannel(asyncssh.SSHServerSession):
 
     async def _pump(self) -> None:
         while True:
+            await self.agent_writable.wait()
             item = await self.queue.get()
             if self.ended:
                 return
@@ -261,8 +268,10 @@ class AgentChannel(asyncssh.SSHServerSession):
             elif self.lines.pty:
                 await self._send(self.lines.refusal())
                 self._tell(f"agentgate: refused: {why}")
+                self._refused()
             else:
                 self._tell(f"agentgate: refused line {item.text[:200]!r}: {why}")
+                self._refused()
 
     async def _sftp_in(self, data: bytes) -> None:
         for req in self.sftp.receive_client(data):
@@ -276,6 +285,7 @@ class AgentChannel(asyncssh.SSHServerSession):
                 await self._send(req.raw, record=False)
             else:
                 self.chan.write(self.sftp.refuse(op, f"agentgate: refused: {why}"))
+                self._refused()
 
     # ---------------------------------------------------------- the target's side
 
@@ -287,6 +297,13 @@ class AgentChannel(asyncssh.SSHServerSession):
             pass      # (conn.record closed the connection: fail closed)
         except ProtocolError as exc:
             self._broken(exc)
+
+    def _refused(self) -> None:
+        """A channel that goes on and on being refused is an agent trying its way
+        through (or filling the recording's disk): past MAX_REFUSALS it is closed."""
+        self.refusals += 1
+        if self.refusals > MAX_REFUSALS:
+            raise ProtocolError(f"more than {MAX_REFUSALS} refusals on one channel")
 
     def _broken(self, exc: Exception) -> None:
         """Malformed SFTP from either side: this channel ends, the connection goes on."""
@@ -379,6 +396,7 @@ class AgentChannel(asyncssh.SSHServerSession):
         if self.ended:
             return
         self.ended = True
+        self.conn.channels -= 1
         if self.recorder is not None and not self.recorder.ended:
             try:
                 self.recorder.record(SESSION_END, {"reason": reason, **self.counts})

@@ -47,6 +47,9 @@ class Commands:
     values: tuple[str, ...]
     parsed: bool
     unknown: tuple[str, ...] = ()
+    # files its redirections write (`> f`, `>> f`, `&> f`, `<> f`, `exec {fd}> f`), as
+    # written (a non-literal one too); /dev/null and the standard streams left out
+    writes: tuple[str, ...] = ()
 
 
 class _Unparseable(Exception):
@@ -81,7 +84,8 @@ def split(text: str) -> Commands:
         found.split(text, 0)
     except _Unparseable:
         return Commands((full,), False)
-    return Commands((full, *found.values), True, tuple(dict.fromkeys(found.flags)))
+    return Commands((full, *found.values), True, tuple(dict.fromkeys(found.flags)),
+                    tuple(dict.fromkeys(found.writes)))
 
 
 def reads_commands_from_stdin(command) -> bool:
@@ -134,10 +138,16 @@ _STDIN_FILES = frozenset(("-", "/dev/stdin", "/dev/fd/0", "/proc/self/fd/0"))
 _HOOKS = re.compile(r"(PROMPT_COMMAND|PS[0124]|BASH_ENV|ENV)(?:\[[^]]*\])?\+?=(.*)", re.S)
 
 
+# redirection operators that write the file they name
+_WRITES = frozenset((">", ">>", ">|", "<>", "&>", "&>>", ">&"))
+_HARMLESS = re.compile(r"/dev/(?:null|stdout|stderr|tty|fd/[0-2])")
+
+
 @dataclass
 class _Found:
     values: list[str] = field(default_factory=list)
     flags: list[str] = field(default_factory=list)
+    writes: list[str] = field(default_factory=list)
 
     def split(self, text: str, depth: int, nest: int = 0) -> None:
         if depth > MAX_DEPTH or len(text) > MAX_TEXT:
@@ -212,6 +222,10 @@ class _Text:
             elif re.search(r"\$\(|`", heredoc.value):
                 self.found.flags.append(DYNAMIC)   # bashlex doesn't parse heredoc bodies
         if not isinstance(r.output, int) and not isinstance(r.output, str):
+            if r.type in _WRITES and heredoc is None and r.output.kind == "word":
+                target = self.word(r.output).text
+                if not _HARMLESS.fullmatch(target):
+                    self.found.writes.append(target)
             self.node(r.output, stdin, nest)
 
     def word(self, n) -> _Word:

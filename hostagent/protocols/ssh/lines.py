@@ -3,7 +3,7 @@ judged before the shell runs it.
 
 With a pty (`ssh -t`, an interactive shell) the remote line editor echoes and edits as
 keys arrive, so keys pass through at once and only a line's end is held: the tracker
-keeps its own copy of the line (printable characters; DEL and ^H erase a character, ^U
+keeps its own copy of the line (printable characters; DEL erases an ASCII character, ^U
 and ^C clear the line, bracketed paste is typed text) and hands it over as a Line at
 Enter (CR or LF; CR LF is an Enter, then an Enter on the emptied line). The caller
 sends the Enter only if the line is allowed, and `refusal()` instead: ^C, the tty's
@@ -12,7 +12,8 @@ What that promises, and what not:
 - the characters of a refused line did reach the remote editor; only its Enter is
   withheld, and an interrupt sent in its place;
 - editing we can't follow (arrows, Home/End, history, Tab completion, ^R search, ^W/^Y,
-  ^V, any other control, an escape sequence, a line past `max_line`) makes the line
+  ^V, ^H (an erase to readline, a character to the tty), DEL over a non-ASCII character,
+  any other control, an escape sequence, a line past `max_line`) makes the line
   unclean: the caller takes it as unparseable, whatever its text says. The next line
   starts clean; ^C makes the current one clean again;
 - keys readline binds to run the line without an Enter are held as its end too: ^O
@@ -128,11 +129,16 @@ class LineTracker:
                 line.append(b)
         elif self._paste:
             self._clean = False      # pasted controls: inserted as they are, or not
+        elif b == DEL and (not line or line[-1] < 0x80):
+            # DEL erases one ASCII character alike in the tty's cooked mode (its VERASE
+            # by default: the agent's own modes are not passed on) and in readline
+            if line:
+                del line[-1]
         elif b in (DEL, BS):
-            n = len(line) - 1        # one character: its UTF-8 continuation bytes too
-            while n > 0 and len(line) - n < 4 and 0x80 <= line[n] < 0xC0:
-                n -= 1
-            del line[max(n, 0):]
+            # ^H is no erase to the tty (it is to readline), and how much of a non-ASCII
+            # character DEL erases depends on IUTF8 and the locale: which line runs is
+            # not known
+            self._clean = False
         elif b == KILL:
             line.clear()             # (to the cursor: the whole line if we followed it)
         elif not (b == EOF and not line):

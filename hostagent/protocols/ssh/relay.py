@@ -54,18 +54,41 @@ class End(asyncssh.SSHTCPSession, asyncssh.SSHUNIXSession):
         joint.ends.append(self)            # its reading is paused at once)
 
     def connection_made(self, chan) -> None:
+        # (asyncssh may call this after the open it belongs to has returned, so after
+        # join: whichever end comes second starts both; and it starts reading a channel
+        # after this returns, whatever was paused here: see data_received)
         self.chan = chan
-        if self.peer is None or self.peer.chan is None:
+        if self._joined():
+            self.peer.chan.resume_reading()
+            self.peer._flush()
+        else:
             chan.pause_reading()
+
+    def _joined(self) -> bool:
+        return self.chan is not None and self.peer is not None and self.peer.chan is not None
 
     def join(self, peer: "End") -> None:
         self.peer, peer.peer = peer, self
-        for end in (self, peer):
-            if end.chan is not None:
+        if self._joined():
+            for end in (self, peer):
                 end.chan.resume_reading()
+                end._flush()
+
+    def _flush(self) -> None:
+        """What came before the other end was there, in order."""
+        early, self.early = self.early, []
+        for item in early:
+            if item is None:
+                self.eof_received()
+            else:
+                self.data_received(item, None)
 
     def data_received(self, data: bytes, datatype) -> None:
         if self.joint.done:
+            return
+        if not self._joined():
+            self.early.append(bytes(data))     # (bounded: reading paused from here)
+            self.chan.pause_reading()
             return
         self.joint.touch()
         self.joint.counts["bytes_in" if self.dir == "in" else "bytes_out"] += len(data)
@@ -74,7 +97,9 @@ class End(asyncssh.SSHTCPSession, asyncssh.SSHUNIXSession):
         self.peer.chan.write(data)
 
     def eof_received(self) -> bool:
-        if self.peer is not None and self.peer.chan is not None:
+        if not self._joined():
+            self.early.append(None)
+        else:
             self.peer.chan.write_eof()
         return True
 

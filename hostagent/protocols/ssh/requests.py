@@ -75,11 +75,20 @@ class Who:
         # `/bin/rm -rf x` is `rm -rf x` to a rule written for rm
         values += [v.split(" ", 1)[0].rsplit("/", 1)[1] + v[len(v.split(" ", 1)[0]):]
                    for v in values if "/" in v.split(" ", 1)[0]]
+        # a file a redirection writes is a command of its own to an allowlist (`echo *`
+        # does not allow `echo x > /root/.bashrc`: `write /root/.bashrc` must be allowed
+        # too), and a written path to `operations`/`paths` rules, as SFTP writes are
+        written = [normal_path(w) or w for w in cmds.writes]
+        values += [f"write {w}" for w in written]
         unknown = tuple(unknown)
         req = self.request(action, text, parsed=cmds.parsed, unknown=unknown,
-                           commands=tuple(dict.fromkeys(values)))
-        return req, {"text": text, "kind": action, "remote_user": self.remote_user,
-                     "commands": list(cmds.values[1:]), "flags": list(unknown), **more}
+                           commands=tuple(dict.fromkeys(values)), paths=tuple(written),
+                           operations=("write",) if written else ())
+        fields = {"text": text, "kind": action, "remote_user": self.remote_user,
+                  "commands": list(cmds.values[1:]), "flags": list(unknown), **more}
+        if written:
+            fields["writes"] = written
+        return req, fields
 
     def shell(self, pty: bool) -> tuple[Request, dict]:
         text = "shell" + (" (pty)" if pty else "")
@@ -94,20 +103,27 @@ class Who:
     def sftp(self, op) -> tuple[Request, dict]:
         """One SFTP operation (sftp.Op): `operations` sees its kinds (open, read, write,
         remove, ...), `paths` its paths."""
-        text = f"sftp {op.name} " + " ".join(op.paths) if op.paths else f"sftp {op.name}"
-        paths = tuple(normal_path(p) for p in op.paths)
+        # (paths that are not UTF-8 come as surrogate escapes: shown escaped)
+        shown = tuple(p.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                      for p in op.paths)
+        text = f"sftp {op.name} " + " ".join(shown) if shown else f"sftp {op.name}"
+        paths = tuple(normal_path(p) for p in shown)
+        # a link makes later paths name other files than they say: symlinks and hard
+        # links are allowed only by a rule naming the flag
+        unknown = ("links",) if op.name in ("symlink", "hardlink", "link") else ()
         req = self.request("sftp", text, subsystems=("sftp",), operations=op.kinds,
                            paths=tuple(p for p in paths if p is not None),
-                           parsed=None not in paths)
-        return req, {"text": text, "kind": "sftp", "operation": op.name, "paths": list(op.paths),
+                           parsed=None not in paths, unknown=unknown)
+        return req, {"text": text, "kind": "sftp", "operation": op.name, "paths": list(shown),
                      "writes": op.writes, "remote_user": self.remote_user}
 
     def forward(self, kind: str, where: str) -> tuple[Request, dict]:
         """kind: direct-tcpip (-L, -W), tcpip-forward (-R), direct-streamlocal,
         streamlocal-forward, x11, agent. `forwards` sees host:port (or the socket path)."""
         text = f"forward {kind} {where}"
-        req = self.request("forward", text, forwards=forward_readings(where),
-                           operations=(kind,))
+        readings = forward_readings(where)
+        req = self.request("forward", text, forwards=tuple(r for r in readings if r),
+                           operations=(kind,), parsed=None not in readings)
         return (req,
                 {"text": text, "kind": "forward", "forward": kind, "destination": where,
                  "remote_user": self.remote_user})
@@ -128,6 +144,10 @@ def hazards(text: str, values: list[str]) -> list[str]:
             flags.append("dynamic_command")
         if name in _TERMINAL:
             flags.append("terminal_settings")
+        # what later lines run, changed under their names: `alias ls=rm`, `hash -p`
+        if (name == "alias" and "=" in v) or (name == "hash" and "-p" in words) or \
+                (name == "enable" and "-f" in words):
+            flags.append("dynamic_command")
         if name in _SHELL_NAMES and any(_STDIN_FILES.match(w) for w in words[1:]):
             flags.append(STDIN)
         if _TRANSFERS.match(" ".join([name] + words[1:])):
@@ -149,9 +169,9 @@ def normal_path(path: str) -> str | None:
 def forward_readings(where: str) -> tuple[str, ...]:
     """A forward's destination as given, and its address written canonically when it
     is one (`127.1`, `0x7f.1`, `::ffff:127.0.0.1` are 127.0.0.1)."""
+    if where.startswith("/") or ":" not in where:    # a socket path
+        return (where, normal_path(where))
     host, sep, port = where.rpartition(":")
-    if not sep or host.startswith("/"):
-        return (where,)
     bare = host.strip("[]").lower().rstrip(".")
     canonical = bare
     try:
@@ -164,4 +184,7 @@ def forward_readings(where: str) -> tuple[str, ...]:
             canonical = socket.inet_ntoa(socket.inet_aton(bare))   # 127.1, 0x7f.1, 2130706433
         except OSError:
             pass
-    return tuple(dict.fromkeys((where, f"{bare}:{port}", f"{canonical}:{port}")))
+    out = [where, f"{bare}:{port}", f"{canonical}:{port}"]
+    if canonical in ("0.0.0.0", "::"):     # (connecting to "any" reaches this host)
+        out.append(f"127.0.0.1:{port}" if canonical == "0.0.0.0" else f"::1:{port}")
+    return tuple(dict.fromkeys(out))

@@ -30,7 +30,8 @@ from hostagent.recording.spool import SpoolError
 log = logging.getLogger("agentgate.ssh")
 # asyncssh says every channel request at INFO: our records say what matters
 logging.getLogger("asyncssh").setLevel(logging.WARNING)
-LOGIN_TIMEOUT = 3600.0     # a login may wait for an approval
+LOGIN_TIMEOUT = 120.0      # from connect to logged in (an approval of a login included)
+MAX_CHANNELS = 64          # session channels open at once on one connection
 PROHIBITED = asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED
 MAX_ENV, MAX_ENV_VALUE = 32, 4096      # variables a channel passes on, bytes each
 THREAD_ABOVE = 2048                    # a command line this long is parsed in a thread
@@ -102,6 +103,7 @@ class Connection(asyncssh.SSHServer):
         self.tasks: set[asyncio.Task] = set()
         self.last = asyncio.get_running_loop().time()   # the last byte either way
         self.holding = 0                                 # approvals awaited
+        self.channels = 0                                # session channels open
 
     def touch(self) -> None:
         self.last = asyncio.get_running_loop().time()
@@ -279,8 +281,13 @@ class Connection(asyncssh.SSHServer):
     def session_requested(self):
         if self.upstream is None:
             return False
+        if self.channels >= MAX_CHANNELS:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE, f"agentgate: more than {MAX_CHANNELS} "
+                                                 f"channels open on one connection")
         chan = self.conn.create_server_channel(encoding=None)
         chan._process_env_request = self._env_request(chan)
+        self.channels += 1
         return chan, AgentChannel(self)
 
     def _env_request(self, chan):

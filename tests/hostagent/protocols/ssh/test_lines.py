@@ -35,9 +35,14 @@ def held(*chunks: bytes, max_line: int = 64 * 1024) -> list:
                       Line("pwd", True, b"\r")]),
     (b"ls\n\r", [Pass(b"ls"), Line("ls", True, b"\n"), Line("", True, b"\r")]),
     # erasing: DEL and ^H, one character (UTF-8: all its bytes); nothing on an empty line
-    (b"rm\x7f\x7f\x7fecho\x08o h\xc3\xa9\x7fi\r",
-     [Pass(b"rm\x7f\x7f\x7fecho\x08o h\xc3\xa9\x7fi"), Line("echo hi", True, b"\r")]),
-    (b"\xe2\x82\xac\x7fok\r", [Pass(b"\xe2\x82\xac\x7fok"), Line("ok", True, b"\r")]),
+    # DEL erases an ASCII character as the tty and readline both do
+    (b"rm\x7f\x7f\x7fecho hi\r", [Pass(b"rm\x7f\x7f\x7fecho hi"), Line("echo hi", True, b"\r")]),
+    # ^H: an erase to readline, a character to the tty (red team: `rm -fr x #` then ^H x30
+    # then `echo hi` ran the rm under dash); DEL over a non-ASCII character: how much it
+    # erases depends on IUTF8 and the locale. Neither line is known: unclean
+    (b"rm -fr x #\x08\x08echo hi\r", [Pass(b"rm -fr x #\x08\x08echo hi"),
+                                       Line("rm -fr x #echo hi", False, b"\r")]),
+    (b"\xe2\x82\xac\x7fok\r", [Pass(b"\xe2\x82\xac\x7fok"), Line("\u20acok", False, b"\r")]),
     # ^U clears the line; ^C clears it and whatever we lost track of
     (b"rm -rf /\x15ls\r", [Pass(b"rm -rf /\x15ls"), Line("ls", True, b"\r")]),
     (b"rm\x1b[D\x03ls\r", [Pass(b"rm\x1b[D\x03ls"), Line("ls", True, b"\r")]),

@@ -152,6 +152,10 @@ def test_env_is_filtered_and_signals_and_late_stderr_are_relayed(host, sshd):
     # stderr written after the command closed its stdout still arrives, in order
     p = agent(host, ssh(sshd, "127.0.0.1", "'echo out; exec 1>&-; sleep 0.3; echo late >&2'"))
     assert p.returncode == 0 and p.stdout == "out\n" and "late" in p.stderr, p.stderr
+    # keepalives are answered (unanswered, ssh would give up after 2 s)
+    p = agent(host, ssh(sshd, "-o ServerAliveInterval=1 -o ServerAliveCountMax=1",
+                        "127.0.0.1", "'sleep 3; echo still-here'"))
+    assert p.returncode == 0 and p.stdout == "still-here\n", p.stderr
     # killed by a signal: OpenSSH's exit status for that, and the signal recorded
     p = agent(host, ssh(sshd, "127.0.0.1", "'kill -TERM $$'"))
     assert p.returncode == 255, p.stderr
@@ -247,6 +251,19 @@ def test_password_credentials_and_the_agent_never_holds_them(tmp_path, collector
         assert "PRIVATE KEY" not in p.stdout
         everything = json.dumps([s["events"] for s in sessions(h)], default=str)
         assert sshd.password not in everything
+    finally:
+        h.cleanup()
+        h.echo_server.close()
+
+
+def test_a_certificate_credential(tmp_path, collector, sshd):
+    h = make_host(tmp_path, collector, sshd, credentials=f'identity_file = "{sshd.cert_key}"\n'
+                  f'certificate_file = "{sshd.cert}"')
+    try:
+        p = agent(h, ssh(sshd, "127.0.0.1", "id -un"))
+        assert p.returncode == 0 and p.stdout == "root\n", p.stderr
+        assert "Accepted publickey for root" in sshd.log.read_text() and \
+            "ID agentgate-test" in sshd.log.read_text()        # with the certificate
     finally:
         h.cleanup()
         h.echo_server.close()
