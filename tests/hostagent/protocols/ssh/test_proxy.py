@@ -521,3 +521,71 @@ asyncio.run(main())
         assert "rc 1 agentgate: refused" in p.stdout and "dynamic_command" in p.stdout
     finally:
         victim.unlink(missing_ok=True)
+
+
+ALLOWLIST = """
+default = "deny"
+unparseable = "deny"
+[[rules]]
+name = "login"
+action = "allow"
+match = "^login as root$"
+[[rules]]
+name = "reads-and-tmp-writes"
+action = "allow"
+commands = ["ls", "ls *", "cat *", "echo *", "id", "sh", "write /tmp/*"]
+[[rules]]
+name = "sftp-reads"
+action = "allow"
+subsystems = ["sftp"]
+"""
+
+
+def test_an_allowlist_holds_against_redirections_erase_keys_and_links(tmp_path, collector, sshd):
+    """Red team round 2: `echo x > FILE` wrote any file under `echo *`; ^H erased the
+    tracker's copy of a line but not the terminal's; an SFTP symlink to /etc let writes
+    through a path no rule named."""
+    h = make_host(tmp_path, collector, sshd, policy=ALLOWLIST)
+    victim = Path("/tmp") / f"agentgate-ssh-allow-{os.getpid()}"
+    victim.write_text("keep me")
+    etc = Path(f"/etc/agentgate-test-{os.getpid()}")
+    ok = Path(f"/tmp/agentgate-allowed-{os.getpid()}")
+    script = h.public / "erase.py"
+    script.write_text(f'''
+import asyncio, os, asyncssh
+async def main():
+    async with asyncssh.connect("127.0.0.1", {sshd.port}, username="nobody",
+            known_hosts=os.environ["AGENTGATE_SSH_KNOWN_HOSTS"], client_keys=None,
+            agent_path=None, config=None) as c:
+        p = await c.create_process("sh", term_type="xterm", term_size=(80, 24))
+        p.stdin.write("rm -f {victim} #" + "\\b" * 40 + "echo hi\\r")
+        print(await p.stdout.readuntil("agentgate: refused"), flush=True)
+        # (the refusal's ^C ends this sh, which ran nothing of the line)
+        p.stdin.write_eof()
+        await p.wait()
+        async with c.start_sftp_client() as sftp:
+            try:
+                await sftp.symlink("/etc", "/tmp/agentgate-etclink-{os.getpid()}")
+                print("symlink made")
+            except asyncssh.SFTPError as exc:
+                print("symlink refused", exc.code)
+asyncio.run(main())
+''')
+    script.chmod(0o644)
+    try:
+        p = agent(h, ssh(sshd, "127.0.0.1", f"'echo pwned > {etc}'"))
+        assert p.returncode == 1 and "refused" in p.stderr and not etc.exists()
+        p = agent(h, ssh(sshd, "127.0.0.1", f"'echo fine > {ok}'"))
+        assert p.returncode == 0 and ok.read_text() == "fine\n", p.stderr
+        p = agent(h, f"{BIN / 'python'} {script}")
+        assert p.returncode == 0, p.stdout + p.stderr[-1500:]
+        assert victim.exists()
+        assert "symlink refused 3" in p.stdout
+        assert not Path(f"/tmp/agentgate-etclink-{os.getpid()}").exists()
+        lines = [f for f in events(h, "command") if f.get("kind") == "line"]
+        assert any(f.get("edited") and f["decision"]["action"] == "deny" for f in lines)
+    finally:
+        h.cleanup()
+        h.echo_server.close()
+        for f in (victim, etc, ok, Path(f"/tmp/agentgate-etclink-{os.getpid()}")):
+            f.unlink(missing_ok=True)
