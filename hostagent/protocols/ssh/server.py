@@ -37,6 +37,10 @@ MAX_ENV, MAX_ENV_VALUE = 32, 4096      # variables a channel passes on, bytes ea
 THREAD_ABOVE = 2048                    # a command line this long is parsed in a thread
 
 
+# asyncssh internals relied on (checked with 2.24): SSHServerConnection(loop, options,
+# wait=), SSHServerConnectionOptions.construct and options.waiter (run_server's own
+# steps, to feed early bytes), a server channel's _env and _process_env_request (env
+# requests filtered as they come)
 class _Primed(asyncssh.SSHServerConnection):
     """asyncssh's server connection, fed first the bytes the driver read before the
     session knew its protocol (the client's version line and KEXINIT may be among
