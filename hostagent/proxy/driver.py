@@ -377,6 +377,8 @@ class Proxy:
             state, by, why = await self.approver.wait(ap.id)
         except Exception as exc:
             state, by, why = "unavailable", "", str(exc)
+        if recorder.ended:     # (what asked went away meanwhile: an SSH channel closed)
+            return False, f"{reason} (the session ended before approval {ap.id} was decided)"
         recorder.record(APPROVAL, {"id": ap.id, "state": state, "decided_by": by,
                                    "reason": why})
         if state == "approved":

@@ -16,6 +16,8 @@ What that promises, and what not:
   any other control, an escape sequence, a line past `max_line`) makes the line
   unclean: the caller takes it as unparseable, whatever its text says. The next line
   starts clean; ^C makes the current one clean again;
+- ^D on a non-empty line is held as its end, unclean: the tty's cooked mode hands the
+  line to the reader without a newline (and a second ^D makes sh run it);
 - keys readline binds to run the line without an Enter are held as its end too: ^O
   (operate-and-get-next: the line after it starts unclean, it is a history line) and
   ^X (the prefix of ^X^E edit-and-execute: always unclean). Bindings we don't know of
@@ -98,19 +100,22 @@ class LineTracker:
                 continue             # CR LF: an Enter, then an Enter on an empty line
             if self._esc is not None and self._escape(b):
                 continue
-            ends = b in (CR, LF) or (b in ACCEPT and not self._paste)
+            # ^D on a line hands it to a reader in the tty's cooked mode without a
+            # newline (a second ^D then runs it in sh): held as an end, and unclean
+            ends = b in (CR, LF) or (b in ACCEPT and not self._paste) or (b == EOF and self._buf)
             if not ends:
                 self._key(b)
                 continue
             if i > start:
                 out.append(Pass(data[start:i]))
             start = i + 1
-            if not ACCEPT.get(b, True):
+            if not ACCEPT.get(b, True) or b == EOF:
                 self._clean = False
             out.append(self._end(bytes((b,))))
             self._after_cr = b == CR
             # (after ^O the editor holds a history line; after ^X, a key of its own)
             self._clean = b not in ACCEPT
+            self._paste = self._paste and b != EOF
         if start < len(data):
             out.append(Pass(data[start:]))
         return out

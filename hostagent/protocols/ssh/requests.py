@@ -32,6 +32,7 @@ _EVALUATING = frozenset("let declare typeset local readonly export printf read u
 _TERMINAL = frozenset("stty bind setterm reset tset".split())
 _SHELL_NAMES = frozenset("sh bash rbash dash zsh ksh mksh ash yash posh".split())
 _STDIN_FILES = re.compile(r"^(?:/dev/stdin|/dev/fd/\d+|/proc/(?:self|\d+|thread-self)/fd/\d+|-)$")
+_UNKNOWN_TARGET = re.compile(r"[$`*?\[~{]")
 # file transfers run as commands, whose files no SFTP rule sees
 _TRANSFERS = re.compile(r"^(?:scp(?: .*)? -[a-zA-Z]*[tf]|\S*sftp-server\b|rsync .*--server\b)")
 
@@ -79,6 +80,10 @@ class Who:
         # does not allow `echo x > /root/.bashrc`: `write /root/.bashrc` must be allowed
         # too), and a written path to `operations`/`paths` rules, as SFTP writes are
         written = [normal_path(w) or w for w in cmds.writes]
+        # a target the shell computes (`/tmp/${X:-../etc/x}`, a glob, `~root`) or one
+        # relative to a directory we don't know is not the path judged
+        if any(_UNKNOWN_TARGET.search(w) or not w.startswith("/") for w in cmds.writes):
+            unknown.append("dynamic_write")
         values += [f"write {w}" for w in written]
         unknown = tuple(unknown)
         req = self.request(action, text, parsed=cmds.parsed, unknown=unknown,
@@ -113,7 +118,8 @@ class Who:
         unknown = ("links",) if op.name in ("symlink", "hardlink", "link") else ()
         req = self.request("sftp", text, subsystems=("sftp",), operations=op.kinds,
                            paths=tuple(p for p in paths if p is not None),
-                           parsed=None not in paths, unknown=unknown)
+                           parsed=None not in paths and not op.unknown_handle,
+                           unknown=unknown)
         return req, {"text": text, "kind": "sftp", "operation": op.name, "paths": list(shown),
                      "writes": op.writes, "remote_user": self.remote_user}
 

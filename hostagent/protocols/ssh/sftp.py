@@ -75,6 +75,9 @@ class Op:
     kinds: tuple[str, ...]    # what `operations` matches: the name, aliases, read/write
     size: int = 0             # data bytes (write), length (copy-data)
     judge: bool = True        # False where the handle's open was judged already
+    # a handle not (or no longer) open: which file it acts on is not known (a handle
+    # whose CLOSE is under way may be the server's for the next open already)
+    unknown_handle: bool = False
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class _File:
     held: int
     read: int = 0
     written: int = 0
+    handle: bytes = b""
 
     def done(self, status: str) -> FileDone:
         return FileDone(self.path, self.mode, self.read, self.written, status)
@@ -179,6 +183,7 @@ class SftpStream:
         self.extensions: dict[str, bytes] = {}   # what the server's VERSION offered
         self.pending: dict[int, _Pending] = {}
         self.handles: dict[bytes, _File] = {}
+        self.closing: dict[int, _File] = {}      # by the CLOSE request's id
         self.held = 0                            # path bytes in both
 
     def buffered(self) -> int:
@@ -200,9 +205,11 @@ class SftpStream:
         return _string(body)
 
     def finish(self) -> list[FileDone]:
-        out = [f.done("unclosed") for f in self.handles.values()]
-        self.held -= sum(f.held for f in self.handles.values())
+        files = [*self.handles.values(), *self.closing.values()]
+        out = [f.done("unclosed") for f in files]
+        self.held -= sum(f.held for f in files)
         self.handles.clear()
+        self.closing.clear()
         return out
 
     def _hold(self, n: int) -> None:
@@ -288,13 +295,20 @@ class SftpStream:
             size = values[2]
         handle = handles[0] if handles else None
         known = self.handles.get(handle) if handle is not None else None
+        unknown = any(h not in self.handles for h in handles)
         # (a write on a handle opened only for reading was never judged as a write)
         covered = known is not None and name in COVERED and (
             name != "write" or "write" in known.mode)
         kinds = (name,) + extra + (("write",) if writes and name != "write" else ())
-        op = Op(rid, name, tuple(paths), writes, kinds, size, judge=not covered)
+        op = Op(rid, name, tuple(paths), writes, kinds, size, judge=not covered,
+                unknown_handle=unknown)
         self._hold(held)
         self.pending[rid] = _Pending(op, handle, mode, held)
+        if name == "close" and known is not None:
+            # from now on the handle names nothing we know: OpenSSH gives the same
+            # handle to the next open as soon as this close is done, so a request sent
+            # behind the close would be judged for this file and act on that one
+            self.closing[rid] = self.handles.pop(handle)
         return op
 
     def _reply(self, raw: bytes) -> Reply:
@@ -312,7 +326,13 @@ class SftpStream:
         p = self._answered(rid)
         if p is None:      # (nothing asked this: passed on, the client can make of it what it will)
             return Reply(raw, rid)
-        f = self.handles.get(p.handle) if p.handle is not None else None
+        if p.op.name == "close":
+            f = self.closing.pop(rid, None)
+        elif p.handle is None:
+            f = None
+        else:   # (replies to what was sent before its close still count for its file)
+            f = self.handles.get(p.handle) or next(
+                (c for c in self.closing.values() if c.handle == p.handle), None)
         if ptype == FXP_STATUS:
             code = r.uint()
             # (servers before draft-02's message and language fields leave them out)
@@ -327,7 +347,6 @@ class SftpStream:
                 f.written += p.op.size
             elif f is not None and p.op.name == "close":
                 # (OpenSSH forgets the handle even when close(2) fails)
-                del self.handles[p.handle]
                 self.held -= f.held
                 done = f.done(error or "ok")
             return Reply(raw, rid, done, error if p.op.judge else "")
@@ -339,7 +358,7 @@ class SftpStream:
             self._hold(p.held)
             if old := self.handles.get(handle):     # (a server reusing one it did not close)
                 self.held -= old.held
-            self.handles[handle] = _File(p.op.paths[0], p.mode, p.held)
+            self.handles[handle] = _File(p.op.paths[0], p.mode, p.held, handle=handle)
         elif ptype == FXP_DATA and f is not None and p.op.name == "read":
             f.read += len(r.string())
             r.end()

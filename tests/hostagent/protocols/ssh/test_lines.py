@@ -49,7 +49,8 @@ def held(*chunks: bytes, max_line: int = 64 * 1024) -> list:
     (b"rm\x1b[D\x15ls\r", [Pass(b"rm\x1b[D\x15ls"), Line("ls", False, b"\r")]),
     # ^D: on an empty line it passes (logout); on a line it is editing we don't follow
     (b"\x04", [Pass(b"\x04")]),
-    (b"ls\x04\r", [Pass(b"ls\x04"), Line("ls", False, b"\r")]),
+    # ^D on a line ends it, unclean (see test_ctrl_d_on_a_line_is_held_like_an_enter)
+    (b"ls\x04\r", [Pass(b"ls"), Line("ls", False, b"\x04"), Line("", True, b"\r")]),
     # editing we can't follow: the line is unclean, the keys still pass
     (b"\x1b[A\r", [Pass(b"\x1b[A"), Line("", False, b"\r")]),
     (b"ls\x1bOD\r", [Pass(b"ls\x1bOD"), Line("ls", False, b"\r")]),
@@ -169,3 +170,14 @@ def test_the_same_however_cut(keys, data, with_pty, max_line):
         assert all(len(x.text.encode()) <= max_line * 3 for x in lines)
     else:           # nothing passes; every byte is in exactly one line
         assert passed == b"" and b"".join(x.data for x in lines) == stream
+
+
+def test_ctrl_d_on_a_line_is_held_like_an_enter():
+    """Red team round 3: the tty's cooked mode hands a line to sh at ^D, and a second ^D
+    runs it: no Enter, so nothing was judged."""
+    t = LineTracker(pty=True)
+    assert t.feed(b"rm -f x\x04\x04") == [Pass(b"rm -f x"), Line("rm -f x", False, b"\x04"),
+                                         Pass(b"\x04")]
+    assert t.feed(b"\x1b[200~rm -f x\x04\x04") == [
+        Pass(b"\x1b[200~rm -f x"), Line("rm -f x", False, b"\x04"), Pass(b"\x04")]
+    assert t.feed(b"\x04") == [Pass(b"\x04")]       # on an empty line: the shell's EOF

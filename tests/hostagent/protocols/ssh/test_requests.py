@@ -115,3 +115,14 @@ def test_paths_and_destinations_are_judged_as_the_server_reads_them():
     assert decide(p, WHO.sftp(rename)[0]).rule == "ro-etc"
     for where in ("127.1:22", "[::ffff:127.0.0.1]:22", "0x7f.0.0.1:22", "127.0.0.1:22"):
         assert decide(p, WHO.forward("direct-tcpip", where)[0]).rule == "no-ssh-tunnel", where
+
+
+def test_a_write_target_the_shell_computes_is_not_judged_as_written():
+    """Red team round 3: `echo x > /tmp/${U:-../etc/x}` was judged as a write under
+    /tmp and wrote /etc/x."""
+    p = policy(rule("tmp", "allow", commands=("echo *", "write /tmp/*")), default="deny")
+    assert decide(p, WHO.command("exec", "echo x > /tmp/ok")[0]).rule == "tmp"
+    for text in ("echo x > /tmp/${U:-../etc/x}", "echo x > /tmp/$(echo ../etc/x)",
+                 "echo x > out.txt", "echo x > /tm?/../etc/x", "echo x > ~root/.bashrc"):
+        req = WHO.command("exec", text)[0]
+        assert "dynamic_write" in req.unknown and decide(p, req).action == "deny", text

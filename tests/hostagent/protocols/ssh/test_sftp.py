@@ -458,3 +458,20 @@ def test_real_openssh_client_and_server(tmp_path):
     assert b"keep.txt: Permission denied" in done.stderr
     assert (local / "back.bin").read_bytes() == payload
     assert not (remote / "newdir").exists() and not (remote / "data.bin").exists()
+
+
+def test_a_handle_whose_close_is_under_way_names_no_file():
+    """Red team: OpenSSH gives a closed handle to the next open at once, so a request
+    pipelined behind a CLOSE (fsetstat h) was judged for the old file and ran on the
+    new one (/etc/...). From the CLOSE on, the handle is unknown."""
+    st = started()
+    st.receive_client(open_(3, "/tmp/mine", 0x1A))
+    st.receive_server(handle(3, b"\0\0\0\0"))
+    reqs = st.receive_client(close(4, b"\0\0\0\0") + open_(5, "/etc/victim", 0x01)
+                             + pkt(10, u32(6), s(b"\0\0\0\0"), u32(4), u32(0o666)))
+    fsetstat = reqs[2].op
+    assert fsetstat.name == "fsetstat" and fsetstat.unknown_handle and fsetstat.paths == ()
+    assert fsetstat.judge
+    # the close still reports the file it closed
+    (reply,) = st.receive_server(status(4))
+    assert reply.done == FileDone("/tmp/mine", "write", 0, 0, "ok")
