@@ -647,3 +647,42 @@ def test_refusals_recorded_are_bounded_per_user(tmp_path, monkeypatch, caplog):
         assert "(3 more refusals of this user not recorded before this one)" in ends[-1]
     run(main())
     assert any("further refusals counted, not recorded" in r.message for r in caplog.records)
+
+
+def test_an_approval_decided_after_its_session_ended_is_a_no(tmp_path):
+    """Red team (SSH): a channel closed while its command was held; the decision came
+    later and recording it into the ended session raised, taking the connection down."""
+    from types import SimpleNamespace
+
+    from agentgate.events import SESSION_END, SESSION_START
+    from hostagent.recording.recorder import SessionRecorder
+
+    class Approver:
+        def __init__(self):
+            self.asked = asyncio.Event()
+            self.decide = asyncio.Event()
+
+        async def ask(self, **kw):
+            self.asked.set()
+            return SimpleNamespace(id="ap-1", expires_ns=0)
+
+        async def wait(self, approval_id):
+            await self.decide.wait()
+            return "approved", "alice", "fine"
+
+    async def main():
+        spool = Spool(tmp_path / "spool")
+        approver = Approver()
+        proxy = Proxy(lookup=lambda h, p: None, identify=lambda r: {}, spool=spool, host="h",
+                      targets=Targets([]), raw=RAW, approver=approver)
+        rec = SessionRecorder(spool)
+        rec.record(SESSION_START, {})
+        ctx = SimpleNamespace(target=SimpleNamespace(name="t", protocol="ssh"), identity={})
+        waiting = asyncio.ensure_future(proxy.await_approval(rec, ctx, "echo restart", "r", "why"))
+        await approver.asked.wait()
+        rec.record(SESSION_END, {"reason": "agent closed the channel"})
+        approver.decide.set()
+        ok, why = await asyncio.wait_for(waiting, 5)
+        assert not ok and "ended before approval ap-1 was decided" in why
+        spool.close()
+    run(main())

@@ -563,6 +563,12 @@ async def main():
         # (the refusal's ^C ends this sh, which ran nothing of the line)
         p.stdin.write_eof()
         await p.wait()
+        # round 3: ^D hands a line to sh in the tty's cooked mode, a second one runs it
+        p = await c.create_process("sh", term_type="xterm", term_size=(80, 24))
+        p.stdin.write("rm -f {victim}\\x04\\x04")
+        print(await p.stdout.readuntil("agentgate: refused"), flush=True)
+        p.stdin.write_eof()
+        await p.wait()
         async with c.start_sftp_client() as sftp:
             try:
                 await sftp.symlink("/etc", "/tmp/agentgate-etclink-{os.getpid()}")
