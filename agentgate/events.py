@@ -51,7 +51,7 @@ EVENT_KINDS: dict[str, tuple[str, str]] = {
               "writes, forward, destination (ssh)"),
     DECISION: ("protocols", "a verdict no command's own (masking refusing what would carry "
                "masked values elsewhere): action, rule, reason, would"),
-    APPROVAL: ("proxy", "id, state (pending|approved|denied|expired|unavailable), rule, "
+    APPROVAL: ("proxy", "id, state (pending|approved|denied|expired|unavailable|cancelled), rule, "
                "expires_ns, decided_by, reason, error"),
     OUTPUT: ("protocols", "summary, rows_returned, rows_affected, duration_us, columns, "
              "sample, sample_capped, masked, sqlstate, error; status, headers, bytes (http); "

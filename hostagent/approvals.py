@@ -35,6 +35,11 @@ class Approver:
                                        "the approval watch ended before a decision")
         return state_name(last.state), last.decided_by, last.decision_reason
 
+    async def cancel(self, approval_id: str) -> None:
+        """Withdraw a request nobody needs decided any more (what asked went away)."""
+        await self._stub().Cancel(pb.ApprovalRef(id=approval_id),
+                                  metadata=self.address.metadata(), timeout=10)
+
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()

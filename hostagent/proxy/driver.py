@@ -375,6 +375,11 @@ class Proxy:
             on_pending(ap)
         try:
             state, by, why = await self.approver.wait(ap.id)
+        except asyncio.CancelledError:
+            # what asked went away (an SSH channel closed): the request is withdrawn, so
+            # nobody decides what will never run
+            await asyncio.shield(self._withdraw(recorder, ap.id))
+            raise
         except Exception as exc:
             state, by, why = "unavailable", "", str(exc)
         if recorder.ended:     # (what asked went away meanwhile: an SSH channel closed)
@@ -385,6 +390,18 @@ class Proxy:
             return True, why
         what = {"denied": f"denied by {by}", "expired": "not approved in time"}.get(state, state)
         return False, f"{reason} (approval {ap.id} {what}{': ' + why if why else ''})"
+
+    async def _withdraw(self, recorder, approval_id: str) -> None:
+        try:
+            await self.approver.cancel(approval_id)
+        except Exception as exc:
+            log.warning("cannot withdraw approval %s: %s", approval_id, exc)
+        if not recorder.ended:
+            try:
+                recorder.record(APPROVAL, {"id": approval_id, "state": "cancelled",
+                                           "reason": "withdrawn: the session went away"})
+            except SpoolError as exc:
+                log.error("cannot record the withdrawal of approval %s: %s", approval_id, exc)
 
     def _sweep_start(self) -> None:
         if self._sweeper is None:

@@ -64,6 +64,7 @@ class AgentChannel(asyncssh.SSHServerSession):
         self.exit = None                   # ("status", n) | ("signal", name, core, msg)
         self.ended = False
         self.counts = {"bytes_in": 0, "bytes_out": 0}
+        self.task: asyncio.Task | None = None    # _run: judging, approvals, the pump
 
     # ---------------------------------------------------------- the agent's requests
 
@@ -90,7 +91,7 @@ class AgentChannel(asyncssh.SSHServerSession):
         return True
 
     def session_started(self) -> None:
-        self.conn.spawn(self._run())
+        self.task = self.conn.spawn(self._run())
 
     # ---------------------------------------------------------- the agent's input
 
@@ -140,6 +141,8 @@ class AgentChannel(asyncssh.SSHServerSession):
             self.up.close()
         self.queue.put_nowait(EOF)
         self._end("agent closed the channel")
+        if self.task is not None and not self.task.done():
+            self.task.cancel()      # (an approval it awaits is withdrawn)
 
     # ---------------------------------------------------------- opening
 

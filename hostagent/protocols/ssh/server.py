@@ -127,10 +127,11 @@ class Connection(asyncssh.SSHServer):
 
     # ---------------------------------------------------------- services for channels
 
-    def spawn(self, coro) -> None:
+    def spawn(self, coro) -> asyncio.Task:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         task.add_done_callback(self._done)
+        return task
 
     def _done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)

@@ -670,6 +670,9 @@ def test_an_approval_decided_after_its_session_ended_is_a_no(tmp_path):
             await self.decide.wait()
             return "approved", "alice", "fine"
 
+        async def cancel(self, approval_id):
+            self.cancelled = approval_id
+
     async def main():
         spool = Spool(tmp_path / "spool")
         approver = Approver()
@@ -684,5 +687,17 @@ def test_an_approval_decided_after_its_session_ended_is_a_no(tmp_path):
         approver.decide.set()
         ok, why = await asyncio.wait_for(waiting, 5)
         assert not ok and "ended before approval ap-1 was decided" in why
+        # what waits going away withdraws the request (nobody decides a dead one)
+        rec = SessionRecorder(spool)
+        rec.record(SESSION_START, {})
+        approver.asked.clear()
+        approver.decide.clear()
+        waiting = asyncio.ensure_future(proxy.await_approval(rec, ctx, "echo restart", "r", "why"))
+        await approver.asked.wait()
+        await asyncio.sleep(0)
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        assert approver.cancelled == "ap-1"
         spool.close()
+        assert [f.get("state") for k, f in events(spool) if k == "approval"][-1] == "cancelled"
     run(main())

@@ -225,6 +225,24 @@ def test_review_holds_the_command_until_a_human_decides(host, sshd):
     assert "held for approval" in err and "not now" in err
 
 
+def test_a_held_command_whose_agent_goes_away_is_withdrawn(host, sshd):
+    p = agent(host, "timeout -s KILL 8 " + ssh(sshd, "127.0.0.1", "echo restart-later"),
+              popen=True)
+    try:
+        (held,) = wait_for(lambda: pending(host), what="the approval request")
+        out, err = p.communicate(timeout=60)      # ssh killed while held
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    host._watch_run(err)
+    wait_for(lambda: not pending(host), what="the request withdrawn")
+    r = run_cli("approvals", "list", "--json", collector=host.collector)
+    states = {a["id"]: a["state"] for a in json.loads(r.stdout)}
+    assert states[held["id"]] == "cancelled"
+    assert "restart-later" not in out
+
+
 def test_a_target_with_another_host_key_is_refused(tmp_path, collector, sshd):
     h = make_host(tmp_path, collector, sshd, known_hosts=sshd.wrong_known_hosts)
     try:
