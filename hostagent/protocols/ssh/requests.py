@@ -32,6 +32,7 @@ _EVALUATING = frozenset("let declare typeset local readonly export printf read u
 _TERMINAL = frozenset("stty bind setterm reset tset".split())
 _SHELL_NAMES = frozenset("sh bash rbash dash zsh ksh mksh ash yash posh".split())
 _STDIN_FILES = re.compile(r"^(?:/dev/stdin|/dev/fd/\d+|/proc/(?:self|\d+|thread-self)/fd/\d+|-)$")
+_HISTORY = re.compile(r"!(?=[^\s=(\"'])")
 _UNKNOWN_TARGET = re.compile(r"[$`*?\[~{]")
 # file transfers run as commands, whose files no SFTP rule sees
 _TRANSFERS = re.compile(r"^(?:scp(?: .*)? -[a-zA-Z]*[tf]|\S*sftp-server\b|rsync .*--server\b)")
@@ -73,6 +74,11 @@ class Who:
         for flag in hazards(text, values):
             if flag not in unknown:
                 unknown.append(flag)
+        # an interactive bash expands history (`!!`, `!$`, `!rm`, `^a^b`) before it
+        # runs a typed line: what runs is not the text judged
+        if action == "line" and (_HISTORY.search(text) or text.lstrip().startswith("^")
+                                 or any(v.split(" ", 1)[0] == "fc" for v in values)):
+            unknown.append("history")
         # `/bin/rm -rf x` is `rm -rf x` to a rule written for rm
         values += [v.split(" ", 1)[0].rsplit("/", 1)[1] + v[len(v.split(" ", 1)[0]):]
                    for v in values if "/" in v.split(" ", 1)[0]]

@@ -126,3 +126,13 @@ def test_a_write_target_the_shell_computes_is_not_judged_as_written():
                  "echo x > out.txt", "echo x > /tm?/../etc/x", "echo x > ~root/.bashrc"):
         req = WHO.command("exec", text)[0]
         assert "dynamic_write" in req.unknown and decide(p, req).action == "deny", text
+
+
+def test_history_expansion_in_a_typed_line_is_flagged():
+    """An interactive bash expands `!!` or `^a^b` before running the line: the judged
+    text is not what runs (lines only: `bash -c` expands no history)."""
+    for text in ("!!", "echo !$", "!rm", "^echo^rm", "fc -s"):
+        assert "history" in WHO.command("line", text)[0].unknown, text
+        assert "history" not in WHO.command("exec", text)[0].unknown, text
+    for text in ("echo hi!", "[ ! -f x ]", "echo a"):
+        assert "history" not in WHO.command("line", text)[0].unknown, text
