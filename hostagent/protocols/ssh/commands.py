@@ -208,6 +208,10 @@ class _Text:
         else:
             if kind in ("word", "assignment"):
                 self.word(n)             # (checks bashlex found what the shell expands)
+            if kind == "function":
+                # a body runs where it is called, with that call's stdin (`f() { sh; };
+                # f < script`): not known to be the session's
+                stdin = True
             redirects = getattr(n, "redirects", None) or []
             stdin = stdin or any(_reads_stdin(r) for r in redirects)
             self.walk(getattr(n, "parts", None) or getattr(n, "list", None) or [], stdin, nest)
@@ -275,7 +279,10 @@ class _Text:
         words = [self.word(p) for p in n.parts if p.kind == "word"]
         for a in assigns:
             self.hook(a)
-        stdin = stdin or any(_reads_stdin(p) for p in n.parts if p.kind == "redirect")
+        redirects = [p for p in n.parts if p.kind == "redirect"]
+        stdin = stdin or any(_reads_stdin(p) for p in redirects)
+        if len(words) == 1 and words[0].text == "exec" and any(_reads_stdin(p) for p in redirects):
+            self.flag(DYNAMIC)       # `exec < f`: the shell reads its commands from f now
         self.found.add(assigns + words)
         self.run(words, stdin, again=bool(assigns and words))
         self.walk(n.parts, stdin, nest)      # substitutions in words, redirects
@@ -434,7 +441,9 @@ def _a_file(w: _Word) -> bool:
 
 
 def _reads_stdin(r) -> bool:
-    return r.type.startswith("<") and getattr(r, "input", None) in (None, 0)
+    # (`0>&3`, `0<>f`: fd 0 redirected by any operator is not the session's stdin)
+    fd = getattr(r, "input", None)
+    return r.type.startswith("<") and fd in (None, 0) or fd == 0
 
 
 def _replacing(words: list[_Word], mark: str) -> list[_Word]:

@@ -101,10 +101,7 @@ class SshIdentity:
         _merge()
 
     def unpublish(self) -> None:
-        for f in (self.known_hosts, self.ssh_config):
-            with contextlib.suppress(FileNotFoundError):
-                f.unlink()
-        _merge()
+        unpublish_tree(self.tree)
 
     def env(self) -> dict[str, str]:
         """For clients that don't read OpenSSH's system files (asyncssh, paramiko)."""
@@ -120,6 +117,8 @@ def unpublish_tree(tree: str) -> None:
     for name in ("ssh_known_hosts", "ssh_config"):
         with contextlib.suppress(FileNotFoundError):
             (TRUST_DIR / tree / name).unlink()
+    with contextlib.suppress(OSError):      # (the folder, once nothing else is in it)
+        (TRUST_DIR / tree).rmdir()
     if MERGED.exists() or (SSH_CONFIG_D / CONF_NAME).exists():
         _merge()
 

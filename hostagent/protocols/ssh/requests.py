@@ -147,6 +147,10 @@ def hazards(text: str, values: list[str]) -> list[str]:
     flags = []
     if _HIDDEN_EXPANSION.search(text):
         flags.append("dynamic_command")
+    # the line editor's keys and history characters, changed: later lines are not what
+    # the tracker sees (`histchars=@` then `@@`; an inputrc macro ending in a newline)
+    if re.search(r"\b(?:histchars|INPUTRC)\b", text):
+        flags.append("terminal_settings")
     for v in values:
         words = v.split()
         if not words:
@@ -154,7 +158,7 @@ def hazards(text: str, values: list[str]) -> list[str]:
         name = words[0].rsplit("/", 1)[-1]
         if name in _EVALUATING and "[" in v and ("$" in v or "`" in v):
             flags.append("dynamic_command")
-        if name in _TERMINAL:
+        if name in _TERMINAL or (name == "set" and {"vi", "emacs"} & set(words)):
             flags.append("terminal_settings")
         # what later lines run, changed under their names: `alias ls=rm`, `hash -p`
         if (name == "alias" and "=" in v) or (name == "hash" and "-p" in words) or \

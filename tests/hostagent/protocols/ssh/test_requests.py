@@ -136,3 +136,20 @@ def test_history_expansion_in_a_typed_line_is_flagged():
         assert "history" not in WHO.command("exec", text)[0].unknown, text
     for text in ("echo hi!", "[ ! -f x ]", "echo a"):
         assert "history" not in WHO.command("line", text)[0].unknown, text
+
+
+def test_a_shell_whose_stdin_is_not_the_sessions_is_not_lines_judged():
+    """Red team round 4: `sh 0>&3` with fd 3 a here-string, `f() { sh; }; f < script`
+    and `exec < script; sh` ran scripts under an allowlist allowing `sh` (whose stdin
+    lines were to be judged); history characters and vi mode changed, later lines run
+    otherwise than typed."""
+    p = policy(rule("sh", "allow", commands=("sh", "ls *", "printf *", "histchars=*",
+                                             "set *", "exec")), default="deny")
+    for text in ("sh 3<<<'rm -f x' 0>&3", "sh 3</tmp/x 0>&3", "ls() { sh; }; ls </tmp/x",
+                 "f() { sh; }; printf x | f", "exec </tmp/x; sh"):
+        req = WHO.command("exec", text, lines_judged=True)[0]
+        assert "dynamic_command" in req.unknown and decide(p, req).action == "deny", text
+    assert decide(p, WHO.command("exec", "sh", lines_judged=True)[0]).rule == "sh"
+    for text in ("histchars=@", "set -o vi", "INPUTRC=/tmp/x bash"):
+        req = WHO.command("line", text)[0]
+        assert "terminal_settings" in req.unknown and decide(p, req).action == "deny", text
