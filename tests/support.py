@@ -150,6 +150,14 @@ def run_cli(*args: str, collector: CollectorProc | str | None = None, token: str
                           timeout=timeout, env=full_env, input=input)
 
 
+def pending_approvals(collector) -> list[dict]:
+    """The collector's pending approval requests, as `agentgate approvals list` gives them
+    ([] while it can't be asked)."""
+    import json
+    r = run_cli("approvals", "list", "--pending", "--json", collector=collector)
+    return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else []
+
+
 def record_sessions(spool_dir: Path, address: CollectorAddress, sessions: list[list[tuple]],
                     timeout: float = 30.0, **spool_kw) -> list[str]:
     """Record sessions (lists of (kind, fields)) through a real spool + shipper, and wait

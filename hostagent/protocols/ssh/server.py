@@ -330,11 +330,7 @@ class Connection(asyncssh.SSHServer):
                 ok, why = await self.wire.approve(self.wire.recorder, req.text, d.rule, d.reason)
                 if not ok:
                     raise asyncssh.ChannelOpenError(PROHIBITED, f"agentgate: {why}")
-            recorder = self.open_recording({"channel": "forward", "forward": kind,
-                                            "destination": where,
-                                            "remote_user": self.who.remote_user})
-            joint = Joint(recorder, lambda exc: self.fail(f"recording failed: {exc}"), self.touch)
-            mine, theirs = End(joint, "in"), End(joint, "out")
+            joint, mine, theirs = self._joint({"forward": kind, "destination": where})
             try:
                 await open_target(lambda: theirs)
             except asyncssh.ChannelOpenError as exc:
@@ -343,6 +339,13 @@ class Connection(asyncssh.SSHServer):
             mine.join(theirs)
             return mine
         return opened()
+
+    def _joint(self, fields: dict):
+        """A forward's recording and its two ends: (joint, the agent's, the target's)."""
+        recorder = self.open_recording({"channel": "forward", **fields,
+                                        "remote_user": self.who.remote_user})
+        joint = Joint(recorder, lambda exc: self.fail(f"recording failed: {exc}"), self.touch)
+        return joint, End(joint, "in"), End(joint, "out")
 
     def connection_requested(self, dest_host, dest_port, orig_host, orig_port):
         if self.upstream is None:
@@ -357,76 +360,62 @@ class Connection(asyncssh.SSHServer):
         return self._forward("direct-streamlocal", dest_path,
                              lambda f: self.upstream.create_unix_connection(f, dest_path))
 
-    def server_requested(self, listen_host, listen_port):
-        """-R: a listener on the target; each connection to it is a forward of its own,
-        opened back to the agent."""
+    def _listener_allowed(self, kind: str, where: str) -> bool:
+        """A listener on the target (-R): judged and recorded; it can't wait for a
+        human, so only an allow opens it."""
         if self.upstream is None:
             return False
-        req, fields = self.who.forward("tcpip-forward", f"{listen_host}:{listen_port}")
+        req, fields = self.who.forward(kind, where)
         d = decide(self.ctx.policy, req)
         try:
             self.record(self.wire.recorder, COMMAND, {**fields, "decision": d.as_dict()})
         except SpoolError:
             return False
-        if d.action != "allow":     # (a listener can't wait for a human: refused)
+        return d.action == "allow"
+
+    def _back(self, fields: dict, open_back):
+        """A connection to a listener on the target: a forward of its own, opened back
+        to the agent. Returns the target's end (asyncssh's session for it)."""
+        joint, mine, theirs = self._joint(fields)
+
+        async def back():
+            try:
+                await open_back(lambda: mine)
+            except (asyncssh.Error, OSError) as exc:
+                joint.finish(f"the agent refused: {exc}")
+                return
+            mine.join(theirs)
+        self.spawn(back())
+        return theirs
+
+    def server_requested(self, listen_host, listen_port):
+        """-R: a listener on the target; each connection to it is a forward of its own,
+        opened back to the agent."""
+        if not self._listener_allowed("tcpip-forward", f"{listen_host}:{listen_port}"):
             return False
 
         async def listen():
             listener = None
 
             def accepted(orig_host, orig_port):
-                where = f"{listen_host}:{listener.get_port() if listener else listen_port}"
-                recorder = self.open_recording({"channel": "forward", "forward": "forwarded-tcpip",
-                                                "destination": where,
-                                                "origin": f"{orig_host}:{orig_port}",
-                                                "remote_user": self.who.remote_user})
-                joint = Joint(recorder, lambda exc: self.fail(f"recording failed: {exc}"), self.touch)
-                mine, theirs = End(joint, "in"), End(joint, "out")
-
-                async def back():
-                    try:
-                        await self.conn.create_connection(
-                            lambda: mine, listen_host, listener.get_port(), orig_host,
-                            orig_port)
-                    except (asyncssh.Error, OSError) as exc:
-                        joint.finish(f"the agent refused: {exc}")
-                        return
-                    mine.join(theirs)
-                self.spawn(back())
-                return theirs
+                port = listener.get_port()
+                return self._back(
+                    {"forward": "forwarded-tcpip", "destination": f"{listen_host}:{port}",
+                     "origin": f"{orig_host}:{orig_port}"},
+                    lambda f: self.conn.create_connection(f, listen_host, port, orig_host,
+                                                          orig_port))
             listener = await self.upstream.create_server(accepted, listen_host, listen_port)
             return listener
         return listen()
 
     def unix_server_requested(self, listen_path):
-        if self.upstream is None:
-            return False
-        req, fields = self.who.forward("streamlocal-forward", listen_path)
-        d = decide(self.ctx.policy, req)
-        try:
-            self.record(self.wire.recorder, COMMAND, {**fields, "decision": d.as_dict()})
-        except SpoolError:
-            return False
-        if d.action != "allow":
+        if not self._listener_allowed("streamlocal-forward", listen_path):
             return False
 
         async def listen():
             def accepted():
-                recorder = self.open_recording({"channel": "forward",
-                                                "forward": "forwarded-streamlocal",
-                                                "destination": listen_path,
-                                                "remote_user": self.who.remote_user})
-                joint = Joint(recorder, lambda exc: self.fail(f"recording failed: {exc}"), self.touch)
-                mine, theirs = End(joint, "in"), End(joint, "out")
-
-                async def back():
-                    try:
-                        await self.conn.create_unix_connection(lambda: mine, listen_path)
-                    except (asyncssh.Error, OSError) as exc:
-                        joint.finish(f"the agent refused: {exc}")
-                        return
-                    mine.join(theirs)
-                self.spawn(back())
-                return theirs
+                return self._back(
+                    {"forward": "forwarded-streamlocal", "destination": listen_path},
+                    lambda f: self.conn.create_unix_connection(f, listen_path))
             return await self.upstream.create_unix_server(accepted, listen_path)
         return listen()

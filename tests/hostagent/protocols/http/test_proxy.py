@@ -17,7 +17,7 @@ import pytest
 
 from tests.hostagent.intercept.conftest import EchoServer, Host
 from tests.http_server import HttpServer
-from tests.support import BIN, run_cli, wait_for
+from tests.support import BIN, pending_approvals, run_cli, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF interception needs root")
 
@@ -389,9 +389,8 @@ def test_duplicate_keys_forms_and_queries_are_judged_whatever_the_content_type(
     assert server.stats() == {"/echo": 1}
 
 
-def pending(h: Host) -> list[dict]:
-    r = run_cli("approvals", "list", "--pending", "--json", collector=h.collector)
-    return json.loads(r.stdout) if r.returncode == 0 else []
+def pending(h) -> list[dict]:
+    return pending_approvals(h.collector)
 
 
 def test_review_holds_the_request_until_a_human_decides(make_host, server):

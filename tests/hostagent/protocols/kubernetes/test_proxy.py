@@ -14,7 +14,7 @@ import pytest
 
 from tests.hostagent.intercept.conftest import EchoServer, Host
 from tests.k8s_server import K8sServer
-from tests.support import BIN, run_cli, wait_for
+from tests.support import BIN, pending_approvals, run_cli, wait_for
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF interception needs root")
 TOKEN = "real-cluster-token-5d4c3b2a"
@@ -226,9 +226,8 @@ client_key = "{key}"
 
 
 
-def pending(h: Host) -> list[dict]:
-    r = run_cli("approvals", "list", "--pending", "--json", collector=h.collector)
-    return json.loads(r.stdout) if r.returncode == 0 and r.stdout.strip() else []
+def pending(h) -> list[dict]:
+    return pending_approvals(h.collector)
 
 
 def test_a_held_exec_starts_only_once_approved(host, cluster):

@@ -8,7 +8,7 @@ import pytest
 
 from tests.hostagent.intercept.conftest import EchoServer, Host
 from tests.pg import PgServer
-from tests.support import BIN
+from tests.support import BIN, pending_approvals
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="eBPF interception needs root")
 VENV_PY = str(BIN / "python")
@@ -316,11 +316,8 @@ def held_psql(h, pg, sql):
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def pending(h):
-    import json
-    from tests.support import run_cli
-    r = run_cli("approvals", "list", "--pending", "--json", collector=h.collector)
-    return json.loads(r.stdout) if r.returncode == 0 else []
+def pending(h) -> list[dict]:
+    return pending_approvals(h.collector)
 
 
 @pytest.fixture

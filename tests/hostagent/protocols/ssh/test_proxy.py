@@ -10,14 +10,13 @@ import json
 import os
 import socket
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 
 from tests.hostagent.intercept.conftest import EchoServer, Host
 from tests.ssh_server import SshServer, ssh_available
-from tests.support import BIN, run_cli, wait_for
+from tests.support import BIN, pending_approvals, run_cli, wait_for
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="eBPF interception needs root"),
               pytest.mark.skipif(not ssh_available(), reason="needs openssh-server")]
@@ -117,9 +116,8 @@ def events(h: Host, kind: str, channel: str | None = None) -> list[dict]:
             for k, f in s["events"] if k == kind]
 
 
-def pending(h: Host) -> list[dict]:
-    r = run_cli("approvals", "list", "--pending", "--json", collector=h.collector)
-    return json.loads(r.stdout) if r.returncode == 0 else []
+def pending(h) -> list[dict]:
+    return pending_approvals(h.collector)
 
 
 def test_exec_runs_with_the_injected_key_and_is_recorded(host, sshd):
