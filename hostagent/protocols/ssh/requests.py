@@ -32,6 +32,9 @@ _EVALUATING = frozenset("let declare typeset local readonly export printf read u
 _TERMINAL = frozenset("stty bind setterm reset tset".split())
 _SHELL_NAMES = frozenset("sh bash rbash dash zsh ksh mksh ash yash posh".split())
 _STDIN_FILES = re.compile(r"^(?:/dev/stdin|/dev/fd/\d+|/proc/(?:self|\d+|thread-self)/fd/\d+|-)$")
+_HOOK_NAMES = (r"(?:PS[0-4]|PROMPT_COMMAND|BASH_ENV|ENV|PATH|IFS|LD_PRELOAD|"
+               r"LD_LIBRARY_PATH|BASH_LOADABLES_PATH|command_not_found_handle)\b")
+_HOOK_VARS = re.compile(r"(?<![$\w{])" + _HOOK_NAMES + r"|\$\{" + _HOOK_NAMES + r"[^}]*?=")
 _HISTORY = re.compile(r"!(?=[^\s=(\"'])")
 _UNKNOWN_TARGET = re.compile(r"[$`*?\[~{]")
 # file transfers run as commands, whose files no SFTP rule sees
@@ -56,7 +59,7 @@ class Who:
         return Request(target=self.target, protocol="ssh", identity=self.identity,
                        action=action, resources=(self.remote_user,), attributes=attributes,
                        text=text, parsed=parsed, unknown=unknown,
-                       readings=("commands", "forwards", "paths"))
+                       readings=("commands", "forwards", "paths", "operations"))
 
     def login(self) -> Request:
         return self.request("login", f"login as {self.remote_user}")
@@ -67,6 +70,10 @@ class Who:
         shell reading its commands from stdin whose lines will be judged as they come
         (so that is no unknown)."""
         cmds = split(text)
+        if "&>" in text:
+            # dash has no `&>`: `a &>f b` is `a &` then `b >f` to it, where bash reads
+            # one command; both readings are judged
+            cmds = _either(cmds, split(text.replace("&>", "& >")))
         unknown = [f for f in cmds.unknown if not (lines_judged and f == STDIN)]
         # the simple commands alone (the full text too only if it has none): an
         # allowlist's globs are written for commands, and `ls; cat x` is two of them
@@ -141,6 +148,15 @@ class Who:
                  "remote_user": self.remote_user})
 
 
+def _either(a, b):
+    """Commands of two readings of one text: every value, flag and write of both."""
+    from hostagent.protocols.ssh.commands import Commands
+    return Commands(tuple(dict.fromkeys(v for v in a.values + b.values[1:] if v)),
+                    a.parsed and b.parsed,
+                    tuple(dict.fromkeys(a.unknown + b.unknown)),
+                    tuple(dict.fromkeys(a.writes + b.writes)))
+
+
 def hazards(text: str, values: list[str]) -> list[str]:
     """Flags for what a command line runs that its words don't show (see the
     patterns above); each takes the `unparseable` decision unless allowed by name."""
@@ -151,6 +167,11 @@ def hazards(text: str, values: list[str]) -> list[str]:
     # the tracker sees (`histchars=@` then `@@`; an inputrc macro ending in a newline)
     if re.search(r"\b(?:histchars|INPUTRC)\b", text):
         flags.append("terminal_settings")
+    # variables that make the shell run code or find other programs, set however
+    # (`for PS1 in '$(...)'`, `${PROMPT_COMMAND:=...}`, `export PATH=/tmp/d`,
+    # `PS1="\044(...)"`): any mention but a plain read of their value
+    if _HOOK_VARS.search(text):
+        flags.append("dynamic_command")
     for v in values:
         words = v.split()
         if not words:

@@ -153,3 +153,24 @@ def test_a_shell_whose_stdin_is_not_the_sessions_is_not_lines_judged():
     for text in ("histchars=@", "set -o vi", "INPUTRC=/tmp/x bash"):
         req = WHO.command("line", text)[0]
         assert "terminal_settings" in req.unknown and decide(p, req).action == "deny", text
+
+
+def test_round_five_dash_reads_and_hooks_and_sftp_kinds():
+    """Red team round 5: dash reads `a &>f b` as `a &` then `b >f`; variables that run
+    code were set by `for PS1 in ...` and `${PROMPT_COMMAND:=...}`; an SFTP rule listing
+    read operations allowed an open for writing (its kinds include `read`)."""
+    p = policy(rule("ok", "allow", commands=("echo *", "ls", "write /tmp/*")), default="deny")
+    req = WHO.command("exec", "echo x &>/dev/null rm -f /tmp/v")[0]
+    assert "rm -f /tmp/v" in req.attributes["commands"] and decide(p, req).action == "deny"
+    assert decide(p, WHO.command("exec", "ls &>/dev/null")[0]).rule == "ok"
+    for text in ("for PS1 in '$(rm -f x)$ '; do echo x; done", "echo ${PROMPT_COMMAND:=rm x}",
+                 'PS1="\\044(rm)# "', "export PATH=/tmp/d", "for PATH in /tmp/d; do ls; done"):
+        req = WHO.command("line", text)[0]
+        assert "dynamic_command" in req.unknown and decide(p, req).action == "deny", text
+    assert "dynamic_command" not in WHO.command("exec", "echo $PATH ${PATH:-/bin}")[0].unknown
+    ro = policy(rule("ro", "allow", subsystems=("sftp",),
+                     operations=("open", "read", "stat", "lstat", "close")), default="deny")
+    writing = Op(1, "open", ("/etc/x",), True, ("open", "read", "write"))
+    reading = Op(2, "open", ("/etc/x",), False, ("open", "read"))
+    assert decide(ro, WHO.sftp(writing)[0]).action == "deny"
+    assert decide(ro, WHO.sftp(reading)[0]).rule == "ro"
