@@ -11,7 +11,13 @@ interrupt, which bash/readline, cooked mode and most REPLs take as "discard the 
 What that promises, and what not:
 - the characters of a refused line did reach the remote editor; only its Enter is
   withheld, and an interrupt sent in its place;
-- editing we can't follow (arrows, Home/End, history, Tab completion, ^R search, ^W/^Y,
+- an escape sequence (cursor keys, Alt/Meta+key, function keys) and, outside a bracketed
+  paste, a byte past ASCII (a Meta key to readline outside a UTF-8 locale) are held as
+  the line's end, unclean, and refused in its place: readline runs some without an
+  Enter (M-1 M-# runs the line as it uncomments it, M-C-e runs its `$(...)` as it
+  expands them). So arrows and non-ASCII can't be typed on a terminal (paste them);
+  a lone ESC waits for the key after it;
+- editing we can't follow (Home/End, history, Tab completion, ^R search, ^W/^Y,
   ^V, ^H (an erase to readline, a character to the tty), DEL over a non-ASCII character,
   any other control, an escape sequence, a line past `max_line`) makes the line
   unclean: the caller takes it as unparseable, whatever its text says. The next line
@@ -38,6 +44,7 @@ import re
 from dataclasses import dataclass
 
 CR, LF, TAB, ESC = 0x0D, 0x0A, 0x09, 0x1B
+ESC_B = b"\x1b"
 INTR, EOF, KILL, DEL, BS = 0x03, 0x04, 0x15, 0x7F, 0x08
 # held as a line's end: -> whether the line as typed is what then runs
 ACCEPT = {0x0F: True, 0x18: False}
@@ -98,7 +105,30 @@ class LineTracker:
             after_cr, self._after_cr = self._after_cr, False
             if after_cr and b == LF:
                 continue             # CR LF: an Enter, then an Enter on an empty line
-            if self._esc is not None and self._escape(b):
+            if self._esc is not None:
+                # an escape sequence is held, not passed: readline runs some without an
+                # Enter (M-# with a count, M-C-e expands `$(...)`)
+                more = self._escape(b)
+                if more is not None:
+                    start = i + 1
+                    if more:
+                        continue
+                    out.append(self._sequence())
+                    continue
+                out.append(self._sequence())   # (ended by this byte: it is a key)
+                start = i
+            if b == ESC or (b >= 0x80 and not self._paste):
+                if i > start:
+                    out.append(Pass(data[start:i]))
+                start = i + 1
+                if b == ESC:
+                    self._esc = b""
+                else:
+                    # a byte past ASCII is a Meta key to readline in a locale that is not
+                    # UTF-8 (convert-meta): like an escape, it ends the line, unclean
+                    self._clean = False
+                    out.append(self._end(bytes((b,))))
+                    self._clean = True
                 continue
             # ^D on a line hands it to a reader in the tty's cooked mode without a
             # newline (a second ^D then runs it in sh): held as an end, and unclean
@@ -118,13 +148,17 @@ class LineTracker:
             self._paste = self._paste and b != EOF
         if start < len(data):
             out.append(Pass(data[start:]))
-        return out
+        merged: list[Pass | Line] = []
+        for item in out:             # (keys passed in a row: one Pass)
+            if isinstance(item, Pass) and merged and isinstance(merged[-1], Pass):
+                merged[-1] = Pass(merged[-1].data + item.data)
+            else:
+                merged.append(item)
+        return merged
 
     def _key(self, b: int) -> None:
         line = self._buf
-        if b == ESC:
-            self._esc = b""
-        elif b == INTR:              # (the tty's interrupt: read by no editor, even pasting)
+        if b == INTR:                # (the tty's interrupt: read by no editor, even pasting)
             line.clear()
             self._clean, self._over, self._paste = True, False, False
         elif b >= 0x20 and b != DEL or b == TAB and self._paste:
@@ -149,24 +183,38 @@ class LineTracker:
         elif not (b == EOF and not line):
             self._clean = False      # editing we don't follow (^D on a line: deletes)
 
-    def _escape(self, b: int) -> bool:
-        """Whether the byte belongs to the escape sequence under way."""
+    def _escape(self, b: int) -> bool | None:
+        """The byte after ESC (or after ESC [ ...): True if the sequence goes on, False if
+        it ends with it, None if it is no part of it (the sequence ended before)."""
         seq = self._esc
-        if b < 0x20 or b == DEL:     # a control: the sequence ends unfinished
-            self._esc, self._clean = None, False
+        if not seq and (b < 0x20 or b == DEL):
+            self._esc = bytes((b,))      # Meta+Ctrl+key (M-C-e): one key
             return False
+        if b < 0x20 or b == DEL or b >= 0x80:
+            return None
         if not seq and b in b"[O":
             self._esc = bytes((b,))
             return True
         if seq and seq[:1] == b"[" and not 0x40 <= b <= 0x7E:
             self._esc = seq + bytes((b,)) if len(seq) < 16 else seq
             return True
-        whole, self._esc = seq + bytes((b,)), None
-        if whole in (b"[200~", b"[201~"):
-            self._paste = whole == b"[200~"
-        else:
-            self._clean = False      # a cursor key, Alt+key, a function key
-        return True
+        self._esc = seq + bytes((b,))
+        return False
+
+    def _sequence(self) -> Pass | Line:
+        """An escape sequence, complete: a bracketed paste's bounds (and anything inside a
+        paste, which readline inserts as text) pass; any other key ends the line,
+        unclean: the caller refuses it (^C in its place) unless unparseable lines pass."""
+        seq, self._esc = ESC_B + self._esc, None
+        if seq[1:] in (b"[200~", b"[201~"):
+            self._paste = seq[1:] == b"[200~"
+            return Pass(seq)
+        if self._paste:
+            return Pass(seq)
+        self._clean = False
+        line = self._end(seq)
+        self._clean = True
+        return line
 
     def _end(self, terminator: bytes) -> Line:
         line = self._line(bytes(self._buf), terminator, b"")

@@ -42,29 +42,37 @@ def held(*chunks: bytes, max_line: int = 64 * 1024) -> list:
     # erases depends on IUTF8 and the locale. Neither line is known: unclean
     (b"rm -fr x #\x08\x08echo hi\r", [Pass(b"rm -fr x #\x08\x08echo hi"),
                                        Line("rm -fr x #echo hi", False, b"\r")]),
-    (b"\xe2\x82\xac\x7fok\r", [Pass(b"\xe2\x82\xac\x7fok"), Line("\u20acok", False, b"\r")]),
+    # a byte past ASCII is a Meta key to readline outside a UTF-8 locale (red team round
+    # 6: it hid a backward-kill-word): it ends the line, unclean, like an escape
+    (b"\xe2\x82\xac\x7fok\r", [Line("", False, b"\xe2"), Line("", False, b"\x82"),
+                                Line("", False, b"\xac"), Pass(b"\x7fok"),
+                                Line("ok", True, b"\r")]),
     # ^U clears the line; ^C clears it and whatever we lost track of
     (b"rm -rf /\x15ls\r", [Pass(b"rm -rf /\x15ls"), Line("ls", True, b"\r")]),
-    (b"rm\x1b[D\x03ls\r", [Pass(b"rm\x1b[D\x03ls"), Line("ls", True, b"\r")]),
-    (b"rm\x1b[D\x15ls\r", [Pass(b"rm\x1b[D\x15ls"), Line("ls", False, b"\r")]),
+    (b"rm\x1b[D\x03ls\r", [Pass(b"rm"), Line("rm", False, b"\x1b[D"), Pass(b"\x03ls"),
+                            Line("ls", True, b"\r")]),
     # ^D: on an empty line it passes (logout); on a line it is editing we don't follow
     (b"\x04", [Pass(b"\x04")]),
     # ^D on a line ends it, unclean (see test_ctrl_d_on_a_line_is_held_like_an_enter)
     (b"ls\x04\r", [Pass(b"ls"), Line("ls", False, b"\x04"), Line("", True, b"\r")]),
-    # editing we can't follow: the line is unclean, the keys still pass
-    (b"\x1b[A\r", [Pass(b"\x1b[A"), Line("", False, b"\r")]),
-    (b"ls\x1bOD\r", [Pass(b"ls\x1bOD"), Line("ls", False, b"\r")]),
-    (b"ls \x1bb\r", [Pass(b"ls \x1bb"), Line("ls ", False, b"\r")]),
-    (b"ls\x1b[1;5D\r", [Pass(b"ls\x1b[1;5D"), Line("ls", False, b"\r")]),
+    # an escape sequence (a cursor key, Alt/Meta+key) is held as the line's end, unclean
+    # (red team round 6: M-1 M-# and M-C-e run a line or its `$(...)` without an Enter)
+    (b"\x1b[A\r", [Line("", False, b"\x1b[A"), Line("", True, b"\r")]),
+    (b"ls\x1bOD\r", [Pass(b"ls"), Line("ls", False, b"\x1bOD"), Line("", True, b"\r")]),
+    (b"ls \x1bb\r", [Pass(b"ls "), Line("ls ", False, b"\x1bb"), Line("", True, b"\r")]),
+    (b"ls\x1b[1;5D\r", [Pass(b"ls"), Line("ls", False, b"\x1b[1;5D"), Line("", True, b"\r")]),
+    (b"#touch x\x1b1\x1b#", [Pass(b"#touch x"), Line("#touch x", False, b"\x1b1"),
+                             Line("", False, b"\x1b#")]),
+    (b"echo $(id)\x1b\x05", [Pass(b"echo $(id)"), Line("echo $(id)", False, b"\x1b\x05")]),
     (b"cat /et\t\r", [Pass(b"cat /et\t"), Line("cat /et", False, b"\r")]),
     (b"\x12rm\r", [Pass(b"\x12rm"), Line("rm", False, b"\r")]),
     (b"ls \x17\x19\r", [Pass(b"ls \x17\x19"), Line("ls ", False, b"\r")]),
     (b"\x16\x07\r", [Pass(b"\x16\x07"), Line("", False, b"\r")]),
     (b"ls\x01rm \r", [Pass(b"ls\x01rm "), Line("lsrm ", False, b"\r")]),
-    (b"\x1b\r", [Pass(b"\x1b"), Line("", False, b"\r")]),     # an escape cut short
-    (b"ls \xff\r", [Pass(b"ls \xff"), Line("ls \ufffd", False, b"\r")]),
+    (b"\x1b\r", [Line("", False, b"\x1b\r")]),           # M-RET: one key too
+    (b"ls \xff\r", [Pass(b"ls "), Line("ls ", False, b"\xff"), Line("", True, b"\r")]),
     # the next line starts clean
-    (b"\x1b[A\rls\r", [Pass(b"\x1b[A"), Line("", False, b"\r"), Pass(b"ls"),
+    (b"\x1b[A\rls\r", [Line("", False, b"\x1b[A"), Line("", True, b"\r"), Pass(b"ls"),
                        Line("ls", True, b"\r")]),
     # keys that run the line without an Enter are held as its end
     (b"ls\x0fpwd\r", [Pass(b"ls"), Line("ls", True, b"\x0f"), Pass(b"pwd"),
@@ -165,8 +173,11 @@ def test_the_same_however_cut(keys, data, with_pty, max_line):
     assert lines == [x for x in cut if isinstance(x, Line)]
     passed = b"".join(x.data for x in one if isinstance(x, Pass))
     assert passed == b"".join(x.data for x in cut if isinstance(x, Pass))
-    if with_pty:    # every byte reaches the remote: passed, or as a line's end
-        assert b"".join(x.data if isinstance(x, Pass) else x.terminator for x in one) == stream
+    if with_pty:    # every byte reaches the remote: passed, or as a line's end (but an
+        # escape sequence under way at the end, held until the key after it)
+        held = b"\x1b" + whole._esc if whole._esc is not None else b""
+        assert b"".join(x.data if isinstance(x, Pass) else x.terminator for x in one) + held \
+            == stream
         assert all(len(x.text.encode()) <= max_line * 3 for x in lines)
     else:           # nothing passes; every byte is in exactly one line
         assert passed == b"" and b"".join(x.data for x in lines) == stream

@@ -434,6 +434,9 @@ def test_a_shell_on_a_pty_is_recorded_replayed_and_lines_judged(host, sshd):
         wait_for(lambda: "typed-42" in screen(), what="the echo's output")
         keys(f"rm -rf {victim}", "Enter")
         wait_for(lambda: "no-destruction" in screen(), what="the refusal")
+        # red team round 6: readline's M-C-e runs a line's `$(...)` without an Enter
+        keys(f"echo $(touch {victim}-expanded)", "M-C-e")
+        wait_for(lambda: screen().count("agentgate: refused") >= 2, what="the second refusal")
         subprocess.run(["tmux", "resize-window", "-t", name, "-x", "90", "-y", "25"], env=env)
         keys("exit", "Enter")
         wait_for(lambda: subprocess.run(["tmux", "has-session", "-t", name], env=env,
@@ -442,6 +445,7 @@ def test_a_shell_on_a_pty_is_recorded_replayed_and_lines_judged(host, sshd):
     finally:
         subprocess.run(["tmux", "kill-session", "-t", name], env=env, capture_output=True)
     assert victim.exists()
+    assert not Path(f"{victim}-expanded").exists()
     chan = next(s for s in sessions(host) if s["start"].get("channel") == "shell")
     lines = [(f["text"], f["decision"]["action"]) for k, f in chan["events"]
              if k == "command" and f.get("kind") == "line"]
