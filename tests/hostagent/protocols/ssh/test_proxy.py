@@ -150,9 +150,9 @@ def test_env_is_filtered_and_signals_and_late_stderr_are_relayed(host, sshd):
     # stderr written after the command closed its stdout still arrives, in order
     p = agent(host, ssh(sshd, "127.0.0.1", "'echo out; exec 1>&-; sleep 0.3; echo late >&2'"))
     assert p.returncode == 0 and p.stdout == "out\n" and "late" in p.stderr, p.stderr
-    # keepalives are answered (unanswered, ssh would give up after 2 s)
-    p = agent(host, ssh(sshd, "-o ServerAliveInterval=1 -o ServerAliveCountMax=1",
-                        "127.0.0.1", "'sleep 3; echo still-here'"))
+    # keepalives are answered (unanswered, ssh would give up after 4 s)
+    p = agent(host, ssh(sshd, "-o ServerAliveInterval=2 -o ServerAliveCountMax=1",
+                        "127.0.0.1", "'sleep 5; echo still-here'"))
     assert p.returncode == 0 and p.stdout == "still-here\n", p.stderr
     # killed by a signal: OpenSSH's exit status for that, and the signal recorded
     p = agent(host, ssh(sshd, "127.0.0.1", "'kill -TERM $$'"))
