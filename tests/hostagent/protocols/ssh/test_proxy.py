@@ -59,8 +59,8 @@ def sshd(tmp_path_factory):
     s.stop()
 
 
-def make_host(tmp_path, collector, sshd, policy: str = POLICY, known_hosts=None,
-              credentials: str | None = None, user: str = "root", extra: str = ""):
+def _host(tmp_path, collector, sshd, policy: str = POLICY, known_hosts=None,
+          credentials: str | None = None, user: str = "root", extra: str = ""):
     echo = EchoServer()
     h = Host(tmp_path, collector, echo)
     (tmp_path / "policy.toml").write_text(policy.replace("{echo}", str(echo.port)))
@@ -81,11 +81,23 @@ known_hosts = "{known_hosts or sshd.known_hosts}"
 
 
 @pytest.fixture
-def host(tmp_path, collector, sshd):
-    h = make_host(tmp_path, collector, sshd)
-    yield h
-    h.cleanup()
-    h.echo_server.close()
+def make_host(tmp_path, collector, sshd):
+    """make_host(policy=, known_hosts=, credentials=, user=, extra=) -> a host agent
+    config with the `box` target (see _host); cleaned up after the test."""
+    made = []
+
+    def make(**options) -> Host:
+        made.append(_host(tmp_path, collector, sshd, **options))
+        return made[-1]
+    yield make
+    for h in made:
+        h.cleanup()
+        h.echo_server.close()
+
+
+@pytest.fixture
+def host(make_host):
+    return make_host()
 
 
 def agent(h: Host, script: str, stdin: str | None = None, popen: bool = False,
@@ -241,48 +253,35 @@ def test_a_held_command_whose_agent_goes_away_is_withdrawn(host, sshd):
     assert "restart-later" not in out
 
 
-def test_a_target_with_another_host_key_is_refused(tmp_path, collector, sshd):
-    h = make_host(tmp_path, collector, sshd, known_hosts=sshd.wrong_known_hosts)
-    try:
-        p = agent(h, ssh(sshd, "127.0.0.1", "echo should-not-run"))
-        assert p.returncode == 255
-        assert "should-not-run" not in p.stdout
-        assert "host key" in p.stderr and "known_hosts" in p.stderr, p.stderr
-        conn = sessions(h)[0]
-        assert any(k == "auth" and "host key" in f.get("refused", "") for k, f in conn["events"])
-    finally:
-        h.cleanup()
-        h.echo_server.close()
+def test_a_target_with_another_host_key_is_refused(make_host, sshd):
+    h = make_host(known_hosts=sshd.wrong_known_hosts)
+    p = agent(h, ssh(sshd, "127.0.0.1", "echo should-not-run"))
+    assert p.returncode == 255
+    assert "should-not-run" not in p.stdout
+    assert "host key" in p.stderr and "known_hosts" in p.stderr, p.stderr
+    conn = sessions(h)[0]
+    assert any(k == "auth" and "host key" in f.get("refused", "") for k, f in conn["events"])
 
 
-def test_password_credentials_and_the_agent_never_holds_them(tmp_path, collector, sshd):
-    h = make_host(tmp_path, collector, sshd, user=sshd.user,
-                  credentials=f'password_file = "{sshd.password_file}"')
-    try:
-        p = agent(h, ssh(sshd, "127.0.0.1", "id -un") + f"; cat {sshd.password_file} "
-                  f"{sshd.client_key}; env")
-        assert p.stdout.splitlines()[0] == sshd.user, p.stderr
-        assert "Permission denied" in p.stderr          # root's files, not the agent's
-        assert sshd.password not in p.stdout + p.stderr
-        assert "PRIVATE KEY" not in p.stdout
-        everything = json.dumps([s["events"] for s in sessions(h)], default=str)
-        assert sshd.password not in everything
-    finally:
-        h.cleanup()
-        h.echo_server.close()
+def test_password_credentials_and_the_agent_never_holds_them(make_host, sshd):
+    h = make_host(user=sshd.user, credentials=f'password_file = "{sshd.password_file}"')
+    p = agent(h, ssh(sshd, "127.0.0.1", "id -un") + f"; cat {sshd.password_file} "
+              f"{sshd.client_key}; env")
+    assert p.stdout.splitlines()[0] == sshd.user, p.stderr
+    assert "Permission denied" in p.stderr          # root's files, not the agent's
+    assert sshd.password not in p.stdout + p.stderr
+    assert "PRIVATE KEY" not in p.stdout
+    everything = json.dumps([s["events"] for s in sessions(h)], default=str)
+    assert sshd.password not in everything
 
 
-def test_a_certificate_credential(tmp_path, collector, sshd):
-    h = make_host(tmp_path, collector, sshd, credentials=f'identity_file = "{sshd.cert_key}"\n'
-                  f'certificate_file = "{sshd.cert}"')
-    try:
-        p = agent(h, ssh(sshd, "127.0.0.1", "id -un"))
-        assert p.returncode == 0 and p.stdout == "root\n", p.stderr
-        assert "Accepted publickey for root" in sshd.log.read_text() and \
-            "ID agentgate-test" in sshd.log.read_text()        # with the certificate
-    finally:
-        h.cleanup()
-        h.echo_server.close()
+def test_a_certificate_credential(make_host, sshd):
+    h = make_host(credentials=f'identity_file = "{sshd.cert_key}"\n'
+                              f'certificate_file = "{sshd.cert}"')
+    p = agent(h, ssh(sshd, "127.0.0.1", "id -un"))
+    assert p.returncode == 0 and p.stdout == "root\n", p.stderr
+    assert "Accepted publickey for root" in sshd.log.read_text() and \
+        "ID agentgate-test" in sshd.log.read_text()        # with the certificate
 
 
 def test_sftp_and_scp_are_recorded_per_file_and_writes_judged(host, sshd):
@@ -366,24 +365,20 @@ def test_forwards_are_refused_unless_policy_lists_them(host, sshd):
                for c in events(host, "command"))
 
 
-def test_remote_forward_allowed_by_policy(tmp_path, collector, sshd):
+def test_remote_forward_allowed_by_policy(make_host, sshd):
     port = _listening_port()
-    h = make_host(tmp_path, collector, sshd, policy=POLICY.replace(
+    h = make_host(policy=POLICY.replace(
         'forwards = ["127.0.0.1:{echo}", "localhost:{echo}"]',
         f'forwards = ["127.0.0.1:{{echo}}", "localhost:{port}"]'))
-    try:
-        echo = h.echo_server.port
-        # (bash's /dev/tcp on the target's side: a connection to the -R listener)
-        probe = (f"exec 3<>/dev/tcp/127.0.0.1/{port}; printf over-R >&3; head -c 13 <&3")
-        p = agent(h, ssh(sshd, "-o ExitOnForwardFailure=yes", f"-R localhost:{port}:127.0.0.1:"
-                         f"{echo}", "127.0.0.1", f"'{probe}'"))
-        assert p.returncode == 0, p.stderr
-        assert p.stdout == "echo: over-R"
-        fwd = [s for s in sessions(h) if s["start"].get("forward") == "forwarded-tcpip"]
-        assert fwd and any(k == "data" and f["data"] == b"over-R" for k, f in fwd[0]["events"])
-    finally:
-        h.cleanup()
-        h.echo_server.close()
+    echo = h.echo_server.port
+    # (bash's /dev/tcp on the target's side: a connection to the -R listener)
+    probe = (f"exec 3<>/dev/tcp/127.0.0.1/{port}; printf over-R >&3; head -c 13 <&3")
+    p = agent(h, ssh(sshd, "-o ExitOnForwardFailure=yes", f"-R localhost:{port}:127.0.0.1:"
+                     f"{echo}", "127.0.0.1", f"'{probe}'"))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "echo: over-R"
+    fwd = [s for s in sessions(h) if s["start"].get("forward") == "forwarded-tcpip"]
+    assert fwd and any(k == "data" and f["data"] == b"over-R" for k, f in fwd[0]["events"])
 
 
 def test_control_master_channels_are_recorded_separately(host, sshd):
@@ -505,16 +500,12 @@ asyncio.run(main())
     assert p.stdout.splitlines()[1].startswith("rc 1 agentgate: refused")
 
 
-def test_an_idle_connection_is_ended(tmp_path, collector, sshd):
-    h = make_host(tmp_path, collector, sshd, extra="idle_timeout = 2")
-    try:
-        p = agent(h, ssh(sshd, "127.0.0.1", "'sleep 60; echo woke'"))
-        assert p.returncode == 255 and "woke" not in p.stdout
-        conn = next(s for s in sessions(h) if not s["start"].get("parent"))
-        assert conn["end_reason"].startswith("idle for 2 s")
-    finally:
-        h.cleanup()
-        h.echo_server.close()
+def test_an_idle_connection_is_ended(make_host, sshd):
+    h = make_host(extra="idle_timeout = 2")
+    p = agent(h, ssh(sshd, "127.0.0.1", "'sleep 60; echo woke'"))
+    assert p.returncode == 255 and "woke" not in p.stdout
+    conn = next(s for s in sessions(h) if not s["start"].get("parent"))
+    assert conn["end_reason"].startswith("idle for 2 s")
 
 
 def test_terminal_modes_and_variables_cant_make_the_run_line_differ(host, sshd):
@@ -567,11 +558,11 @@ subsystems = ["sftp"]
 """
 
 
-def test_an_allowlist_holds_against_redirections_erase_keys_and_links(tmp_path, collector, sshd):
+def test_an_allowlist_holds_against_redirections_erase_keys_and_links(make_host, sshd):
     """Red team round 2: `echo x > FILE` wrote any file under `echo *`; ^H erased the
     tracker's copy of a line but not the terminal's; an SFTP symlink to /etc let writes
     through a path no rule named."""
-    h = make_host(tmp_path, collector, sshd, policy=ALLOWLIST)
+    h = make_host(policy=ALLOWLIST)
     victim = Path("/tmp") / f"agentgate-ssh-allow-{os.getpid()}"
     victim.write_text("keep me")
     etc = Path(f"/etc/agentgate-test-{os.getpid()}")
@@ -617,7 +608,5 @@ asyncio.run(main())
         lines = [f for f in events(h, "command") if f.get("kind") == "line"]
         assert any(f.get("edited") and f["decision"]["action"] == "deny" for f in lines)
     finally:
-        h.cleanup()
-        h.echo_server.close()
         for f in (victim, etc, ok, Path(f"/tmp/agentgate-etclink-{os.getpid()}")):
             f.unlink(missing_ok=True)
