@@ -195,7 +195,7 @@ class AgentChannel(asyncssh.SSHServerSession):
             self.chan.exit(1)
             self._end(f"refused: {why}")
             raise Refused()
-        env = conn.allowed_env(self.chan.get_environment())
+        env = self.chan.get_environment()      # (filtered as it came: server._env_request)
         term_type, term_size, modes = self.term if self.term else (None, None, None)
         if modes is not None:
             modes = {k: v for k, v in modes.items() if k in SAFE_MODES}

@@ -207,15 +207,6 @@ class Connection(asyncssh.SSHServer):
             return await asyncio.to_thread(self.who.command, action, text, **kw)
         return self.who.command(action, text, **kw)
 
-    def allowed_env(self, env: dict) -> dict:
-        allow = self.opts.env_allow
-        out = {}
-        for k, v in (env or {}).items():
-            name = k.decode(errors="replace") if isinstance(k, bytes) else str(k)
-            if any(fnmatch.fnmatchcase(name, p) for p in allow):
-                out[k] = v
-        return out
-
     # ---------------------------------------------------------- login
 
     def connection_made(self, conn) -> None:
