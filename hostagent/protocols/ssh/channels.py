@@ -301,6 +301,12 @@ class AgentChannel(asyncssh.SSHServerSession):
         except ProtocolError as exc:
             self._broken(exc)
 
+    def _file_done(self, d) -> None:
+        """A file's SFTP activity, once its handle is closed (or the channel ends)."""
+        self.conn.record(self.recorder, OUTPUT, {
+            "kind": "file", "path": d.path, "mode": d.mode, "bytes_read": d.bytes_read,
+            "bytes_written": d.bytes_written, "status": d.status})
+
     def _refused(self) -> None:
         """A channel that goes on and on being refused is an agent trying its way
         through (or filling the recording's disk): past MAX_REFUSALS it is closed."""
@@ -328,11 +334,7 @@ class AgentChannel(asyncssh.SSHServerSession):
         if self.sftp is not None:
             for reply in self.sftp.receive_server(data):
                 if reply.done is not None:
-                    d = reply.done
-                    self.conn.record(self.recorder, OUTPUT, {
-                        "kind": "file", "path": d.path, "mode": d.mode,
-                        "bytes_read": d.bytes_read, "bytes_written": d.bytes_written,
-                        "status": d.status})
+                    self._file_done(reply.done)
                 elif reply.error:
                     self.conn.record(self.recorder, OUTPUT, {"kind": "sftp",
                                                              "error": reply.error})
@@ -358,10 +360,7 @@ class AgentChannel(asyncssh.SSHServerSession):
             return
         if self.sftp is not None:
             for d in self.sftp.finish():
-                self.conn.record(self.recorder, OUTPUT, {
-                    "kind": "file", "path": d.path, "mode": d.mode,
-                    "bytes_read": d.bytes_read, "bytes_written": d.bytes_written,
-                    "status": d.status})
+                self._file_done(d)
         out = {}
         if self.exit and self.exit[0] == "status":
             out["exit_status"] = self.exit[1]
