@@ -65,11 +65,16 @@ EVENT_KINDS: dict[str, tuple[str, str]] = {
                   "refused_connections, incomplete, lost_events, events_suppressed"),
     "tls": ("protocols", "side (client|upstream), version, sni, alpn, verified (upstream), "
             "error"),
-    "startup": ("postgres", "user, database, upstream_user, application_name, credentials, "
-                "refused, dropped_params, client_tls"),
-    "bind": ("postgres", "statement, portal, params (each cut at 1 KiB), formats"),
+    "startup": ("postgres, mysql", "user, database, upstream_user, application_name, "
+                "credentials, refused, dropped_params, client_tls; plugin, server_version, "
+                "program, change_user (mysql)"),
+    "bind": ("postgres, mysql", "statement, portal, params (each cut at 1 KiB), formats; "
+             "text (mysql: the prepared statement's)"),
+    "kill": ("mysql", "thread (the stand-in id the agent named), matched, query"),
+    "local_file": ("mysql", "path (the file the server asked the agent for), decision; "
+                   "bytes, sent (once sent)"),
     "cancel": ("postgres", "matched, forwarded"),
-    "auth": ("postgres, ssh", "method (scram-sha-256[-plus], md5, cleartext, none; "
+    "auth": ("postgres, mysql, ssh", "method (scram-sha-256[-plus], md5, cleartext, none; "
              "publickey, password), channel_binding, server_verified (certificate, scram, "
              "known_hosts...); remote_user, asked_user, server_key, refused (ssh)"),
     "catalog": ("postgres", "error, masking (the catalog could not be read: every result "

@@ -40,6 +40,9 @@ PACKAGES=(
   curl iproute2 procps git ca-certificates
   # asciicast exports are checked with asciinema; HTTP: a load generator for bench/http.py
   wrk asciinema
+  # MySQL: Debian's mariadb-test suite (mtr, run --extern against tests/mysql_server.py),
+  # and the load generator for bench/mysql.py
+  mariadb-test sysbench
   # packaging (.deb / .rpm)
   dpkg-dev rpm
 )

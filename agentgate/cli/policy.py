@@ -58,7 +58,7 @@ def explain(file, target, sql, http, headers, body, ssh_command, remote_user, pr
     from hostagent.policy import decide
     from hostagent.protocols.enforce import strictest
     from hostagent.protocols.postgres.classify import Unparseable, classify
-    from hostagent.protocols.postgres.requests import requests_for
+    from hostagent.protocols.statements import requests_for
     p = _load(file)
     identity = {"user": user, "exe": exe}
     if http is not None or protocol in ("http", "https"):

@@ -126,6 +126,9 @@ class StartClientTls:
     agent's local CA naming `names`, offering `alpn`."""
     names: tuple[str, ...]
     alpn: tuple[str, ...] = ()
+    # bytes of the handshake the layer was given already (a MySQL client sends its
+    # ClientHello right behind its SSL request, without waiting for an answer)
+    early: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ PROTOCOLS: dict[str, str] = {
     "https": "hostagent.protocols.http.tls",
     "kubernetes": "hostagent.protocols.kubernetes",
     "ssh": "hostagent.protocols.ssh",
+    "mysql": "hostagent.protocols.mysql",
 }
 
 @dataclass(frozen=True)

@@ -395,6 +395,8 @@ class Session:
         # CVE-2021-23214/23222; the layer refuses those it was given).
         leg.pause("handshake")
         leg.handshaking = True
+        if getattr(cmd, "early", b""):
+            leg.tls_early.insert(0, cmd.early)
         self._spawn(self._handshake(leg, cmd))
 
     async def _handshake(self, leg: Leg, cmd) -> None:

@@ -41,8 +41,8 @@ from hostagent.protocols.postgres.classify import Unparseable, classify
 from hostagent.protocols.postgres.fastpath import FastPath
 from hostagent.protocols.postgres.masks import Masking, withheld
 from hostagent.protocols.postgres.names import SearchPath
-from hostagent.protocols.postgres.outputs import Outputs, SampleLimits
-from hostagent.protocols.postgres.requests import requests_for
+from hostagent.protocols.outputs import Outputs, SampleLimits
+from hostagent.protocols.statements import requests_for
 from hostagent.protocols.postgres.results import Results, provenance
 
 MAX_CLASSIFIED = 1 << 20        # characters of statement text the parser is given

@@ -349,7 +349,7 @@ flags = ["dynamic*", "*"]
 def _decide(tmp_path, sql, user="agent", policy=POLICY):
     from hostagent.policy import decide, load_policy
     from hostagent.protocols.enforce import strictest
-    from hostagent.protocols.postgres.requests import requests_for
+    from hostagent.protocols.statements import requests_for
     path = tmp_path / "policy.toml"
     path.write_text(policy)
     p = load_policy(str(path))
@@ -401,7 +401,7 @@ def test_computed_dynamic_sql_takes_the_unparseable_decision_unless_explicitly_a
 
 
 def test_the_record_names_what_is_unknown():
-    from hostagent.protocols.postgres.requests import requests_for
+    from hostagent.protocols.statements import requests_for
     sql = "SELECT dblink_exec('c', q) FROM jobs"
     ((req, rec),) = requests_for(classify(sql), sql, target="db", identity={}, database="d")
     assert req.unknown == ("dynamic_sql",) and rec["unknown"] == ["dynamic_sql"]

@@ -1,0 +1,211 @@
+"""The MySQL layer's start-up: the server's greeting read, TLS asked of it per the
+target's mode, the agent greeted with the server's version, the capabilities both legs
+can share, the proxy's nonce and a stand-in thread id; then each leg's login (auth.py),
+the agent's OK sent only once the server's came. COM_CHANGE_USER logs in again the same
+way, with the injected credentials. A mixin of MysqlLayer: it never awaits."""
+from __future__ import annotations
+
+import secrets
+import weakref
+
+from hostagent.protocols.api import (CLIENT, Command, ProtocolError, Record, StartClientTls,
+                                     StartUpstreamTls, TlsEstablished)
+from hostagent.protocols.mysql import messages as m
+from hostagent.protocols.mysql.auth import AuthRefused, ClientAuth, UpstreamAuth
+from hostagent.protocols.mysql.packets import Packet
+
+# Collations of the client character sets whose multibyte characters can end in a byte
+# that reads as `\` or a quote (big5, sjis, gbk, cp932, gb18030 and their nopad
+# variants): the server would split a statement where the judge (UTF-8) sees one string.
+UNSAFE_COLLATIONS = frozenset({1, 84, 1025, 1108, 13, 88, 1037, 1112, 28, 87, 1052, 1111,
+                               95, 96, 1119, 1120, 248, 249, 250})
+
+
+class ThreadKey(tuple):
+    """A server thread id behind the stand-in the agent was given, with the uid of the
+    session it belongs to and that session, weakly (a session gone maps to nothing)."""
+
+    def __new__(cls, thread_id: int, uid, layer):
+        key = super().__new__(cls, (thread_id,))
+        key.uid = uid
+        key._layer = weakref.ref(layer)
+        return key
+
+    def live(self) -> bool:
+        return self._layer() is not None and not self._layer().closed
+
+
+def new_stand_in(keys: dict) -> int:
+    if len(keys) >= 64 and not len(keys) & (len(keys) - 1):
+        for k in [k for k, v in keys.items() if not v.live()]:
+            del keys[k]
+    while True:
+        n = secrets.randbelow((1 << 31) - 2) + 1
+        if n not in keys:
+            return n
+
+
+
+
+class Startup:
+    # ------------------------------------------------------------------ start-up
+
+    def _greet(self, pkt: Packet) -> list[Command]:
+        g = self.greeting = m.parse_greeting(pkt.payload)
+        if not g.capabilities & m.REQUIRED == m.REQUIRED:
+            return self._refuse(f"agentgate: the server of target {self.target!r} speaks a "
+                                f"protocol older than 4.1", 2027, "HY000")
+        self.useq = (pkt.seq + pkt.chunks) & 0xFF
+        out: list[Command] = []
+        if self.tls != "disable" and g.capabilities & m.SSL:
+            caps = (g.capabilities & m.SUPPORTED) | m.SSL | m.REQUIRED
+            out += [self._to_server(m.handshake_response(m.HandshakeResponse(
+                caps, 1 << 24, g.charset or m.UTF8MB4_GENERAL_CI, ssl_request=True))),
+                StartUpstreamTls(self.server_name, verify=self.tls == "verify-full",
+                                 ca=self.ca)]
+            self.up_phase = "tls"
+        elif self.tls in ("require", "verify-full"):
+            return self._refuse(
+                f"agentgate: upstream TLS failed ({self.tls}): the server does not offer TLS; "
+                f'for a server without TLS set tls = "disable" on target "{self.target}"',
+                2026, "HY000")
+        else:
+            self.up_phase = "ready"
+        self.client_auth = ClientAuth(tls=False)
+        self.stand_in = new_stand_in(self.thread_ids)
+        self.thread_ids[self.stand_in] = ThreadKey(g.thread_id, self.identity.get("uid"), self)
+        caps = (g.capabilities & m.SUPPORTED) | m.REQUIRED | m.PLUGIN_AUTH
+        caps = caps | m.SSL if self.client_tls else caps & ~m.SSL
+        self.phase = "hello"
+        self.cseq = 0
+        out.append(self._to_client(m.greeting(m.Greeting(
+            g.version, self.stand_in, self.client_auth.nonce, caps, g.charset,
+            m.STATUS_AUTOCOMMIT, ClientAuth.plugin))))
+        return out
+
+    def _tls_up(self, event: TlsEstablished) -> list[Command]:
+        rec = Record("tls", {"side": event.side, "version": event.version,
+                             **({"sni": event.sni} if event.sni else {})})
+        if event.side == CLIENT:
+            self.client_tls_on = self.client_auth.tls = True
+            return [rec]
+        self.up_tls, self.up_verified = True, self.tls == "verify-full"
+        rec.fields["verified"] = self.up_verified
+        self.up_phase = "ready"
+        waiting, self._waiting = self._waiting, []
+        return [rec] + waiting
+
+    def _hello(self, pkt: Packet) -> list[Command]:
+        r = m.parse_handshake_response(pkt.payload)
+        self.cseq = (pkt.seq + pkt.chunks) & 0xFF
+        if r.ssl_request:
+            if not self.client_tls or self.client_tls_on:
+                raise ProtocolError("TLS asked for where it was not offered")
+            return [StartClientTls(self.client_names)]
+        g = self.greeting
+        if r.charset in UNSAFE_COLLATIONS:
+            return self._refuse(f"agentgate: character set {r.charset} is refused: statements "
+                                f"are judged as UTF-8", 1115, "42000")
+        self.caps = (r.capabilities & m.SUPPORTED & g.capabilities) | m.REQUIRED
+        self.database = r.database or ""
+        self.phase = "auth"
+        self.up_auth = UpstreamAuth(self.user, self.password, target=self.target,
+                                    tls=self.up_tls, verified=self.up_verified,
+                                    weak_password_auth=self.weak_password_auth,
+                                    server_key=self.server_key)
+        out: list[Command] = [Record("startup", {
+            "user": r.user, "database": self.database, "upstream_user": self.user,
+            "credentials": "injected", "client_tls": self.client_tls_on,
+            "plugin": r.plugin, "server_version": g.version,
+            "program": r.attrs.get("program_name", r.attrs.get("_client_name", ""))})]
+        try:
+            to_client, done = self.client_auth.response(r.plugin, r.auth)
+            plugin, auth = self.up_auth.first(g)
+        except AuthRefused as exc:
+            return out + self._refuse(f"agentgate: {exc}")
+        out += [self._to_client(p) for p in to_client]
+        self._auth_state = {"client": done, "upstream": None}
+        caps = self.caps | (g.capabilities & m.PLUGIN_AUTH_LENENC_CLIENT_DATA) | m.PLUGIN_AUTH
+        caps = caps | m.CONNECT_WITH_DB if self.database else caps & ~m.CONNECT_WITH_DB
+        caps = caps | m.SSL if self.up_tls or self.up_phase == "tls" else caps
+        if not g.capabilities & m.CONNECT_ATTRS:
+            caps &= ~m.CONNECT_ATTRS
+        self.useq = 2 if self.up_phase != "ready" or self.up_tls else 1
+        response = self._to_server(m.handshake_response(m.HandshakeResponse(
+            caps, 1 << 30, r.charset, self.user, auth, self.database or None, plugin,
+            {**r.attrs, "_proxy": "agentgate"} if caps & m.CONNECT_ATTRS else {})))
+        if self.up_phase == "ready":
+            return out + [response]
+        self._waiting.append(response)
+        return out
+
+    def _client_auth(self, pkt: Packet) -> list[Command]:
+        self.cseq = (pkt.seq + pkt.chunks) & 0xFF
+        if self._auth_state["client"]:
+            raise ProtocolError("authentication data after the agent's login was done")
+        try:
+            to_client, done = self.client_auth.response("", pkt.payload)
+        except AuthRefused as exc:
+            return self._refuse(f"agentgate: {exc}")
+        self._auth_state["client"] = done
+        return [self._to_client(p) for p in to_client] + self._auth_done()
+
+    def _upstream_auth(self, pkt: Packet) -> list[Command]:
+        self.useq = (pkt.seq + pkt.chunks) & 0xFF
+        first = pkt.payload[:1]
+        if first == b"\x00":
+            self._auth_state["upstream"] = pkt.payload
+            return [Record("auth", self.up_auth.summary())] + self._auth_done()
+        if first == b"\xff":
+            e = m.parse_err(pkt.payload)
+            return self._refuse(f"agentgate: the server of target {self.target!r} refused "
+                                f"the injected credentials: {e.message}", e.code,
+                                e.state or "28000")
+        try:
+            reply = self.up_auth.step(pkt.payload)
+        except AuthRefused as exc:
+            return self._refuse(f"agentgate: {exc}")
+        return [self._to_server(reply)] if reply is not None else []
+
+    def _auth_done(self) -> list[Command]:
+        ok = self._auth_state["upstream"]
+        if not self._auth_state["client"] or ok is None:
+            return []
+        self.phase = "ready"
+        status = m.parse_ok(ok).status
+        waiting = self._change_user_done() if self.answer == "change_user" else []
+        self.answer = None
+        return [self._to_client(m.ok(status))] + waiting
+
+    # ------------------------------------------------------------------ change user
+
+    def _change_user(self, pkt: Packet) -> list[Command]:
+        cu = m.parse_change_user(pkt.payload, self.caps)
+        self.stmts.clear()
+        self.sql_prepared.clear()
+        self.phase = "auth"
+        self.answer = "change_user"
+        self._new_db = cu.database
+        self.client_auth = ClientAuth(tls=self.client_tls_on)
+        self.up_auth = UpstreamAuth(self.user, self.password, target=self.target,
+                                    tls=self.up_tls, verified=self.up_verified,
+                                    weak_password_auth=self.weak_password_auth,
+                                    server_key=self.server_key)
+        try:
+            to_client, done = self.client_auth.response(cu.plugin, cu.auth)
+            plugin, auth = self.up_auth.first(self.greeting)
+        except AuthRefused as exc:
+            return self._refuse(f"agentgate: {exc}")
+        self._auth_state = {"client": done, "upstream": None}
+        self.useq = 0
+        return [Record("startup", {"user": cu.user, "database": cu.database,
+                                   "upstream_user": self.user, "credentials": "injected",
+                                   "change_user": True})] + \
+            [self._to_client(p) for p in to_client] + \
+            [self._to_server(m.change_user(m.ChangeUser(self.user, auth, cu.database,
+                                                       cu.charset, plugin, {}), self.caps))]
+
+    def _change_user_done(self) -> list[Command]:
+        self.database = self._new_db
+        return []
+
