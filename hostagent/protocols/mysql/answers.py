@@ -76,7 +76,9 @@ class Answers:
             if not m.is_eof(p):
                 raise ProtocolError("column definitions not ended by EOF")
             self.step = "rows"
-            if m.eof_status(p) & m.CURSOR_EXISTS:
+            if self._cursor and m.eof_status(p) & m.CURSOR_EXISTS:
+                # an EXECUTE that opened a cursor: its rows come with COM_STMT_FETCH
+                self._execute_stmt.cursor = (self.columns, self.plan, self.unsigned)
                 return self._end_result(pkt, m.eof_status(p))
             return [self._pass_to_client(pkt)]
         # rows

@@ -69,7 +69,7 @@ _TABLES = ("TABLE", "TABLES")
 # statements read from their tokens: first word -> (kind, the words a list of tables
 # follows, the words one of which must come second)
 _TOKEN_STATEMENTS = {
-    **{w: ("MAINTENANCE", _TABLES, _TABLES + ("NO_WRITE_TO_BINLOG", "LOCAL"))
+    **{w: ("MAINTENANCE", _TABLES + ("VIEW",), _TABLES + ("VIEW", "NO_WRITE_TO_BINLOG", "LOCAL"))
        for w in ("OPTIMIZE", "ANALYZE", "CHECK", "REPAIR", "CHECKSUM")},
     "FLUSH": ("FLUSH", _TABLES, ()), "LOCK": ("LOCK", _TABLES, _TABLES + ("INSTANCE",)),
     "UNLOCK": ("LOCK", (), _TABLES + ("INSTANCE",)), "CACHE": ("CACHE", ("INDEX",), ("INDEX",)),
@@ -129,7 +129,8 @@ class _Acc:
                          self.copies, self.prepares, self.executes, self.database, self.kill)
 
 
-_cache = TextCache()
+_cache = TextCache()        # text -> its Statements (or the Unparseable it raised)
+_judged = TextCache()       # one statement's tokens (emit) -> its Statement
 
 
 def classify(text: str) -> list[Statement]:
@@ -161,8 +162,8 @@ def _classify(text: str, depth: int) -> list[Statement]:
             at = c1
         # judged by its tokens: the same statement (many INSERTs in one text, or spelled
         # otherwise) is judged once
-        key = "\0" + emit(toks[u.lo:u.hi]) if depth == 0 and u.form == "simple" else None
-        st = _cache.get(key) if key else None
+        key = emit(toks[u.lo:u.hi]) if depth == 0 and u.form == "simple" else None
+        st = _judged.get(key) if key else None
         if st is None:
             acc = _Acc(depth)
             if u.form == "simple":
@@ -171,7 +172,7 @@ def _classify(text: str, depth: int) -> list[Statement]:
                 _compound(toks, u, acc)
             st = acc.statement("")
             if key:
-                _cache.put(key, st, 2 * len(key))
+                _judged.put(key, st, 2 * len(key))
         out.append(replace(st, text=("".join(parts) + text[at:hi]).strip()))
     return out
 
@@ -180,6 +181,8 @@ def _compound(toks: list[Tok], u, acc: _Acc) -> None:
     """CREATE PROCEDURE/FUNCTION/TRIGGER/EVENT, ALTER EVENT, anonymous blocks: what the
     body runs (later, or now) is what the statement runs."""
     acc.kind = "DO" if u.form == "block" else toks[u.lo].up
+    if u.form == "routine" and _find(toks[u.lo:u.body], "DEFAULT") is not None:
+        raise Unparseable("parameters with defaults: expressions not read")   # MariaDB 11.8
     if u.form == "trigger":
         acc.kinds.add("TRIGGER")
         acc.flag("trigger")
@@ -318,7 +321,7 @@ def _sql(toks: list[Tok], acc: _Acc, prefix: str = ""):
         if isinstance(node, exp.Func) and not isinstance(node, _NOT_CALLS):
             acc.function(_fname(node, text))
     # every SELECT written is a query sqlglot saw: none was swallowed by lenient parsing
-    if selects < sum(1 for t in toks if word([t], 0) == "SELECT") + ("SELECT" in prefix):
+    if selects < sum(t.kind == "w" and t.up == "SELECT" for t in toks) + ("SELECT" in prefix):
         raise Unparseable("a query sqlglot did not model")
     return root
 
@@ -447,6 +450,9 @@ def _ddl(t, acc):
     if _find(t, "DIRECTORY", "FILE_NAME") is not None:
         acc.flag("server_files")          # DATA/INDEX DIRECTORY, CONNECT's FILE_NAME
     if obj in ("TABLE", "VIEW", "INDEX"):
+        check = _find(t, "CHECK")               # a view's WITH [CASCADED|LOCAL] CHECK OPTION
+        if obj == "VIEW" and check == len(t) - 2 and word(t, check + 1) == "OPTION":
+            t = t[:check - (2 if word(t, check - 1) in ("CASCADED", "LOCAL") else 1)]
         try:
             root = _sql(t if acc.kind == "CREATE" else [t[0]] + t[i:], acc)
         except Unparseable:
@@ -467,7 +473,8 @@ def _ddl(t, acc):
             raise Unparseable("a function without a body")
         acc.flag("udf")
     elif obj not in ("DATABASE", "SCHEMA", "USER", "ROLE", "SERVER") and not (
-            acc.kind == "ALTER" and obj in ("PROCEDURE", "FUNCTION")):
+            acc.kind == "ALTER" and obj in ("PROCEDURE", "FUNCTION", "EVENT")
+            and _find(t, "DO") is None):           # ALTER EVENT ... DO is split as compound
         raise Unparseable(f"{acc.kind} {obj[:20]} is not read")
 
 

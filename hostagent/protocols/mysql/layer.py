@@ -57,6 +57,7 @@ class Prepared:
     params: int = 0
     types: tuple[int, ...] = ()          # bound by the last EXECUTE that sent them
     long_data: set = field(default_factory=set)
+    cursor: tuple | None = None          # (columns, plan, unsigned) of its open cursor
 
 
 class MysqlLayer(Startup, Answers):
@@ -118,6 +119,7 @@ class MysqlLayer(Startup, Answers):
         self._infile: dict | None = None
         self._swallow = False           # the rest of an answer the agent won't get
         self._last_read_masked = False
+        self._cursor = False            # the EXECUTE being answered opens a cursor
 
     @classmethod
     def for_session(cls, ctx: SessionContext) -> "MysqlLayer":
@@ -236,6 +238,8 @@ class MysqlLayer(Startup, Answers):
             return self._statement(pkt, code == m.COM_STMT_PREPARE)
         if code == m.COM_STMT_EXECUTE:
             return self._execute(pkt)
+        if code == m.COM_STMT_FETCH:
+            return self._fetch(pkt)
         if code == m.COM_INIT_DB:
             db = payload[1:].decode("utf-8", "replace")
             return self._judge_and_send(pkt, [self._use_request(db)], "ok", db=db)
@@ -379,10 +383,23 @@ class MysqlLayer(Startup, Answers):
         stmt.long_data.clear()
         self.answer, self.step, self.binary = "results", "first", True
         self.reads, self._execute_stmt = stmt.reads, stmt
+        self._cursor = bool(ex.flags & 0x0F)     # CURSOR_TYPE_*: rows come by FETCH
         self._last_read_masked = stmt.reads.masked
         params = [None if v is None else v[:1024] for v in ex.values]
         return [Record("bind", {"statement": sid, "text": stmt.text[:4096], "params": params}),
                 ToUpstream(pkt.raw, self.outputs.sent_query(1))]
+
+    def _fetch(self, pkt: Packet) -> list[Command]:
+        """Rows of a cursor an EXECUTE opened, read with the columns it described."""
+        stmt = self.stmts.get(m.statement_id(pkt.payload))
+        if stmt is None or stmt.cursor is None:
+            self.answer, self.step, self.binary, self.reads = "results", "first", True, Reads(masked=True)
+        else:
+            self.columns, self.plan, self.unsigned = stmt.cursor
+            self.answer, self.step, self.binary = "results", "rows", True
+            self.outputs.columns([c.name for c in self.columns], [0] * len(self.columns))
+        self._cursor = False
+        return [ToUpstream(pkt.raw, self.outputs.sent_query(1))]
 
     def _kill(self, what: str, stand_in: int, pkt: Packet | None) -> list[Command]:
         """KILL [QUERY] / COM_PROCESS_KILL: the agent names a stand-in id; it reaches the

@@ -210,11 +210,11 @@ MAX_NESTING = 64
 
 def word(t: list[Tok], i: int) -> str:
     """The keyword at i ("" for anything else: a `quoted` name is never a keyword)."""
-    return t[i].up if i < len(t) and t[i].kind == "w" else ""
+    return t[i].up if 0 <= i < len(t) and t[i].kind == "w" else ""
 
 
 def op(t: list[Tok], i: int, s: str) -> bool:
-    return i < len(t) and t[i].kind == "o" and t[i].val == s
+    return 0 <= i < len(t) and t[i].kind == "o" and t[i].val == s
 
 
 def close(t: list[Tok], i: int) -> int:

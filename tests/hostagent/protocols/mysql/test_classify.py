@@ -2,6 +2,8 @@
 
 Readings marked "(MariaDB)" were checked against a real MariaDB 10.11 server (multi-
 statement texts over pymysql: whether `t` survived, or what was returned)."""
+import os
+import re
 import time
 
 import pytest
@@ -80,6 +82,8 @@ CASES = [
     ("CREATE ALGORITHM=MERGE DEFINER=`root`@`localhost` SQL SECURITY DEFINER VIEW v AS "
      "SELECT ssn FROM people", dict(kinds={"CREATE", "SELECT"}, tables=("v", "people"),
                                     copies=True)),
+    ("CREATE VIEW v AS SELECT a FROM t WHERE b IN (SELECT c FROM u) WITH LOCAL CHECK OPTION",
+     dict(kinds={"CREATE", "SELECT"}, tables=("v", "t", "u"))),
     ("CREATE DATABASE d", dict(kind="CREATE", tables=())),
     ("CREATE USER 'u'@'%' IDENTIFIED BY 'pw'", dict(kind="CREATE", tables=())),
     ("ALTER TABLE t ADD c INT", dict(kind="ALTER", tables=("t",), copies=False)),
@@ -139,6 +143,7 @@ CASES = [
     ("OPTIMIZE TABLE t", dict(kind="MAINTENANCE", tables=("t",))),
     ("ANALYZE TABLE t, u", dict(kind="MAINTENANCE", tables=("t", "u"))),
     ("CHECK TABLE t FOR UPGRADE", dict(kind="MAINTENANCE", tables=("t",))),
+    ("CHECK VIEW v", dict(kind="MAINTENANCE", tables=("v",))),
     ("REPAIR NO_WRITE_TO_BINLOG TABLE t QUICK", dict(kind="MAINTENANCE", tables=("t",))),
     ("FLUSH PRIVILEGES", dict(kind="FLUSH")),
     ("FLUSH TABLES t1, t2 WITH READ LOCK", dict(kind="FLUSH", tables=("t1", "t2"))),
@@ -387,6 +392,7 @@ UNPARSEABLE = [
     "CREATE PROCEDURE p() BEGIN SELECT 1; END DROP TABLE t",
     "IF 1 THEN SELECT 1 END IF", "BEGIN; DROP TABLE t; END",
     "FOR i IN 1..2 DO SELECT i; END FOR",
+    "CREATE PROCEDURE p(a INT DEFAULT (SELECT 1)) SELECT a",   # MariaDB 11.8 defaults
     "BEGIN NOT ATOMIC " + "BEGIN " * 200 + "SELECT 1; " + "END; " * 200 + "END",
     # what can't be read with certainty
     "KILL QUERY ID 5", "KILL USER u", "KILL CONNECTION_ID()",
@@ -424,6 +430,47 @@ def test_cached_by_text_and_by_tokens():
     assert classify("SELECT a FROM t WHERE id = 1") == a
     b = classify("select a from t where id = 1  # spelled otherwise")
     assert b[0].text == "select a from t where id = 1" and b[0].tables == ("t",)
+
+
+def test_the_two_caches_do_not_mix():
+    classify("SELECT 1")
+    with pytest.raises(Unparseable):
+        classify("\0SELECT 1")
+
+
+MTR = "/usr/share/mysql/mysql-test/main/"
+_MTR_COMMANDS = re.compile(r"(--|#|(let|eval|echo|error|connect|connection|disconnect|source|"
+                           r"if|while|send|reap|sleep|inc|dec|disable_\w+|enable_\w+|replace_\w+|"
+                           r"sorted_result|query_vertical|[{}])\b)", re.I)
+
+
+def _mtr_statements(path):
+    """The statements of a mysqltest script, roughly (its own commands skipped)."""
+    delimiter, text = ";", ""
+    for line in open(path, errors="replace"):
+        if not text:
+            if not line.strip() or _MTR_COMMANDS.match(line.strip()):
+                continue
+            if line.strip().lower().startswith("delimiter "):
+                delimiter = line.split()[1].removesuffix(delimiter) or delimiter
+                continue
+        text += line
+        if line.rstrip().endswith(delimiter):
+            yield text.rstrip()[:-len(delimiter)]
+            text = ""
+
+
+@pytest.mark.skipif(not os.path.isdir(MTR), reason="MariaDB's test suite is not installed")
+def test_mariadb_own_test_suite_gives_statements_or_unparseable():
+    read = unread = 0
+    for name in ("sp", "sp-vars", "ps", "trigger", "events_1", "derived", "subselect", "view"):
+        for text in _mtr_statements(MTR + name + ".test"):
+            try:
+                classify(text)
+                read += 1
+            except Unparseable:
+                unread += 1
+    assert read > 20 * unread
 
 
 def test_a_mebibyte_is_read_in_bounded_time():
