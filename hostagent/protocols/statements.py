@@ -38,10 +38,12 @@ def requests_for(statements, text: str, *, target: str, identity: dict, database
                                       "tables": tables, "functions": functions,
                                       "flags": flags}, unknown=unknown)
         recorded = req.text if len(req.text) <= MAX_RECORDED else req.text[:MAX_RECORDED]
+        if not recorded.isascii():   # bytes that were not UTF-8 (lone surrogates) can't be
+            recorded = recorded.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         out.append((req, {"text": recorded, "kinds": kinds, "tables": list(tables),
                           "functions": list(functions), "flags": sorted(flags),
                           "unknown": list(unknown),
                           "database": database, "statement": extended,
                           "protocol": how or ("simple" if extended is None else "extended"),
-                          **({"text_chars": len(req.text)} if recorded is not req.text else {})}))
+                          **({"text_chars": len(req.text)} if len(req.text) > MAX_RECORDED else {})}))
     return out

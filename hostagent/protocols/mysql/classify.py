@@ -281,12 +281,20 @@ def _plain(t: list[Tok], acc: _Acc, lists: bool = False) -> None:
 # ---- sqlglot, on the tokens MySQL read
 
 _NOT_CALLS = (exp.Connector, exp.Case)   # operators and CASE, which sqlglot models as Func
+_SELECT_HINTS = frozenset({"SQL_NO_CACHE", "SQL_CACHE", "SQL_CALC_FOUND_ROWS", "HIGH_PRIORITY",
+                           "STRAIGHT_JOIN", "SQL_SMALL_RESULT", "SQL_BIG_RESULT",
+                           "SQL_BUFFER_RESULT"})
+_HINTED = _SELECT_HINTS | {"SELECT"}
 
 
 def _sql(toks: list[Tok], acc: _Acc, prefix: str = ""):
     """Parse with sqlglot and collect tables, functions, columns and nested queries. The
     prefix (SELECT for an expression) is not the statement's: its node is not counted."""
-    text = prefix + emit(toks)
+    kept = []
+    for x in toks:     # SELECT's hints (SQL_NO_CACHE, HIGH_PRIORITY...) change nothing judged
+        if not (x.up in _SELECT_HINTS and x.kind == "w" and kept and kept[-1].up in _HINTED):
+            kept.append(x)
+    text = prefix + emit(kept)
     try:
         trees = sqlglot.parse(text, read="mysql")
     except Exception as exc:   # sqlglot raises many kinds of errors on what it can't read
@@ -485,7 +493,8 @@ def _alter_tokens(t, i, acc):
         w = word(t, j)
         if w == "RENAME" and word(t, j + 1) in ("COLUMN", "INDEX", "KEY") or w == "CHANGE":
             acc.copies = True
-        elif w in ("RENAME", "TABLE", "REFERENCES") or w in ("TO", "AS") and word(t, j - 1) == "RENAME":
+        elif w in ("RENAME", "TABLE", "REFERENCES") or (
+                w in ("TO", "AS") and word(t, j - 1) == "RENAME"):
             if t[j + 1].kind in "wq" and word(t, j + 1) not in ("TO", "AS"):
                 acc.tables.append(_name(t, j + 1)[0])
 
@@ -516,47 +525,49 @@ def _set(t, acc):
         f = _find(t, "FOR")
         if f is None:
             raise Unparseable("SET STATEMENT without FOR")
-        _assignments(t[2:f], acc)
+        for item in _items(t[2:f]):
+            _assignment(item, acc)
         return acc.merge(acc.sub(t[f + 1:]))
-    i = 2 if word(t, 1) in _SCOPES and word(t, 2) == "TRANSACTION" else 1
-    w = word(t, i)
-    if w in ("TRANSACTION", "ROLE", "PASSWORD") or (w == "DEFAULT" and word(t, i + 1) == "ROLE"):
-        _plain(t, acc)
-    elif w in ("NAMES", "CHARSET") or (w == "CHARACTER" and word(t, i + 1) == "SET"):
-        k = i + (2 if w == "CHARACTER" else 1)
-        rest = t[k + 1:]
-        if not _charset_ok(t[k:k + 1]) or (rest and (len(rest) != 2 or word(rest, 0) != "COLLATE"
-                                                     or not _charset_ok(rest[1:]))):
-            acc.flag("changes_parsing", unknown=True)
-    else:
-        _assignments(t[1:], acc)
+    w = word(t, 2 if word(t, 1) in _SCOPES and word(t, 2) == "TRANSACTION" else 1)
+    if w in ("TRANSACTION", "ROLE", "PASSWORD") or (w == "DEFAULT" and word(t, 2) == "ROLE"):
+        return _plain(t, acc)
+    for item in _items(t[1:]):
+        w = word(item, 0)
+        if w in ("NAMES", "CHARSET") or (w == "CHARACTER" and word(item, 1) == "SET"):
+            k = 2 if w == "CHARACTER" else 1
+            rest = item[k + 1:]
+            if not _charset_ok(item[k:k + 1]) or (rest and (
+                    len(rest) != 2 or word(rest, 0) != "COLLATE" or not _charset_ok(rest[1:]))):
+                acc.flag("changes_parsing", unknown=True)
+        else:
+            _assignment(item, acc)
 
 
-def _assignments(t, acc):
-    for item in _items(t):
-        i = 1 if word(item, 0) in _SCOPES and not op(item, 1, "=") else 0
-        if i >= len(item) or item[i].kind not in "vgwq":
-            raise Unparseable("expected a variable")
-        name, i = (item[i].val.lower(), i + 1) if item[i].kind in "vg" else _name(item, i)
-        if not (op(item, i, "=") or op(item, i, ":=")) or i + 1 >= len(item):
-            raise Unparseable("expected = value")
-        value, base = item[i + 1:], name.lstrip("@")
-        if base.split(".")[0] in ("global", "session", "local") and "." in base:
-            base = base.split(".", 1)[1]
-        if base == "sql_mode":   # ANSI_QUOTES, NO_BACKSLASH_ESCAPES: later text reads otherwise
-            acc.flag("changes_parsing", unknown=True)
-        elif base in _CHARSET_VARS and not _charset_ok(value):
-            acc.flag("changes_parsing", unknown=True)
-        elif base in ("init_connect", "init_slave", "init_replica"):
-            acc.flag("dynamic_sql", unknown=True)    # SQL run by later connections
-        elif base in ("general_log_file", "slow_query_log_file"):
-            acc.flag("server_files")
-        if "." in name and item[0].kind != "g":
-            acc.reads.add(name.rsplit(".", 1)[1])    # NEW.col in a trigger
-        if len(value) > 1 or value[0].kind not in "wqsnxbvgz":
-            root = _sql(value, acc, "SELECT ")
-            acc.copies |= any(isinstance(n, exp.Select) and n is not root or
-                              isinstance(n, exp.Column) and n.table for n in root.walk())
+def _assignment(item, acc):
+    i = 1 if word(item, 0) in _SCOPES and not op(item, 1, "=") else 0
+    if i >= len(item) or item[i].kind not in "vgwq":
+        raise Unparseable("expected a variable")
+    system = item[i].kind != "v"                 # not a @user variable
+    name, i = (item[i].val.lower(), i + 1) if item[i].kind in "vg" else _name(item, i)
+    if not (op(item, i, "=") or op(item, i, ":=")) or i + 1 >= len(item):
+        raise Unparseable("expected = value")
+    value, base = item[i + 1:], name.lstrip("@")
+    if base.split(".")[0] in ("global", "session", "local") and "." in base:
+        base = base.split(".", 1)[1]
+    if system and base == "sql_mode":   # ANSI_QUOTES, NO_BACKSLASH_ESCAPES: text reads otherwise
+        acc.flag("changes_parsing", unknown=True)
+    elif system and base in _CHARSET_VARS and not _charset_ok(value):
+        acc.flag("changes_parsing", unknown=True)
+    elif system and base in ("init_connect", "init_slave", "init_replica"):
+        acc.flag("dynamic_sql", unknown=True)    # SQL run by later connections
+    elif system and base in ("general_log_file", "slow_query_log_file"):
+        acc.flag("server_files")
+    if "." in name and item[0].kind != "g":
+        acc.reads.add(name.rsplit(".", 1)[1])    # NEW.col in a trigger
+    if len(value) > 1 or value[0].kind not in "wqsnxbvgz":
+        root = _sql(value, acc, "SELECT ")
+        acc.copies |= any(isinstance(n, exp.Select) and n is not root or
+                          isinstance(n, exp.Column) and n.table for n in root.walk())
 
 
 def _show(t, acc):
@@ -614,6 +625,11 @@ def _call(t, acc):
     _plain(t, acc)
 
 
+def _do(t, acc):
+    acc.kind = "DO"
+    _sql(t[1:], acc, "SELECT ")
+
+
 def _handler(t, acc):
     acc.kind = "HANDLER"
     name, i = _name(t, 1)
@@ -633,7 +649,8 @@ def _load(t, acc):
         raise Unparseable("expected LOAD DATA|XML ... INTO TABLE")
     acc.kind = "LOAD"
     acc.flag("local_files" if _find(t[:into], "LOCAL") is not None else "server_files")
-    s = _find(t, "SET", start=into) or len(t)
+    s = next((k for k in range(into, len(t)) if word(t, k) == "SET" and
+              word(t, k - 1) != "CHARACTER"), len(t))       # SET col = <expr>, ...
     _plain(t[:s], acc, lists=True)
     _plain(t[s:], acc)
     _tables_after(t[:s], ("TABLE",), acc)
@@ -702,7 +719,8 @@ def _grant(t, acc):
     on = _find(t, "ON")
     if on is None:
         return                                       # roles
-    obj = word(t, on + 1) if word(t, on + 1) in ("TABLE", "FUNCTION", "PROCEDURE", "PACKAGE") else ""
+    obj = word(t, on + 1)
+    obj = obj if obj in ("TABLE", "FUNCTION", "PROCEDURE", "PACKAGE") else ""
     i, parts = on + 1 + bool(obj), []
     while i < len(t) and (t[i].kind in "wq" or op(t, i, "*")) and word(t, i) not in ("TO", "FROM"):
         parts.append(t[i].val.lower())
@@ -718,7 +736,7 @@ _HANDLERS = {
     "INSERT": _dml, "REPLACE": _dml, "UPDATE": _dml, "DELETE": _dml, "CREATE": _ddl,
     "ALTER": _ddl, "DROP": _drop, "SET": _set, "SHOW": _show, "USE": _use, "KILL": _kill,
     "EXPLAIN": _explain, "DESCRIBE": _explain, "DESC": _explain, "ANALYZE": _explain,
-    "CALL": _call, "DO": lambda t, acc: (setattr(acc, "kind", "DO"), _sql(t[1:], acc, "SELECT ")),
+    "CALL": _call, "DO": _do,
     "HANDLER": _handler, "LOAD": _load, "PREPARE": _prepare, "EXECUTE": _execute,
     "GRANT": _grant, "REVOKE": _grant,
 }

@@ -37,6 +37,8 @@ from hostagent.protocols.mysql.startup import Startup
 from hostagent.protocols.outputs import Outputs
 from hostagent.protocols.statements import requests_for
 
+# characters of statement text the judge reads (linear, on the proxy's loop: past this a
+# text is unparseable rather than stall every session; big values go as parameters)
 MAX_CLASSIFIED = 1 << 20
 DENIED_CODE, DENIED_STATE = 1142, "42000"
 # commands passed on as they are, with the answer each gets
@@ -312,14 +314,11 @@ class MysqlLayer(Startup, Answers):
     def _statement(self, pkt: Packet, prepare: bool) -> list[Command]:
         text = m.query_text(pkt.payload)
         try:
-            if text is None:
-                raise Unparseable("not UTF-8")
             if len(text) > MAX_CLASSIFIED:
                 raise Unparseable("too long to judge")
             statements = classify(text)
         except Unparseable:
             statements = [None]
-        text = text if text is not None else pkt.payload[1:].decode("utf-8", "replace")
         commands = requests_for(statements, text, target=self.target, identity=self.identity,
                                 database=self.database, protocol="mysql",
                                 how="prepare" if prepare else "query")

@@ -514,13 +514,11 @@ def statement_id(payload: bytes) -> int:
     return int.from_bytes(payload[1:5], "little")
 
 
-def query_text(payload: bytes) -> str | None:
-    """The text of COM_QUERY / COM_STMT_PREPARE; None when it is not UTF-8 (the judge
-    reads UTF-8: other bytes could be read otherwise by the server)."""
-    try:
-        return payload[1:].decode()
-    except UnicodeDecodeError:
-        return None
+def query_text(payload: bytes) -> str:
+    """The text of COM_QUERY / COM_STMT_PREPARE. Bytes that are not UTF-8 (a blob in a
+    _binary literal) become lone surrogates: in utf8mb4 the server too reads a byte that
+    starts no valid character as itself, so a quote after it is still a quote."""
+    return payload[1:].decode("utf-8", "surrogateescape")
 
 
 def local_infile_name(payload: bytes) -> str:

@@ -60,6 +60,7 @@ class Plan:
     types: tuple[int, ...]            # the server's types (binary rows are read with them)
     out_types: tuple[int, ...]        # the types the client is told
     payloads: tuple[bytes | None, ...]   # rewritten column definitions (None: unchanged)
+    binary: tuple[bool, ...]          # columns of the binary character set (blobs)
     trivial: bool                     # nothing to do on rows
 
 
@@ -94,14 +95,19 @@ def plan(columns: list[m.Column], masker: Masker, reads: Reads) -> Plan:
             out_types.append(col.type)
     types = tuple(c.type for c in columns)
     return Plan(tuple(actions), tuple(rules), types, tuple(out_types), tuple(payloads),
+                tuple(c.charset == m.BINARY_CHARSET for c in columns),
                 all(a == PASS for a in actions))
 
 
-def _scan(masker: Masker, value: bytes, rule_if_opaque: str) -> bytes:
+def _scan(masker: Masker, value: bytes, rule_if_opaque: str, binary: bool = False) -> bytes:
     try:
         return masker.scan_bytes(value)
-    except UnicodeDecodeError:      # not text: it can't be inspected, so masked whole
-        masker.count_column(rule_if_opaque)
+    except UnicodeDecodeError:
+        if binary:
+            # a blob: its bytes read one to a character, so text inside it (a key in a
+            # file's bytes) is found and masked in place, the rest left as it is
+            return masker.scan(value.decode("latin-1"))[0].encode("latin-1")
+        masker.count_column(rule_if_opaque)   # text that isn't: can't be inspected
         return MASK_BYTES
 
 
@@ -115,7 +121,7 @@ def mask_text_row(values: list, p: Plan, masker: Masker) -> list:
             masker.count_column(p.rules[i])
             out[i] = MASK_BYTES
         else:
-            out[i] = _scan(masker, v, "(masking)")
+            out[i] = _scan(masker, v, "(masking)", p.binary[i])
     return out
 
 
@@ -134,5 +140,5 @@ def mask_binary_row(values: list, p: Plan, masker: Masker, unsigned: tuple[bool,
             out[i] = _scan(masker, m.render_binary(v, p.types[i], unsigned[i]).encode(),
                            "(masking)")
         else:
-            out[i] = _scan(masker, v, "(masking)")
+            out[i] = _scan(masker, v, "(masking)", p.binary[i])
     return out

@@ -196,6 +196,10 @@ CASES = [
     ("SET character_set_client = 28", dict(unknown={"changes_parsing"})),   # gbk's id
     ("SET character_set_client = @saved", dict(unknown={"changes_parsing"})),
     ("SET character_set_client = utf8", dict(flags=set())),
+    ("SET @sql_mode = 'x', @character_set_client = 'gbk'", dict(flags=set())),   # user variables
+    ("SET NAMES utf8mb4, @a = (SELECT ssn FROM people)",
+     dict(kinds={"SET", "SELECT"}, tables=("people",), copies=True, flags=set())),
+    ("SET ROLE a, b", dict(kind="SET")),
     ("SET GLOBAL init_connect = 'DROP TABLE t'", dict(unknown={"dynamic_sql"})),
     ("SET TRANSACTION ISOLATION LEVEL READ COMMITTED", dict(kind="SET")),
     ("SET PASSWORD = PASSWORD('x')", dict(kind="SET", functions=("password",))),
@@ -205,7 +209,8 @@ CASES = [
     ("PREPARE s FROM 'DROP TABLE t'", dict(kind="PREPARE", kinds={"PREPARE", "DROP"},
                                            tables=("t",), prepares=("s", "DROP TABLE t"))),
     ("PREPARE s FROM 'SELECT * FROM t WHERE a = ? AND b = ''x\\\\''y'''",
-     dict(kinds={"PREPARE", "SELECT"}, prepares=("s", "SELECT * FROM t WHERE a = ? AND b = 'x\\'y'"))),
+     dict(kinds={"PREPARE", "SELECT"},
+          prepares=("s", "SELECT * FROM t WHERE a = ? AND b = 'x\\'y'"))),
     ("PREPARE s FROM 0x44524f50205441424c452074",     # (MariaDB) runs it
      dict(kinds={"PREPARE", "DROP"}, prepares=("s", "DROP TABLE t"))),
     ("PREPARE s FROM X'44454c4554452046524f4d2074'",
@@ -242,7 +247,7 @@ DISGUISES = [
     ("/*!DROP TABLE t*/", ["DROP"]),
     ("SELECT /*!50000 sleep(5), */ 1", ["SELECT"]),
     ("SELECT 1--1; DROP TABLE t", ["SELECT", "DROP"]),        # `--` needs a space after
-    ("SELECT 1 --x; DROP TABLE t", ["SELECT", "DROP"]),       # `1 - -x`
+    ("SELECT 1 --x; DROP TABLE t", ["SELECT", "DROP"]),       # `1 - -x` (no column x here)
     ("SELECT 1 -- ; DROP TABLE t", ["SELECT"]),
     ("SELECT 1 --\t; DROP TABLE t", ["SELECT"]),
     ("SELECT 1 --\x01; DROP TABLE t", ["SELECT"]),            # a control character counts

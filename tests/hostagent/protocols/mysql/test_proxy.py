@@ -362,20 +362,36 @@ print(json.dumps(res))
 
 
 def test_a_32_mib_row_goes_both_ways(host, db):
+    """In as a prepared statement's parameter (a text statement that long is not judged:
+    unparseable), out in both protocols; and a blob in a text statement's _binary literal
+    (bytes that are not UTF-8) under the cap."""
     p = run_py(host, f'''
-import hashlib, pymysql
+import hashlib, pymysql, mysql.connector
+big = bytes(range(256)) * (128 << 10)
+# (the C extension: the pure one cuts binary-protocol values over 16 MiB, direct too)
+cn = mysql.connector.connect(host="127.0.0.1", port={db.port}, user="x", password="y",
+                             database="shop", use_pure=False, ssl_disabled=True)
+k = cn.cursor(prepared=True)
+k.execute("CREATE TABLE IF NOT EXISTS big (id INT PRIMARY KEY, b LONGBLOB)")
+k.execute("REPLACE INTO big VALUES (?, ?)", (1, big))
+cn.commit()
+k.execute("SELECT b FROM big WHERE id = ?", (1,))
+binary = bytes(k.fetchall()[0][0])
 c = pymysql.connect(host="127.0.0.1", port={db.port}, user="x", password="y", database="shop",
                     max_allowed_packet=64 << 20)
 cur = c.cursor()
-cur.execute("CREATE TABLE IF NOT EXISTS big (id INT PRIMARY KEY, b LONGBLOB)")
-cur.execute("REPLACE INTO big VALUES (1, %s)", (bytes(range(256)) * (128 << 10),))
-c.commit()
 cur.execute("SELECT b FROM big WHERE id = 1")
-v = cur.fetchone()[0]
-print(len(v), hashlib.sha256(v).hexdigest() == hashlib.sha256(bytes(range(256)) * (128 << 10)).hexdigest())
+text = cur.fetchone()[0]
+cur.execute("REPLACE INTO big VALUES (2, %s)", (big[:300000],))
+c.commit()
+cur.execute("SELECT b FROM big WHERE id = 2")
+small = cur.fetchone()[0]
+print(len(binary), binary == big, text == big, small == big[:300000])
 ''')
     assert p.returncode == 0, p.stderr
-    assert p.stdout.split()[-2:] == [str(32 << 20), "True"]
+    assert p.stdout.split()[-4:] == [str(32 << 20), "True", "True", "True"]
+    binds = [b for b in events(host, "bind") if b["text"].startswith("REPLACE")]
+    assert binds and len(binds[0]["params"][1]) <= 1024          # recorded, cut
 
 
 def test_statements_are_kept_while_the_collector_is_down(host, db, tmp_path):
