@@ -70,6 +70,8 @@ def command_reply(payload: bytes, caps: int) -> list[bytes] | None:
         sql = payload[1:].decode("utf-8", "replace").strip().rstrip(";").strip()
         if sql.lower() == "select 1":
             return select_one(caps)
+        if sql.lower().startswith("select @@session.sql_mode, @@session.character_set_client"):
+            return settings(caps)   # what the proxy asks at login
         if sql.lower().split(" ", 1)[0] in ("set", "use", "commit", "rollback", "begin"):
             return [m.ok()]
         return [m.err(1064, "42000", f"the fake server answers SELECT 1 only, not {sql[:60]!r}")]
@@ -85,6 +87,20 @@ def select_one(caps: int) -> list[bytes]:
     if not caps & m.DEPRECATE_EOF:
         out.append(m.eof(m.STATUS_AUTOCOMMIT))
     out.append(m.text_row([b"1"]))
+    out.append(m.ok(header=0xFE) if caps & m.DEPRECATE_EOF else m.eof(m.STATUS_AUTOCOMMIT))
+    return out
+
+
+def settings(caps: int) -> list[bytes]:
+    """The session's sql_mode and client character set, as MySQL 8's defaults."""
+    cols = [m.Column("", "", "", name, "", 255, 1024, m.T_VAR_STRING, 0, 0x1f)
+            for name in ("@@SESSION.sql_mode", "@@SESSION.character_set_client")]
+    out = [lenenc(2)] + [m.column(c) for c in cols]
+    if not caps & m.DEPRECATE_EOF:
+        out.append(m.eof(m.STATUS_AUTOCOMMIT))
+    out.append(m.text_row([b"ONLY_FULL_GROUP_BY,STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,"
+                           b"NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION",
+                           b"utf8mb4"]))
     out.append(m.ok(header=0xFE) if caps & m.DEPRECATE_EOF else m.eof(m.STATUS_AUTOCOMMIT))
     return out
 

@@ -21,6 +21,8 @@ class Answers:
             return self._greet(pkt)
         if self.phase == "auth" and self._auth_state["upstream"] is None:
             return self._upstream_auth(pkt)
+        if self.phase == "probe":
+            return self._probed(pkt)
         if self.phase != "ready":
             raise ProtocolError(f"the server spoke during {self.phase}")
         if self.answer is None:

@@ -50,6 +50,10 @@ MAX_DEPTH = 8       # PREPARE ... FROM literals nested in each other, before Unp
 # client charsets whose multibyte characters can end in 0x5c: a backslash the server
 # doesn't see, so strings end elsewhere than we read them (MySQL's own list)
 _UNSAFE_CHARSETS = ("big5", "cp932", "gbk", "sjis", "gb18030")
+# sql_mode flags under which text is read otherwise: strings in double quotes become
+# names, backslashes stop escaping; the combinations that include ANSI_QUOTES
+PARSING_MODES = frozenset({"ANSI_QUOTES", "NO_BACKSLASH_ESCAPES", "ANSI", "DB2", "MAXDB",
+                           "MSSQL", "ORACLE", "POSTGRESQL"})
 _SAFE_INTRODUCERS = frozenset({"", "n", "utf8", "utf8mb3", "utf8mb4", "latin1", "ascii",
                                "binary"})
 _CHARSET_VARS = frozenset({"character_set_client", "character_set_connection",
@@ -512,6 +516,15 @@ def _drop(t, acc):
         raise Unparseable(f"DROP {obj[:20]} is not read")
 
 
+def _sql_mode_ok(value: list[Tok]) -> bool:
+    """A mode spelled out (a literal, or DEFAULT: the global one the session was checked
+    with at login) without a flag under which text reads otherwise."""
+    if len(value) != 1 or value[0].kind not in "wqs":
+        return False   # a variable, an expression: unknown until it runs
+    modes = {f.strip().upper() for f in value[0].val.split(",")}
+    return not modes & PARSING_MODES
+
+
 def _charset_ok(value: list[Tok]) -> bool:
     if len(value) != 1 or value[0].kind not in "wqs":
         return False   # a number (a charset's id), a variable, an expression: unknown
@@ -554,7 +567,7 @@ def _assignment(item, acc):
     value, base = item[i + 1:], name.lstrip("@")
     if base.split(".")[0] in ("global", "session", "local") and "." in base:
         base = base.split(".", 1)[1]
-    if system and base == "sql_mode":   # ANSI_QUOTES, NO_BACKSLASH_ESCAPES: text reads otherwise
+    if system and base == "sql_mode" and not _sql_mode_ok(value):
         acc.flag("changes_parsing", unknown=True)
     elif system and base in _CHARSET_VARS and not _charset_ok(value):
         acc.flag("changes_parsing", unknown=True)

@@ -12,11 +12,14 @@ from hostagent.protocols.api import (CLIENT, Command, ProtocolError, Record, Sta
                                      StartUpstreamTls, TlsEstablished)
 from hostagent.protocols.mysql import messages as m
 from hostagent.protocols.mysql.auth import AuthRefused, ClientAuth, UpstreamAuth
+from hostagent.protocols.mysql.classify import PARSING_MODES
 from hostagent.protocols.mysql.packets import Packet
 
 # Collations of the client character sets whose multibyte characters can end in a byte
 # that reads as `\` or a quote (big5, sjis, gbk, cp932, gb18030 and their nopad
 # variants): the server would split a statement where the judge (UTF-8) sees one string.
+UNSAFE_CHARSETS = ("big5", "sjis", "gbk", "cp932", "gb18030")
+PROBE = b"SELECT @@SESSION.sql_mode, @@SESSION.character_set_client"
 UNSAFE_COLLATIONS = frozenset({1, 84, 1025, 1108, 13, 88, 1037, 1112, 28, 87, 1052, 1111,
                                95, 96, 1119, 1120, 248, 249, 250})
 
@@ -168,14 +171,40 @@ class Startup:
         return [self._to_server(reply)] if reply is not None else []
 
     def _auth_done(self) -> list[Command]:
+        """Both legs logged in: before the agent's OK, the session's settings are read
+        from the server (PROBE): a mode or character set under which the server would
+        read statements otherwise than the judge (a server's or a user's default) ends
+        the session."""
         ok = self._auth_state["upstream"]
         if not self._auth_state["client"] or ok is None:
             return []
+        self.phase = "probe"
+        self._probe: list[bytes] = []
+        self._ok_status = m.parse_ok(ok).status
+        self.useq = 0
+        return [self._to_server(bytes((m.COM_QUERY,)) + PROBE)]
+
+    def _probed(self, pkt: Packet) -> list[Command]:
+        p = pkt.payload
+        if p[:1] == b"\xff":
+            e = m.parse_err(p)
+            return self._refuse(f"agentgate: the session's settings could not be read: "
+                                f"{e.message}", 1045, "28000")
+        self._probe.append(p)
+        # column count, 2 definitions, [EOF], the row, its end
+        if len(self._probe) < (5 if self.caps & m.DEPRECATE_EOF else 6):
+            return []
+        mode, charset = (v.decode("utf-8", "replace").upper() if v is not None else ""
+                         for v in m.parse_text_row(self._probe[-2], 2))
+        hazard = next((f for f in mode.split(",") if f in PARSING_MODES), None)
+        if hazard or charset.lower().startswith(UNSAFE_CHARSETS):
+            why = f"sql_mode {hazard}" if hazard else f"character set {charset.lower()}"
+            return self._refuse(f"agentgate: the session's {why} would make the server read "
+                                f"statements otherwise than they are judged", 1231, "42000")
         self.phase = "ready"
-        status = m.parse_ok(ok).status
         waiting = self._change_user_done() if self.answer == "change_user" else []
         self.answer = None
-        return [self._to_client(m.ok(status))] + waiting
+        return [self._to_client(m.ok(self._ok_status))] + waiting
 
     # ------------------------------------------------------------------ change user
 

@@ -35,7 +35,7 @@ def packets(data: bytes):
     return PacketReader().receive_data(data)
 
 
-def logged_in(**kw) -> MysqlLayer:
+def logged_in(mode: str = "STRICT_TRANS_TABLES", **kw) -> MysqlLayer:
     """A layer past start-up: the server greeted, the agent answered, the server said OK."""
     layer = MysqlLayer(decide=decide, target="db", identity={"uid": 1000}, user="app",
                        password="pw", **kw)
@@ -51,9 +51,23 @@ def logged_in(**kw) -> MysqlLayer:
     assert (sent.user, sent.database, up.seq) == ("app", "shop", 1)
     assert sent.auth == native_scramble(b"pw", NONCE)            # the injected password
     out = layer.handle(DataReceived(UPSTREAM, frame(m.ok(), 2)[0]))
+    (probe,) = packets(to_upstream(out))              # the session's settings, first
+    assert probe.payload.startswith(b"\x03SELECT @@SESSION.sql_mode") and not to_client(out)
+    out = layer.handle(DataReceived(UPSTREAM, probe_answer(mode)))
     (ok,) = packets(to_client(out))
     assert ok.payload[:1] == b"\0" and ok.seq == 2
     return layer
+
+
+def probe_answer(mode: str, charset: str = "utf8mb4") -> bytes:
+    """The server's answer to the layer's settings probe (DEPRECATE_EOF: no EOFs)."""
+    col = m.Column("", "", "", "m", "", 45, 64, m.T_VAR_STRING, 0, 0)
+    data, seq = b"", 1
+    for p in (b"\x02", m.column(col), m.column(col), m.text_row([mode.encode(), charset.encode()]),
+              m.ok(2, header=0xFE)):
+        chunk, seq = frame(p, seq)
+        data += chunk
+    return data
 
 
 def query(text: str, seq: int = 0) -> bytes:
@@ -195,3 +209,16 @@ def test_a_client_character_set_that_can_hide_a_backslash_is_refused(charset):
                                    "mysql_native_password")
     out = layer.handle(DataReceived(CLIENT, frame(m.handshake_response(response), 1)[0]))
     assert isinstance(out[-1], Close) and b"character set" in out[-1].final
+
+
+@pytest.mark.parametrize("mode", ["ANSI_QUOTES", "STRICT_ALL_TABLES,NO_BACKSLASH_ESCAPES", "ORACLE"])
+def test_a_session_whose_sql_mode_reads_text_otherwise_is_refused(mode):
+    layer = MysqlLayer(decide=decide, target="db", user="app", password="pw")
+    layer.handle(Start(("127.0.0.1", 3306)))
+    layer.handle(DataReceived(UPSTREAM, frame(m.greeting(GREETING), 0)[0]))
+    response = m.HandshakeResponse(m.SUPPORTED, 1 << 24, 45, "a", b"", None,
+                                   "mysql_native_password")
+    layer.handle(DataReceived(CLIENT, frame(m.handshake_response(response), 1)[0]))
+    layer.handle(DataReceived(UPSTREAM, frame(m.ok(), 2)[0]))
+    out = layer.handle(DataReceived(UPSTREAM, probe_answer(mode)))
+    assert isinstance(out[-1], Close) and b"sql_mode" in out[-1].final

@@ -429,3 +429,13 @@ print("other session", cur.fetchone()[0])
 ''')
     assert p.returncode == 0, p.stderr
     assert p.stdout.split()[-1] == "2"
+
+
+def test_a_server_whose_sql_mode_reads_text_otherwise_is_refused(host, db):
+    db.sql("SET GLOBAL sql_mode = CONCAT(@@GLOBAL.sql_mode, ',NO_BACKSLASH_ESCAPES')")
+    try:
+        p = mariadb(host, db, "SELECT 'never'")
+    finally:
+        db.sql("SET GLOBAL sql_mode = REPLACE(@@GLOBAL.sql_mode, ',NO_BACKSLASH_ESCAPES', '')")
+    assert p.returncode != 0 and "never" not in p.stdout
+    assert "sql_mode NO_BACKSLASH_ESCAPES would make the server read" in p.stderr, p.stderr
