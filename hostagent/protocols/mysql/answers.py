@@ -152,6 +152,8 @@ class Answers:
 
     def _ok(self, pkt: Packet) -> list[Command]:
         ok = m.parse_ok(pkt.payload)
+        if self._to_utf8 and not ok.status & m.MORE_RESULTS_EXISTS:
+            self.ascii_only = self._to_utf8 = False
         sid, out = self.outputs.complete(f"OK, {ok.affected} row"
                                          f"{'s' if ok.affected != 1 else ''} affected")
         out["rows_affected"] = ok.affected

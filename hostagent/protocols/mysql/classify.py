@@ -44,16 +44,22 @@ class Statement:
     executes: str | None = None               # EXECUTE name
     database: str | None = None               # USE db
     kill: tuple[str, int] | None = None       # KILL [QUERY|CONNECTION] n
+    # names that are not base tables here (CTEs): result columns the server says come
+    # from them prove nothing about their source (masking)
+    derived: frozenset[str] = frozenset()
 
 
 MAX_DEPTH = 8       # PREPARE ... FROM literals nested in each other, before Unparseable
 # client charsets whose multibyte characters can end in 0x5c: a backslash the server
 # doesn't see, so strings end elsewhere than we read them (MySQL's own list)
-_UNSAFE_CHARSETS = ("big5", "cp932", "gbk", "sjis", "gb18030")
 # sql_mode flags under which text is read otherwise: strings in double quotes become
 # names, backslashes stop escaping; the combinations that include ANSI_QUOTES
 PARSING_MODES = frozenset({"ANSI_QUOTES", "NO_BACKSLASH_ESCAPES", "ANSI", "DB2", "MAXDB",
                            "MSSQL", "ORACLE", "POSTGRESQL"})
+# The client character sets statements may be sent in: the judge reads UTF-8. Others
+# read bytes otherwise (gbk's second bytes hide a backslash, latin1's 0xA0 is a space
+# where UTF-8 has a letter), so the server would run what the judge never saw.
+SAFE_CHARSETS = frozenset({"utf8mb4", "utf8mb3", "utf8"})
 _SAFE_INTRODUCERS = frozenset({"", "n", "utf8", "utf8mb3", "utf8mb4", "latin1", "ascii",
                                "binary"})
 _CHARSET_VARS = frozenset({"character_set_client", "character_set_connection",
@@ -99,6 +105,7 @@ class _Acc:
         self.unknown: set[str] = set()
         self.reads: set[str] = set()
         self.prepares = self.executes = self.database = self.kill = None
+        self.derived: set[str] = set()
 
     def flag(self, name: str, unknown: bool = False) -> None:
         self.flags.add(name)
@@ -119,18 +126,21 @@ class _Acc:
         self.flags |= o.flags
         self.unknown |= o.unknown
         self.reads |= o.reads
+        self.derived |= o.derived
 
     def sub(self, toks: list[Tok]) -> "_Acc":
         s = _Acc(self.depth)
         _simple(toks, s)
         s.kinds.add(s.kind)
+        s.kinds |= _implied(toks, 0, s.statement("")).kinds
         return s
 
     def statement(self, text: str) -> Statement:
         return Statement(self.kind, text, frozenset(self.kinds | {self.kind}),
                          tuple(dict.fromkeys(self.tables)), tuple(dict.fromkeys(self.functions)),
                          frozenset(self.flags), frozenset(self.unknown), frozenset(self.reads),
-                         self.copies, self.prepares, self.executes, self.database, self.kill)
+                         self.copies, self.prepares, self.executes, self.database, self.kill,
+                         frozenset(self.derived))
 
 
 _cache = TextCache()        # text -> its Statements (or the Unparseable it raised)
@@ -174,11 +184,28 @@ def _classify(text: str, depth: int) -> list[Statement]:
                 _simple(toks[u.lo:u.hi], acc)
             else:
                 _compound(toks, u, acc)
-            st = acc.statement("")
+            st = _implied(toks, u.lo, acc.statement(""))
             if key:
                 _judged.put(key, st, 2 * len(key))
+        for name in (*st.tables, *st.functions, st.database or ""):
+            if not name.isascii():
+                try:
+                    name.encode()
+                except UnicodeEncodeError:   # bytes that are not UTF-8 (lone surrogates)
+                    raise Unparseable("a name that is not UTF-8") from None
         out.append(replace(st, text=("".join(parts) + text[at:hi]).strip()))
     return out
+
+
+def _implied(toks: list[Tok], lo: int, st: Statement) -> Statement:
+    """What a statement does beyond its verb: CREATE OR REPLACE drops what it replaces
+    (a table's rows, a database), RENAME TABLE alters (it can move a table away)."""
+    extra = set()
+    if word(toks, lo) == "CREATE" and word(toks, lo + 1) == "OR" and word(toks, lo + 2) == "REPLACE":
+        extra.add("DROP")
+    if "RENAME" in st.kinds:
+        extra.add("ALTER")
+    return replace(st, kinds=st.kinds | extra) if extra else st
 
 
 def _compound(toks: list[Tok], u, acc: _Acc) -> None:
@@ -306,6 +333,7 @@ def _sql(toks: list[Tok], acc: _Acc, prefix: str = ""):
     if len(trees) != 1 or trees[0] is None:
         raise Unparseable("not one statement")
     root, selects = trees[0], 0
+    acc.derived.update(c.alias_or_name.lower() for c in root.find_all(exp.CTE))
     for node in root.walk(bfs=False):             # depth first: the order written
         if isinstance(node, (exp.Command, exp.Into)):
             raise Unparseable("a part sqlglot does not model")
@@ -525,11 +553,15 @@ def _sql_mode_ok(value: list[Tok]) -> bool:
     return not modes & PARSING_MODES
 
 
+def _collation_ok(value: list[Tok]) -> bool:
+    return len(value) == 1 and value[0].kind in "wqs" and \
+        value[0].val.lower().split("_", 1)[0] in SAFE_CHARSETS
+
+
 def _charset_ok(value: list[Tok]) -> bool:
     if len(value) != 1 or value[0].kind not in "wqs":
         return False   # a number (a charset's id), a variable, an expression: unknown
-    v = value[0].val.lower()
-    return v != "default" and not v.startswith(_UNSAFE_CHARSETS)
+    return value[0].val.lower() in SAFE_CHARSETS
 
 
 def _set(t, acc):
@@ -550,7 +582,7 @@ def _set(t, acc):
             k = 2 if w == "CHARACTER" else 1
             rest = item[k + 1:]
             if not _charset_ok(item[k:k + 1]) or (rest and (
-                    len(rest) != 2 or word(rest, 0) != "COLLATE" or not _charset_ok(rest[1:]))):
+                    len(rest) != 2 or word(rest, 0) != "COLLATE" or not _collation_ok(rest[1:]))):
                 acc.flag("changes_parsing", unknown=True)
         else:
             _assignment(item, acc)
@@ -569,7 +601,8 @@ def _assignment(item, acc):
         base = base.split(".", 1)[1]
     if system and base == "sql_mode" and not _sql_mode_ok(value):
         acc.flag("changes_parsing", unknown=True)
-    elif system and base in _CHARSET_VARS and not _charset_ok(value):
+    elif system and base in _CHARSET_VARS and not (
+            _collation_ok if base.startswith("collation") else _charset_ok)(value):
         acc.flag("changes_parsing", unknown=True)
     elif system and base in ("init_connect", "init_slave", "init_replica"):
         acc.flag("dynamic_sql", unknown=True)    # SQL run by later connections

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -40,6 +41,8 @@ from hostagent.protocols.statements import requests_for
 # characters of statement text the judge reads (linear, on the proxy's loop: past this a
 # text is unparseable rather than stall every session; big values go as parameters)
 MAX_CLASSIFIED = 1 << 20
+TO_UTF8 = re.compile(r"\s*SET\s+(?:NAMES|CHARSET|CHARACTER\s+SET)\s+['\"`]?utf8(?:mb[34])?"
+                     r"['\"`]?\s*(?:COLLATE\s+['\"`]?utf8\w*['\"`]?\s*)?;?\s*$", re.I)
 DENIED_CODE, DENIED_STATE = 1142, "42000"
 # commands passed on as they are, with the answer each gets
 SIMPLE = {m.COM_PING: "ok", m.COM_STMT_RESET: "ok", m.COM_SET_OPTION: "ok",
@@ -64,7 +67,8 @@ class Prepared:
 
 class MysqlLayer(Startup, Answers):
     name = "mysql"
-    relays_eof = True
+    # a side's EOF ends the session (a TLS leg has no half-close: the agent would wait)
+    relays_eof = False
 
     def __init__(self, *, decide: Callable[[Request], Decision], target: str,
                  identity: dict | None = None, user: str = "", password: str = "",
@@ -122,6 +126,8 @@ class MysqlLayer(Startup, Answers):
         self._swallow = False           # the rest of an answer the agent won't get
         self._last_read_masked = False
         self._cursor = False            # the EXECUTE being answered opens a cursor
+        self.ascii_only = True          # until the server says the session is UTF-8
+        self._to_utf8 = False           # the statement being answered makes it UTF-8
 
     @classmethod
     def for_session(cls, ctx: SessionContext) -> "MysqlLayer":
@@ -170,10 +176,11 @@ class MysqlLayer(Startup, Answers):
                 return [Close(f"client TLS handshake failed: {event.error}")]
             return self._refuse(f"agentgate: upstream TLS failed ({self.tls}): {event.error}")
         if kind is Aborted:
-            return self._close(event.reason, self._err_packet(2013, "HY000",
+            return self._close(event.reason, self._err_packet(1927, "70100",
                                                               f"agentgate: {event.reason}"))
-        if kind is EofReceived and event.side == CLIENT:
-            self.closed = True
+        if kind is EofReceived:
+            return self._close("the agent closed" if event.side == CLIENT
+                               else "the server closed the connection")
         return []
 
     def buffered(self) -> int:
@@ -208,8 +215,11 @@ class MysqlLayer(Startup, Answers):
     def _refuse(self, message: str, code: int = 1045, state: str = "28000") -> list[Command]:
         """The session can't go on: the agent gets the error at once (before its own
         greeting if need be: a server that refuses a host does the same)."""
+        greeted = self.phase != "greeting"
         self.phase = self.up_phase = "refused"
         self._waiting.clear()
+        if not greeted:   # in place of a greeting: no SQLSTATE, as a server refusing a host
+            return self._close(message, frame(b"\xff" + m.u16(code) + message.encode(), 0)[0])
         return self._close(message, self._err_packet(code, state, message))
 
     # ------------------------------------------------------------------ the agent's side
@@ -313,7 +323,12 @@ class MysqlLayer(Startup, Answers):
 
     def _statement(self, pkt: Packet, prepare: bool) -> list[Command]:
         text = m.query_text(pkt.payload)
+        self._to_utf8 = False
         try:
+            if self.ascii_only and not text.isascii():
+                # the server reads these bytes in a single-byte character set (0xA0 is a
+                # space in latin1): only ASCII reads the same to it and to the judge
+                raise Unparseable("not ASCII while the session's character set isn't UTF-8")
             if len(text) > MAX_CLASSIFIED:
                 raise Unparseable("too long to judge")
             statements = classify(text)
@@ -322,6 +337,8 @@ class MysqlLayer(Startup, Answers):
         commands = requests_for(statements, text, target=self.target, identity=self.identity,
                                 database=self.database, protocol="mysql",
                                 how="prepare" if prepare else "query")
+        if self.ascii_only and len(statements) == 1 and TO_UTF8.match(text):
+            self._to_utf8 = True     # once its OK comes, statements may be UTF-8
         reads = reads_of(statements, self.masker) if self.masker else Reads()
         extra = []
         if self.masker and reads.masked and any(
@@ -329,14 +346,16 @@ class MysqlLayer(Startup, Answers):
                 for st in statements):
             extra.append(Decision("deny", "(masking)", "it could copy masked columns "
                                   "where masking does not follow them"))
-        kill = [st.kill for st in statements if st is not None and getattr(st, "kill", None)]
+        kill = [st.kill for st in statements if st is not None and st.kill]
+        if any(st is not None and "KILL" in st.kinds and not (st.kind == "KILL" and st.kill)
+               for st in statements) or (kill and (len(statements) != 1 or prepare)):
+            # thread ids are mapped only for a KILL sent as itself: inside PREPARE, a
+            # procedure or SET STATEMENT it would reach the server's ids unmapped
+            extra.append(Decision("deny", "(protocol)", "KILL must be sent alone, as itself"))
         verdict, out = self.enforcer.judge(commands, extra)
         if verdict.action == "deny":
             return out + [self._denied(verdict)]
         if kill:
-            if len(statements) != 1 or prepare:
-                return out + [self._denied(Decision("deny", "(protocol)",
-                                                    "KILL must be sent alone"))]
             if verdict.action == "review":
                 return out + [self.enforcer.hold(("kill", pkt, kill[0]), verdict, text)]
             return out + self._kill(kill[0][0], kill[0][1], None)
@@ -360,8 +379,14 @@ class MysqlLayer(Startup, Answers):
                     prior = self.sql_prepared.get(st.executes.lower(), Reads(masked=True))
                     reads = Reads(reads.tables | prior.tables, reads.masked or prior.masked,
                                   reads.rules + prior.rules)
+        if self.masker is not None and self._last_read_masked and any(
+                st is None or st.kind in ("SHOW", "GET") for st in statements):
+            # SHOW WARNINGS / ERRORS, GET DIAGNOSTICS quote the values the statement
+            # before read: its columns without a source are masked whole
+            reads = Reads(reads.tables, True, reads.rules or ("(masking)",))
         self.reads, self.running = reads, statements
-        self._last_read_masked = reads.masked
+        if not any(st is not None and st.kind in ("SHOW", "GET") for st in statements):
+            self._last_read_masked = reads.masked
         if prepare:
             self.answer, self.step = "prepare", "ok"
             self._prepare = Prepared(text, reads)

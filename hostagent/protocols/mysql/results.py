@@ -44,7 +44,7 @@ def reads_of(statements, masker: Masker) -> Reads:
     for st in statements:
         if st is None:
             return Reads(frozenset(), True, ("(unparsed)",))
-        tables.update(t.rsplit(".", 1)[-1] for t in st.tables)
+        tables.update(t.rsplit(".", 1)[-1] for t in st.tables if t not in st.derived)
         for col in st.reads:
             rule = masker.column_masked_anywhere(col)
             if rule:

@@ -191,9 +191,9 @@ CASES = [
     ("SET NAMES gbk", dict(unknown={"changes_parsing"})),
     ("SET NAMES 'sjis' COLLATE 'sjis_bin'", dict(unknown={"changes_parsing"})),
     ("SET NAMES utf8mb4 COLLATE utf8mb4_bin", dict(flags=set(), unknown=set())),
-    ("SET NAMES latin1", dict(flags=set())),
+    ("SET NAMES latin1", dict(unknown={"changes_parsing"})),   # 0xA0: a space to latin1
     ("SET CHARACTER SET big5", dict(unknown={"changes_parsing"})),
-    ("SET CHARSET binary", dict(flags=set())),
+    ("SET CHARSET binary", dict(unknown={"changes_parsing"})),
     ("SET character_set_client = cp932", dict(unknown={"changes_parsing"})),
     ("SET @@character_set_connection = 'gb18030'", dict(unknown={"changes_parsing"})),
     ("SET collation_connection = gbk_chinese_ci", dict(unknown={"changes_parsing"})),

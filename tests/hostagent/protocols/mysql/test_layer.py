@@ -35,7 +35,7 @@ def packets(data: bytes):
     return PacketReader().receive_data(data)
 
 
-def logged_in(mode: str = "STRICT_TRANS_TABLES", **kw) -> MysqlLayer:
+def logged_in(mode: str = "STRICT_TRANS_TABLES", charset: str = "utf8mb4", **kw) -> MysqlLayer:
     """A layer past start-up: the server greeted, the agent answered, the server said OK."""
     layer = MysqlLayer(decide=decide, target="db", identity={"uid": 1000}, user="app",
                        password="pw", **kw)
@@ -53,7 +53,7 @@ def logged_in(mode: str = "STRICT_TRANS_TABLES", **kw) -> MysqlLayer:
     out = layer.handle(DataReceived(UPSTREAM, frame(m.ok(), 2)[0]))
     (probe,) = packets(to_upstream(out))              # the session's settings, first
     assert probe.payload.startswith(b"\x03SELECT @@SESSION.sql_mode") and not to_client(out)
-    out = layer.handle(DataReceived(UPSTREAM, probe_answer(mode)))
+    out = layer.handle(DataReceived(UPSTREAM, probe_answer(mode, charset)))
     (ok,) = packets(to_client(out))
     assert ok.payload[:1] == b"\0" and ok.seq == 2
     return layer
@@ -222,3 +222,15 @@ def test_a_session_whose_sql_mode_reads_text_otherwise_is_refused(mode):
     layer.handle(DataReceived(UPSTREAM, frame(m.ok(), 2)[0]))
     out = layer.handle(DataReceived(UPSTREAM, probe_answer(mode)))
     assert isinstance(out[-1], Close) and b"sql_mode" in out[-1].final
+
+
+def test_a_latin1_session_may_send_ascii_only_until_it_sets_utf8():
+    layer = logged_in(charset="latin1")     # (libmysqlclient logs in with latin1)
+    # 0xA0 is a space to latin1, a letter to a UTF-8 reader: the server would run a UNION
+    hidden = frame(b"\x03SELECT item\xa0FROM\xa0orders\xa0UNION\xa0SELECT\xa0card\xa0FROM\xa0c", 0)[0]
+    out = layer.handle(DataReceived(CLIENT, hidden))
+    assert not to_upstream(out) and m.parse_err(packets(to_client(out))[0].payload).code == 1142
+    assert to_upstream(layer.handle(DataReceived(CLIENT, query("SET NAMES utf8mb4"))))
+    layer.handle(DataReceived(UPSTREAM, frame(m.ok(), 1)[0]))
+    out = layer.handle(DataReceived(CLIENT, query("SELECT 'café'")))
+    assert to_upstream(out) == query("SELECT 'café'")

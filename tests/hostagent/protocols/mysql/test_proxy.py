@@ -439,3 +439,105 @@ def test_a_server_whose_sql_mode_reads_text_otherwise_is_refused(host, db):
         db.sql("SET GLOBAL sql_mode = REPLACE(@@GLOBAL.sql_mode, ',NO_BACKSLASH_ESCAPES', '')")
     assert p.returncode != 0 and "never" not in p.stdout
     assert "sql_mode NO_BACKSLASH_ESCAPES would make the server read" in p.stderr, p.stderr
+
+
+def test_masked_values_do_not_leak_through_ctes_or_warnings(host, db):
+    p = run_py(host, f'''
+import json, pymysql
+c = pymysql.connect(host="127.0.0.1", port={db.port}, user="x", password="y", database="shop")
+cur = c.cursor()
+out = {{}}
+cur.execute("WITH d AS (SELECT * FROM customers) SELECT id, email, card FROM d ORDER BY id")
+out["cte"] = [list(r) for r in cur.fetchall()]
+cur.execute("WITH d AS (SELECT HEX(email) h FROM customers) SELECT h FROM d")
+out["hex"] = [list(r) for r in cur.fetchall()]
+cur.execute("SELECT CAST(card AS DATE) FROM customers WHERE id = 1")
+cur.execute("SHOW WARNINGS")
+out["warnings"] = [list(r) for r in cur.fetchall()]
+print(json.dumps(out))
+''')
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.splitlines()[-1])
+    # (a CTE's columns prove nothing about their source: all masked, id too)
+    assert out["cte"] == [["****", "****", "****"], ["****", "****", None]]
+    assert out["hex"] == [["****"], ["****"]]
+    assert out["warnings"] and "4111111111111111" not in json.dumps(out["warnings"])
+
+
+def test_disguised_destruction_and_charset_tricks_are_refused(host, db):
+    db.sql("CREATE TABLE IF NOT EXISTS victim (x INT); INSERT INTO victim VALUES (1)", db="shop")
+    p = run_py(host, f'''
+import json, pymysql
+out = {{}}
+c = pymysql.connect(host="127.0.0.1", port={db.port}, user="x", password="y", database="shop")
+cur = c.cursor()
+for name, sql in [("replace", "CREATE OR REPLACE TABLE victim (x INT)"),
+                  ("rename", "RENAME TABLE victim TO victim_gone"),
+                  ("kill", "PREPARE k FROM 'KILL CONNECTION 1'")]:
+    try:
+        cur.execute(sql)
+        out[name] = "ran"
+    except pymysql.MySQLError as e:
+        out[name] = e.args[0]
+# latin1 (where 0xA0 is a space, a letter to a UTF-8 reader): PyMySQL's SET NAMES latin1
+try:
+    pymysql.connect(host="127.0.0.1", port={db.port}, user="x", password="y", database="shop",
+                    charset="latin1")
+    out["latin1"] = "connected"
+except pymysql.MySQLError as e:
+    out["latin1"] = e.args[0]
+print(json.dumps(out))
+''')
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.splitlines()[-1])
+    assert out == {"replace": 1142, "rename": 1142, "kill": 1142, "latin1": 1142}, out
+    assert db.sql("SELECT COUNT(*) FROM victim", db="shop").strip() == "1"
+
+
+def test_the_database_named_at_login_is_judged(make, db):
+    h = make(policy=POLICY + '''
+[[rules]]
+name = "not-mysql"
+action = "deny"
+reason = "the system schema is off limits"
+databases = ["mysql"]
+''')
+    p = subprocess.run([str(BIN / "agentgate"), "run", "--config", str(h.config), "--user",
+                        "nobody", "--", "mariadb", "-h", "127.0.0.1", "-P", str(db.port), "-u", "x",
+                        "-py", "--batch", "-e", "SELECT 1", "mysql"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "ERROR 1044 (42000)" in p.stderr and "not-mysql" in p.stderr, p.stderr
+
+
+def test_an_agent_on_tls_learns_at_once_that_the_server_went_away(host, db):
+    script = host.public / "gone.py"
+    script.write_text(f'''
+import time, sys, pymysql
+c = pymysql.connect(host="127.0.0.1", port={db.port}, user="x", password="y", database="shop",
+                    read_timeout=30)
+cur = c.cursor()
+cur.execute("SELECT CONNECTION_ID()")
+print(cur.fetchone()[0], c._sock.version(), flush=True)
+sys.stdin.readline()                         # the test kills the server thread
+t = time.monotonic()
+try:
+    cur.execute("SELECT 1")
+    print("ran")
+except pymysql.MySQLError as e:
+    print(e.args[0], time.monotonic() - t < 10)
+''')
+    script.chmod(0o644)
+    proc = subprocess.Popen([str(BIN / "agentgate"), "run", "--config", str(host.config),
+                             "--user", "nobody", "--", VENV_PY, str(script)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        thread, version = proc.stdout.readline().split()
+        assert version.startswith("TLSv1.")          # the agent's leg is TLS
+        db.sql(f"KILL {int(thread)}")
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert out.split()[-1] == "True", (out, err)     # an error, not a 30 s read timeout
