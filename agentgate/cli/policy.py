@@ -45,7 +45,7 @@ def check(file):
 @click.option("--remote-user", default="root", show_default=True,
               help="The account an SSH command runs as (ssh).")
 @click.option("--protocol", default="postgres", show_default=True,
-              help="postgres, or http/https with --request.")
+              help="postgres or mysql (how --sql is read), or http/https with --request.")
 @click.option("--database", default="", help="Database of the session.")
 @click.option("--user", default="", help="The agent's user name.")
 @click.option("--exe", default="", help="The agent's executable path.")
@@ -57,7 +57,6 @@ def explain(file, target, sql, http, headers, body, ssh_command, remote_user, pr
     as the proxy does."""
     from hostagent.policy import decide
     from hostagent.protocols.enforce import strictest
-    from hostagent.protocols.postgres.classify import Unparseable, classify
     from hostagent.protocols.statements import requests_for
     p = _load(file)
     identity = {"user": user, "exe": exe}
@@ -70,14 +69,19 @@ def explain(file, target, sql, http, headers, body, ssh_command, remote_user, pr
     if sql is None:
         raise Failure("give --sql (postgres), --request (http, https) or --command (ssh)",
                       EXIT_USAGE)
+    if protocol == "postgres":
+        from hostagent.protocols.postgres.classify import Unparseable, classify
+    elif protocol == "mysql":
+        from hostagent.protocols.mysql.classify import Unparseable, classify
+    else:
+        raise Failure(f"explain reads SQL as postgres or mysql, not {protocol}", EXIT_USAGE)
     try:
         statements = classify(sql)
     except Unparseable:
         statements = [None]
-    if protocol != "postgres":
-        raise Failure("explain knows only postgres statements so far", EXIT_USAGE)
     judged = [(fields, decide(p, req)) for req, fields in requests_for(
-        statements, sql, target=target, identity=identity, database=database)]
+        statements, sql, target=target, identity=identity, database=database,
+        protocol=protocol)]
     final = strictest(d for _, d in judged)
     if as_json:
         emit_json({**final.as_dict(), "statements": [

@@ -62,3 +62,19 @@ def test_explain_an_ssh_command(tmp_path):
                                      "  runs: cat /etc/hosts", "  runs: sh"]
     r = run_cli("policy", "explain", str(policy), "--target", "web1", "--protocol", "ssh")
     assert r.returncode == 2 and "--command" in r.stderr
+
+
+def test_explain_mysql_reads_sql_as_mysql_does(tmp_path):
+    policy = tmp_path / "p.toml"
+    policy.write_text('default = "allow"\n[[rules]]\nname = "no-drop"\naction = "deny"\n'
+                      'statements = ["DROP"]\n')
+    # an executable comment runs on MySQL; to PostgreSQL it is a comment
+    text = "SELECT 1 /*!50000 , (SELECT 1 FROM t WHERE 0) */; /*!50000 DROP TABLE t */"
+    r = run_cli("policy", "explain", str(policy), "--target", "db", "--protocol", "mysql",
+                "--sql", text, "--json")
+    assert json.loads(r.stdout)["rule"] == "no-drop"
+    r = run_cli("policy", "explain", str(policy), "--target", "db", "--sql", text, "--json")
+    assert json.loads(r.stdout)["action"] == "allow"
+    r = run_cli("policy", "explain", str(policy), "--target", "db", "--protocol", "oracle",
+                "--sql", "SELECT 1")
+    assert r.returncode == 2 and "postgres or mysql" in r.stderr
