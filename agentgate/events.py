@@ -44,7 +44,8 @@ EVENT_KINDS: dict[str, tuple[str, str]] = {
                     "destination, origin"),
     COMMAND: ("protocols", "text, decision (action allow|deny|review, rule, reason, would "
               "in audit mode), plus the protocol's: kinds, tables, functions, flags, "
-              "database, statement, protocol (postgres); method, host, path, query, "
+              "database, statement, protocol (postgres; mysql: query, prepare, COM_INIT_DB, "
+              "COM_FIELD_LIST), text_chars (a text cut for the record); method, host, path, query, "
               "http_version, headers (credentials redacted), body, body_bytes (http); kind "
               "(login|exec|shell|line|subsystem|sftp|forward), remote_user, commands, "
               "flags, via (stdin|terminal), term, cols, rows, modes, operation, paths, "
@@ -54,7 +55,8 @@ EVENT_KINDS: dict[str, tuple[str, str]] = {
     APPROVAL: ("proxy", "id, state (pending|approved|denied|expired|unavailable|cancelled), rule, "
                "expires_ns, decided_by, reason, error"),
     OUTPUT: ("protocols", "summary, rows_returned, rows_affected, duration_us, columns, "
-             "sample, sample_capped, masked, sqlstate, error; status, headers, bytes (http); "
+             "sample, sample_capped, masked, sqlstate, error; code, warnings, statement, params "
+             "(mysql); status, headers, bytes (http); "
              "exit_status, exit_signal, bytes_in, bytes_out; kind file: path, mode, "
              "bytes_read, bytes_written, status (ssh)"),
     DATA: ("tcp, kubernetes, ssh", "dir (in|out), data (bytes); stream (stdin, stdout, stderr, "
@@ -75,8 +77,10 @@ EVENT_KINDS: dict[str, tuple[str, str]] = {
                    "bytes, sent (once sent)"),
     "cancel": ("postgres", "matched, forwarded"),
     "auth": ("postgres, mysql, ssh", "method (scram-sha-256[-plus], md5, cleartext, none; "
-             "publickey, password), channel_binding, server_verified (certificate, scram, "
-             "known_hosts...); remote_user, asked_user, server_key, refused (ssh)"),
+             "mysql_native_password, caching_sha2_password, client_ed25519...; publickey, "
+             "password), channel_binding, server_verified (certificate, scram, known_hosts...); "
+             "path (scramble, fast, rsa, cleartext), switched, server_key (pinned, requested): "
+             "mysql; remote_user, asked_user, server_key, refused (ssh)"),
     "catalog": ("postgres", "error, masking (the catalog could not be read: every result "
                 "column is masked)"),
     "exec": ("run", "pid, uid, comm, filename"),
