@@ -10,7 +10,7 @@ from hostagent.policy import Request
 from hostagent.protocols.api import Command, ProtocolError, Record
 from hostagent.protocols.mysql import messages as m
 from hostagent.protocols.mysql.packets import Cursor, Packet
-from hostagent.protocols.mysql.results import mask_binary_row, mask_text_row, plan
+from hostagent.protocols.mysql.results import mask_row, plan
 
 
 class Answers:
@@ -113,7 +113,7 @@ class Answers:
         if self.binary:
             values = m.parse_binary_row(pkt.payload, [c.type for c in self.columns])
             if p is not None and not p.trivial:
-                values = mask_binary_row(values, p, self.masker, self.unsigned)
+                values = mask_row(values, p, self.masker, self.unsigned)
                 out_types = list(p.out_types)
                 payload = m.binary_row(values, out_types)
             else:
@@ -129,7 +129,7 @@ class Answers:
             values = m.parse_text_row(pkt.payload, len(self.columns))
             payload = None
             if p is not None and not p.trivial:
-                values = mask_text_row(values, p, self.masker)
+                values = mask_row(values, p, self.masker)
                 payload = m.text_row(values)
             self.outputs.row(values if sample else None)
         return [self._to_client(payload) if payload is not None else self._pass_to_client(pkt)]

@@ -111,7 +111,11 @@ def _scan(masker: Masker, value: bytes, rule_if_opaque: str, binary: bool = Fals
         return MASK_BYTES
 
 
-def mask_text_row(values: list, p: Plan, masker: Masker) -> list:
+def mask_row(values: list, p: Plan, masker: Masker,
+             unsigned: tuple[bool, ...] | None = None) -> list:
+    """A row's values masked: a text row's, or (with `unsigned`) a binary row's raw values
+    (messages.parse_binary_row), whose numbers are rendered as the text they become
+    (the caller rebuilds the row with p.out_types)."""
     out = list(values)
     for i, action in enumerate(p.actions):
         v = out[i]
@@ -120,25 +124,8 @@ def mask_text_row(values: list, p: Plan, masker: Masker) -> list:
         if action == WHOLE:
             masker.count_column(p.rules[i])
             out[i] = MASK_BYTES
-        else:
-            out[i] = _scan(masker, v, "(masking)", p.binary[i])
-    return out
-
-
-def mask_binary_row(values: list, p: Plan, masker: Masker, unsigned: tuple[bool, ...]) -> list:
-    """A binary row's raw values (messages.parse_binary_row), masked; rebuilt by the
-    caller with p.out_types."""
-    out = list(values)
-    for i, action in enumerate(p.actions):
-        v = out[i]
-        if v is None or action == PASS:
             continue
-        if action == WHOLE:
-            masker.count_column(p.rules[i])
-            out[i] = MASK_BYTES
-        elif action == NUMBER:
-            out[i] = _scan(masker, m.render_binary(v, p.types[i], unsigned[i]).encode(),
-                           "(masking)")
-        else:
-            out[i] = _scan(masker, v, "(masking)", p.binary[i])
+        if action == NUMBER and unsigned is not None:
+            v = m.render_binary(v, p.types[i], unsigned[i]).encode()
+        out[i] = _scan(masker, v, "(masking)", p.binary[i])
     return out
