@@ -46,6 +46,8 @@ class Answers:
 
     def _done(self, out: list[Command]) -> list[Command]:
         self.answer = None
+        self._to_utf8 = False
+        self._effects = {}       # (after an error: the statements that never ran)
         self.outputs.ready()
         return out + self._resume()
 
@@ -81,12 +83,17 @@ class Answers:
             if self._cursor and m.eof_status(p) & m.CURSOR_EXISTS:
                 # an EXECUTE that opened a cursor: its rows come with COM_STMT_FETCH
                 self._execute_stmt.cursor = (self.columns, self.plan, self.unsigned)
+                self._cursor = False
                 return self._end_result(pkt, m.eof_status(p))
             return [self._pass_to_client(pkt)]
         # rows
         head = p[:1]
         if head == b"\xfe" and len(p) < 0xFFFFFF:
             status = m.eof_status(p) if m.is_eof(p) else m.parse_ok(p).status
+            if self._cursor and status & m.CURSOR_EXISTS:
+                # (under DEPRECATE_EOF the metadata's end comes here)
+                self._execute_stmt.cursor = (self.columns, self.plan, self.unsigned)
+                self._cursor = False
             return self._end_result(pkt, status)
         if head == b"\xff":
             return self._error(pkt)
@@ -145,6 +152,14 @@ class Answers:
         return self._after_result(cmds, status)
 
     def _after_result(self, cmds: list[Command], status: int) -> list[Command]:
+        effect = self._effects.pop(self._result_index, None)
+        self._result_index += 1
+        if effect is not None:
+            database, prepared, reads = effect
+            if database:
+                self.database = database
+            if prepared:
+                self.sql_prepared[prepared] = reads
         if status & m.MORE_RESULTS_EXISTS:
             self.step = "first"
             return cmds

@@ -143,6 +143,9 @@ class _Acc:
                          frozenset(self.derived))
 
 
+# characters sqlglot is given for one statement (long literals already elided): it takes
+# about 1 s for this much, on the proxy's loop
+MAX_PARSED = 128 << 10
 _cache = TextCache()        # text -> its Statements (or the Unparseable it raised)
 _judged = TextCache()       # one statement's tokens (emit) -> its Statement
 
@@ -326,6 +329,8 @@ def _sql(toks: list[Tok], acc: _Acc, prefix: str = ""):
         if not (x.up in _SELECT_HINTS and x.kind == "w" and kept and kept[-1].up in _HINTED):
             kept.append(x)
     text = prefix + emit(kept)
+    if len(text) > MAX_PARSED:
+        raise Unparseable("too long to judge")
     try:
         trees = sqlglot.parse(text, read="mysql")
     except Exception as exc:   # sqlglot raises many kinds of errors on what it can't read

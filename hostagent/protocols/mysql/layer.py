@@ -40,7 +40,7 @@ from hostagent.protocols.statements import requests_for
 
 # characters of statement text the judge reads (linear, on the proxy's loop: past this a
 # text is unparseable rather than stall every session; big values go as parameters)
-MAX_CLASSIFIED = 1 << 20
+MAX_CLASSIFIED = 4 << 20         # (the lexer: about 0.1 s; sqlglot's share is capped apart)
 TO_UTF8 = re.compile(r"\s*SET\s+(?:NAMES|CHARSET|CHARACTER\s+SET)\s+['\"`]?utf8(?:mb[34])?"
                      r"['\"`]?\s*(?:COLLATE\s+['\"`]?utf8\w*['\"`]?\s*)?;?\s*$", re.I)
 DENIED_CODE, DENIED_STATE = 1142, "42000"
@@ -127,7 +127,10 @@ class MysqlLayer(Startup, Answers):
         self._last_read_masked = False
         self._cursor = False            # the EXECUTE being answered opens a cursor
         self.ascii_only = True          # until the server says the session is UTF-8
+        self._login_ascii_only = True   # what the login's character set gave
         self._to_utf8 = False           # the statement being answered makes it UTF-8
+        self._effects: dict = {}        # result index -> (USE db, PREPARE name, its reads)
+        self._result_index = 0
 
     @classmethod
     def for_session(cls, ctx: SessionContext) -> "MysqlLayer":
@@ -266,6 +269,8 @@ class MysqlLayer(Startup, Answers):
             answer = SIMPLE[code]
             if code == m.COM_STMT_CLOSE:
                 self.stmts.pop(m.statement_id(payload), None)
+            elif code == m.COM_STMT_RESET and m.statement_id(payload) in self.stmts:
+                self.stmts[m.statement_id(payload)].cursor = None
             elif code == m.COM_STMT_SEND_LONG_DATA and len(payload) >= 7:
                 stmt = self.stmts.get(m.statement_id(payload))
                 if stmt is not None and len(stmt.long_data) < 4096:
@@ -273,6 +278,8 @@ class MysqlLayer(Startup, Answers):
             elif code == m.COM_RESET_CONNECTION:
                 self.stmts.clear()
                 self.sql_prepared.clear()
+                # the server goes back to the login's character set
+                self.ascii_only = self._login_ascii_only
             elif code == m.COM_QUIT:
                 return [ToUpstream(pkt.raw)] + self._close("the agent quit")
             self.answer, self.kind = answer, COMMAND_NAMES.get(code, "command")
@@ -337,15 +344,22 @@ class MysqlLayer(Startup, Answers):
         commands = requests_for(statements, text, target=self.target, identity=self.identity,
                                 database=self.database, protocol="mysql",
                                 how="prepare" if prepare else "query")
-        if self.ascii_only and len(statements) == 1 and TO_UTF8.match(text):
+        if self.ascii_only and not prepare and len(statements) == 1 and TO_UTF8.match(text):
             self._to_utf8 = True     # once its OK comes, statements may be UTF-8
         reads = reads_of(statements, self.masker) if self.masker else Reads()
         extra = []
         if self.masker and reads.masked and any(
-                st is None or st.copies or st.kinds & {"CREATE", "ALTER"} and st.reads
+                st is None or st.copies or st.kinds & {"CREATE", "ALTER"} and (
+                    st.reads or "SELECT" in st.kinds)
                 for st in statements):
             extra.append(Decision("deny", "(masking)", "it could copy masked columns "
                                   "where masking does not follow them"))
+        if len(statements) > 1 and any(st is not None and "CALL" in st.kinds for st in statements) \
+                and any(st is not None and (st.database or st.prepares) for st in statements):
+            # a CALL's results can't be counted: what follows it could not be tied to
+            # its answer
+            extra.append(Decision("deny", "(protocol)", "USE or PREPARE after a CALL in one "
+                                  "text: send them apart"))
         kill = [st.kill for st in statements if st is not None and st.kill]
         if any(st is not None and "KILL" in st.kinds and not (st.kind == "KILL" and st.kill)
                for st in statements) or (kill and (len(statements) != 1 or prepare)):
@@ -365,13 +379,12 @@ class MysqlLayer(Startup, Answers):
         return out + self._send_statement(*pending[1:])
 
     def _send_statement(self, pkt, prepare, statements, reads, text) -> list[Command]:
-        for st in statements:
-            if st is None:
-                continue
-            if st.database:
-                self.database = st.database
-            if st.prepares:
-                self.sql_prepared[st.prepares[0].lower()] = reads
+        # what USE and PREPARE change takes effect with each one's own answer: a
+        # statement after an error in a multi-statement text never runs
+        self._effects, self._result_index = {}, 0
+        for i, st in enumerate(statements if not prepare else ()):
+            if st is not None and (st.database or st.prepares):
+                self._effects[i] = (st.database, st.prepares and st.prepares[0].lower(), reads)
         if self.masker is not None:
             # EXECUTE of an SQL-prepared statement: what its PREPARE could read
             for st in statements:
@@ -385,8 +398,12 @@ class MysqlLayer(Startup, Answers):
             # before read: its columns without a source are masked whole
             reads = Reads(reads.tables, True, reads.rules or ("(masking)",))
         self.reads, self.running = reads, statements
-        if not any(st is not None and st.kind in ("SHOW", "GET") for st in statements):
-            self._last_read_masked = reads.masked
+        if reads.masked:
+            self._last_read_masked = True
+        elif all(st is not None and st.tables and st.kind not in ("SHOW", "GET")
+                 for st in statements):
+            # the server keeps a statement's warnings until one that uses a table
+            self._last_read_masked = False
         if prepare:
             self.answer, self.step = "prepare", "ok"
             self._prepare = Prepared(text, reads)
@@ -398,7 +415,14 @@ class MysqlLayer(Startup, Answers):
     def _execute(self, pkt: Packet) -> list[Command]:
         sid = m.statement_id(pkt.payload)
         stmt = self.stmts.get(sid)
-        if stmt is None:   # the server answers it: unknown statement
+        self._cursor, self._execute_stmt = False, stmt
+        if stmt is None:
+            # an id the proxy didn't see prepared (MariaDB's -1: the last one): the server
+            # answers it; its columns are masked whole, and no cursor is opened on it
+            if len(pkt.payload) > 5 and pkt.payload[5] & 0x0F:
+                return [self._to_client(m.err(1243, "HY000", "agentgate: a cursor on a "
+                                              "statement not prepared through the proxy "
+                                              "is refused"))]
             self.answer, self.step, self.binary = "results", "first", True
             self.reads = Reads(masked=True)
             return [ToUpstream(pkt.raw, self.outputs.sent_query(1))]
@@ -408,7 +432,8 @@ class MysqlLayer(Startup, Answers):
         self.answer, self.step, self.binary = "results", "first", True
         self.reads, self._execute_stmt = stmt.reads, stmt
         self._cursor = bool(ex.flags & 0x0F)     # CURSOR_TYPE_*: rows come by FETCH
-        self._last_read_masked = stmt.reads.masked
+        self._last_read_masked = self._last_read_masked or stmt.reads.masked
+        stmt.cursor = None       # executing again closes the cursor it had
         params = [None if v is None else v[:1024] for v in ex.values]
         return [Record("bind", {"statement": sid, "text": stmt.text[:4096], "params": params}),
                 ToUpstream(pkt.raw, self.outputs.sent_query(1))]
@@ -416,13 +441,14 @@ class MysqlLayer(Startup, Answers):
     def _fetch(self, pkt: Packet) -> list[Command]:
         """Rows of a cursor an EXECUTE opened, read with the columns it described."""
         stmt = self.stmts.get(m.statement_id(pkt.payload))
-        if stmt is None or stmt.cursor is None:
-            self.answer, self.step, self.binary, self.reads = "results", "first", True, Reads(masked=True)
-        else:
-            self.columns, self.plan, self.unsigned = stmt.cursor
-            self.answer, self.step, self.binary = "results", "rows", True
-            self.outputs.columns([c.name for c in self.columns], [0] * len(self.columns))
         self._cursor = False
+        if stmt is None or stmt.cursor is None:
+            # its rows would come without the columns that say how to read (and mask) them
+            return [self._to_client(m.err(1421, "HY000", "agentgate: FETCH from a cursor the "
+                                          "proxy did not see opened is refused"))]
+        self.columns, self.plan, self.unsigned = stmt.cursor
+        self.answer, self.step, self.binary = "results", "rows", True
+        self.outputs.columns([c.name for c in self.columns], [0] * len(self.columns))
         return [ToUpstream(pkt.raw, self.outputs.sent_query(1))]
 
     def _kill(self, what: str, stand_in: int, pkt: Packet | None) -> list[Command]:

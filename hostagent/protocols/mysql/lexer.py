@@ -67,6 +67,9 @@ def _unquote(body: str, quote: str = "'") -> str:
         lambda m: _ESCAPES.get(m[1], m[1]) if m[1] is not None else quote, body)
 
 
+MAX_TOKENS = 100_000      # about 0.15 s of lexing
+
+
 def tokenize(text: str) -> tuple[list[Tok], list[tuple[int, int]]]:
     """The tokens of `text` as MySQL reads them, and the spans of executable-comment
     markers (dropped from a statement's text)."""
@@ -75,6 +78,10 @@ def tokenize(text: str) -> tuple[list[Tok], list[tuple[int, int]]]:
     pos, n = 0, len(text)
     exec_end = -1                 # where the executable comment we are in ends
     while pos < n:
+        if len(toks) > MAX_TOKENS:
+            # the judge runs on the proxy's loop: a text of more (a long IN list) would
+            # stall every session; literals, however long, are one token each
+            raise Unparseable("too many tokens to judge")
         if exec_end >= 0 and pos == exec_end:
             cuts.append((pos, pos + 2))
             pos, exec_end = pos + 2, -1
@@ -171,15 +178,14 @@ def emit(toks) -> str:
             out.append(t.val)
         elif k in "wq":
             out.append("`" + t.val.replace("`", "``") + "`")
+        elif k in "sxb" and len(t.val) > LONG_LITERAL:
+            # what a long literal holds doesn't change what the statement does (its
+            # tokens keep it, for PREPARE): sqlglot is spared reading it
+            digest = hashlib.blake2b(t.val.encode("utf-8", "surrogatepass"),
+                                     digest_size=12).hexdigest()
+            out.append(f"'agentgate_literal_{len(t.val)}_{digest}'")
         elif k == "s":
-            if len(t.val) > LONG_LITERAL:
-                # what a long literal holds doesn't change what the statement does (its
-                # tokens keep it, for PREPARE): sqlglot is spared reading it
-                digest = hashlib.blake2b(t.val.encode("utf-8", "surrogatepass"),
-                                         digest_size=12).hexdigest()
-                lit = f"'agentgate_literal_{len(t.val)}_{digest}'"
-            else:
-                lit = "'" + t.val.replace("\\", "\\\\").replace("'", "''") + "'"
+            lit = "'" + t.val.replace("\\", "\\\\").replace("'", "''") + "'"
             out.append(("N" if t.cs == "n" else "_" + t.cs if t.cs else "") + lit)
         elif k == "x":
             out.append(f"X'{'0' * (len(t.val) % 2)}{t.val}'")

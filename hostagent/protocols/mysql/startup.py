@@ -222,7 +222,7 @@ class Startup:
         charset = charset.lower()
         # a single-byte character set that agrees with ASCII (libmysqlclient logs in with
         # latin1, then sets utf8mb4): statements must then be ASCII until it is UTF-8
-        self.ascii_only = charset not in SAFE_CHARSETS
+        self.ascii_only = self._login_ascii_only = charset not in SAFE_CHARSETS
         if hazard or self.ascii_only and charset not in ASCII_CHARSETS:
             why = f"sql_mode {hazard}" if hazard else f"character set {charset.lower()}"
             return self._refuse(f"agentgate: the session's {why} would make the server read "

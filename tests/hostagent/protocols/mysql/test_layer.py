@@ -234,3 +234,42 @@ def test_a_latin1_session_may_send_ascii_only_until_it_sets_utf8():
     layer.handle(DataReceived(UPSTREAM, frame(m.ok(), 1)[0]))
     out = layer.handle(DataReceived(CLIENT, query("SELECT 'café'")))
     assert to_upstream(out) == query("SELECT 'café'")
+
+
+def test_no_cursor_is_read_without_the_columns_that_say_how_to_mask_it():
+    layer = logged_in()
+    # FETCH from a cursor the proxy never saw opened; EXECUTE of MariaDB's "last
+    # prepared" id (-1) asking for a cursor
+    fetch = frame(bytes((m.COM_STMT_FETCH,)) + (5).to_bytes(4, "little") + (100).to_bytes(4, "little"), 0)[0]
+    execute = frame(bytes((m.COM_STMT_EXECUTE,)) + b"\xff\xff\xff\xff" + b"\x01" + (1).to_bytes(4, "little"), 0)[0]
+    for data, code in ((fetch, 1421), (execute, 1243)):
+        out = layer.handle(DataReceived(CLIENT, data))
+        assert not to_upstream(out) and m.parse_err(packets(to_client(out))[0].payload).code == code
+
+
+def test_what_a_failed_multi_statement_never_ran_changes_nothing():
+    from hostagent.masking import MaskRule, Masker
+    layer = logged_in(masker=Masker((MaskRule("pii", columns=("customers.card",)),)))
+    layer.handle(DataReceived(CLIENT, query("PREPARE s FROM 'SELECT CONCAT(card, 1) x FROM customers'")))
+    layer.handle(DataReceived(UPSTREAM, frame(m.ok(), 1)[0]))
+    assert layer.sql_prepared["s"].masked
+    layer.handle(DataReceived(CLIENT, query("SELECT * FROM nosuch; PREPARE s FROM 'SELECT 1'; USE other")))
+    layer.handle(DataReceived(UPSTREAM, frame(m.err(1146, "42S02", "no such table"), 1)[0]))
+    assert layer.sql_prepared["s"].masked and layer.database == "shop"
+    layer.handle(DataReceived(CLIENT, query("USE other")))
+    layer.handle(DataReceived(UPSTREAM, frame(m.ok(), 1)[0]))
+    assert layer.database == "other"
+
+
+def test_reset_connection_brings_back_the_logins_character_set():
+    layer = logged_in(charset="latin1")
+    layer.handle(DataReceived(CLIENT, query("SET NAMES utf8mb4")))
+    layer.handle(DataReceived(UPSTREAM, frame(m.ok(), 1)[0]))
+    assert not layer.ascii_only
+    layer.handle(DataReceived(CLIENT, frame(bytes((m.COM_RESET_CONNECTION,)), 0)[0]))
+    layer.handle(DataReceived(UPSTREAM, frame(m.ok(), 1)[0]))
+    out = layer.handle(DataReceived(CLIENT, frame(b"\x03SELECT 1 --\xa0/*\n;DROP TABLE t; -- */", 0)[0]))
+    assert not to_upstream(out)            # latin1 again: not ASCII, so not judged as UTF-8
+    # a prepared SET NAMES does not count
+    layer.handle(DataReceived(CLIENT, frame(bytes((m.COM_STMT_PREPARE,)) + b"SET NAMES utf8mb4", 0)[0]))
+    assert not layer._to_utf8

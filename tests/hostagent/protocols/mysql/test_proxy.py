@@ -446,7 +446,9 @@ def test_a_server_whose_sql_mode_reads_text_otherwise_is_refused(host, db):
     assert "sql_mode NO_BACKSLASH_ESCAPES would make the server read" in p.stderr, p.stderr
 
 
-def test_masked_values_do_not_leak_through_ctes_or_warnings(host, db):
+def test_masked_values_do_not_leak_through_ctes_warnings_or_procedures(host, db):
+    db.sql("CREATE PROCEDURE IF NOT EXISTS admins() SELECT id, card FROM customers ORDER BY id",
+           db="shop")
     p = run_py(host, f'''
 import json, pymysql
 c = pymysql.connect(host="127.0.0.1", port={db.port}, user="x", password="y", database="shop")
@@ -457,8 +459,16 @@ out["cte"] = [list(r) for r in cur.fetchall()]
 cur.execute("WITH d AS (SELECT HEX(email) h FROM customers) SELECT h FROM d")
 out["hex"] = [list(r) for r in cur.fetchall()]
 cur.execute("SELECT CAST(card AS DATE) FROM customers WHERE id = 1")
+cur.execute("SELECT 1")              # uses no table: the server keeps the warnings
 cur.execute("SHOW WARNINGS")
 out["warnings"] = [list(r) for r in cur.fetchall()]
+try:   # a procedure whose body reads a masked table, created by the agent
+    cur.execute("CREATE PROCEDURE leaky() SELECT * FROM customers UNION ALL SELECT * FROM customers")
+    out["create"] = "created"
+except pymysql.MySQLError as e:
+    out["create"] = e.args[0]
+cur.execute("CALL admins()")         # one an admin created: its results masked whole
+out["call"] = [list(r) for r in cur.fetchall()]
 print(json.dumps(out))
 ''')
     assert p.returncode == 0, p.stderr
@@ -467,6 +477,8 @@ print(json.dumps(out))
     assert out["cte"] == [["****", "****", "****"], ["****", "****", None]]
     assert out["hex"] == [["****"], ["****"]]
     assert out["warnings"] and "4111111111111111" not in json.dumps(out["warnings"])
+    assert out["create"] == 1142
+    assert out["call"] == [["****", "****"], ["****", None]]
 
 
 def test_disguised_destruction_and_charset_tricks_are_refused(host, db):
