@@ -63,8 +63,8 @@ class Answers:
             if head == b"\xfb":
                 return self._local_infile(pkt)
             n = Cursor(p).lenenc()
-            if not n:
-                raise ProtocolError("a result set of no columns")
+            if not n or n > 4096:   # (MySQL's and MariaDB's limit)
+                raise ProtocolError(f"a result set of {n} columns")
             self.columns_left, self.columns = n, []
             self.step = "columns"
             return [self._pass_to_client(pkt)]
