@@ -39,10 +39,7 @@ class Answers:
                 return self._done([self._pass_to_client(pkt)])
             return [self._pass_to_client(pkt)]
         # "ok" and "one": a single packet answers
-        out = [self._pass_to_client(pkt)]
-        if self.kind == "COM_RESET_CONNECTION" and pkt.payload[:1] == b"\x00":
-            self.stmts.clear()
-        return self._done(out)
+        return self._done([self._pass_to_client(pkt)])
 
     def _done(self, out: list[Command]) -> list[Command]:
         self.answer = None
