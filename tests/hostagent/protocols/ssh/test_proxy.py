@@ -431,13 +431,20 @@ def test_a_shell_on_a_pty_is_recorded_replayed_and_lines_judged(host, sshd):
         # with the line: wait for the prompt)
         def prompt():
             return screen().rstrip().endswith("#")
+
+        def wait_screen(cond, what):   # (a failure shows what the terminal showed)
+            try:
+                wait_for(cond, what=what)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}; the screen:\n{screen()}") from None
+        wait_screen(prompt, "the prompt after the echo")
         keys(f"rm -rf {victim}", "Enter")
-        wait_for(lambda: "no-destruction" in screen() and prompt(), what="the refusal")
+        wait_screen(lambda: "no-destruction" in screen() and prompt(), "the refusal")
         # red team round 6: readline's M-C-e runs a line's `$(...)` without an Enter
         keys(f"echo $(touch {victim}-expanded)", "M-C-e")
         # (ESC and ^E: two keys, two refusals)
-        wait_for(lambda: screen().count("agentgate: refused") >= 3 and prompt(),
-                 what="the second refusal")
+        wait_screen(lambda: screen().count("agentgate: refused") >= 3 and prompt(),
+                    "the second refusal")
         subprocess.run(["tmux", "resize-window", "-t", name, "-x", "90", "-y", "25"], env=env)
         keys("exit", "Enter")
         wait_for(lambda: subprocess.run(["tmux", "has-session", "-t", name], env=env,
