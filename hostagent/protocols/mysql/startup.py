@@ -6,7 +6,6 @@ way, with the injected credentials. A mixin of MysqlLayer: it never awaits."""
 from __future__ import annotations
 
 import secrets
-import weakref
 
 from hostagent.protocols.api import (CLIENT, Close, Command, ProtocolError, Record, StartClientTls,
                                      StartUpstreamTls, TlsEstablished)
@@ -14,6 +13,7 @@ from hostagent.protocols.mysql import messages as m
 from hostagent.protocols.mysql.auth import AuthRefused, ClientAuth, UpstreamAuth
 from hostagent.protocols.mysql.classify import PARSING_MODES, SAFE_CHARSETS
 from hostagent.protocols.mysql.packets import Packet
+from hostagent.protocols.standins import Owned, new_stand_in
 
 # Collations of the client character sets whose multibyte characters can end in a byte
 # that reads as `\` or a quote (big5, sjis, gbk, cp932, gb18030 and their nopad
@@ -25,32 +25,6 @@ ASCII_CHARSETS = frozenset({
 PROBE = b"SELECT @@SESSION.sql_mode, @@SESSION.character_set_client"
 UNSAFE_COLLATIONS = frozenset({1, 84, 1025, 1108, 13, 88, 1037, 1112, 28, 87, 1052, 1111,
                                95, 96, 1119, 1120, 248, 249, 250})
-
-
-class ThreadKey(tuple):
-    """A server thread id behind the stand-in the agent was given, with the uid of the
-    session it belongs to and that session, weakly (a session gone maps to nothing)."""
-
-    def __new__(cls, thread_id: int, uid, layer):
-        key = super().__new__(cls, (thread_id,))
-        key.uid = uid
-        key._layer = weakref.ref(layer)
-        return key
-
-    def live(self) -> bool:
-        return self._layer() is not None and not self._layer().closed
-
-
-def new_stand_in(keys: dict) -> int:
-    if len(keys) >= 64 and not len(keys) & (len(keys) - 1):
-        for k in [k for k, v in keys.items() if not v.live()]:
-            del keys[k]
-    while True:
-        n = secrets.randbelow((1 << 31) - 2) + 1
-        if n not in keys:
-            return n
-
-
 
 
 class Startup:
@@ -73,8 +47,9 @@ class Startup:
                 1043, "08S01")
         self.up_phase = "pending"
         self.client_auth = ClientAuth(tls=False)
-        self.stand_in = new_stand_in(self.thread_ids)
-        self.thread_ids[self.stand_in] = ThreadKey(g.thread_id, self.identity.get("uid"), self)
+        self.stand_in = new_stand_in(self.thread_ids, lambda: secrets.randbelow((1 << 31) - 2) + 1)
+        self.thread_ids[self.stand_in] = Owned(g.thread_id, uid=self.identity.get("uid"),
+                                               layer=self)
         caps = (g.capabilities & m.SUPPORTED) | m.REQUIRED | m.PLUGIN_AUTH
         caps = caps | m.SSL if self.client_tls else caps & ~m.SSL
         self.phase = "hello"

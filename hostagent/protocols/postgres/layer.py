@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import secrets
-import weakref
 from typing import Callable
 
 from agentgate.events import COMMAND, OUTPUT
@@ -42,6 +41,7 @@ from hostagent.protocols.postgres.fastpath import FastPath
 from hostagent.protocols.postgres.masks import Masking, withheld
 from hostagent.protocols.postgres.names import SearchPath
 from hostagent.protocols.outputs import Outputs, SampleLimits
+from hostagent.protocols.standins import Owned, new_stand_in
 from hostagent.protocols.statements import requests_for
 from hostagent.protocols.postgres.results import Results, provenance
 
@@ -77,32 +77,11 @@ def _qualified_tables(policy) -> bool:
                if name == "tables" for p in pats)
 
 
-class ServerKey(tuple):
-    """The server's backend key (pid, secret) behind a stand-in the agent holds, with the
-    uid of the session it belongs to and the session itself, weakly: a key whose
-    session is gone maps to nothing, however the session ended."""
-
-    def __new__(cls, pid: int, secret: int, uid: int | None = None, layer=None):
-        key = super().__new__(cls, (pid, secret))
-        key.uid = uid
-        key._layer = weakref.ref(layer) if layer is not None else None
-        return key
-
-    def live(self) -> bool:
-        return self._layer is None or self._layer() is not None
-
-
 def new_cancel_key(keys: dict) -> tuple[int, int]:
     """A stand-in backend key: a positive pid and a secret, 62 random bits together,
-    unused among `keys`. Sessions whose layers are gone are swept from time to time."""
-    n = len(keys)
-    if n >= 64 and not n & (n - 1):
-        for k in [k for k, v in keys.items() if isinstance(v, ServerKey) and not v.live()]:
-            del keys[k]
-    while True:
-        fake = (secrets.randbelow((1 << 31) - 1) + 1, secrets.randbits(32) - (1 << 31))
-        if fake not in keys:
-            return fake
+    unused among `keys`."""
+    return new_stand_in(keys, lambda: (secrets.randbelow((1 << 31) - 1) + 1,
+                                       secrets.randbits(32) - (1 << 31)))
 
 
 class PostgresLayer(FastPath, UsesCatalog, Masking):
@@ -163,7 +142,7 @@ class PostgresLayer(FastPath, UsesCatalog, Masking):
         self.refusing = ""   # set when the session can't go on: start-up gets this error
         self._startup_seen = False
         # Shared by the sessions of this target alone (a key issued for another target
-        # is unknown here): the key the agent holds -> the server's (a ServerKey). The
+        # is unknown here): the key the agent holds -> the server's (an Owned). The
         # agent never learns the server's key; a cancel from it is mapped back.
         self.cancel_keys = cancel_keys if cancel_keys is not None else {}
         self.client_key: tuple[int, int] | None = None
@@ -367,7 +346,7 @@ class PostgresLayer(FastPath, UsesCatalog, Masking):
             if msg.code in (m.SSL_REQUEST, m.GSSENC_REQUEST):
                 return [ToClient(b"N")]   # declined: the client goes on in the clear
             real = self.cancel_keys.get((msg.pid, msg.secret))
-            if isinstance(real, ServerKey) and not real.live():   # its session ended
+            if isinstance(real, Owned) and not real.live():   # its session ended
                 self.cancel_keys.pop((msg.pid, msg.secret), None)
                 real = None
             if real is None:
@@ -555,7 +534,7 @@ class PostgresLayer(FastPath, UsesCatalog, Masking):
                 self.refusing, self.upstream_phase = message, "refused"
                 return [Close(message, self.refusal(message))]
         if kind == b"K":
-            real = ServerKey(*m.parse_backend_key(body), self.identity.get("uid"), self)
+            real = Owned(*m.parse_backend_key(body), uid=self.identity.get("uid"), layer=self)
             self.close()   # a second key replaces the first
             fake = new_cancel_key(self.cancel_keys)
             self.cancel_keys[fake] = real
